@@ -1,0 +1,104 @@
+"""kron_matmul on SODA's SDXL factor sizes: dense vs torch composites vs specops kernels."""
+from __future__ import annotations
+
+import math
+import string
+
+import torch
+
+import specops
+
+from . import Case
+
+BASELINE = "torch"
+# Widths of SDXL layers with SODA's published factorisations, plus a 4-factor case.
+SHAPES = {640: (8, 8, 10), 1280: (4, 16, 20), 2048: (4, 8, 64), 768: (6, 8, 16), 4096: (8, 8, 8, 8)}
+
+
+def _flops(M: int, dims) -> float:
+    """2·M·Σ_i (∏_{l<i} p_l)·p_i·q_i·(∏_{l>i} q_l) for square factors = 2·M·P·Σ p_i."""
+    return 2.0 * M * math.prod(dims) * sum(dims)
+
+
+def _einsum(x, fs):
+    letters = string.ascii_letters
+    k = len(fs)
+    ins, outs = letters[:k], letters[k : 2 * k]
+    eq = f"m{ins}," + ",".join(f"{a}{b}" for a, b in zip(ins, outs)) + f"->m{outs}"
+    y = torch.einsum(eq, x.view(x.shape[0], *(f.shape[0] for f in fs)), *fs)
+    return y.reshape(x.shape[0], -1)
+
+
+def _providers():
+    """name -> (forward callable, backend to force or None)."""
+    provs = {
+        "dense": (lambda x, fs: x @ specops.kron_reference(fs), None),
+        "einsum": (_einsum, None),
+        "torch": (specops.kron_matmul, "torch"),
+    }
+    for name in ("cpp", "triton", "cuda"):
+        if specops.available_backends()[name].startswith("available on") and name != "triton":
+            provs[name] = (specops.kron_matmul, name)
+    return provs
+
+
+def _setup(M, dims, fn, backend, backward):
+    def setup():
+        g = torch.Generator().manual_seed(0)
+        P = math.prod(dims)
+        x = torch.randn(M, P, generator=g, requires_grad=backward)
+        fs = [torch.linalg.qr(torch.randn(p, p, generator=g))[0].requires_grad_(backward) for p in dims]
+        ctx = specops.backend(backend) if backend else None
+
+        def call():
+            if ctx is not None:
+                with specops.backend(backend):
+                    y = fn(x, fs)
+                    if backward:
+                        y.backward(torch.ones_like(y))
+            else:
+                y = fn(x, fs)
+                if backward:
+                    y.backward(torch.ones_like(y))
+            if backward:
+                x.grad = None
+                for f in fs:
+                    f.grad = None
+
+        return call
+
+    return setup
+
+
+def cases(quick: bool = False) -> list[Case]:
+    out = []
+    rows = (1024,) if quick else (1024, 4096)
+    widths = (1280,) if quick else tuple(SHAPES)
+    for M in rows:
+        for width in widths:
+            dims = SHAPES[width]
+            P = math.prod(dims)
+            for backward in (False, True):
+                f = _flops(M, dims) * (3 if backward else 1)
+                b = 4.0 * M * P * (5 if backward else 2)
+                shape = f"M={M} {dims} {'fwd+bwd' if backward else 'fwd'}"
+                for name, (fn, be) in _providers().items():
+                    if name == "dense" and backward and P >= 4096:
+                        continue  # 3 x 137 GFLOP per call: minutes, and nothing to learn
+                    out.append(Case("kron", shape, name, _setup(M, dims, fn, be, backward), f, b))
+    return out
+
+
+def summarize(rows: list[dict]) -> str:
+    """The issue's targets at M=4096, (4,16,20): cpp vs the best torch composite and vs dense."""
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        by = {r["provider"]: r["ms"] for r in rows if r["shape"] == shape}
+        if "cpp" not in by:
+            continue
+        best = min(by[p] for p in ("torch", "einsum") if p in by)
+        parts = [f"cpp {by['cpp']:.2f} ms: {best / by['cpp']:.1f}x vs best torch composite"]
+        if "dense" in by:
+            parts.append(f"{by['dense'] / by['cpp']:.1f}x vs dense")
+        lines.append(f"- {shape}: " + ", ".join(parts))
+    return "\n".join(lines)

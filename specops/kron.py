@@ -1,0 +1,290 @@
+"""Kronecker-factored matmul: x @ (A_1 ⊗ ... ⊗ A_k) without forming the product.
+
+With x of shape (..., P), P = ∏ p_i, and factors A_i of shape (p_i, q_i) (torch.kron order),
+view each row of x as a tensor of shape (p_1, ..., p_k); then
+
+    y[j_1, ..., j_k] = Σ_{i_1..i_k} x[i_1, ..., i_k] · A_1[i_1, j_1] ··· A_k[i_k, j_k],
+
+i.e. k mode products, y = x ×_1 A_1 ×_2 A_2 ··· ×_k A_k. Applied last mode first, mode i costs
+2·M·(∏_{l<i} p_l)·p_i·q_i·(∏_{l>i} q_l) FLOPs: for square factors 2·M·P·Σ p_i in all, instead of
+2·M·P² for the dense product.
+
+Gradients: grad_x = grad_y @ (A_1^T ⊗ ... ⊗ A_k^T), itself a Kronecker matmul; grad A_i contracts
+(x ×_{l≠i} A_l) with grad_y over every mode but i and over the rows.
+
+Grouped form: factors of shape (G, p_i, q_i) and x of shape (G, ..., P) apply G different
+products in one launch (e.g. all same-width layers of a model): y[g] = x[g] @ ⊗_i A_i[g].
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+__all__ = ["kron_matmul", "kron", "kron_matmul_reference", "kron_reference"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_factors(factors: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> bool:
+    """Validate a factor list; returns whether it is grouped (3-D). Raises ValueError."""
+    if not isinstance(factors, (list, tuple)) or len(factors) == 0:
+        raise ValueError("factors: expected a non-empty list of matrices, got an empty list")
+    ndim = factors[0].dim()
+    if ndim not in (2, 3):
+        raise ValueError(
+            f"factors[0]: expected a 2-D (p, q) matrix or a 3-D (G, p, q) group, got shape "
+            f"{tuple(factors[0].shape)}"
+        )
+    grouped = ndim == 3
+    for i, f in enumerate(factors):
+        if f.dim() != ndim:
+            raise ValueError(
+                f"factors[{i}]: expected {ndim}-D like factors[0] ("
+                f"{'(G, p, q)' if grouped else '(p, q)'}), got shape {tuple(f.shape)}"
+            )
+        if grouped and f.shape[0] != factors[0].shape[0]:
+            raise ValueError(
+                f"factors[{i}]: group count G={f.shape[0]} != G={factors[0].shape[0]} of factors[0]"
+            )
+        if f.dtype != dtype:
+            raise ValueError(f"factors[{i}]: dtype {f.dtype} != {dtype}")
+        if f.device != device:
+            raise ValueError(f"factors[{i}]: device {f.device} != {device}")
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"expected a floating dtype {_FLOAT_DTYPES}, got {dtype}")
+    return grouped
+
+
+def _check(x: Tensor, factors: Sequence[Tensor]) -> bool:
+    """Validate kron_matmul inputs; returns whether the call is grouped. Raises ValueError."""
+    grouped = _check_factors(factors, x.dtype, x.device)
+    P = math.prod(f.shape[-2] for f in factors)
+    if x.dim() < (2 if grouped else 1) or x.shape[-1] != P:
+        dims = " x ".join(str(f.shape[-2]) for f in factors)
+        raise ValueError(
+            f"x: last dim must equal the product of the factors' rows {dims} = {P}, "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    if grouped and x.shape[0] != factors[0].shape[0]:
+        raise ValueError(
+            f"x: grouped factors have G={factors[0].shape[0]} groups, so x must be (G, ..., {P}); "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    return grouped
+
+
+def _out_shape(x: Tensor, factors: Sequence[Tensor]) -> list[int]:
+    return [*x.shape[:-1], math.prod(f.shape[-1] for f in factors)]
+
+
+def _canon(x: Tensor, factors: Sequence[Tensor], grouped: bool):
+    """(G, M, P) view of x with a contiguous last dim and (G, p, q) contiguous factors."""
+    G = factors[0].shape[0] if grouped else 1
+    fs = [f.contiguous() if grouped else f.unsqueeze(0).contiguous() for f in factors]
+    x3 = x.reshape(G, -1, x.shape[-1])
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    return x3, fs
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+
+def _mode_product(t: Tensor, A: Tensor, mode: int) -> Tensor:
+    """t of shape (G, N, d_1..d_k); multiply mode `mode` (0-based over d) by A (G, p, q)."""
+    t = t.movedim(2 + mode, -1)
+    A = A.view(A.shape[0], *([1] * (t.dim() - 3)), *A.shape[1:])
+    return (t @ A).movedim(-1, 2 + mode)
+
+
+def _chain(x3: Tensor, fs: Sequence[Tensor], skip: int = -1) -> Tensor:
+    """x3 (G, N, P) -> (G, N, d_1..d_k) with every mode but `skip` multiplied by its factor."""
+    t = x3.reshape(x3.shape[0], x3.shape[1], *(f.shape[1] for f in fs))
+    for i, A in enumerate(fs):
+        if i != skip:
+            t = _mode_product(t, A, i)
+    return t
+
+
+def kron_matmul_reference(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """Pure-torch kron_matmul (the per-factor contraction chain); differentiable by autograd.
+
+    The test oracle, the benchmark baseline and the "torch" backend.
+    """
+    grouped = _check(x, factors)
+    x3, fs = _canon(x, factors, grouped)
+    y = _chain(x3, fs)
+    return y.reshape(_out_shape(x, factors))
+
+
+def _fwd_torch(x3, fs):
+    return _chain(x3, fs).reshape(x3.shape[0], x3.shape[1], -1)
+
+
+def _bwd_torch(gy3, x3, fs, need_x, need_factors):
+    G, N = x3.shape[:2]
+    gx = _fwd_torch(gy3, [f.transpose(1, 2) for f in fs]) if need_x else None
+    gfs = None
+    if need_factors:
+        gt = gy3.reshape(G, N, *(f.shape[2] for f in fs))
+        gfs = []
+        for i, f in enumerate(fs):
+            u = _chain(x3, fs, skip=i).movedim(2 + i, -1).reshape(G, -1, f.shape[1])
+            g = gt.movedim(2 + i, -1).reshape(G, -1, f.shape[2])
+            gfs.append(u.transpose(1, 2) @ g)
+    return gx, gfs
+
+
+# ----------------------------------------------------------------------------- other backends
+
+
+def _fwd_ext(x3, fs):
+    return torch.ops.specops_ext.kron_matmul_fwd(x3, fs)
+
+
+def _bwd_ext(gy3, x3, fs, need_x, need_factors):
+    gx, gfs = torch.ops.specops_ext.kron_matmul_bwd(gy3, x3, fs, need_x, need_factors)
+    return (gx if need_x else None), (list(gfs) if need_factors else None)
+
+
+@functools.cache
+def _triton():
+    from .triton_kernels import kron as mod
+
+    return mod
+
+
+def _fwd_triton(x3, fs):
+    return _triton().kron_matmul_fwd(x3.contiguous(), fs)
+
+
+def _bwd_triton(gy3, x3, fs, need_x, need_factors):
+    return _triton().kron_matmul_bwd(gy3.contiguous(), x3.contiguous(), fs, need_x, need_factors)
+
+
+_FWD = {"torch": _fwd_torch, "cpp": _fwd_ext, "cuda": _fwd_ext, "triton": _fwd_triton}
+_BWD = {"torch": _bwd_torch, "cpp": _bwd_ext, "cuda": _bwd_ext, "triton": _bwd_triton}
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+@torch.library.custom_op("specops::kron_matmul", mutates_args=())
+def _kron_matmul_op(x: Tensor, factors: list[Tensor]) -> Tensor:
+    grouped = _check(x, factors)
+    x3, fs = _canon(x, factors, grouped)
+    impl = _FWD[_backend.choose(x.device.type, _FWD)]
+    return impl(x3, fs).reshape(_out_shape(x, factors))
+
+
+@_kron_matmul_op.register_fake
+def _(x, factors):
+    _check(x, factors)
+    return x.new_empty(_out_shape(x, factors))
+
+
+@torch.library.custom_op("specops::kron_matmul_backward", mutates_args=())
+def _kron_matmul_backward_op(
+    grad_y: Tensor, x: Tensor, factors: list[Tensor], need_x: bool, need_factors: bool
+) -> list[Tensor]:
+    """[grad_x (empty unless need_x), *grad_factors (only when need_factors)]."""
+    grouped = _check(x, factors)
+    x3, fs = _canon(x, factors, grouped)
+    gy3 = grad_y.reshape(x3.shape[0], x3.shape[1], -1)
+    if gy3.stride(-1) != 1:
+        gy3 = gy3.contiguous()
+    impl = _BWD[_backend.choose(x.device.type, _BWD)]
+    gx, gfs = impl(gy3, x3, fs, need_x, need_factors)
+    out = [gx.reshape(x.shape) if need_x else x.new_empty(0)]
+    if need_factors:
+        out += [g.reshape(f.shape).to(f.dtype) for g, f in zip(gfs, factors)]
+    return out
+
+
+@_kron_matmul_backward_op.register_fake
+def _(grad_y, x, factors, need_x, need_factors):
+    _check(x, factors)
+    out = [x.new_empty(x.shape) if need_x else x.new_empty(0)]
+    if need_factors:
+        out += [f.new_empty(f.shape) for f in factors]
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    x, factors = inputs
+    ctx.need_x = x.requires_grad
+    ctx.need_factors = any(f.requires_grad for f in factors)
+    ctx.save_for_backward(x, *factors)
+
+
+def _backward(ctx, grad_y):
+    x, *factors = ctx.saved_tensors
+    if not (ctx.need_x or ctx.need_factors):
+        return None, None
+    out = torch.ops.specops.kron_matmul_backward(
+        grad_y, x, factors, ctx.need_x, ctx.need_factors
+    )
+    grad_x = out[0] if ctx.need_x else None
+    grad_factors = list(out[1:]) if ctx.need_factors else None
+    return grad_x, grad_factors
+
+
+_kron_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kron_matmul(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
+    """y = x @ (A_1 ⊗ A_2 ⊗ ... ⊗ A_k), never forming the (P, Q) product.
+
+    Args:
+        x: (..., P) with P = ∏ p_i; grouped: (G, ..., P).
+        factors: k >= 1 matrices A_i of shape (p_i, q_i), square or not (torch.kron order);
+            or, grouped, k tensors of shape (G, p_i, q_i): group g of x uses ⊗_i A_i[g].
+    Returns:
+        (..., Q) with Q = ∏ q_i, in x's dtype (bf16/fp16 accumulate in fp32).
+
+    Differentiable in x and every factor (no double backward). Raises ValueError on an empty
+    factor list, factors that are not 2-D (3-D grouped), ∏ p_i != x.shape[-1], a G mismatch, or
+    mixed dtypes/devices. Backend: see `specops.backend`.
+    """
+    return torch.ops.specops.kron_matmul(x, list(factors))
+
+
+def kron_reference(factors: Sequence[Tensor]) -> Tensor:
+    """A_1 ⊗ ... ⊗ A_k with torch.kron, factor by factor (groups done one by one)."""
+    if factors[0].dim() == 3:
+        return torch.stack([kron_reference([f[g] for f in factors]) for g in range(factors[0].shape[0])])
+    return functools.reduce(torch.kron, factors)
+
+
+def _kron_impl(factors: list[Tensor]) -> Tensor:
+    out = factors[0]
+    for f in factors[1:]:
+        # (..., a, b) ⊗ (..., c, d) -> (..., a·c, b·d), batched over the leading group dim.
+        a, b = out.shape[-2:]
+        c, d = f.shape[-2:]
+        out = (out[..., :, None, :, None] * f[..., None, :, None, :]).reshape(
+            *out.shape[:-2], a * c, b * d
+        )
+    return out
+
+
+torch.library.define("specops::kron", "(Tensor[] factors) -> Tensor")
+torch.library.impl("specops::kron", "CompositeImplicitAutograd")(_kron_impl)
+
+
+def kron(factors: Sequence[Tensor]) -> Tensor:
+    """The materialised product A_1 ⊗ ... ⊗ A_k (for export and merging); grouped (G, p, q) too.
+
+    Shape (∏ p_i, ∏ q_i), or (G, ∏ p_i, ∏ q_i) for grouped factors. Differentiable. Equal to
+    torch.kron folded over the factors, and kron_matmul(x, factors) == x @ kron(factors).
+    """
+    if not isinstance(factors, (list, tuple)) or len(factors) == 0:
+        raise ValueError("factors: expected a non-empty list of matrices, got an empty list")
+    _check_factors(factors, factors[0].dtype, factors[0].device)
+    return torch.ops.specops.kron(list(factors))
