@@ -124,7 +124,7 @@ def kron_matmul_reference(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
 
 
 def _fwd_torch(x3, fs):
-    return _chain(x3, fs).reshape(x3.shape[0], x3.shape[1], -1)
+    return _chain(x3, fs).reshape(x3.shape[0], x3.shape[1], math.prod(f.shape[2] for f in fs))
 
 
 def _bwd_torch(gy3, x3, fs, need_x, need_factors):
@@ -196,7 +196,7 @@ def _kron_matmul_backward_op(
     """[grad_x (empty unless need_x), *grad_factors (only when need_factors)]."""
     grouped = _check(x, factors)
     x3, fs = _canon(x, factors, grouped)
-    gy3 = grad_y.reshape(x3.shape[0], x3.shape[1], -1)
+    gy3 = grad_y.reshape(x3.shape[0], x3.shape[1], math.prod(f.shape[-1] for f in factors))
     if gy3.stride(-1) != 1:
         gy3 = gy3.contiguous()
     impl = _BWD[_backend.choose(x.device.type, _BWD)]
@@ -226,12 +226,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, *factors = ctx.saved_tensors
     if not (ctx.need_x or ctx.need_factors):
-        return None, None
+        return None, [None] * len(factors)
     out = torch.ops.specops.kron_matmul_backward(
         grad_y, x, factors, ctx.need_x, ctx.need_factors
     )
     grad_x = out[0] if ctx.need_x else None
-    grad_factors = list(out[1:]) if ctx.need_factors else None
+    grad_factors = list(out[1:]) if ctx.need_factors else [None] * len(factors)
     return grad_x, grad_factors
 
 

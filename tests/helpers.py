@@ -8,7 +8,8 @@ CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if _why_not(b, "cpu") is N
 
 # Relative Frobenius-norm error allowed against a float64 oracle. bf16 keeps 8 mantissa bits
 # (2^-8 = 3.9e-3 per rounding); inputs and output are each rounded once, accumulation is fp32.
-REL_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# fp32: sums over up to ~10^4 terms (factor gradients) lose ~sqrt(n) ulps.
+REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -64,30 +64,46 @@ KronPlan make_plan(int64_t G, int64_t M, at::TensorList factors) {
 }
 
 // Rows [0, rows) of a (rows, W) row-major matrix with row stride ld -> buf (W, R), zero padded.
+// Full kLanes x kLanes tiles are transposed in registers; ragged edges go element by element.
 template <typename scalar_t, typename acc_t>
 void load_block(const scalar_t* x, int64_t ld, int64_t rows, int64_t W, int64_t R, acc_t* buf) {
-  constexpr int64_t T = 16;  // column tile: reads stay in a few cache lines per row
-  for (int64_t w0 = 0; w0 < W; w0 += T) {
-    const int64_t w1 = std::min(W, w0 + T);
-    for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* src = x + r * ld;
-      for (int64_t w = w0; w < w1; ++w) buf[w * R + r] = static_cast<acc_t>(src[w]);
+  using S = Simd<acc_t>;
+  constexpr int64_t N = S::kLanes;
+  const int64_t wfull = W - W % N;
+  typename S::vec v[N];
+  for (int64_t r0 = 0; r0 < R; r0 += N) {
+    for (int64_t w0 = 0; w0 < wfull; w0 += N) {
+      for (int64_t i = 0; i < N; ++i) {
+        const scalar_t* src = x + (r0 + i) * ld + w0;
+        for (int64_t l = 0; l < N; ++l) v[i][l] = r0 + i < rows ? static_cast<acc_t>(src[l]) : acc_t(0);
+      }
+      transpose_tile<acc_t>(v);
+      for (int64_t j = 0; j < N; ++j) S::store(buf + (w0 + j) * R + r0, v[j]);
     }
-    for (int64_t r = rows; r < R; ++r)
-      for (int64_t w = w0; w < w1; ++w) buf[w * R + r] = acc_t(0);
   }
+  for (int64_t w = wfull; w < W; ++w)
+    for (int64_t r = 0; r < R; ++r) buf[w * R + r] = r < rows ? static_cast<acc_t>(x[r * ld + w]) : acc_t(0);
 }
 
 template <typename scalar_t, typename acc_t>
 void store_block(const acc_t* buf, int64_t W, int64_t R, int64_t rows, scalar_t* y, int64_t ld) {
-  constexpr int64_t T = 16;
-  for (int64_t w0 = 0; w0 < W; w0 += T) {
-    const int64_t w1 = std::min(W, w0 + T);
-    for (int64_t r = 0; r < rows; ++r) {
-      scalar_t* dst = y + r * ld;
-      for (int64_t w = w0; w < w1; ++w) dst[w] = static_cast<scalar_t>(buf[w * R + r]);
+  using S = Simd<acc_t>;
+  constexpr int64_t N = S::kLanes;
+  const int64_t wfull = W - W % N;
+  typename S::vec v[N];
+  for (int64_t r0 = 0; r0 < rows; r0 += N) {
+    const int64_t nr = std::min(N, rows - r0);
+    for (int64_t w0 = 0; w0 < wfull; w0 += N) {
+      for (int64_t j = 0; j < N; ++j) v[j] = S::load(buf + (w0 + j) * R + r0);
+      transpose_tile<acc_t>(v);
+      for (int64_t i = 0; i < nr; ++i) {
+        scalar_t* dst = y + (r0 + i) * ld + w0;
+        for (int64_t l = 0; l < N; ++l) dst[l] = static_cast<scalar_t>(v[i][l]);
+      }
     }
   }
+  for (int64_t w = wfull; w < W; ++w)
+    for (int64_t r = 0; r < rows; ++r) y[r * ld + w] = static_cast<scalar_t>(buf[w * R + r]);
 }
 
 // JB output columns of one mode product over one vector of the inner length:

@@ -7,6 +7,7 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace specops {
 namespace cpu {
@@ -25,6 +26,31 @@ struct Simd {
     return s;
   }
 };
+
+// In-register transpose of a kLanes x kLanes tile held as kLanes row vectors: log2(kLanes)
+// butterfly stages, each swapping the off-diagonal b x b blocks of every 2b x 2b block with
+// two-source permutes (one vpermt2ps/pd each under AVX-512). Transposes are what the CPU
+// kernels that keep blocks of rows transposed spend their memory passes on.
+template <typename acc_t>
+inline void transpose_tile(typename Simd<acc_t>::vec* v) {
+  using S = Simd<acc_t>;
+  constexpr int64_t N = S::kLanes;
+  typedef std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t> idx_t;
+  typedef idx_t ivec __attribute__((vector_size(64)));
+  for (int64_t b = N / 2; b >= 1; b /= 2) {
+    ivec lo, hi;
+    for (int64_t j = 0; j < N; ++j) {
+      lo[j] = static_cast<idx_t>((j & b) == 0 ? j : N + j - b);
+      hi[j] = static_cast<idx_t>((j & b) == 0 ? j + b : N + j);
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      if (i & b) continue;
+      const typename S::vec a = v[i], c = v[i + b];
+      v[i] = __builtin_shuffle(a, c, lo);
+      v[i + b] = __builtin_shuffle(a, c, hi);
+    }
+  }
+}
 
 // Scratch for one thread, 64-byte aligned, freed on scope exit. Taken from torch's CPU allocator
 // so that the profiler's memory accounting (and so the benchmarks' peak bytes) sees it.
