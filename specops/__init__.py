@@ -4,8 +4,37 @@ Ops are torch custom ops in the `specops` namespace (torch.ops.specops.*), each 
 kernel and autograd; the functions here are their documented Python entry points. Importing
 specops never initialises CUDA and works without the C++ extension or Triton.
 """
+from . import optim, stiefel
 from ._backend import available_backends, backend
 from .kron import kron, kron_matmul, kron_matmul_reference, kron_reference
+from .optim import CayleyAdam, StiefelAdam, StiefelSGD
+from .spectral import (
+    SODA_TABLE,
+    decompose,
+    kron_factor_sizes,
+    linear_path,
+    scaled_matmul,
+    scaled_matmul_reference,
+    spectral_linear,
+    spectral_linear_lq,
+    spectral_linear_lq_reference,
+    spectral_linear_reference,
+    spectral_shift,
+    spectral_shift_lq,
+    spectral_shift_lq_reference,
+    spectral_shift_reference,
+)
+from .zip import (
+    ZipLoRALinear,
+    merger_penalty,
+    merger_penalty_reference,
+    zip_lora_linear,
+    zip_lora_linear_reference,
+    zip_merge,
+    zip_merge_lora,
+    zip_merge_lora_reference,
+    zip_merge_reference,
+)
 
 __all__ = [
     "available_backends",
@@ -14,5 +43,33 @@ __all__ = [
     "kron_matmul",
     "kron_matmul_reference",
     "kron_reference",
+    "optim",
+    "stiefel",
+    "SODA_TABLE",
+    "decompose",
+    "kron_factor_sizes",
+    "linear_path",
+    "scaled_matmul",
+    "scaled_matmul_reference",
+    "spectral_linear",
+    "spectral_linear_lq",
+    "spectral_linear_lq_reference",
+    "spectral_linear_reference",
+    "spectral_shift",
+    "spectral_shift_lq",
+    "spectral_shift_lq_reference",
+    "spectral_shift_reference",
+    "StiefelSGD",
+    "CayleyAdam",
+    "StiefelAdam",
+    "ZipLoRALinear",
+    "merger_penalty",
+    "merger_penalty_reference",
+    "zip_lora_linear",
+    "zip_lora_linear_reference",
+    "zip_merge",
+    "zip_merge_lora",
+    "zip_merge_lora_reference",
+    "zip_merge_reference",
 ]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@
     python -m specops.gpu_check [--arch 80 90] [--csrc DIR] [--no-cuda]
 
 - Triton: every configuration a launcher can use (each module of specops.triton_kernels lists
-  them in `aot_specs()`) goes through triton.compile with a GPUTarget; Triton's own ptxas -v on
+  them in `aot_specs()` as (name, jit_fn, signature, constexprs[, compile options])) goes through triton.compile with a GPUTarget; Triton's own ptxas -v on
   its PTX gives registers, spills and static shared memory (Triton's dynamic shared memory comes
   from the compile metadata).
 - CUDA: every csrc/cuda/*.cu is compiled by nvcc for each arch with -Xptxas -v (the .cu files
@@ -88,11 +88,11 @@ def _compile_triton(family, spec, arch: int) -> list[dict]:
 
     ptxas = get_ptxas(arch).path  # the ptxas Triton itself uses: its PTX may be newer than nvcc's
 
-    name, fn, signature, constexprs = spec
+    name, fn, signature, constexprs, *options = spec  # options: e.g. {"num_warps": 8}
     label = f"triton/{family}:{name}"
     try:
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options[0] if options else None)
     except Exception as e:  # a kernel that does not compile is exactly what this check reports
         return [{"kernel": label, "arch": f"sm_{arch}", "error": f"{type(e).__name__}: {e}"[:300]}]
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,6 +54,8 @@ def _oracle(x, fs):
     ids=[_ids(s) for s in FACTOR_SHAPES],
 )
 def test_forward_backward_match_dense(backend, shapes, batch, group, dtype):
+    if backend == "triton" and math.prod(p for p, _ in shapes) >= 64 and dtype != torch.float32:
+        pytest.skip("the Triton interpreter is slow: its large shapes run in fp32 only")
     x, fs = _inputs(shapes, batch, group, dtype, requires_grad=True)
     y = specops.kron_matmul(x, fs)
     assert y.dtype == dtype
@@ -104,6 +106,8 @@ def test_partial_gradients(backend, need):
 @pytest.mark.parametrize("group", [None, 3])
 @pytest.mark.parametrize("shapes", [[(3, 2)], [(2, 3), (1, 2), (3, 3)]], ids=_ids)
 def test_gradcheck(backend, shapes, group):
+    if backend == "triton" and group and len(shapes) > 1:
+        pytest.skip("the Triton interpreter is slow: grouped gradcheck runs on one factor")
     x, fs = _inputs(shapes, (4,), group, torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, *fs: specops.kron_matmul(x, fs), (x, *fs))
 

@@ -340,7 +340,8 @@ void backward(const at::Tensor& gy, const at::Tensor& x, const std::vector<at::T
 }
 
 void check_inputs(const at::Tensor& x, at::TensorList factors, const char* name) {
-  TORCH_CHECK_VALUE(x.dim() == 3 && x.stride(2) == 1, name,
+  // A last dim of size 1 may carry any stride (.contiguous() leaves such tensors as they are).
+  TORCH_CHECK_VALUE(x.dim() == 3 && (x.stride(2) == 1 || x.size(2) == 1), name,
                     ": expected a (G, M, P) tensor with a contiguous last dim, got shape ",
                     x.sizes(), " strides ", x.strides());
   TORCH_CHECK_VALUE(!factors.empty(), "factors: expected at least one factor");
@@ -378,7 +379,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> kron_matmul_bwd_cpu(const at::Te
   check_inputs(x, factors, "x");
   int64_t Q = 1;
   for (const auto& f : factors) Q *= f.size(2);
-  TORCH_CHECK_VALUE(gy.dim() == 3 && gy.stride(2) == 1 && gy.size(0) == x.size(0) &&
+  TORCH_CHECK_VALUE(gy.dim() == 3 && (gy.stride(2) == 1 || gy.size(2) == 1) &&
+                        gy.size(0) == x.size(0) &&
                         gy.size(1) == x.size(1) && gy.size(2) == Q &&
                         gy.scalar_type() == x.scalar_type(),
                     "grad_y: expected a (", x.size(0), ", ", x.size(1), ", ", Q, ") ",

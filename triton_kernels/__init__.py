@@ -1,0 +1,1 @@
+"""Triton kernels of specops, installed as specops.triton_kernels (one module per op family)."""
