@@ -1,0 +1,141 @@
+"""Spectral shift on SDXL attention shapes: one training step (forward + backward) per layer.
+
+Shapes: in -> out = 640 -> 640, 1280 -> 1280, 2048 -> 1280 (attn2's to_k/to_v read the 2048-wide
+text context), tokens M = 2 x 1024 and 2 x 4096, fp32. Only delta and the rotation factors require
+gradients, as in training (the input and the frozen U, S, Vh do not).
+
+Providers, side by side:
+  specops       specops.spectral_linear (path chosen by specops.spectral.linear_path; rotation on
+                the input side, SODA's factor sizes)
+  soda_authors  the SODA authors' formulation: R = kron(kron(R1, R2), R3) materialised, x @ R, then a
+                freshly rebuilt U @ diag(relu(S + delta)) @ Vh and F.linear: torch autograd
+  svdiff        (no rotation) the SVDiff rebuild U @ diag(relu(S + delta)) @ Vh then F.linear
+Shapes marked "rot" compare specops with soda_authors, "norot" with svdiff. Plus the one-time
+`decompose` (SVD and LQ) for every distinct SDXL attention weight shape; `summarize` multiplies by
+the number of such layers (560 in all) for the total a user pays first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from specops import spectral as sp
+
+from . import Case
+from .stiefel import CONTEXT, SDXL_BLOCKS
+
+BASELINE = "soda_authors"
+LAYERS = ((640, 640), (1280, 1280), (2048, 1280))  # (in, out)
+
+
+def sdxl_attention_shapes() -> dict[tuple[int, int], int]:
+    """{(out, in): number of layers} over the 560 attention Linear layers of the SDXL base UNet
+    (to_q/to_k/to_v/to_out.0 of attn1 and attn2 in 70 transformer blocks)."""
+    counts: dict[tuple[int, int], int] = {}
+    for width, blocks in SDXL_BLOCKS.values():
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                n = CONTEXT if attn == "attn2" and proj in ("to_k", "to_v") else width
+                counts[(width, n)] = counts.get((width, n), 0) + blocks
+    return counts
+
+
+def _soda_authors(x, U, S, Vh, delta, rot):
+    R = torch.kron(torch.kron(rot[0], rot[1]), rot[2])
+    W = U @ torch.diag(F.relu(S + delta)) @ Vh
+    return F.linear(x @ R, W)
+
+
+def _svdiff(x, U, S, Vh, delta, rot):
+    return F.linear(x, U @ torch.diag(F.relu(S + delta)) @ Vh)
+
+
+def _specops(x, U, S, Vh, delta, rot):
+    return sp.spectral_linear(x, U, S, Vh, delta, rotation=rot or None)
+
+
+PROVIDERS = {"specops": _specops, "soda_authors": _soda_authors, "svdiff": _svdiff}
+
+
+def _setup_step(M, n, out, rotated, fn):
+    def setup():
+        g = torch.Generator().manual_seed(0)
+        k = min(out, n)
+        U = torch.linalg.qr(torch.randn(out, k, generator=g))[0]
+        Vh = torch.linalg.qr(torch.randn(n, k, generator=g))[0].mT.contiguous()
+        S = torch.rand(k, generator=g) + 0.1
+        delta = torch.zeros(k, requires_grad=True)
+        rot = [torch.eye(p).requires_grad_() for p in sp.SODA_TABLE[n]] if rotated else []
+        x = torch.randn(2, M // 2, n, generator=g)
+        gy = torch.randn(2, M // 2, out, generator=g)
+        params = [delta, *rot]
+
+        def step():
+            fn(x, U, S, Vh, delta, rot).backward(gy)
+            for p in params:
+                p.grad = None
+
+        return step
+
+    return setup
+
+
+def _setup_decompose(out, n, method, raw):
+    def setup():
+        W = 0.02 * torch.randn(out, n, generator=torch.Generator().manual_seed(0))
+        if raw:
+            return (lambda: torch.linalg.svd(W, full_matrices=False)) if method == "svd" else (
+                lambda: torch.linalg.qr(W.mT))
+        return lambda: sp.decompose(W, method)
+
+    return setup
+
+
+def cases(quick: bool = False) -> list[Case]:
+    out = []
+    for M in (2048,) if quick else (2048, 8192):
+        for n, o in LAYERS:
+            for rotated in (True, False):
+                sizes = sp.SODA_TABLE[n] if rotated else ()
+                flops = min(sp.linear_path(M, o, n, min(o, n), rotation_sizes=sizes)[1].values())
+                nbytes = 4.0 * M * (n + 2 * o)  # read x and grad_y, write y
+                shape = f"{n}->{o} M={M} {'rot' if rotated else 'norot'}"
+                for name in ("specops", "soda_authors" if rotated else "svdiff"):
+                    out.append(Case("spectral", shape, name, _setup_step(M, n, o, rotated, PROVIDERS[name]),
+                                    flops, nbytes))
+    shapes = sdxl_attention_shapes()
+    for (o, n), count in shapes.items() if not quick else list(shapes.items())[:1]:
+        for method in ("svd", "lq"):
+            for raw in (False, True):
+                name = ("torch.linalg." + method if method == "svd" else "torch.linalg.qr") if raw else "specops"
+                out.append(Case("spectral", f"decompose {method} {o}x{n} (x{count})", name,
+                                _setup_decompose(o, n, method, raw)))
+    return out
+
+
+def summarize(rows: list[dict]) -> str:
+    """The issue's targets per shape, and the one-time decompose cost of all SDXL attention layers."""
+    lines = []
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        by = {r["provider"]: r for r in rows if r["shape"] == shape}
+        if shape.startswith("decompose") or "specops" not in by:
+            continue
+        other, target = ("soda_authors", 2.0) if "soda_authors" in by else ("svdiff", 1.15)
+        ratio = by[other]["ms"] / by["specops"]["ms"]
+        line = f"- {shape}: specops {by['specops']['ms']:.1f} ms, {ratio:.2f}x vs {other} (target {target}x: " \
+               f"{'met' if ratio >= target else 'MISSED'})"
+        if "peak MB" in by["specops"]:
+            a, b = by["specops"]["peak MB"], by[other]["peak MB"]
+            line += f"; peak {a:.0f} MB vs {b:.0f} MB ({'not higher' if a <= b else 'HIGHER'})"
+        lines.append(line)
+    for method in ("svd", "lq"):
+        total = n = 0
+        for r in rows:
+            if r["shape"].startswith(f"decompose {method}") and r["provider"] == "specops":
+                count = int(r["shape"].rsplit("(x", 1)[1].rstrip(")"))
+                total += count * r["ms"] / 1e3
+                n += count
+        if n:
+            lines.append(f"- decompose {method} of {n} SDXL attention weights: {total:.1f} s in all")
+    return "\n".join(lines)
+
