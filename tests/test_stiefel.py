@@ -1,0 +1,241 @@
+"""Stiefel manifold ops (project, cayley, retract, orthogonality_error) against float64 oracles."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from helpers import REL_TOL, assert_rel
+
+from specops import stiefel
+
+SHAPES = [(1, 1), (2, 2), (7, 3), (16, 16), (64, 64), (100, 20)]
+BATCHES = [(), (3,), (2, 1)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded torch: small GEMMs on a loaded 2-core machine stall in OpenMP barriers."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _point(shape, batch=(), dtype=torch.float64):
+    X = torch.linalg.qr(torch.randn(*batch, *shape, dtype=torch.float64))[0]
+    return X.to(dtype)
+
+
+def _tangent(X, scale=0.3):
+    return stiefel.project_reference(X, scale * torch.randn_like(X))
+
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+# ----------------------------------------------------------------------------- project
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("metric", stiefel.METRICS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_project_matches_numpy(shape, metric, dtype):
+    batch = BATCHES[len(shape) % 3]
+    X = _point(shape, batch, dtype)
+    G = torch.randn(*batch, *shape, dtype=dtype)
+    P = stiefel.project(X, G, metric)
+    assert P.dtype == dtype and P.shape == G.shape
+    x, g = _np(X), _np(G)
+    xt = np.swapaxes(x, -1, -2)
+    if metric == "euclidean":
+        a = xt @ g
+        want = g - x @ (0.5 * (a + np.swapaxes(a, -1, -2)))
+    else:
+        want = g - x @ np.swapaxes(g, -1, -2) @ x
+    assert_rel(P, torch.from_numpy(want), dtype, scale=4.0)
+    if dtype == torch.float64:  # tangent: X^T P is skew
+        a = X.mT @ P
+        assert (a + a.mT).abs().max() < 1e-12
+
+
+def test_project_broadcasts_batches():
+    X = _point((7, 3), (1, 4))
+    G = torch.randn(5, 1, 7, 3, dtype=torch.float64)
+    P = stiefel.project(X, G, "canonical")
+    assert P.shape == (5, 4, 7, 3)
+    assert_rel(P, stiefel.project_reference(X, G, "canonical"), torch.float64)
+
+
+@pytest.mark.parametrize("metric", stiefel.METRICS)
+def test_project_gradcheck(metric):
+    X = _point((7, 3), (2,)).requires_grad_()
+    G = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g: stiefel.project(x, g, metric), (X, G))
+    # broadcast batch dims reduce back in the backward
+    X1 = _point((5, 2), (1,)).requires_grad_()
+    G1 = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, g: stiefel.project(x, g, metric), (X1, G1))
+
+
+# ----------------------------------------------------------------------------- cayley
+
+
+def _skew(n, batch=(), dtype=torch.float64):
+    A = torch.randn(*batch, n, n, dtype=torch.float64)
+    return (A - A.mT).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 64])
+def test_cayley_matches_scipy(n, dtype):
+    A = _skew(n, (3,), dtype)
+    Y = stiefel.cayley(A)
+    assert Y.dtype == dtype
+    I = np.eye(n)
+    want = np.stack([scipy.linalg.solve(I - 0.5 * a, I + 0.5 * a) for a in _np(A)])
+    assert_rel(Y, torch.from_numpy(want), dtype, scale=4.0 * n**0.5)
+    if dtype == torch.float64:
+        assert stiefel.orthogonality_error(Y).max() < 1e-12
+
+
+def test_cayley_gradcheck():
+    A = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)  # general A: full gradient
+    assert torch.autograd.gradcheck(stiefel.cayley, (A,))
+    S = _skew(4).requires_grad_()
+    assert torch.autograd.gradcheck(stiefel.cayley, (S,))
+
+
+# ----------------------------------------------------------------------------- retract
+
+
+def _retract_oracle(x, v, method):
+    """scipy/numpy in float64, matrix by matrix."""
+    if x.ndim == 3:
+        return np.stack([_retract_oracle(a, b, method) for a, b in zip(x, v)])
+    n = x.shape[0]
+    pv = v - 0.5 * x @ (x.T @ v)
+    W = pv @ x.T - x @ pv.T
+    if method == "cayley":
+        return scipy.linalg.solve(np.eye(n) - 0.5 * W, (np.eye(n) + 0.5 * W) @ x)
+    if method == "cayley_iter":
+        y = x + W @ x
+        for _ in range(2):
+            y = x + 0.5 * W @ (x + y)
+        return y
+    if method == "polar":
+        return scipy.linalg.polar(x + v)[0]
+    q, r = np.linalg.qr(x + v)
+    return q * np.where(np.diag(r) < 0, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", stiefel.METHODS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_retract_matches_scipy(shape, method, dtype):
+    X = _point(shape, (3,))
+    V = _tangent(X)
+    Y = stiefel.retract(X.to(dtype), V.to(dtype), method)
+    assert Y.dtype == dtype and Y.shape == X.shape
+    want = torch.from_numpy(_retract_oracle(_np(X), _np(V), method))
+    n, p = shape
+    # inputs are rounded to dtype first; the retraction amplifies that by at most ~sqrt(n p)
+    assert_rel(Y, want, dtype, scale=8.0 * (n * p) ** 0.25 * (4 if dtype == torch.bfloat16 else 1))
+    if method != "cayley_iter" and dtype == torch.float64:
+        assert stiefel.orthogonality_error(Y).max() < 1e-12
+
+
+@pytest.mark.parametrize("method", stiefel.METHODS)
+def test_retract_is_first_order(method):
+    """R_X(tV) = X + tV + O(t^2) for tangent V."""
+    X = _point((9, 4))
+    V = _tangent(X, 1.0)
+    errs = [(stiefel.retract(X, t * V, method) - X - t * V).norm().item() for t in (1e-2, 1e-3)]
+    assert errs[1] < errs[0] / 50  # quadratic: 100x smaller
+
+
+def test_polar_rescales_large_inputs():
+    X = _point((12, 5))
+    Z = 10.0 * X + torch.randn_like(X)  # singular values ~10: outside Newton-Schulz's basin
+    Y = stiefel.retract(X, Z - X, "polar")
+    assert_rel(Y, torch.from_numpy(scipy.linalg.polar(_np(Z))[0]), torch.float64, scale=100)
+
+
+def test_woodbury_cayley_costs_no_n_by_n():
+    """Tall X takes the 2p x 2p Woodbury route and agrees with the dense n x n transform."""
+    X = _point((300, 4))
+    V = _tangent(X)
+    assert_rel(stiefel.retract(X, V, "cayley"), stiefel.retract_reference(X, V, "cayley"), torch.float64, 10)
+
+
+# ----------------------------------------------------------------------------- orthogonality error
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_orthogonality_error(dtype):
+    X = torch.randn(4, 9, 5, dtype=dtype)
+    e = stiefel.orthogonality_error(X)
+    assert e.shape == (4,) and e.dtype == dtype
+    x = _np(X)
+    want = np.linalg.norm(np.swapaxes(x, 1, 2) @ x - np.eye(5), axis=(1, 2))
+    assert_rel(e, torch.from_numpy(want), dtype, scale=4.0)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_errors_name_the_argument():
+    X = _point((5, 3))
+    with pytest.raises(ValueError, match=r"X: expected .* n >= p.*\(3, 5\)"):
+        stiefel.project(X.mT, X.mT)
+    with pytest.raises(ValueError, match=r"G: expected \(\.\.\., 5, 3\)"):
+        stiefel.project(X, torch.randn(5, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="metric"):
+        stiefel.project(X, X, "riemann")
+    with pytest.raises(ValueError, match=r"A: expected square"):
+        stiefel.cayley(torch.randn(3, 4))
+    with pytest.raises(ValueError, match=r"X: expected a \(\.\.\., n, p\)"):
+        stiefel.orthogonality_error(torch.randn(4))
+    with pytest.raises(ValueError, match="method"):
+        stiefel.retract(X, X, "exp")
+    with pytest.raises(ValueError, match=r"V: batch dims"):
+        stiefel.retract(torch.stack([X, X]), torch.randn(3, 5, 3, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------- op checks, compile
+
+
+def test_opcheck():
+    X = _point((7, 3), (2,))
+    G = torch.randn(2, 7, 3, dtype=torch.float64)
+    A = _skew(4, (2,))
+    for metric in stiefel.METRICS:
+        torch.library.opcheck(torch.ops.specops.stiefel_project, (X.requires_grad_(), G.requires_grad_(), metric))
+        X, G = X.detach(), G.detach()
+        torch.library.opcheck(torch.ops.specops.stiefel_project_backward, (G, X, G, metric))
+    torch.library.opcheck(torch.ops.specops.cayley, (A.requires_grad_(),))
+    torch.library.opcheck(torch.ops.specops.cayley_backward, (A.detach(), A.detach()))
+    for method in stiefel.METHODS:
+        torch.library.opcheck(torch.ops.specops.stiefel_retract, (X, _tangent(X), method))
+    torch.library.opcheck(torch.ops.specops.orthogonality_error, (X,))
+
+
+def test_compile_fullgraph():
+    X = _point((7, 3), (2,)).requires_grad_()
+    G = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
+    A = _skew(5).requires_grad_()
+
+    def f(X, G, A):
+        P = stiefel.project(X, G, "canonical")
+        R = stiefel.cayley(A)
+        Y = stiefel.retract(X.detach(), P.detach(), "cayley")
+        return P.square().sum() + R.sum() + stiefel.orthogonality_error(Y).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, want = compiled(X, G, A), f(X, G, A)
+    assert torch.allclose(out, want)
+    g1 = torch.autograd.grad(out, (X, G, A))
+    g2 = torch.autograd.grad(want, (X, G, A))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b)
