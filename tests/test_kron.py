@@ -46,6 +46,22 @@ def _oracle(x, fs):
     return x @ functools.reduce(torch.kron, fs)
 
 
+def _check_against_oracle(x, fs, dtype):
+    """kron_matmul and its gradients (random grad_y) against the float64 oracle; returns y."""
+    y = specops.kron_matmul(x, fs)
+    assert y.dtype == dtype
+    assert_rel(y, _oracle(x, fs), dtype)
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *fs], gy)
+    x64 = x.detach().double().requires_grad_()
+    f64 = [f.detach().double().requires_grad_() for f in fs]
+    ref = torch.autograd.grad(_oracle(x64, f64), [x64, *f64], gy.double())
+    for g, r in zip(grads, ref):
+        assert g.dtype == dtype
+        assert_rel(g, r, dtype, scale=2.0)
+    return y
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group", [None, 1, 4], ids=["plain", "G1", "G4"])
 @pytest.mark.parametrize(
@@ -57,18 +73,7 @@ def test_forward_backward_match_dense(backend, shapes, batch, group, dtype):
     if backend == "triton" and math.prod(p for p, _ in shapes) >= 64 and dtype != torch.float32:
         pytest.skip("the Triton interpreter is slow: its large shapes run in fp32 only")
     x, fs = _inputs(shapes, batch, group, dtype, requires_grad=True)
-    y = specops.kron_matmul(x, fs)
-    assert y.dtype == dtype
-    assert_rel(y, _oracle(x, fs), dtype)
-
-    gy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *fs], gy)
-    x64 = x.detach().double().requires_grad_()
-    f64 = [f.detach().double().requires_grad_() for f in fs]
-    ref = torch.autograd.grad(_oracle(x64, f64), [x64, *f64], gy.double())
-    for g, r in zip(grads, ref):
-        assert g.dtype == dtype
-        assert_rel(g, r, dtype, scale=2.0)
+    _check_against_oracle(x, fs, dtype)
 
 
 def test_one_row_and_empty(backend):
@@ -243,13 +248,4 @@ def test_large_rows_cross_blocks(backend):
     if backend == "triton":
         pytest.skip("covered by the smaller cases; the interpreter is slow")
     x, fs = _inputs([(4, 4), (2, 3), (3, 2), (5, 5)], (203,), None, torch.float32, requires_grad=True)
-    y = specops.kron_matmul(x, fs)
-    assert y.shape == (203, 120)
-    assert_rel(y, _oracle(x, fs), torch.float32)
-    gy = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *fs], gy)
-    x64 = x.detach().double().requires_grad_()
-    f64 = [f.detach().double().requires_grad_() for f in fs]
-    ref = torch.autograd.grad(_oracle(x64, f64), [x64, *f64], gy.double())
-    for g, r in zip(grads, ref):
-        assert_rel(g, r, torch.float32, scale=2.0)
+    assert _check_against_oracle(x, fs, torch.float32).shape == (203, 120)
