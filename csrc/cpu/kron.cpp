@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -75,7 +76,13 @@ void load_block(const scalar_t* x, int64_t ld, int64_t rows, int64_t W, int64_t 
     for (int64_t w0 = 0; w0 < wfull; w0 += N) {
       for (int64_t i = 0; i < N; ++i) {
         const scalar_t* src = x + (r0 + i) * ld + w0;
-        for (int64_t l = 0; l < N; ++l) v[i][l] = r0 + i < rows ? static_cast<acc_t>(src[l]) : acc_t(0);
+        if (r0 + i >= rows) {
+          v[i] = typename S::vec{};
+        } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          v[i] = S::load(src);
+        } else {
+          for (int64_t l = 0; l < N; ++l) v[i][l] = static_cast<acc_t>(src[l]);
+        }
       }
       transpose_tile<acc_t>(v);
       for (int64_t j = 0; j < N; ++j) S::store(buf + (w0 + j) * R + r0, v[j]);
@@ -98,7 +105,11 @@ void store_block(const acc_t* buf, int64_t W, int64_t R, int64_t rows, scalar_t*
       transpose_tile<acc_t>(v);
       for (int64_t i = 0; i < nr; ++i) {
         scalar_t* dst = y + (r0 + i) * ld + w0;
-        for (int64_t l = 0; l < N; ++l) dst[l] = static_cast<scalar_t>(v[i][l]);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          S::store(dst, v[i]);
+        } else {
+          for (int64_t l = 0; l < N; ++l) dst[l] = static_cast<scalar_t>(v[i][l]);
+        }
       }
     }
   }
