@@ -49,11 +49,10 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from .kron import _FLOAT_DTYPES
 from .stiefel import CAYLEY_ITERS, polar_ns
 
 __all__ = ["StiefelSGD", "CayleyAdam", "StiefelAdam"]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
-from .kron import kron_matmul, kron_reference
+from .kron import _FLOAT_DTYPES, kron_matmul, kron_reference
 
 __all__ = [
     "SODA_TABLE",
@@ -73,7 +73,6 @@ PATHS = ("auto", "materialise", "factored")
 SODA_TABLE = {640: (8, 8, 10), 1280: (4, 16, 20), 2048: (4, 8, 64), 768: (6, 8, 16)}
 # The factored order must save this fraction of the FLOPs to be chosen while autograd records.
 FACTORED_MARGIN = 0.9
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- factor sizes

@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kron import _FLOAT_DTYPES
+
 __all__ = [
     "project",
     "cayley",
@@ -43,7 +45,6 @@ __all__ = [
     "POLAR_MAX_ITER",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 METRICS = ("euclidean", "canonical")
 METHODS = ("cayley", "cayley_iter", "qr", "polar")
 # Newton-Schulz converges quadratically from ||Y^T Y - I|| < 1; 30 also covers a start rescaled

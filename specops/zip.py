@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backend
+from .kron import _FLOAT_DTYPES
 
 __all__ = [
     "zip_merge",
@@ -50,7 +51,6 @@ __all__ = [
     "ZipLoRALinear",
 ]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PENALTY_KINDS = ("abs_product", "dot", "cosine")
 # |m_c|·|m_s| below this counts as zero in "cosine" (as in F.cosine_similarity).
 _COS_EPS = 1e-8
