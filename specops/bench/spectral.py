@@ -16,28 +16,22 @@ the number of such layers (560 in all) for the total a user pays first.
 """
 from __future__ import annotations
 
+import collections
+
 import torch
 import torch.nn.functional as F
 
 from specops import spectral as sp
 
-from . import Case
-from .stiefel import CONTEXT, SDXL_BLOCKS
+from . import SDXL_LAYERS, Case, sdxl_attention_layers
 
 BASELINE = "soda_authors"
-LAYERS = ((640, 640), (1280, 1280), (2048, 1280))  # (in, out)
 
 
 def sdxl_attention_shapes() -> dict[tuple[int, int], int]:
     """{(out, in): number of layers} over the 560 attention Linear layers of the SDXL base UNet
     (to_q/to_k/to_v/to_out.0 of attn1 and attn2 in 70 transformer blocks)."""
-    counts: dict[tuple[int, int], int] = {}
-    for width, blocks in SDXL_BLOCKS.values():
-        for attn in ("attn1", "attn2"):
-            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-                n = CONTEXT if attn == "attn2" and proj in ("to_k", "to_v") else width
-                counts[(width, n)] = counts.get((width, n), 0) + blocks
-    return counts
+    return dict(collections.Counter((out, n) for _, out, n in sdxl_attention_layers()))
 
 
 def _soda_authors(x, U, S, Vh, delta, rot):
@@ -94,7 +88,7 @@ def _setup_decompose(out, n, method, raw):
 def cases(quick: bool = False) -> list[Case]:
     out = []
     for M in (2048,) if quick else (2048, 8192):
-        for n, o in LAYERS:
+        for n, o in SDXL_LAYERS:
             for rotated in (True, False):
                 sizes = sp.SODA_TABLE[n] if rotated else ()
                 flops = min(sp.linear_path(M, o, n, min(o, n), rotation_sizes=sizes)[1].values())

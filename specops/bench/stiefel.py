@@ -19,19 +19,10 @@ import torch
 import specops
 from specops import optim
 
-from . import Case
+from . import Case, sdxl_attention_layers
 
 BASELINE = "loop"
 FACTORS = {640: (8, 8, 10), 1280: (4, 16, 20), 2048: (4, 8, 64)}
-# (block, transformer blocks at that width): attentions x transformer layers per attention.
-SDXL_BLOCKS = {
-    "down_blocks.1": (640, 2 * 2),
-    "down_blocks.2": (1280, 2 * 10),
-    "mid_block": (1280, 1 * 10),
-    "up_blocks.0": (1280, 3 * 10),
-    "up_blocks.1": (640, 3 * 2),
-}
-CONTEXT = 2048
 OPTIMIZERS = {
     "StiefelSGD": (optim.StiefelSGD, dict(lr=1e-2, momentum=0.9)),
     "CayleyAdam": (optim.CayleyAdam, dict(lr=1e-3)),
@@ -41,15 +32,11 @@ OPTIMIZERS = {
 
 def sdxl_soda_factors() -> list[tuple[str, int]]:
     """(layer name + factor index, factor size) for the 1,680 SODA factors of the SDXL UNet."""
-    out = []
-    for block, (width, count) in SDXL_BLOCKS.items():
-        for t in range(count):
-            for attn in ("attn1", "attn2"):
-                for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-                    w = CONTEXT if attn == "attn2" and proj in ("to_k", "to_v") else width
-                    for i, k in enumerate(FACTORS[w]):
-                        out.append((f"{block}.{t}.{attn}.{proj}.R{i + 1}", k))
-    return out
+    return [
+        (f"{name}.R{i + 1}", k)
+        for name, _, n in sdxl_attention_layers()
+        for i, k in enumerate(FACTORS[n])
+    ]
 
 
 def _problem(dtype=torch.float32):

@@ -18,25 +18,17 @@ import torch.nn.functional as F
 
 from specops.zip import merger_penalty, merger_penalty_reference, zip_lora_linear
 
-from . import Case
+from . import SDXL_LAYERS, Case, sdxl_attention_layers
 
 BASELINE = "public"
 RANK = 64
-LAYERS = ((640, 640), (1280, 1280), (2048, 1280))  # (in, out)
 TOKENS = (2 * 1024, 2 * 4096)
 TARGETS = {"branch": 3.0, "layer": 2.0}
 
 
 def sdxl_attention_widths() -> list[int]:
-    """in_features of the 560 SDXL-base attention Linear layers.
-
-    Per transformer block 8 Linear layers: attn1 to_q/to_k/to_v/to_out and attn2 to_q/to_out take
-    the block width, attn2 to_k/to_v the 2048-wide text context. Transformer blocks: 10 at width
-    640 (down_blocks.1: 2 attentions x 2 layers, up_blocks.1: 3 x 2) and 60 at width 1280
-    (down_blocks.2: 2 x 10, mid_block: 1 x 10, up_blocks.0: 3 x 10); 70 x 8 = 560.
-    """
-    per_block = lambda w: [w, w, w, w, w, 2048, 2048, w]  # noqa: E731
-    return per_block(640) * 10 + per_block(1280) * 60
+    """in_features of the 560 SDXL-base attention Linear layers (see sdxl_attention_layers)."""
+    return [n for _, _, n in sdxl_attention_layers()]
 
 
 def _layer_inputs(in_f, out_f, tokens, gen):
@@ -117,7 +109,7 @@ def _bytes(in_f, out_f, tokens, part):
 
 def cases(quick: bool = False) -> list[Case]:
     out = []
-    layers = ((1280, 1280),) if quick else LAYERS
+    layers = ((1280, 1280),) if quick else SDXL_LAYERS
     tokens_list = (2048,) if quick else TOKENS
     for in_f, out_f in layers:
         for tokens in tokens_list:
