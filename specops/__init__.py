@@ -4,7 +4,7 @@ Ops are torch custom ops in the `specops` namespace (torch.ops.specops.*), each 
 kernel and autograd; the functions here are their documented Python entry points. Importing
 specops never initialises CUDA and works without the C++ extension or Triton.
 """
-from . import optim, stiefel
+from . import adapters, optim, stiefel
 from ._backend import available_backends, backend
 from .kron import kron, kron_matmul, kron_matmul_reference, kron_reference
 from .optim import CayleyAdam, StiefelAdam, StiefelSGD
@@ -43,6 +43,7 @@ __all__ = [
     "kron_matmul",
     "kron_matmul_reference",
     "kron_reference",
+    "adapters",
     "optim",
     "stiefel",
     "SODA_TABLE",

@@ -1,0 +1,599 @@
+"""PEFT adapters on specops ops: a frozen nn.Linear plus one method's trainable update.
+
+An adapter wraps a base layer with weight W0 (out = m, in = n), y = x W0^T + b, and starts as the
+identity update (ZipLoRA starts as the plain sum of its two LoRAs, see `ZipLoRA`). Two kinds:
+
+  additive  (LoRA, LoHa, LoKr, ZipLoRA):  y = x W0^T + b + scale · x ΔW'^T,  ΔW = scale · ΔW'
+  rebuild   (OFT, KOFT, SVDiff, SODA-SVD, SODA-LQ): the method gives the adapted weight W itself;
+            scale 1 runs the adapted layer y = x W^T + b, any other scale s runs
+            y = base(x) + s (x W^T - x W0^T), so ΔW = s (W - W0).
+
+    method      ΔW' or W                                            trainable
+    lora        (alpha/r) B A                                       A (r, n), B (m, r) = 0
+    loha        (alpha/r) (B1 A1) ⊙ (B2 A2)                         A1, B1 = 0, A2, B2
+    lokr        W1 ⊗ W2  (W2 = B2 A2 with a rank)                   W1 (m1, n1) = 0, W2 or B2, A2
+    oft         W = W0 R, R = diag(cayley(Q_i - Q_i^T))             Q (b, n/b, n/b) = 0
+    koft        W = W0 (R_1 ⊗ ... ⊗ R_r)                            R_i = I (Stiefel)
+    svdiff      W = U diag(act(S + δ)) Vh                           δ (k,) = 0
+    soda-svd    svdiff rotated by R_1 ⊗ ... ⊗ R_r (side "input" or "basis")   δ, R_i = I (Stiefel)
+    soda-lq     W = (L + diag(δ)) Qh, rotated likewise              δ, R_i = I (Stiefel)
+    ziplora     s_c B_c A_c diag(m_c) + s_s B_s A_s diag(m_s)       m_c, m_s (n,)
+
+Spectral adapters decompose W0 once, in float64, with canonical signs (specops.decompose: the
+largest-|.| entry of every u_i positive; diag(L) >= 0), so a saved "basis" rotation means the same
+on any LAPACK build. The factors are recomputable from W0, hence non-persistent buffers; a
+state_dict holds the base layer and the trainable parameters only.
+
+Precision: parameters are kept in the base weight's dtype, except for bf16/fp16 bases where
+  - the spectral factors, δ and every Stiefel factor are float32: a bf16 U diag(S) Vh reproduces W0
+    only to ~1e-2, and an orthogonal matrix or a small δ cannot be held in 8 mantissa bits;
+  - spectral layers and rotations compute in float32 (the input is cast up and the output down).
+Cast a model to its final dtype before injecting adapters.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kron import kron, kron_matmul
+from .spectral import (
+    ACTIVATIONS,
+    SIDES,
+    SODA_TABLE,
+    decompose,
+    kron_factor_sizes,
+    spectral_linear,
+    spectral_linear_lq,
+    spectral_shift,
+    spectral_shift_lq,
+)
+from .stiefel import cayley
+from .zip import _check_linear, _lora_parts, zip_lora_linear, zip_merge_lora
+
+__all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "OFT", "KOFT", "SVDiff", "SODASVD", "SODALQ", "ZipLoRA",
+           "METHODS", "make_adapter"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def _uniform(rows: int, cols: int, like: Tensor) -> Tensor:
+    """U(-1/sqrt(cols), 1/sqrt(cols)), like nn.Linear's default init with fan-in `cols`."""
+    bound = cols**-0.5
+    return torch.empty(rows, cols, dtype=like.dtype, device=like.device).uniform_(-bound, bound)
+
+
+def _kron_sizes(dim: int, what: str, factors, sizes, table=None) -> tuple[int, ...]:
+    """Rotation factor sizes multiplying to `dim`: `sizes` checked, or balanced (kron_factor_sizes).
+
+    factors=None means len(sizes), or 3 without sizes. A dimension with too few prime factors gets
+    degenerate factors of size 1 (a prime dim is then one full dim x dim factor).
+    """
+    if sizes is None:
+        k = _positive_int("factors", 3 if factors is None else factors)
+        # Table entries with another factor count do not apply (kron_factor_sizes would reject them).
+        table = {d: s for d, s in (table or {}).items() if len(s) == k}
+        return kron_factor_sizes(dim, k, table=table, allow_ones=True)
+    if isinstance(sizes, (str, Tensor)) or not isinstance(sizes, Sequence) or len(sizes) == 0:
+        raise ValueError(f"sizes: expected a non-empty list of factor sizes, got {sizes!r}")
+    sizes = tuple(_positive_int(f"sizes[{i}]", p) for i, p in enumerate(sizes))
+    if factors is not None and len(sizes) != factors:
+        raise ValueError(f"sizes: expected factors={factors} sizes, got {len(sizes)}: {sizes}")
+    if math.prod(sizes) != dim:
+        raise ValueError(
+            f"sizes: expected sizes whose product is {what} = {dim}, got {sizes} (product {math.prod(sizes)})"
+        )
+    return sizes
+
+
+def _identity_factors(sizes: Sequence[int], dtype: torch.dtype, device) -> nn.ParameterList:
+    return nn.ParameterList([nn.Parameter(torch.eye(p, dtype=dtype, device=device)) for p in sizes])
+
+
+# ----------------------------------------------------------------------------- base class
+
+
+class Adapter(nn.Module):
+    """Wraps a frozen nn.Linear `base` (kept as self.base, weight/bias requires_grad False).
+
+    forward: base(x) when fused or scale == 0, else the method's adapted layer (module docstring).
+    delta_weight(): ΔW (out, in) including scale, differentiable; fuse() adds it to base.weight and
+    unfuse() restores the original weight bit-exactly. `scale` may be changed at any time (block
+    weights); it is read at every forward.
+    """
+
+    method: ClassVar[str]
+
+    def __init__(self, base: nn.Linear, *, scale: float = 1.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        base.requires_grad_(False)
+        self.base = base
+        self.scale = float(scale)
+        self.fused = False
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._options: dict = {}  # resolved constructor options, for config()
+        self.register_buffer("_unfused_weight", None, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused or self.scale == 0.0:
+            return self.base(x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _w0(self) -> Tensor:
+        """W0: the base weight as it was before fuse()."""
+        return self._unfused_weight if self.fused else self.base.weight
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = W_adapted - W0 (out, in) in the base dtype, scale included; differentiable."""
+        raise NotImplementedError
+
+    def lora_factors(self) -> tuple[Tensor, Tensor] | None:
+        """(B, A) with B @ A == delta_weight() exactly, or None when ΔW is not exactly low rank."""
+        return None
+
+    def orthogonal_parameters(self) -> list[nn.Parameter]:
+        """The parameters that live on the Stiefel manifold (train them with specops.optim)."""
+        return []
+
+    def config(self) -> dict:
+        """JSON-serialisable options: make_adapter(self.method, base, **config()) rebuilds the shapes."""
+        return {**self._options, "scale": self.scale}
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """base.weight += delta_weight(); forward then costs one Linear. Keeps W0 for unfuse()."""
+        if self.fused:
+            raise RuntimeError(f"fuse: this {self.method!r} adapter is already fused; call unfuse() first")
+        delta = self.delta_weight()
+        self._unfused_weight = self.base.weight.detach().clone()
+        self.base.weight.add_(delta)
+        self.fused = True
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        """Restore the base weight saved by fuse(), bit-exactly."""
+        if not self.fused:
+            raise RuntimeError(f"unfuse: this {self.method!r} adapter is not fused")
+        self.base.weight.copy_(self._unfused_weight)
+        self._unfused_weight = None
+        self.fused = False
+
+    def extra_repr(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"method={self.method!r}, {options}, fused={self.fused}"
+
+
+# ----------------------------------------------------------------------------- additive methods
+
+
+class LoRA(Adapter):
+    """ΔW = scale·(alpha/rank)·B A, B (out, rank) zero-initialised, A (rank, in) uniform(±1/sqrt(in)).
+
+    init=(B, A) starts from given factors instead (copied, cast to the base dtype); rank is then
+    theirs and alpha defaults to rank, so B A is exactly the update. rank=None means 4.
+    Forward: base(x) + c·(x A^T) B^T, c = scale·alpha/rank; ΔW is never formed.
+    """
+
+    method = "lora"
+
+    def __init__(self, base: nn.Linear, *, rank: int | None = None, alpha: float | None = None, init=None,
+                 scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        W0 = base.weight
+        m, n = W0.shape
+        if init is None:
+            rank = _positive_int("rank", 4 if rank is None else rank)
+            A, B = _uniform(rank, n, W0), W0.new_zeros(m, rank)
+        else:
+            if not isinstance(init, (tuple, list)) or len(init) != 2 or not all(isinstance(t, Tensor) for t in init):
+                raise ValueError(f"init: expected a (B, A) pair of tensors, got {type(init).__name__}")
+            B, A = (t.detach().to(W0).clone() for t in init)
+            r = A.shape[0] if A.dim() == 2 else -1
+            if A.dim() != 2 or A.shape[1] != n:
+                raise ValueError(f"init: A expected shape (r, in_features={n}), got {tuple(A.shape)}")
+            if B.shape != (m, r):
+                raise ValueError(f"init: B expected shape (out_features={m}, r={r}), got {tuple(B.shape)}")
+            if rank is not None and rank != r:
+                raise ValueError(f"rank: {rank} differs from the rank {r} of the init factors")
+            rank = r
+        self.rank = rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.A = nn.Parameter(A)
+        self.B = nn.Parameter(B)
+        self._options = {"rank": rank, "alpha": self.alpha}
+
+    def _forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.A) * (self.scale * self.alpha / self.rank), self.B)
+
+    def lora_factors(self):
+        """(scale·alpha/rank·B, A)."""
+        return self.B * (self.scale * self.alpha / self.rank), self.A
+
+    def delta_weight(self):
+        B, A = self.lora_factors()
+        return B @ A
+
+
+class LoHa(Adapter):
+    """ΔW = scale·(alpha/rank)·(B1 A1) ⊙ (B2 A2), all four (out, rank) / (rank, in).
+
+    B1 = 0 (identity start), A1 uniform(±1/sqrt(in)), B2 ~ N(0, 1), A2 ~ N(0, 1/rank) so B2 A2 has
+    O(1) entries. The Hadamard product has no cheap factored form: forward builds W0 + ΔW and runs
+    one Linear.
+    """
+
+    method = "loha"
+
+    def __init__(self, base: nn.Linear, *, rank: int = 4, alpha: float | None = None, scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        W0 = base.weight
+        m, n = W0.shape
+        self.rank = _positive_int("rank", rank)
+        self.alpha = float(rank if alpha is None else alpha)
+        self.B1 = nn.Parameter(W0.new_zeros(m, rank))
+        self.A1 = nn.Parameter(_uniform(rank, n, W0))
+        self.B2 = nn.Parameter(torch.randn(m, rank, dtype=W0.dtype, device=W0.device))
+        self.A2 = nn.Parameter(torch.randn(rank, n, dtype=W0.dtype, device=W0.device) * rank**-0.5)
+        self._options = {"rank": rank, "alpha": self.alpha}
+
+    def _forward(self, x):
+        return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
+
+    def delta_weight(self):
+        # The coefficient goes on the small B1, not on an (out, in) product.
+        c = self.scale * self.alpha / self.rank
+        return ((self.B1 * c) @ self.A1) * (self.B2 @ self.A2)
+
+
+class LoKr(Adapter):
+    """ΔW = scale·W1 ⊗ W2, W1 (m1, n1) zero-initialised, W2 (m2, n2), m1·m2 = out, n1·n2 = in.
+
+    factor: m1 = n1 = factor, or an (m1, n1) pair; default the smaller of the balanced two-factor
+    splits of out and of in (specops.kron_factor_sizes; a prime width splits as 1 x width).
+    rank: W2 = B2 A2 with B2 (m2, rank), A2 (rank, n2); None keeps W2 dense.
+    Forward: base(x) + kron_matmul(x, [(scale·W1)^T, W2^T]), since (W1 ⊗ W2)^T = W1^T ⊗ W2^T.
+    """
+
+    method = "lokr"
+
+    def __init__(self, base: nn.Linear, *, factor=None, rank: int | None = None, scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        W0 = base.weight
+        m, n = W0.shape
+        if factor is None:
+            m1, n1 = kron_factor_sizes(m, 2, allow_ones=True)[0], kron_factor_sizes(n, 2, allow_ones=True)[0]
+        elif isinstance(factor, int):
+            m1 = n1 = _positive_int("factor", factor)
+        elif isinstance(factor, Sequence) and len(factor) == 2:
+            m1, n1 = (_positive_int("factor", f) for f in factor)
+        else:
+            raise ValueError(f"factor: expected None, an int or an (m1, n1) pair, got {factor!r}")
+        if m % m1 or n % n1:
+            raise ValueError(
+                f"factor: expected m1 dividing out_features={m} and n1 dividing in_features={n}, "
+                f"got (m1, n1) = ({m1}, {n1})"
+            )
+        m2, n2 = m // m1, n // n1
+        self.W1 = nn.Parameter(W0.new_zeros(m1, n1))
+        if rank is None:
+            self.W2 = nn.Parameter(_uniform(m2, n2, W0))
+        else:
+            rank = _positive_int("rank", rank)
+            self.B2 = nn.Parameter(_uniform(m2, rank, W0))
+            self.A2 = nn.Parameter(_uniform(rank, n2, W0))
+        self.rank = rank
+        self._options = {"factor": [m1, n1], "rank": rank}
+
+    def _w2(self) -> Tensor:
+        return self.W2 if self.rank is None else self.B2 @ self.A2
+
+    def _forward(self, x):
+        return self.base(x) + kron_matmul(x, [(self.W1 * self.scale).mT, self._w2().mT])
+
+    def delta_weight(self):
+        return kron([self.W1 * self.scale, self._w2()])
+
+
+class ZipLoRA(Adapter):
+    """ZipLoRA: ΔW = scale·(s_c B_c A_c diag(m_c) + s_s B_s A_s diag(m_s)), mergers m_c, m_s (in,).
+
+    content, style: (B, A) or (B, A, s) tuples, B (out, r), A (r, in), cast to the base dtype and
+    frozen (non-persistent buffers: they are inputs, so config() cannot carry them — rebuild with
+    make_adapter("ziplora", base, content=..., style=..., **config())). init: every merger entry;
+    the default 1.0 starts from the plain sum of both LoRAs, init=0.0 from the identity.
+    Forward: specops.zip_lora_linear. lora_factors(): the exact merged LoRA of rank r_c + r_s
+    (specops.zip_merge_lora; the scales are folded into A).
+    """
+
+    method = "ziplora"
+
+    def __init__(self, base: nn.Linear, *, content, style, init: float = 1.0, scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        W0 = base.weight
+        # Same parsing and checks as specops.ZipLoRALinear, which is not composed because it keeps
+        # the base weight as a persistent buffer (an alias of base.weight in every state_dict).
+        B_c, A_c, self.scale_c = _lora_parts(content, "content")
+        B_s, A_s, self.scale_s = _lora_parts(style, "style")
+        B_c, A_c, B_s, A_s = (t.to(W0) for t in (B_c, A_c, B_s, A_s))
+        ones = torch.full((W0.shape[1],), float(init), dtype=W0.dtype, device=W0.device)
+        _check_linear(W0[:1], W0, base.bias, B_c, A_c, ones, B_s, A_s, ones)
+        for name, t in (("B_c", B_c), ("A_c", A_c), ("B_s", B_s), ("A_s", A_s)):
+            self.register_buffer(name, t, persistent=False)
+        self.m_c = nn.Parameter(ones.clone())
+        self.m_s = nn.Parameter(ones)
+        self._options = {"init": float(init)}
+
+    def _forward(self, x):
+        return zip_lora_linear(x, self.base.weight, self.base.bias, self.B_c, self.A_c, self.m_c, self.B_s,
+                               self.A_s, self.m_s, self.scale * self.scale_c, self.scale * self.scale_s)
+
+    def lora_factors(self):
+        """([B_c | B_s], [scale·s_c·A_c diag(m_c); scale·s_s·A_s diag(m_s)])."""
+        return zip_merge_lora(self.B_c, self.A_c, self.B_s, self.A_s, self.m_c, self.m_s,
+                              self.scale * self.scale_c, self.scale * self.scale_s)
+
+    def delta_weight(self):
+        B, A = self.lora_factors()
+        return B @ A
+
+
+# ----------------------------------------------------------------------------- rebuild methods
+
+
+class _Rebuild(Adapter):
+    """Methods that give the adapted weight W: ΔW = scale·(W - W0)."""
+
+    def adapted_weight(self) -> Tensor:
+        """The adapted weight W (out, in), in the adapter's compute dtype; differentiable."""
+        raise NotImplementedError
+
+    def delta_weight(self):
+        W, W0 = self.adapted_weight(), self._w0()
+        return (self.scale * (W - W0.to(W.dtype))).to(W0.dtype)
+
+
+class _Rotation(_Rebuild):
+    """W = W0 R: y = base(x R^T). At scale s, base(x + s (x R^T - x)), which equals
+    base(x) + s (x W^T - x W0^T) because base is affine: still one Linear."""
+
+    _cd: torch.dtype  # compute dtype of the rotation
+
+    def _rotate(self, t: Tensor, transpose: bool) -> Tensor:
+        """t R^T if transpose else t R, over the last dim of t (length in_features)."""
+        raise NotImplementedError
+
+    def _forward(self, x):
+        xc = x.to(self._cd)
+        xr = self._rotate(xc, transpose=True)
+        if self.scale != 1.0:
+            xr = torch.lerp(xc, xr, self.scale)
+        return self.base(xr.to(x.dtype))
+
+    def adapted_weight(self):
+        return self._rotate(self._w0().to(self._cd), transpose=False)
+
+
+class OFT(_Rotation):
+    """W = W0 R, R = diag(R_1, ..., R_b), R_i = cayley(Q_i - Q_i^T) = (I - S_i/2)^-1 (I + S_i/2).
+
+    Q (blocks, in/blocks, in/blocks) is unconstrained and zero-initialised (R = I); any Q gives an
+    orthogonal R, so Q trains with a Euclidean optimiser. The blocks act on the input in place:
+    x R^T is x viewed as (..., blocks, in/blocks), block i times R_i^T.
+    """
+
+    method = "oft"
+
+    def __init__(self, base: nn.Linear, *, blocks: int = 4, scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        W0 = base.weight
+        n = W0.shape[1]
+        blocks = _positive_int("blocks", blocks)
+        if n % blocks:
+            raise ValueError(f"blocks: expected a divisor of in_features={n}, got {blocks}")
+        self.Q = nn.Parameter(W0.new_zeros(blocks, n // blocks, n // blocks))
+        self._options = {"blocks": blocks}
+
+    @property
+    def _cd(self):
+        return _compute_dtype(self.Q.dtype)
+
+    def rotation_blocks(self) -> Tensor:
+        """(blocks, p, p): the orthogonal blocks R_i, in the compute dtype."""
+        S = (self.Q - self.Q.mT).to(self._cd)
+        return cayley(S)
+
+    def _rotate(self, t, transpose):
+        R = self.rotation_blocks()
+        if transpose:
+            R = R.mT
+        b, p, _ = R.shape
+        return torch.einsum("...ik,ikj->...ij", t.unflatten(-1, (b, p)), R).flatten(-2)
+
+
+class KOFT(_Rotation):
+    """W = W0 R, R = R_1 ⊗ ... ⊗ R_r (torch.kron order), R_i square orthogonal, identity at start.
+
+    sizes: the factor sizes (product in_features); default the balanced
+    specops.kron_factor_sizes(in_features, factors). factors=None means len(sizes), or 3.
+    The R_i are Stiefel parameters (orthogonal_parameters()). Forward: base(kron_matmul(x, [R_i^T])),
+    since x R^T = x (R_1^T ⊗ ... ⊗ R_r^T).
+    """
+
+    method = "koft"
+
+    def __init__(self, base: nn.Linear, *, factors: int | None = None, sizes=None, scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        W0 = base.weight
+        sizes = _kron_sizes(W0.shape[1], "in_features", factors, sizes)
+        self.factors = _identity_factors(sizes, _compute_dtype(W0.dtype), W0.device)
+        self._options = {"factors": len(sizes), "sizes": list(sizes)}
+
+    @property
+    def _cd(self):
+        return self.factors[0].dtype
+
+    def _rotate(self, t, transpose):
+        return kron_matmul(t, [f.mT if transpose else f for f in self.factors])
+
+    def orthogonal_parameters(self):
+        return list(self.factors)
+
+
+class _Spectral(_Rebuild):
+    """Shared by SVDiff, SODA-SVD, SODA-LQ: the spectral layer run in the compute dtype of δ, and
+    SODA's optional Kronecker rotation (none for SVDiff)."""
+
+    def __init__(self, base: nn.Linear, *, scale: float):
+        super().__init__(base, scale=scale)
+        self.side = "input"
+        self.factors = nn.ParameterList()
+
+    def _register_factors(self, **factors: Tensor) -> None:
+        """Non-persistent buffers (recomputable from W0), cast from float64 to the compute dtype."""
+        cd = _compute_dtype(self.base.weight.dtype)
+        for name, t in factors.items():
+            self.register_buffer(name, t.to(cd), persistent=False)
+
+    def _init_rotation(self, side, factors, sizes) -> None:
+        """SODA: identity-initialised R_1 ⊗ ... ⊗ R_r over the input (side "input", product in) or
+        over the k right singular / Qh directions (side "basis", product k = min(out, in)); sizes
+        default to SODA_TABLE's published ones, else balanced."""
+        self.side = _choice("side", side, SIDES)
+        dim, what = (self.in_features, "in_features") if side == "input" else (
+            self.delta.shape[0], "k = min(out_features, in_features)")
+        sizes = _kron_sizes(dim, what, factors, sizes, table=SODA_TABLE)
+        self.factors = _identity_factors(sizes, self.delta.dtype, self.delta.device)
+        self._options.update(side=side, factors=len(sizes), sizes=list(sizes))
+
+    def _rotation(self) -> list[Tensor] | None:
+        return list(self.factors) or None
+
+    def orthogonal_parameters(self):
+        return list(self.factors)
+
+    def _layer(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x W^T + bias in the compute dtype."""
+        raise NotImplementedError
+
+    def _forward(self, x):
+        bias = self.base.bias
+        cd = self.delta.dtype
+        y = self._layer(x.to(cd), None if bias is None else bias.to(cd)).to(x.dtype)
+        return y if self.scale == 1.0 else torch.lerp(self.base(x), y, self.scale)
+
+
+class SVDiff(_Spectral):
+    """W = U diag(act(S + δ)) Vh from the thin SVD W0 = U diag(S) Vh, δ (k,) zero-initialised.
+
+    activation relu (default), softplus or none. For softplus the buffer S holds softplus^-1 of the
+    singular values (clamped at the dtype's tiny), so that the fresh adapter is W0, not
+    U diag(softplus(S)) Vh. Forward: specops.spectral_linear.
+    """
+
+    method = "svdiff"
+
+    def __init__(self, base: nn.Linear, *, activation: str = "relu", scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        self.activation = _choice("activation", activation, ACTIVATIONS)
+        U, S, Vh, _ = decompose(base.weight, "svd", dtype=torch.float64)
+        if activation == "softplus":  # softplus^-1(s) = s + log(1 - exp(-s))
+            S = S.clamp_min(torch.finfo(_compute_dtype(base.weight.dtype)).tiny)
+            S = S + torch.log(-torch.expm1(-S))
+        self._register_factors(U=U, S=S, Vh=Vh)
+        self.delta = nn.Parameter(torch.zeros_like(self.S))
+        self._options = {"activation": activation}
+
+    def _layer(self, x, bias):
+        return spectral_linear(x, self.U, self.S, self.Vh, self.delta, bias, rotation=self._rotation(),
+                               side=self.side, activation=self.activation)
+
+    def adapted_weight(self):
+        return spectral_shift(self.U, self.S, self.Vh, self.delta, rotation=self._rotation(), side=self.side,
+                              activation=self.activation)
+
+
+class SODASVD(SVDiff):
+    """SODA-SVD: SVDiff with a Kronecker rotation R = R_1 ⊗ ... ⊗ R_r (Stiefel factors, R = I at start).
+
+    side="input": W = U diag(s) Vh R^T (the SODA authors' code), ∏ sizes = in_features;
+    side="basis": W = U diag(s) (V R)^T (the paper's eq. 5), ∏ sizes = k = min(out, in).
+    sizes default: specops.SODA_TABLE's entry for that dimension, else balanced kron_factor_sizes;
+    factors=None means len(sizes), or 3.
+    """
+
+    method = "soda-svd"
+
+    def __init__(self, base: nn.Linear, *, side: str = "input", activation: str = "relu", factors: int | None = None,
+                 sizes=None, scale: float = 1.0):
+        super().__init__(base, activation=activation, scale=scale)
+        self._init_rotation(side, factors, sizes)
+
+
+class SODALQ(_Spectral):
+    """SODA-LQ: W = (L + diag(δ)) Qh from W0 = L Qh (L (out, k) lower-trapezoidal, diag(L) >= 0, Qh
+    (k, in) orthonormal rows), rotated like SODASVD (side "basis": W = (L + diag δ) (Qh^T R)^T).
+    Forward: specops.spectral_linear_lq."""
+
+    method = "soda-lq"
+
+    def __init__(self, base: nn.Linear, *, side: str = "input", factors: int | None = None, sizes=None,
+                 scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        L, Qh, _ = decompose(base.weight, "lq", dtype=torch.float64)
+        self._register_factors(L=L, Qh=Qh)
+        self.delta = nn.Parameter(self.L.new_zeros(self.L.shape[1]))
+        self._init_rotation(side, factors, sizes)
+
+    def _layer(self, x, bias):
+        return spectral_linear_lq(x, self.L, self.Qh, self.delta, bias, rotation=self._rotation(), side=self.side)
+
+    def adapted_weight(self):
+        return spectral_shift_lq(self.L, self.Qh, self.delta, rotation=self._rotation(), side=self.side)
+
+
+# ----------------------------------------------------------------------------- registry
+
+METHODS: dict[str, type[Adapter]] = {
+    cls.method: cls for cls in (LoRA, LoHa, LoKr, OFT, KOFT, SVDiff, SODASVD, SODALQ, ZipLoRA)
+}
+
+
+def make_adapter(method: str, base: nn.Linear, **options) -> Adapter:
+    """METHODS[method](base, **options); ValueError on an unknown method or option."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {tuple(METHODS)}, got {method!r}")
+    cls = METHODS[method]
+    try:
+        inspect.signature(cls).bind(base, **options)
+    except TypeError as err:
+        known = [p for p in inspect.signature(cls).parameters if p != "base"]
+        raise ValueError(f"options: {err} ({method!r} takes {known})") from None
+    return cls(base, **options)

@@ -1,0 +1,375 @@
+"""Adapters (specops.adapters): identity start, ΔW consistency, scale, fuse, gradients, config, errors.
+
+The oracle of every forward is the dense layer F.linear(x, W0 + delta_weight(), b); delta_weight itself
+is checked against dense formulas (torch.kron, torch.block_diag, dense Cayley solve) for the methods
+whose transpose conventions matter.
+"""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import REL_TOL, assert_rel, rel_err
+from torch import nn
+
+from specops import SODA_TABLE, adapters
+from specops.adapters import METHODS, make_adapter
+from specops.zip import ZipLoRALinear
+
+F64 = torch.float64
+# (out, in, bias): wide (out < in), square without bias, tall (out > in: k = in, degenerate split of 10)
+SHAPES = [(12, 18, True), (16, 16, False), (24, 10, True)]
+CASES = [
+    ("lora", {"rank": 3}),
+    ("loha", {"rank": 2}),
+    ("lokr", {}),
+    ("lokr", {"rank": 2, "factor": [2, 2]}),
+    ("oft", {"blocks": 2}),
+    ("koft", {}),
+    ("svdiff", {}),
+    ("svdiff", {"activation": "softplus"}),
+    ("soda-svd", {"side": "input"}),
+    ("soda-svd", {"side": "basis", "activation": "none"}),
+    ("soda-lq", {"side": "input"}),
+    ("soda-lq", {"side": "basis"}),
+    ("ziplora", {}),
+]
+SPECTRAL = ("svdiff", "soda-svd", "soda-lq")
+ORTHO = ("koft", "soda-svd", "soda-lq")
+LOW_RANK = ("lora", "ziplora")
+
+
+def _id(case):
+    method, options = case
+    return "-".join([method, *(f"{k}={v}" for k, v in options.items())])
+
+
+def _shape_id(shape):
+    return f"{shape[0]}x{shape[1]}{'b' if shape[2] else ''}"
+
+
+def _base(shape, dtype=F64):
+    out_f, in_f, bias = shape
+    base = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(out_f, in_f))
+    return base
+
+
+def _lora(base, r):
+    m, n = base.weight.shape
+    return torch.randn(m, r, dtype=base.weight.dtype), torch.randn(r, n, dtype=base.weight.dtype) / n
+
+
+def _make(case, base, **extra):
+    """make_adapter for a case; ZipLoRA gets a rank-2 content and a rank-3 style LoRA (scale 0.7)."""
+    method, options = case
+    if method == "ziplora":
+        options = {"content": _lora(base, 2), "style": (*_lora(base, 3), 0.7), **options}
+    return make_adapter(method, base, **{**options, **extra})
+
+
+def _trainable(adapter):
+    return {name: p for name, p in adapter.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def _randomise(adapter):
+    """Random trainable state; Stiefel factors stay orthogonal (Q of a QR)."""
+    ortho = {id(p) for p in adapter.orthogonal_parameters()}
+    for p in _trainable(adapter).values():
+        if id(p) in ortho:
+            Q, R = torch.linalg.qr(torch.randn_like(p))
+            p.copy_(Q * torch.sign(torch.diagonal(R)))
+        else:
+            p.copy_(0.3 * torch.randn_like(p))
+    return adapter
+
+
+def _dense(adapter, x):
+    """The oracle: F.linear(x, W0 + ΔW, b)."""
+    base = adapter.base
+    return F.linear(x, base.weight + adapter.delta_weight(), base.bias)
+
+
+# ----------------------------------------------------------------------------- identity start
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_fresh_adapter_is_the_base(case, shape, dtype):
+    """Output equals the base layer's: exactly for the additive and rotation methods, to the float64
+    decomposition rounded once to the dtype for the spectral ones (fp32: ~1e-7, bound 1e-6)."""
+    base = _base(shape, dtype)
+    adapter = _make(case, base, **({"init": 0.0} if case[0] == "ziplora" else {}))
+    x = torch.randn(2, 3, shape[1], dtype=dtype)
+    y, ref = adapter(x), base(x)
+    tol = 1e-6 if dtype == torch.float32 else REL_TOL[F64]
+    if case[0] in SPECTRAL:
+        assert rel_err(y, ref) <= tol
+        assert adapter.delta_weight().norm() <= tol * base.weight.norm()
+    else:
+        assert torch.equal(y, ref)
+        assert not adapter.delta_weight().any()
+
+
+def test_fresh_adapters_learn():
+    """Every trainable parameter of a fresh adapter gets a gradient, and the update moves."""
+    base = _base(SHAPES[0])
+    x = torch.randn(5, 18, dtype=F64)
+    for case in CASES:
+        adapter = _make(case, base)
+        adapter(x).square().sum().backward()
+        grads = [p.grad for p in _trainable(adapter).values()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads), case
+
+
+def test_ziplora_starts_from_the_sum():
+    """init=1: both LoRAs in full; the same layer as specops.ZipLoRALinear."""
+    base = _base(SHAPES[0])
+    content, style = _lora(base, 2), (*_lora(base, 3), 0.7)
+    adapter = make_adapter("ziplora", base, content=content, style=style)
+    x = torch.randn(4, 18, dtype=F64)
+    ref = base(x) + x @ (content[0] @ content[1]).T + 0.7 * x @ (style[0] @ style[1]).T
+    assert_rel(adapter(x), ref, F64)
+    assert_rel(adapter(x), ZipLoRALinear(base, content, style)(x), F64)
+
+
+# ----------------------------------------------------------------------------- ΔW consistency
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_forward_matches_delta_weight(case, shape):
+    adapter = _randomise(_make(case, _base(shape)))
+    x = torch.randn(2, 3, shape[1], dtype=F64)
+    assert_rel(adapter(x), _dense(adapter, x), F64)
+
+
+def _cayley_dense(S):
+    I = torch.eye(S.shape[-1], dtype=S.dtype)
+    return torch.linalg.solve(I - S / 2, I + S / 2)
+
+
+def _reference_weight(adapter):
+    """W0 + ΔW from the method's formula with dense matrices (torch.kron order, V = Vh^T)."""
+    W0 = adapter.base.weight
+    if adapter.method == "lokr":
+        W2 = adapter.W2 if adapter.rank is None else adapter.B2 @ adapter.A2
+        return W0 + torch.kron(adapter.W1, W2)
+    if adapter.method == "oft":
+        return W0 @ torch.block_diag(*_cayley_dense(adapter.Q - adapter.Q.mT))
+    R = torch.kron(torch.kron(*adapter.factors[:2]), adapter.factors[2])
+    if adapter.method == "koft":
+        return W0 @ R
+    if adapter.method == "soda-svd":
+        left, right = adapter.U * torch.relu(adapter.S + adapter.delta), adapter.Vh
+    else:
+        left, right = adapter.L + torch.diag(adapter.delta), adapter.Qh
+    return left @ (right @ R.T if adapter.side == "input" else (right.T @ R).T)
+
+
+@pytest.mark.parametrize("case", [("lokr", {}), ("lokr", {"rank": 2, "factor": [2, 3]}), ("oft", {"blocks": 3}),
+                                  ("koft", {}), ("soda-svd", {"side": "input"}), ("soda-svd", {"side": "basis"}),
+                                  ("soda-lq", {"side": "input"}), ("soda-lq", {"side": "basis"})], ids=_id)
+def test_dense_reference(case):
+    """The Kronecker / block / side conventions against dense matrices (wide 12 x 18: the input
+    side rotates 18 = 2·3·3 features, the basis side k = 12 = 2·2·3 directions)."""
+    adapter = _randomise(_make(case, _base(SHAPES[0])))
+    with torch.no_grad():
+        ref = _reference_weight(adapter)
+    assert_rel(adapter.base.weight + adapter.delta_weight(), ref, F64)
+    x = torch.randn(5, 18, dtype=F64)
+    assert_rel(adapter(x), F.linear(x, ref, adapter.base.bias), F64)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_scale(case):
+    """scale 0.5 halves ΔW and the change of the output; scale 0 is the base layer."""
+    adapter = _randomise(_make(case, _base(SHAPES[0])))
+    x = torch.randn(4, 18, dtype=F64)
+    y0, y1, d1 = adapter.base(x), adapter(x), adapter.delta_weight()
+    adapter.scale = 0.5
+    assert adapter.config()["scale"] == 0.5
+    assert_rel(adapter.delta_weight(), d1 / 2, F64)
+    assert_rel(adapter(x) - y0, (y1 - y0) / 2, F64, scale=10.0)
+    assert_rel(adapter(x), _dense(adapter, x), F64)
+    adapter.scale = 0.0
+    assert torch.equal(adapter(x), y0) and not adapter.delta_weight().any()
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_lora_factors(case, scale):
+    adapter = _randomise(_make(case, _base(SHAPES[0]), scale=scale))
+    factors = adapter.lora_factors()
+    if case[0] not in LOW_RANK:
+        assert factors is None
+        return
+    B, A = factors
+    assert torch.equal(B @ A, adapter.delta_weight())
+    assert B.shape[1] == A.shape[0] == (3 if case[0] == "lora" else 2 + 3)
+
+
+def test_lora_init_loads_factors_exactly():
+    base = _base(SHAPES[0])
+    B, A = _lora(base, 5)
+    adapter = make_adapter("lora", base, init=(B, A))
+    assert adapter.rank == 5 and adapter.alpha == 5.0
+    assert torch.equal(adapter.delta_weight(), B @ A)
+    x = torch.randn(3, 18, dtype=F64)
+    assert_rel(adapter(x), base(x) + x @ (B @ A).T, F64)
+    with torch.no_grad():
+        adapter.B.add_(1.0)  # the parameters are copies: training never writes into the caller's tensors
+    assert not torch.equal(adapter.B, B)
+
+
+# ----------------------------------------------------------------------------- fuse / unfuse
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_fuse_unfuse(case):
+    adapter = _randomise(_make(case, _base(SHAPES[0], torch.float32)))
+    base = adapter.base
+    x = torch.randn(4, 18)
+    y, delta, w0 = adapter(x), adapter.delta_weight(), base.weight.detach().clone()
+    adapter.fuse()
+    assert adapter.fused and torch.equal(adapter(x), base(x))
+    assert_rel(base(x), y, torch.float32)
+    assert torch.equal(adapter.delta_weight(), delta)  # still relative to the original W0
+    with pytest.raises(RuntimeError, match="already fused"):
+        adapter.fuse()
+    adapter.unfuse()
+    assert not adapter.fused and torch.equal(base.weight, w0) and torch.equal(adapter(x), y)
+    with pytest.raises(RuntimeError, match="not fused"):
+        adapter.unfuse()
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_gradcheck(case, scale):
+    """d forward / d (every trainable parameter and x), float64, on a 4 x 6 layer (KOFT and the
+    input-side SODA rotations split 6 as 1·2·3, the basis side k = 4 as 1·2·2)."""
+    adapter = _randomise(_make(case, _base((4, 6, True)), scale=scale))
+    params = _trainable(adapter)
+    x = torch.randn(3, 6, dtype=F64, requires_grad=True)
+
+    def fn(x, *values):
+        return torch.func.functional_call(adapter, dict(zip(params, values)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *(p.detach().clone().requires_grad_() for p in params.values())))
+
+
+# ----------------------------------------------------------------------------- parameters, state, config
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_orthogonal_parameters(case):
+    adapter = _make(case, _base(SHAPES[0]))
+    ortho = adapter.orthogonal_parameters()
+    expected = list(adapter.factors) if case[0] in ORTHO else []
+    assert [id(p) for p in ortho] == [id(p) for p in expected]
+    assert len(ortho) == len(adapter.config().get("sizes", []))
+    trainable = {id(p) for p in _trainable(adapter).values()}
+    for p in ortho:
+        assert id(p) in trainable and torch.equal(p, torch.eye(p.shape[0], dtype=p.dtype))
+    assert not any(p.requires_grad for p in adapter.base.parameters())
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_state_dict_holds_only_trainable_state(case):
+    """Decompositions and the ZipLoRA inputs are non-persistent: a state_dict is base + parameters."""
+    adapter = _make(case, _base(SHAPES[0]))
+    keys = {k for k in adapter.state_dict() if not k.startswith("base.")}
+    assert keys == set(_trainable(adapter))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_config_round_trip(case):
+    base = _base(SHAPES[0])
+    adapter = _randomise(_make(case, base, scale=0.5))
+    cfg = json.loads(json.dumps(adapter.config()))  # as read back from a file
+    assert cfg == adapter.config() and cfg["scale"] == 0.5
+    extra = {}
+    if case[0] == "ziplora":
+        extra = {"content": (adapter.B_c, adapter.A_c, adapter.scale_c),
+                 "style": (adapter.B_s, adapter.A_s, adapter.scale_s)}
+    rebuilt = make_adapter(adapter.method, base, **cfg, **extra)
+    assert type(rebuilt) is type(adapter) and rebuilt.config() == cfg
+    assert {k: p.shape for k, p in _trainable(rebuilt).items()} == {k: p.shape for k, p in _trainable(adapter).items()}
+    rebuilt.load_state_dict(adapter.state_dict())
+    x = torch.randn(3, 18, dtype=F64)
+    assert torch.equal(rebuilt(x), adapter(x))
+
+
+def test_sizes_and_canonical_decompositions():
+    base = _base(SHAPES[0])
+    assert adapters.KOFT(base).config()["sizes"] == [2, 3, 3]
+    assert adapters.KOFT(base, sizes=[3, 6]).config()["factors"] == 2
+    assert adapters.LoKr(_base((7, 13, True))).config()["factor"] == [1, 1]  # primes: 1 x width
+    assert adapters.KOFT(_base((3, 7, True))).config()["sizes"] == [1, 1, 7]
+    wide = _base((8, 640, False))
+    assert adapters.SODASVD(wide).config()["sizes"] == list(SODA_TABLE[640])
+    assert adapters.SODASVD(wide, factors=2).config()["sizes"] == [20, 32]  # the table has 3 factors
+    svd, lq = adapters.SVDiff(base), adapters.SODALQ(base)
+    U = svd.U
+    assert (U.gather(0, U.abs().argmax(0, keepdim=True)) > 0).all()
+    assert (torch.diagonal(lq.L) >= 0).all()
+
+
+def test_bf16_base():
+    """bf16 weights: LoRA-family parameters stay bf16; spectral factors, δ and Stiefel factors are
+    float32 so that the fresh adapter is the base layer and the rotations stay orthogonal."""
+    base = _base(SHAPES[0], torch.bfloat16)
+    x = torch.randn(4, 18, dtype=torch.bfloat16)
+    for case in CASES:
+        adapter = _make(case, base, **({"init": 0.0} if case[0] == "ziplora" else {}))
+        params = _trainable(adapter)
+        for name, p in params.items():
+            high = case[0] in SPECTRAL or case[0] == "koft"
+            assert p.dtype == (torch.float32 if high else torch.bfloat16), (case, name)
+        assert adapter(x).dtype == torch.bfloat16 and adapter.delta_weight().dtype == torch.bfloat16
+        assert_rel(adapter(x), base(x), torch.bfloat16)
+        _randomise(adapter)
+        assert_rel(adapter(x), _dense(adapter, x), torch.bfloat16, scale=2.0)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "method,options,match",
+    [
+        ("dora", {}, "method: expected one of"),
+        ("lora", {"ranks": 4}, "options: .*ranks"),
+        ("ziplora", {}, "options: .*content"),
+        ("lora", {"rank": 0}, "rank: expected a positive integer"),
+        ("lora", {"init": (torch.zeros(12, 2), torch.zeros(2, 17))}, r"A expected shape \(r, in_features=18\)"),
+        ("lora", {"init": (torch.zeros(11, 2), torch.zeros(2, 18))}, r"B expected shape \(out_features=12, r=2\)"),
+        ("lora", {"rank": 3, "init": (torch.zeros(12, 2), torch.zeros(2, 18))}, "rank: 3 differs"),
+        ("oft", {"blocks": 4}, "blocks: expected a divisor of in_features=18"),
+        ("koft", {"sizes": [2, 2, 4]}, r"sizes: expected sizes whose product is in_features = 18"),
+        ("koft", {"factors": 2, "sizes": [2, 3, 3]}, "sizes: expected factors=2 sizes"),
+        ("soda-svd", {"side": "basis", "sizes": [3, 6]}, r"product is k = min\(out_features, in_features\) = 12"),
+        ("soda-svd", {"side": "output"}, "side: expected one of"),
+        ("svdiff", {"activation": "gelu"}, "activation: expected one of"),
+        ("lokr", {"factor": 5}, r"factor: expected m1 dividing out_features=12"),
+        ("ziplora", {"content": (torch.zeros(12, 2), torch.zeros(2, 17)),
+                     "style": (torch.zeros(12, 1), torch.zeros(1, 18))}, r"A_c: expected shape \(r_c, in_features=18\)"),
+    ],
+)
+def test_errors(method, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_adapter(method, _base(SHAPES[0]), **options)
+
+
+def test_base_must_be_linear():
+    conv = nn.Conv1d(3, 4, 1)
+    for method in METHODS:
+        with pytest.raises(ValueError, match="base: expected an nn.Linear, got Conv1d"):
+            extra = {"content": (torch.zeros(4, 1), torch.zeros(1, 3))} if method == "ziplora" else {}
+            make_adapter(method, conv, **extra, **({"style": extra["content"]} if extra else {}))
