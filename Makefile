@@ -1,5 +1,5 @@
-# One-command set-up and jobs. `make test` and `make bench` (later `make demo`) work from a fresh
-# clone: they make .venv, install torch, then this project, then run.
+# One-command set-up and jobs. `make demo` (the main job), `make test` and `make bench` work from a
+# fresh clone: they make .venv, install torch, then this project, then run.
 #
 # torch: a torch the Python already sees (e.g. a CUDA build on a GPU machine) is kept, thanks to
 # --system-site-packages; otherwise TORCH_SPEC is installed (the CPU wheel here). Nothing may let
@@ -11,7 +11,7 @@ PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 SOURCES    := setup.py pyproject.toml $(shell find csrc specops triton_kernels -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: install test test-only bench gpu-check clean
+.PHONY: install demo test test-only bench gpu-check clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -37,5 +37,9 @@ test: gpu-check test-only
 bench: install
 	$(PY) -m specops.bench
 
+# the main job: the tiny SDXL-structured model end to end (python -m specops demo -h for options)
+demo: install
+	$(PY) -m specops demo
+
 clean:
-	rm -rf build *.egg-info specops/_C*.so $(VENV)
+	rm -rf build *.egg-info specops/_C*.so $(VENV) demo_out

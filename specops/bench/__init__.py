@@ -24,13 +24,13 @@ FAMILIES = tuple(
 )  # one module per op family beside this file
 
 
-# The SDXL base UNet's transformer blocks per UNet block: (width, attentions x layers per attention).
+# The SDXL base UNet's attention blocks: (width, attention blocks, transformer layers in each).
 SDXL_BLOCKS = {
-    "down_blocks.1": (640, 2 * 2),
-    "down_blocks.2": (1280, 2 * 10),
-    "mid_block": (1280, 1 * 10),
-    "up_blocks.0": (1280, 3 * 10),
-    "up_blocks.1": (640, 3 * 2),
+    "down_blocks.1": (640, 2, 2),
+    "down_blocks.2": (1280, 2, 10),
+    "up_blocks.0": (1280, 3, 10),
+    "up_blocks.1": (640, 3, 2),
+    "mid_block": (1280, 1, 10),
 }
 SDXL_CONTEXT = 2048  # width of the text context that attn2's to_k/to_v read
 # (in, out) of the SDXL attention layer shapes the op benchmarks run: self, square at 1280, cross.
@@ -38,16 +38,18 @@ SDXL_LAYERS = ((640, 640), (1280, 1280), (2048, 1280))
 
 
 def sdxl_attention_layers() -> list[tuple[str, int, int]]:
-    """(name, out_features, in_features) of the 560 attention Linear layers of the SDXL base UNet:
+    """(name, out_features, in_features) of the 560 attention Linear layers of the SDXL base UNet,
+    named and ordered as diffusers' UNet2DConditionModel.named_modules() gives them:
     to_q/to_k/to_v/to_out.0 of attn1 and attn2 in 70 transformer blocks (attn2's to_k/to_v read
     the 2048-wide context; every other layer is block width to block width)."""
     out = []
-    for block, (width, count) in SDXL_BLOCKS.items():
-        for t in range(count):
-            for attn in ("attn1", "attn2"):
-                for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-                    n = SDXL_CONTEXT if attn == "attn2" and proj in ("to_k", "to_v") else width
-                    out.append((f"{block}.{t}.{attn}.{proj}", width, n))
+    for block, (width, attentions, layers) in SDXL_BLOCKS.items():
+        for a in range(attentions):
+            for t in range(layers):
+                for attn in ("attn1", "attn2"):
+                    for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                        n = SDXL_CONTEXT if attn == "attn2" and proj in ("to_k", "to_v") else width
+                        out.append((f"{block}.attentions.{a}.transformer_blocks.{t}.{attn}.{proj}", width, n))
     return out
 
 

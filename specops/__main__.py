@@ -1,0 +1,18 @@
+"""python -m specops demo [...] | python -m specops bench [...]"""
+import sys
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in ("demo", "bench"):
+        print("usage: python -m specops {demo,bench} [options]   (-h after the command for its options)")
+        return 2
+    if argv[0] == "demo":
+        from .demo import main as run
+    else:
+        from .bench.__main__ import main as run
+    return run(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
