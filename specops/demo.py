@@ -43,13 +43,7 @@ def _train(unet, batch, steps, make_opts, desc, progress):
     losses = []
 
     def step():
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss = sdxl.denoising_loss(unet, batch)
-        loss.backward()
-        for o in opts:
-            o.step()
-        losses.append(loss.item())
+        losses.append(sdxl.train_step(unet, batch, opts))
 
     times = []
     for _ in sdxl._progress(range(steps), progress, desc):

@@ -27,7 +27,7 @@ from .zip import merger_penalty
 
 __all__ = [
     "UNET_TARGETS", "TEXT_TARGETS", "INJECT_METHODS", "tiny_unet", "tiny_text_encoders", "attention_linears",
-    "encode_prompt", "synthetic_batch", "denoising_loss", "inject", "remove", "fuse", "unfuse",
+    "encode_prompt", "synthetic_batch", "denoising_loss", "train_step", "inject", "remove", "fuse", "unfuse",
     "param_groups", "apply_lora", "zip_merge", "save_adapters", "load_adapters", "export_lora", "load_lora",
 ]
 
@@ -128,6 +128,17 @@ def synthetic_batch(text_encoders, batch: int = 2, tokens: int = 8, seed: int = 
 def denoising_loss(unet: nn.Module, batch: dict) -> Tensor:
     """Mean squared error of the UNet's noise prediction (the epsilon objective)."""
     return torch.nn.functional.mse_loss(unet(**batch["unet"]).sample, batch["noise"])
+
+
+def train_step(model: nn.Module, batch: dict, optimizers: Sequence[torch.optim.Optimizer]) -> float:
+    """One denoising training step: zero the gradients, loss, backward, every optimiser's step."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss = denoising_loss(model, batch)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return loss.item()
 
 
 # ----------------------------------------------------------------------------- inject

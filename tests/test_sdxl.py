@@ -86,15 +86,7 @@ def test_twenty_steps_lower_the_loss(method, small_batch):
     unet = sdxl.tiny_unet(0)
     sdxl.inject(unet, method, blocks=TRAIN_BLOCKS)
     opts, groups = _optimisers(unet, method)
-    losses = []
-    for _ in range(20):
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        loss = sdxl.denoising_loss(unet, small_batch)
-        loss.backward()
-        for o in opts:
-            o.step()
-        losses.append(loss.item())
+    losses = [sdxl.train_step(unet, small_batch, opts) for _ in range(20)]
     last = sdxl.denoising_loss(unet, small_batch).item()
     assert last < losses[0] * 0.99, (losses[0], last)
     for group in groups.orthogonal:
@@ -208,11 +200,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     opts = [torch.optim.AdamW(g.euclidean), StiefelAdam(g.orthogonal, fused=True)]
     batch = sdxl.synthetic_batch(sdxl.tiny_text_encoders(0), batch=1, seed=10 + rank, size=8)  # each rank its own data
     for _ in range(20):
-        for o in opts:
-            o.zero_grad(set_to_none=True)
-        torch.nn.functional.mse_loss(model(**batch["unet"]).sample, batch["noise"]).backward()
-        for o in opts:
-            o.step()
+        sdxl.train_step(model, batch, opts)
     torch.save({n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import pkgutil
 import statistics
 import time
@@ -65,6 +66,11 @@ class Case:
     @property
     def id(self) -> str:
         return f"{self.shape}-{self.provider}".replace(" ", "_")
+
+
+def installed(module: str) -> bool:
+    """Whether an optional provider's package can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
 
 
 def timeit(fn: Callable[[], object], min_time: float = 0.3, warmup: int = 2) -> float:

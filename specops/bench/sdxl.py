@@ -58,7 +58,7 @@ from torch import nn
 
 from specops import spectral as sp
 
-from . import SDXL_CONTEXT, Case
+from . import SDXL_CONTEXT, Case, installed
 from .spectral import _soda_authors
 
 BASELINE = "authors"  # the "x vs authors" column of specops is the target ratio
@@ -254,16 +254,8 @@ def _setup(shape: BlockShape, provider: str):
     return setup
 
 
-def _has_diffusers() -> bool:
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def cases(quick: bool = False) -> list[Case]:
-    if not _has_diffusers():
+    if not installed("diffusers"):
         return []
     shape = QUICK if quick else FULL
     flops = step_flops(shape, "lora")

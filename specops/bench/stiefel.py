@@ -19,7 +19,7 @@ import torch
 import specops
 from specops import optim
 
-from . import Case, sdxl_attention_layers
+from . import Case, installed, sdxl_attention_layers
 
 BASELINE = "loop"
 FACTORS = {640: (8, 8, 10), 1280: (4, 16, 20), 2048: (4, 8, 64)}
@@ -93,14 +93,6 @@ def _setup_geotorch():
     return setup
 
 
-def _has_geotorch() -> bool:
-    try:
-        import geotorch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def cases(quick: bool = False) -> list[Case]:
     names = ("StiefelAdam",) if quick else tuple(OPTIMIZERS)
     out = []
@@ -109,7 +101,7 @@ def cases(quick: bool = False) -> list[Case]:
         out.append(Case("stiefel", shape, "fused", _setup_specops(name, True)))
         out.append(Case("stiefel", shape, "fused-torch", _setup_specops(name, True, "torch")))
         out.append(Case("stiefel", shape, "loop", _setup_specops(name, False)))
-        if _has_geotorch():
+        if installed("geotorch"):
             out.append(Case("stiefel", shape, "geotorch", _setup_geotorch()))
     return out
 
