@@ -31,13 +31,15 @@ now and then instead). So ||X^T X - I|| stays at round-off for any number of ste
 fused=True (default): matrices of equal (shape, dtype, device, hyper-parameters) — across param
 groups — are stepped together by ONE call of a registered op (torch.ops.specops.stiefel_sgd_step,
 cayley_adam_step, stiefel_adam_step) that mutates the stacked parameters and state in place:
-cpp (parallel over matrices, each in a per-thread L1/L2 scratch), triton (one program per matrix),
-or a batched torch fallback (CUDA C++ kernels are not written yet). The optimiser state lives in persistent stacked (B, ...) buffers; each parameter's
-state entries are views into them, so state_dict()/load_state_dict() see ordinary per-parameter
-tensors (after a load, or when the set of parameters with gradients changes, the buffers are
-rebuilt from those tensors). Parameters are gathered with one torch.stack and written back with
-one torch._foreach_copy_: about 2 x 4 bytes per element, negligible next to the step itself, and
-unlike re-pointing parameters into a shared buffer it never changes what a user's tensor is.
+cpp (parallel over matrices, each in a per-thread L1/L2 scratch), triton (one program per matrix,
+in registers), cuda (one thread block per matrix, in shared memory), or a batched torch fallback
+for matrices too large for those. The optimiser state lives in persistent stacked (B, ...)
+buffers; each parameter's state entries are views into them, so state_dict()/load_state_dict()
+see ordinary per-parameter tensors (after a load, or when the set of parameters with gradients
+changes, the buffers are rebuilt from those tensors). Parameters are gathered with one
+torch.stack and written back with one torch._foreach_copy_: about 2 x 4 bytes per element,
+negligible next to the step itself, and unlike re-pointing parameters into a shared buffer it
+never changes what a user's tensor is.
 fused=False is the per-parameter path, written plainly from the papers with dense torch ops.
 """
 from __future__ import annotations
@@ -189,7 +191,7 @@ def _ext(name):
 
 
 def _tri(name, fallback):
-    """The Triton launcher; matrices beyond its register tile (n > 256 or p > 64) run `fallback`."""
+    """The Triton launcher; matrices beyond its register tile (triton_kernels.stiefel.supports) run `fallback`."""
 
     def run(X, *args):
         mod = _triton()
@@ -201,13 +203,30 @@ def _tri(name, fallback):
     return run
 
 
-# No CUDA C++ kernels yet: CUDA tensors run Triton (or the batched torch fallback).
-_SGD = {"torch": _sgd_step_torch, "cpp": _ext("stiefel_sgd_step"),
-        "triton": _tri("stiefel_sgd_step", _sgd_step_torch)}
-_CADAM = {"torch": _cayley_adam_step_torch, "cpp": _ext("cayley_adam_step"),
-          "triton": _tri("cayley_adam_step", _cayley_adam_step_torch)}
-_SADAM = {"torch": _stiefel_adam_step_torch, "cpp": _ext("stiefel_adam_step"),
-          "triton": _tri("stiefel_adam_step", _stiefel_adam_step_torch)}
+def _cu(name, fallback):
+    """The CUDA kernel (csrc/cuda/stiefel.cu); CPU tensors, builds without it and matrices beyond the
+    device's shared memory per block (specops_ext.stiefel_step_fits) run `fallback`."""
+
+    def run(X, *args):
+        if (X.is_cuda and _backend._why_not("cuda", "cuda") is None
+                and torch.ops.specops_ext.stiefel_step_fits(name, X)):
+            getattr(torch.ops.specops_ext, name)(X, *args)
+        else:
+            fallback(X, *args)
+
+    return run
+
+
+def _table(name, torch_fn):
+    cuda = _cu(name, torch_fn)
+    return {"torch": torch_fn, "cpp": _ext(name), "cuda": cuda, "triton": _tri(name, cuda)}
+
+
+# CUDA tensors: Triton's register tile for n <= 32, p <= 16, else the CUDA shared-memory kernel when
+# built and the matrix fits, else the batched torch kernel (forcing "cuda" skips the Triton stage).
+_SGD = _table("stiefel_sgd_step", _sgd_step_torch)
+_CADAM = _table("cayley_adam_step", _cayley_adam_step_torch)
+_SADAM = _table("stiefel_adam_step", _stiefel_adam_step_torch)
 
 
 def _run(table, X, *args):
