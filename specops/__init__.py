@@ -24,8 +24,8 @@ from .spectral import (
     spectral_shift_lq_reference,
     spectral_shift_reference,
 )
+from .adapters import ZipLoRALinear
 from .zip import (
-    ZipLoRALinear,
     merger_penalty,
     merger_penalty_reference,
     zip_lora_linear,

@@ -335,11 +335,9 @@ class ZipLoRA(Adapter):
 
     method = "ziplora"
 
-    def __init__(self, base: nn.Linear, *, content, style, init: float = 1.0, scale: float = 1.0):
+    def __init__(self, base: nn.Linear, content, style, *, init: float = 1.0, scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
-        # Same parsing and checks as specops.ZipLoRALinear, which is not composed because it keeps
-        # the base weight as a persistent buffer (an alias of base.weight in every state_dict).
         B_c, A_c, self.scale_c = _lora_parts(content, "content")
         B_s, A_s, self.scale_s = _lora_parts(style, "style")
         B_c, A_c, B_s, A_s = (t.to(W0) for t in (B_c, A_c, B_s, A_s))
@@ -597,3 +595,6 @@ def make_adapter(method: str, base: nn.Linear, **options) -> Adapter:
         known = [p for p in inspect.signature(cls).parameters if p != "base"]
         raise ValueError(f"options: {err} ({method!r} takes {known})") from None
     return cls(base, **options)
+
+
+ZipLoRALinear = ZipLoRA  # the name of specops' ZipLoRA layer in the zip API (issue 5)

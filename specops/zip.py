@@ -24,8 +24,8 @@ x by an (out, in) matrix twice per step (forward and the ΔW gradient).
 
 Ops (torch.ops.specops.*): zip_merge (dense merge, for export), zip_merge_lora (the merge as one
 exact LoRA of rank r_c + r_s), zip_lora_linear (+ zip_lora_linear_backward), merger_penalty
-(+ merger_penalty_backward). `ZipLoRALinear` wraps an nn.Linear with two frozen LoRAs and trainable
-mergers.
+(+ merger_penalty_backward). The module (an nn.Linear with two frozen LoRAs and trainable mergers)
+is specops.adapters.ZipLoRA, also exported as specops.ZipLoRALinear.
 """
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ __all__ = [
     "zip_merge_lora_reference",
     "zip_lora_linear_reference",
     "merger_penalty_reference",
-    "ZipLoRALinear",
 ]
 
 PENALTY_KINDS = ("abs_product", "dot", "cosine")
@@ -558,54 +557,3 @@ def _lora_parts(lora, tag: str):
         raise ValueError(f"{tag}: expected a (B, A) or (B, A, scale) tuple, got {type(lora).__name__}")
     B, A = lora[0], lora[1]
     return B.detach(), A.detach(), float(lora[2]) if len(lora) == 3 else 1.0
-
-
-class ZipLoRALinear(nn.Module):
-    """An nn.Linear with a frozen content LoRA and style LoRA merged by trainable column mergers.
-
-        y = x W^T + b + s_c·B_c A_c (m_c ⊙ x) + s_s·B_s A_s (m_s ⊙ x)
-
-    Args:
-        base: the nn.Linear (its weight and bias are kept as frozen buffers, not copied).
-        content, style: (B, A) or (B, A, scale) tuples, B (out, r), A (r, in); frozen buffers.
-        init: initial value of every merger entry (default 1.0: the plain sum of both LoRAs).
-    Parameters: m_c, m_s, (in_features,) in the base weight's dtype. Forward calls
-    specops.zip_lora_linear; `merged_lora()` returns the merge as one LoRA (B_m, A_m).
-    """
-
-    def __init__(self, base: nn.Linear, content, style, init: float = 1.0):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        B_c, A_c, self.scale_c = _lora_parts(content, "content")
-        B_s, A_s, self.scale_s = _lora_parts(style, "style")
-        W = base.weight.detach()
-        ones = torch.full((W.shape[1],), float(init), dtype=W.dtype, device=W.device)
-        _check_linear(W[:1], W, base.bias, B_c, A_c, ones, B_s, A_s, ones)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.register_buffer("weight", W)
-        self.register_buffer("bias", base.bias.detach() if base.bias is not None else None)
-        for name, t in (("B_c", B_c), ("A_c", A_c), ("B_s", B_s), ("A_s", A_s)):
-            self.register_buffer(name, t)
-        self.m_c = nn.Parameter(ones.clone())
-        self.m_s = nn.Parameter(ones.clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return zip_lora_linear(
-            x, self.weight, self.bias, self.B_c, self.A_c, self.m_c, self.B_s, self.A_s, self.m_s,
-            self.scale_c, self.scale_s,
-        )
-
-    def merged_lora(self) -> tuple[Tensor, Tensor]:
-        """(B_m, A_m), rank r_c + r_s, scales folded in: B_m A_m is the merged update ΔW_m."""
-        return zip_merge_lora(self.B_c, self.A_c, self.B_s, self.A_s, self.m_c, self.m_s, self.scale_c, self.scale_s)
-
-    def merged_delta(self) -> Tensor:
-        """The dense (out, in) merged update ΔW_m (export; materialises both updates)."""
-        return zip_merge(self.scale_c * (self.B_c @ self.A_c), self.scale_s * (self.B_s @ self.A_s), self.m_c, self.m_s)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"r_c={self.A_c.shape[0]}, r_s={self.A_s.shape[0]}, scales=({self.scale_c}, {self.scale_s})"
-        )
