@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 namespace specops {
 namespace cpu {
@@ -30,26 +31,40 @@ struct Simd {
 // In-register transpose of a kLanes x kLanes tile held as kLanes row vectors: log2(kLanes)
 // butterfly stages, each swapping the off-diagonal b x b blocks of every 2b x 2b block with
 // two-source permutes (one vpermt2ps/pd each under AVX-512). Transposes are what the CPU
-// kernels that keep blocks of rows transposed spend their memory passes on.
+// kernels that keep blocks of rows transposed spend their memory passes on. Masks are built at
+// compile time and every loop is unrolled, so the tile stays in registers.
 template <typename acc_t>
-inline void transpose_tile(typename Simd<acc_t>::vec* v) {
-  using S = Simd<acc_t>;
-  constexpr int64_t N = S::kLanes;
+struct Transpose {
+  static constexpr int64_t N = Simd<acc_t>::kLanes;
   typedef std::conditional_t<sizeof(acc_t) == 8, int64_t, int32_t> idx_t;
   typedef idx_t ivec __attribute__((vector_size(64)));
-  for (int64_t b = N / 2; b >= 1; b /= 2) {
-    ivec lo, hi;
-    for (int64_t j = 0; j < N; ++j) {
-      lo[j] = static_cast<idx_t>((j & b) == 0 ? j : N + j - b);
-      hi[j] = static_cast<idx_t>((j & b) == 0 ? j + b : N + j);
-    }
-    for (int64_t i = 0; i < N; ++i) {
-      if (i & b) continue;
-      const typename S::vec a = v[i], c = v[i + b];
-      v[i] = __builtin_shuffle(a, c, lo);
-      v[i + b] = __builtin_shuffle(a, c, hi);
-    }
+  using vec = typename Simd<acc_t>::vec;
+
+  // Lane j of the low (high) output of a pair: from a (lanes < N) or c (lanes >= N).
+  template <int64_t B, bool Hi, size_t... J>
+  static constexpr ivec mask(std::index_sequence<J...>) {
+    return ivec{static_cast<idx_t>((J & B) == 0 ? (Hi ? int64_t(J) + B : int64_t(J))
+                                                : (Hi ? N + int64_t(J) : N + int64_t(J) - B))...};
   }
+
+  template <int64_t B>
+  static inline void stage(vec* v) {
+    constexpr ivec lo = mask<B, false>(std::make_index_sequence<N>{});
+    constexpr ivec hi = mask<B, true>(std::make_index_sequence<N>{});
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < N; ++i) {
+      if (i & B) continue;
+      const vec a = v[i], c = v[i + B];
+      v[i] = __builtin_shuffle(a, c, lo);
+      v[i + B] = __builtin_shuffle(a, c, hi);
+    }
+    if constexpr (B > 1) stage<B / 2>(v);
+  }
+};
+
+template <typename acc_t>
+inline void transpose_tile(typename Simd<acc_t>::vec* v) {
+  Transpose<acc_t>::template stage<Transpose<acc_t>::N / 2>(v);
 }
 
 // Scratch for one thread, 64-byte aligned, freed on scope exit. Taken from torch's CPU allocator
