@@ -19,6 +19,7 @@
 #include <limits>
 
 #include "simd.h"
+#include "stiefel_checks.h"
 
 namespace specops {
 namespace cpu {
@@ -409,30 +410,9 @@ void stiefel_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::T
 
 // ----------------------------------------------------------------------------- entry points
 
-void check_stack(const at::Tensor& X, const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(t.sizes() == shape && t.is_contiguous() && t.scalar_type() == X.scalar_type() &&
-                        t.device() == X.device(),
-                    name, ": expected a contiguous ", X.scalar_type(), " tensor of shape ", shape, ", got ",
-                    t.sizes(), " ", t.scalar_type());
-}
-
-void check_x(const at::Tensor& X) {
-  TORCH_CHECK_VALUE(X.dim() == 3 && X.is_contiguous() && X.size(1) >= X.size(2),
-                    "X: expected a contiguous (B, n, p) tensor with n >= p, got ", X.sizes());
-}
-
-void check_step(const at::Tensor& X, const at::Tensor& step) {
-  TORCH_CHECK_VALUE(step.dim() == 1 && step.is_contiguous() && step.scalar_type() == at::kDouble &&
-                        step.size(0) > 0 && X.size(0) % step.size(0) == 0,
-                    "step: expected a contiguous float64 (S,) tensor with S dividing B=", X.size(0), ", got ",
-                    step.sizes(), " ", step.scalar_type());
-}
-
 void stiefel_sgd_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::Tensor& M, double lr,
                           double momentum, double q, int64_t iters, double eps) {
-  check_x(X);
-  check_stack(X, G, "G", X.sizes());
-  check_stack(X, M, "M", X.sizes());
+  specops_stiefel::check_sgd(X, G, M);
   if (X.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "stiefel_sgd_step",
                                   [&] { sgd_kernel<scalar_t>(X, G, M, lr, momentum, q, iters, eps); });
@@ -441,11 +421,7 @@ void stiefel_sgd_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::Te
 void cayley_adam_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::Tensor& m, const at::Tensor& v,
                           const at::Tensor& step, double lr, double beta1, double beta2, double eps, double q,
                           int64_t iters) {
-  check_x(X);
-  check_stack(X, G, "G", X.sizes());
-  check_stack(X, m, "m", X.sizes());
-  check_stack(X, v, "v", {X.size(0)});
-  check_step(X, step);
+  specops_stiefel::check_cayley_adam(X, G, m, v, step);
   if (X.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "cayley_adam_step", [&] {
     cayley_adam_kernel<scalar_t>(X, G, m, v, step, lr, beta1, beta2, eps, q, iters);
@@ -455,16 +431,7 @@ void cayley_adam_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::Te
 void stiefel_adam_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::Tensor& Y, const at::Tensor& P,
                            const at::Tensor& V, const at::Tensor& Q, const at::Tensor& step, double lr,
                            double beta1, double beta2, double eps) {
-  check_x(X);
-  const int64_t B = X.size(0), n = X.size(1), p = X.size(2);
-  check_stack(X, G, "G", X.sizes());
-  check_stack(X, Y, "exp_avg", {B, p, p});
-  check_stack(X, P, "exp_avg_sq", {B, p, p});
-  if (n > p) {
-    check_stack(X, V, "exp_avg_normal", X.sizes());
-    check_stack(X, Q, "exp_avg_sq_normal", X.sizes());
-  }
-  check_step(X, step);
+  specops_stiefel::check_stiefel_adam(X, G, Y, P, V, Q, step);
   if (X.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "stiefel_adam_step", [&] {
     stiefel_adam_kernel<scalar_t>(X, G, Y, P, V, Q, step, lr, beta1, beta2, eps);

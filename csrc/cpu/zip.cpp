@@ -23,6 +23,8 @@
 #include <tuple>
 #include <vector>
 
+#include "zip_common.h"
+
 namespace specops {
 namespace cpu {
 namespace {
@@ -118,33 +120,8 @@ void merger_grads(const scalar_t* G, int64_t in, const Side<scalar_t> (&sides)[2
   });
 }
 
-void check_2d(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK_VALUE(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols),
-                    name, ": expected shape (", rows, ", ", cols, "), got ", t.sizes());
-}
-
-// Shapes of one call (the Python op has already checked them with messages for users).
-struct Dims {
-  int64_t T, in, out, r_c, r_s;
-};
-
-Dims check(const at::Tensor& x, const std::optional<at::Tensor>& weight, const at::Tensor& B_c,
-           const at::Tensor& A_c, const at::Tensor& m_c, const at::Tensor& B_s,
-           const at::Tensor& A_s, const at::Tensor& m_s) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a (tokens, in_features) matrix, got ", x.sizes());
-  Dims d{x.size(0), x.size(1), B_c.size(0), A_c.size(0), A_s.size(0)};
-  check_2d(A_c, "A_c", -1, d.in);
-  check_2d(A_s, "A_s", -1, d.in);
-  check_2d(B_c, "B_c", d.out, d.r_c);
-  check_2d(B_s, "B_s", d.out, d.r_s);
-  if (weight.has_value()) check_2d(*weight, "weight", d.out, d.in);
-  TORCH_CHECK_VALUE(m_c.dim() == 1 && m_c.size(0) == d.in, "m_c: expected (", d.in, ",), got ", m_c.sizes());
-  TORCH_CHECK_VALUE(m_s.dim() == 1 && m_s.size(0) == d.in, "m_s: expected (", d.in, ",), got ", m_s.sizes());
-  for (const auto* t : {&B_c, &A_c, &m_c, &B_s, &A_s, &m_s})
-    TORCH_CHECK_VALUE(t->scalar_type() == x.scalar_type(), "zip_lora_linear: mixed dtypes ",
-                      t->scalar_type(), " and ", x.scalar_type());
-  return d;
-}
+using specops_zip::check;
+using specops_zip::Dims;
 
 at::Tensor zip_lora_linear_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                    const std::optional<at::Tensor>& bias, const at::Tensor& B_c,
@@ -152,64 +129,28 @@ at::Tensor zip_lora_linear_fwd_cpu(const at::Tensor& x, const std::optional<at::
                                    const at::Tensor& B_s, const at::Tensor& A_s,
                                    const at::Tensor& m_s, double scale_c, double scale_s) {
   check(x, weight, B_c, A_c, m_c, B_s, A_s, m_s);
-  const auto Ap = pack_a(A_c, m_c, scale_c, A_s, m_s, scale_s);
-  const auto Bp = at::cat({B_c, B_s}, 1);
-  const auto h = at::mm(x, Ap.t());
-  if (weight.has_value()) {
-    auto y = bias.has_value() ? at::addmm(*bias, x, weight->t()) : at::mm(x, weight->t());
-    return y.addmm_(h, Bp.t());
-  }
-  return bias.has_value() ? at::addmm(*bias, h, Bp.t()) : at::mm(h, Bp.t());
+  return specops_zip::forward(x, weight, bias, pack_a(A_c, m_c, scale_c, A_s, m_s, scale_s), B_c, B_s);
 }
 
-// Gradients in the order (x, weight, bias, B_c, A_c, m_c, B_s, A_s, m_s); empty where !need.
+// Gradients as specops_zip::backward orders them; the merger/A gradients by merger_grads above.
 std::vector<at::Tensor> zip_lora_linear_bwd_cpu(
     const at::Tensor& g, const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const at::Tensor& B_c, const at::Tensor& A_c, const at::Tensor& m_c, const at::Tensor& B_s,
     const at::Tensor& A_s, const at::Tensor& m_s, double scale_c, double scale_s,
     std::array<bool, 9> need) {
   const Dims d = check(x, weight, B_c, A_c, m_c, B_s, A_s, m_s);
-  TORCH_CHECK_VALUE(g.dim() == 2 && g.size(0) == d.T && g.size(1) == d.out &&
-                        g.scalar_type() == x.scalar_type(),
-                    "grad_y: expected a (", d.T, ", ", d.out, ") ", x.scalar_type(), " matrix, got ",
-                    g.sizes(), " ", g.scalar_type());
-  TORCH_CHECK_VALUE(!need[1] || weight.has_value(), "weight: a gradient was asked for but weight is None");
-  std::vector<at::Tensor> out(9);
-  for (auto& t : out) t = at::empty({0}, x.options());
   const auto Ap = pack_a(A_c, m_c, scale_c, A_s, m_s, scale_s);
-  const auto Bp = at::cat({B_c, B_s}, 1);
-  const bool need_lora_a = need[4] || need[5] || need[7] || need[8];
-  if (need[0] || need_lora_a) {
-    const auto u = at::mm(g, Bp);  // (T, r)
-    if (need[0]) out[0] = weight.has_value() ? at::mm(g, *weight).addmm_(u, Ap) : at::mm(u, Ap);
-    if (need_lora_a) {
-      const auto G = at::mm(u.t(), x);  // (r, in): the sum over tokens
-      for (int i : {4, 5, 7, 8})
-        if (need[i]) out[i] = i == 4 ? at::empty_like(A_c, at::MemoryFormat::Contiguous)
-                              : i == 7 ? at::empty_like(A_s, at::MemoryFormat::Contiguous)
-                                       : at::empty({d.in}, x.options());
-      const auto Ac = A_c.contiguous(), As = A_s.contiguous(), mc = m_c.contiguous(), ms = m_s.contiguous();
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "zip_merger_grads", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        auto ptr = [&](int i) { return need[i] ? out[i].mutable_data_ptr<scalar_t>() : nullptr; };
-        const Side<scalar_t> sides[2] = {
-            {Ac.const_data_ptr<scalar_t>(), mc.const_data_ptr<scalar_t>(), scale_c, 0, d.r_c, ptr(5), ptr(4)},
-            {As.const_data_ptr<scalar_t>(), ms.const_data_ptr<scalar_t>(), scale_s, d.r_c, d.r_s, ptr(8), ptr(7)}};
-        merger_grads<scalar_t, acc_t>(G.const_data_ptr<scalar_t>(), d.in, sides);
-      });
-    }
-  }
-  if (need[3] || need[6]) {
-    const auto gBp = at::mm(g.t(), at::mm(x, Ap.t()));  // h recomputed, not kept from the forward
-    if (need[3]) out[3] = gBp.narrow(1, 0, d.r_c).contiguous();
-    if (need[6]) out[6] = gBp.narrow(1, d.r_c, d.r_s).contiguous();
-  }
-  if (need[1]) out[1] = at::mm(g.t(), x);
-  if (need[2]) {
-    const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    out[2] = g.sum(0, false, acc).to(x.scalar_type());
-  }
-  return out;
+  return specops_zip::backward(g, x, weight, Ap, B_c, B_s, d, need, [&](const at::Tensor& G, std::vector<at::Tensor>& out) {
+    const auto Ac = A_c.contiguous(), As = A_s.contiguous(), mc = m_c.contiguous(), ms = m_s.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "zip_merger_grads", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto ptr = [&](int i) { return need[i] ? out[i].mutable_data_ptr<scalar_t>() : nullptr; };
+      const Side<scalar_t> sides[2] = {
+          {Ac.const_data_ptr<scalar_t>(), mc.const_data_ptr<scalar_t>(), scale_c, 0, d.r_c, ptr(5), ptr(4)},
+          {As.const_data_ptr<scalar_t>(), ms.const_data_ptr<scalar_t>(), scale_s, d.r_c, d.r_s, ptr(8), ptr(7)}};
+      merger_grads<scalar_t, acc_t>(G.const_data_ptr<scalar_t>(), d.in, sides);
+    });
+  });
 }
 
 // ----------------------------------------------------------------------------- merger_penalty

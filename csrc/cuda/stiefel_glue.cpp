@@ -16,6 +16,7 @@
 #include <string>
 #include <type_traits>
 
+#include "stiefel_checks.h"
 #include "stiefel_math.cuh"
 
 namespace specops::cuda {
@@ -30,25 +31,6 @@ namespace {
 
 using specops::cuda::stiefel_detail::StepArgs;
 using specops::cuda::stiefel_detail::StepOp;
-
-void check_stack(const at::Tensor& X, const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(t.sizes() == shape && t.is_contiguous() && t.scalar_type() == X.scalar_type() &&
-                        t.device() == X.device(),
-                    name, ": expected a contiguous ", X.scalar_type(), " tensor of shape ", shape, " on ",
-                    X.device(), ", got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
-}
-
-void check_x(const at::Tensor& X) {
-  TORCH_CHECK_VALUE(X.dim() == 3 && X.is_contiguous() && X.size(1) >= X.size(2),
-                    "X: expected a contiguous (B, n, p) tensor with n >= p, got ", X.sizes());
-}
-
-void check_step(const at::Tensor& X, const at::Tensor& step) {
-  TORCH_CHECK_VALUE(step.dim() == 1 && step.is_contiguous() && step.scalar_type() == at::kDouble &&
-                        step.device() == X.device() && step.size(0) > 0 && X.size(0) % step.size(0) == 0,
-                    "step: expected a contiguous float64 (S,) tensor on ", X.device(), " with S dividing B=",
-                    X.size(0), ", got ", step.sizes(), " ", step.scalar_type(), " on ", step.device());
-}
 
 void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "specops_ext::", op, " (CUDA) failed: ", cudaGetErrorName(err), " (",
@@ -112,9 +94,7 @@ void run(StepOp op, const char* name, const at::Tensor& X, const at::Tensor& G, 
 
 void stiefel_sgd_step_cuda(const at::Tensor& X, const at::Tensor& G, const at::Tensor& M, double lr,
                            double momentum, double q, int64_t iters, double eps) {
-  check_x(X);
-  check_stack(X, G, "G", X.sizes());
-  check_stack(X, M, "M", X.sizes());
+  specops_stiefel::check_sgd(X, G, M);
   run(StepOp::kSgd, "stiefel_sgd_step", X, G, nullptr, [&](auto& a) {
     using S = std::remove_pointer_t<decltype(a.X)>;
     a.m = ptr<S>(M);
@@ -129,11 +109,7 @@ void stiefel_sgd_step_cuda(const at::Tensor& X, const at::Tensor& G, const at::T
 void cayley_adam_step_cuda(const at::Tensor& X, const at::Tensor& G, const at::Tensor& m, const at::Tensor& v,
                            const at::Tensor& step, double lr, double beta1, double beta2, double eps, double q,
                            int64_t iters) {
-  check_x(X);
-  check_stack(X, G, "G", X.sizes());
-  check_stack(X, m, "m", X.sizes());
-  check_stack(X, v, "v", {X.size(0)});
-  check_step(X, step);
+  specops_stiefel::check_cayley_adam(X, G, m, v, step);
   run(StepOp::kCayleyAdam, "cayley_adam_step", X, G, &step, [&](auto& a) {
     using S = std::remove_pointer_t<decltype(a.X)>;
     a.m = ptr<S>(m);
@@ -150,21 +126,12 @@ void cayley_adam_step_cuda(const at::Tensor& X, const at::Tensor& G, const at::T
 void stiefel_adam_step_cuda(const at::Tensor& X, const at::Tensor& G, const at::Tensor& Y, const at::Tensor& P,
                             const at::Tensor& V, const at::Tensor& Q, const at::Tensor& step, double lr,
                             double beta1, double beta2, double eps) {
-  check_x(X);
-  const int64_t B = X.size(0), n = X.size(1), p = X.size(2);
-  check_stack(X, G, "G", X.sizes());
-  check_stack(X, Y, "exp_avg", {B, p, p});
-  check_stack(X, P, "exp_avg_sq", {B, p, p});
-  if (n > p) {
-    check_stack(X, V, "exp_avg_normal", X.sizes());
-    check_stack(X, Q, "exp_avg_sq_normal", X.sizes());
-  }
-  check_step(X, step);
+  specops_stiefel::check_stiefel_adam(X, G, Y, P, V, Q, step);
   run(StepOp::kStiefelAdam, "stiefel_adam_step", X, G, &step, [&](auto& a) {
     using S = std::remove_pointer_t<decltype(a.X)>;
     a.Y = ptr<S>(Y);
     a.P = ptr<S>(P);
-    if (n > p) {
+    if (X.size(1) > X.size(2)) {  // tall: the normal moments exist
       a.V = ptr<S>(V);
       a.Q = ptr<S>(Q);
     }
