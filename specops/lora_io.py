@@ -177,8 +177,8 @@ def _rebuild_problem(name: str, adapter: nn.Module, config: dict) -> str | None:
     cls = adapters.METHODS.get(adapter.method)
     if cls is None:
         return f"{name}: method {adapter.method!r} is not in specops.adapters.METHODS"
-    params = inspect.signature(cls).parameters.values()
-    missing = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty and p.name not in config]
+    params = list(inspect.signature(cls).parameters.values())[1:]  # after `base`
+    missing = [p.name for p in params if p.default is p.empty and p.name not in config]
     if missing:  # ZipLoRA: its two frozen LoRAs are inputs, not options
         return f"{name}: a {adapter.method!r} adapter needs {missing} to be rebuilt, which config() cannot hold"
     return None
