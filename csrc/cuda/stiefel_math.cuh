@@ -324,6 +324,28 @@ STF_HD void apply_generator(const Block<T, Sync>& blk, const T* X, const T* PM, 
 // ---------------------------------------------------------------------------------------------
 // One step of one matrix. Work areas (n x p "big" and p x p "small" buffers) as in work_elems.
 
+// Shared tail of Cayley SGD and Cayley Adam: Li et al.'s fixed-point iterations
+// Y <- X + c W (X + Y) (c = +alpha/2 for SGD, -alpha/(2 sqrt(v^)) for Adam; W from X and PM),
+// then the polar retraction, stored to the global X.
+template <class IO, class Sync>
+STF_HD void cayley_finish(const Block<typename IO::T, Sync>& blk, typename IO::T* X, typename IO::T* PM,
+                          typename IO::T* Y, typename IO::T* t1, typename IO::T* t2, int n, int p,
+                          typename IO::T c, int64_t iters, typename IO::S* Xg) {
+  using T = typename IO::T;
+  const int np = n * p;
+  for (int64_t s = 0; s < iters; ++s) {
+    for (int e = blk.tid; e < np; e += blk.nthr) Y[e] = X[e] + Y[e];
+    blk.sync();
+    apply_generator(blk, X, PM, Y, t1, t2, n, p, [&](int i, int j, T wz) {
+      const int e = i * p + j;
+      Y[e] = X[e] + c * wz;
+    });
+    blk.sync();
+  }
+  const T* out = polar(blk, Y, PM, t1, t2, n, p);
+  for (int e = blk.tid; e < np; e += blk.nthr) Xg[e] = IO::store(out[e]);
+}
+
 // Cayley SGD: X, PM (M, then the generator's PM, then polar's Yn), Y; t1, t2 (then S, Sn).
 template <class IO, class Sync>
 STF_HD void sgd_matrix(const Block<typename IO::T, Sync>& blk, typename IO::T* w,
@@ -349,17 +371,7 @@ STF_HD void sgd_matrix(const Block<typename IO::T, Sync>& blk, typename IO::T* w
     Y[e] = X[e] + alpha * mt;
   });
   blk.sync();
-  for (int64_t s = 0; s < a.iters; ++s) {
-    for (int e = blk.tid; e < np; e += blk.nthr) Y[e] = X[e] + Y[e];
-    blk.sync();
-    apply_generator(blk, X, PM, Y, t1, t2, n, p, [&](int i, int j, T wz) {
-      const int e = i * p + j;
-      Y[e] = X[e] + T(0.5) * alpha * wz;
-    });
-    blk.sync();
-  }
-  const T* out = polar(blk, Y, PM, t1, t2, n, p);
-  for (int e = blk.tid; e < np; e += blk.nthr) Xg[e] = IO::store(out[e]);
+  cayley_finish<IO>(blk, X, PM, Y, t1, t2, n, p, T(0.5) * alpha, a.iters, Xg);
 }
 
 // Cayley Adam: the same buffers as Cayley SGD (PM starts as the bias-corrected m^).
@@ -395,17 +407,7 @@ STF_HD void cayley_adam_matrix(const Block<typename IO::T, Sync>& blk, typename 
     mg[e] = IO::store(mt * r * bc1);
   });
   blk.sync();
-  for (int64_t s = 0; s < a.iters; ++s) {
-    for (int e = blk.tid; e < np; e += blk.nthr) Y[e] = X[e] + Y[e];
-    blk.sync();
-    apply_generator(blk, X, PM, Y, t1, t2, n, p, [&](int i, int j, T wz) {
-      const int e = i * p + j;
-      Y[e] = X[e] - T(0.5) * alpha / r * wz;
-    });
-    blk.sync();
-  }
-  const T* out = polar(blk, Y, PM, t1, t2, n, p);
-  for (int e = blk.tid; e < np; e += blk.nthr) Xg[e] = IO::store(out[e]);
+  cayley_finish<IO>(blk, X, PM, Y, t1, t2, n, p, -(T(0.5) * alpha / r), a.iters, Xg);
   if (blk.tid == 0) a.v[b] = IO::store(v);
 }
 
