@@ -31,6 +31,11 @@ __all__ = ["kron_matmul", "kron", "kron_matmul_reference", "kron_reference"]
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every op: float64 for float64, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_factors(factors: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> bool:
     """Validate a factor list; returns whether it is grouped (3-D). Raises ValueError."""
     if not isinstance(factors, (list, tuple)) or len(factors) == 0:

@@ -51,14 +51,10 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from .kron import _FLOAT_DTYPES
+from .kron import _FLOAT_DTYPES, _acc_dtype
 from .stiefel import CAYLEY_ITERS, polar_ns
 
 __all__ = ["StiefelSGD", "CayleyAdam", "StiefelAdam"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- fused ops: checks

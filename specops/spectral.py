@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend
-from .kron import _FLOAT_DTYPES, kron_matmul, kron_reference
+from .kron import _FLOAT_DTYPES, _acc_dtype, kron_matmul, kron_reference
 
 __all__ = [
     "SODA_TABLE",
@@ -216,19 +216,15 @@ def scaled_matmul_reference(A: Tensor, s: Tensor, B: Tensor) -> Tensor:
     return (A * s) @ B
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _smm_fwd_torch(A, s, B):
     # Fold s into the smaller operand; low precision is scaled in fp32 and rounded once.
     if A.shape[0] <= B.shape[1]:
-        return (A.to(_acc(A.dtype)) * s.to(_acc(A.dtype))).to(A.dtype) @ B
-    return A @ (B.to(_acc(B.dtype)) * s.to(_acc(B.dtype))[:, None]).to(B.dtype)
+        return (A.to(_acc_dtype(A.dtype)) * s.to(_acc_dtype(A.dtype))).to(A.dtype) @ B
+    return A @ (B.to(_acc_dtype(B.dtype)) * s.to(_acc_dtype(B.dtype))[:, None]).to(B.dtype)
 
 
 def _smm_bwd_torch(G, A, s, B, need_A, need_s, need_B):
-    acc = _acc(A.dtype)
+    acc = _acc_dtype(A.dtype)
     gA = gs = gB = None
     if need_B:
         T = (A.mT @ G).to(acc)  # (k, c), shared by grad_s and grad_B

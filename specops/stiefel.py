@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kron import _FLOAT_DTYPES
+from .kron import _FLOAT_DTYPES, _acc_dtype
 
 __all__ = [
     "project",
@@ -91,7 +91,7 @@ def _pair_shape(X: Tensor, V: Tensor) -> list[int]:
 
 def _acc(t: Tensor) -> Tensor:
     """Half precision computes in fp32 (linalg has no bf16/fp16 kernels)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return t.to(_acc_dtype(t.dtype))
 
 
 def _eye(p: int, like: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _backend
-from .kron import _FLOAT_DTYPES
+from .kron import _FLOAT_DTYPES, _acc_dtype
 
 __all__ = [
     "zip_merge",
@@ -412,10 +412,6 @@ def _check_penalty(m_c_list, m_s_list, kind) -> None:
         for name, t in ((f"m_c_list[{i}]", mc), (f"m_s_list[{i}]", ms)):
             if t.dtype != ref.dtype or t.device != ref.device:
                 raise ValueError(f"{name}: dtype/device {t.dtype}/{t.device} != m_c_list[0]'s {ref.dtype}/{ref.device}")
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _segments(m_list):
