@@ -310,13 +310,14 @@ def param_groups(model: nn.Module, lr: float, stiefel_lr: float | None = None, w
     Usage: g = param_groups(unet, lr=1e-3, stiefel_lr=1e-4); AdamW(g.euclidean); StiefelAdam(g.orthogonal).
     Either list may be empty (e.g. LoRA has no orthogonal factors). stiefel_lr defaults to lr.
     """
+    found = _adapters(model).values()
     ortho, euclid, seen = [], [], set()
-    for adapter in _adapters(model).values():
+    for adapter in found:
         for p in adapter.orthogonal_parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 ortho.append(p)
-    for adapter in _adapters(model).values():
+    for adapter in found:
         for p in adapter.parameters():
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
