@@ -66,31 +66,25 @@ KronPlan make_plan(int64_t G, int64_t M, at::TensorList factors) {
 }
 
 // Rows [0, rows) of a (rows, W) row-major matrix with row stride ld -> buf (W, R), zero padded.
-// Full kLanes x kLanes tiles are transposed in registers (loops unrolled so the tile never goes
-// to the stack: that doubled the time of the whole op); ragged edges go element by element.
+// Full kLanes x kLanes tiles go through transpose_tile straight from x; tiles with missing rows
+// or another dtype are staged in a local tile first; ragged columns go element by element.
 template <typename scalar_t, typename acc_t>
 void load_block(const scalar_t* x, int64_t ld, int64_t rows, int64_t W, int64_t R, acc_t* buf) {
-  using S = Simd<acc_t>;
-  constexpr int64_t N = S::kLanes;
+  constexpr int64_t N = Simd<acc_t>::kLanes;
   const int64_t wfull = W - W % N;
-  typename S::vec v[N];
+  alignas(64) acc_t t[N * N];
   for (int64_t r0 = 0; r0 < R; r0 += N) {
-    const bool full = r0 + N <= rows;
+    const bool direct = std::is_same_v<scalar_t, acc_t> && r0 + N <= rows;
     for (int64_t w0 = 0; w0 < wfull; w0 += N) {
-#pragma GCC unroll 16
-      for (int64_t i = 0; i < N; ++i) {
-        const scalar_t* src = x + (r0 + i) * ld + w0;
-        if (!full && r0 + i >= rows) {
-          v[i] = typename S::vec{};
-        } else if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          v[i] = S::load(src);
-        } else {
-          for (int64_t l = 0; l < N; ++l) v[i][l] = static_cast<acc_t>(src[l]);
-        }
+      acc_t* dst = buf + w0 * R + r0;
+      if (direct) {
+        transpose_tile<acc_t>(reinterpret_cast<const acc_t*>(x + r0 * ld + w0), ld, dst, R);
+        continue;
       }
-      transpose_tile<acc_t>(v);
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < N; ++j) S::store(buf + (w0 + j) * R + r0, v[j]);
+      for (int64_t i = 0; i < N; ++i)
+        for (int64_t l = 0; l < N; ++l)
+          t[i * N + l] = r0 + i < rows ? static_cast<acc_t>(x[(r0 + i) * ld + w0 + l]) : acc_t(0);
+      transpose_tile<acc_t>(t, N, dst, R);
     }
   }
   for (int64_t w = wfull; w < W; ++w)
@@ -99,25 +93,21 @@ void load_block(const scalar_t* x, int64_t ld, int64_t rows, int64_t W, int64_t 
 
 template <typename scalar_t, typename acc_t>
 void store_block(const acc_t* buf, int64_t W, int64_t R, int64_t rows, scalar_t* y, int64_t ld) {
-  using S = Simd<acc_t>;
-  constexpr int64_t N = S::kLanes;
+  constexpr int64_t N = Simd<acc_t>::kLanes;
   const int64_t wfull = W - W % N;
-  typename S::vec v[N];
+  alignas(64) acc_t t[N * N];
   for (int64_t r0 = 0; r0 < rows; r0 += N) {
     const int64_t nr = std::min(N, rows - r0);
+    const bool direct = std::is_same_v<scalar_t, acc_t> && nr == N;
     for (int64_t w0 = 0; w0 < wfull; w0 += N) {
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < N; ++j) v[j] = S::load(buf + (w0 + j) * R + r0);
-      transpose_tile<acc_t>(v);
-#pragma GCC unroll 16
-      for (int64_t i = 0; i < nr; ++i) {
-        scalar_t* dst = y + (r0 + i) * ld + w0;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          S::store(dst, v[i]);
-        } else {
-          for (int64_t l = 0; l < N; ++l) dst[l] = static_cast<scalar_t>(v[i][l]);
-        }
+      const acc_t* src = buf + w0 * R + r0;
+      if (direct) {
+        transpose_tile<acc_t>(src, R, reinterpret_cast<acc_t*>(y + r0 * ld + w0), ld);
+        continue;
       }
+      transpose_tile<acc_t>(src, R, t, N);
+      for (int64_t i = 0; i < nr; ++i)
+        for (int64_t l = 0; l < N; ++l) y[(r0 + i) * ld + w0 + l] = static_cast<scalar_t>(t[i * N + l]);
     }
   }
   for (int64_t w = wfull; w < W; ++w)
