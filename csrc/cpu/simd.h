@@ -25,6 +25,23 @@ struct Simd {
 
   static inline vec load(const acc_t* p) { return *reinterpret_cast<const vec*>(p); }
   static inline void store(acc_t* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
+  // Non-temporal store of one whole 64-byte-aligned cache line: no read-for-ownership, no cache
+  // pollution. Callers end their writes with fence().
+  static inline void stream(acc_t* p, vec v) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(acc_t) == 4)
+      _mm512_stream_ps(reinterpret_cast<float*>(p), reinterpret_cast<__m512>(v));
+    else
+      _mm512_stream_pd(reinterpret_cast<double*>(p), reinterpret_cast<__m512d>(v));
+#else
+    store(p, v);
+#endif
+  }
+  static inline void fence() {
+#if defined(__AVX512F__)
+    _mm_sfence();
+#endif
+  }
   static inline acc_t sum(vec v) {
     acc_t s = 0;
     for (int64_t i = 0; i < kLanes; ++i) s += v[i];
