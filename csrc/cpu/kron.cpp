@@ -144,13 +144,18 @@ template <typename acc_t, int JB>
 inline void mode_tile(const acc_t* src, acc_t* dst, const acc_t* A, int64_t p, int64_t q,
                       int64_t L) {
   using S = Simd<acc_t>;
+  // Every loop over jb unrolled, so that acc lives in registers (GCC left it on the stack
+  // otherwise: the whole forward took 6.2 instead of 5.5 ms single-threaded at (4,16,20)).
   typename S::vec acc[JB];
+#pragma GCC unroll 8
   for (int jb = 0; jb < JB; ++jb) acc[jb] = typename S::vec{};
   for (int64_t i = 0; i < p; ++i) {
     const typename S::vec v = S::load(src + i * L);
     const acc_t* a = A + i * q;
+#pragma GCC unroll 8
     for (int jb = 0; jb < JB; ++jb) acc[jb] += a[jb] * v;
   }
+#pragma GCC unroll 8
   for (int jb = 0; jb < JB; ++jb) S::store(dst + jb * L, acc[jb]);
 }
 
@@ -186,21 +191,29 @@ template <typename acc_t, int PB, int JB>
 void contract_tile(const acc_t* S, const acc_t* B, int64_t a, int64_t sS, int64_t sB, int64_t L,
                    acc_t* g, int64_t ldg) {
   using V = Simd<acc_t>;
-  typename V::vec acc[PB][JB];
+  typename V::vec acc[PB][JB];  // in registers only with every loop over i, j unrolled
+#pragma GCC unroll 4
   for (int i = 0; i < PB; ++i)
+#pragma GCC unroll 4
     for (int j = 0; j < JB; ++j) acc[i][j] = typename V::vec{};
   for (int64_t ai = 0; ai < a; ++ai) {
     const acc_t* s = S + ai * sS;
     const acc_t* b = B + ai * sB;
     for (int64_t l = 0; l < L; l += V::kLanes) {
       typename V::vec sv[PB], bv[JB];
+#pragma GCC unroll 4
       for (int i = 0; i < PB; ++i) sv[i] = V::load(s + i * L + l);
+#pragma GCC unroll 4
       for (int j = 0; j < JB; ++j) bv[j] = V::load(b + j * L + l);
+#pragma GCC unroll 4
       for (int i = 0; i < PB; ++i)
+#pragma GCC unroll 4
         for (int j = 0; j < JB; ++j) acc[i][j] += sv[i] * bv[j];
     }
   }
+#pragma GCC unroll 4
   for (int i = 0; i < PB; ++i)
+#pragma GCC unroll 4
     for (int j = 0; j < JB; ++j) g[i * ldg + j] += V::sum(acc[i][j]);
 }
 
