@@ -5,6 +5,8 @@ kernel and autograd; the functions here are their documented Python entry points
 specops never initialises CUDA and works without the C++ extension or Triton.
 """
 from . import adapters, optim, stiefel
+from ._build import show_build
+from ._version import __version__
 from ._backend import available_backends, backend
 from .kron import kron, kron_matmul, kron_matmul_reference, kron_reference
 from .optim import CayleyAdam, StiefelAdam, StiefelSGD
@@ -37,7 +39,9 @@ from .zip import (
 )
 
 __all__ = [
+    "__version__",
     "available_backends",
+    "show_build",
     "backend",
     "kron",
     "kron_matmul",
@@ -73,4 +77,3 @@ __all__ = [
     "zip_merge_lora_reference",
     "zip_merge_reference",
 ]
-__version__ = "0.1.0"
