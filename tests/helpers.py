@@ -1,10 +1,33 @@
-"""Shared test helpers: which backends run here and per-dtype tolerances."""
+"""Shared test helpers: which devices and backends run here, per-dtype tolerances."""
+import contextlib
+import os
+
+import pytest
 import torch
 
+import specops
 from specops._backend import _why_not
 
 # Backends that can run on CPU tensors in this install (triton: through TRITON_INTERPRET=1).
 CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if _why_not(b, "cpu") is None]
+
+# The device axis: cpu always, cuda when a GPU is visible; SPECOPS_TEST_DEVICES=cpu,cuda forces the list
+# (to collect, and so count, the cases a GPU run executes).
+DEVICES = [d for d in os.environ.get("SPECOPS_TEST_DEVICES", "").split(",") if d] or (
+    ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+NO_GPU = "no CUDA device here (torch.cuda.is_available() is False)"
+
+
+@contextlib.contextmanager
+def run_on(device: str, backend: str):
+    """Skip unless `backend` can run on `device` tensors here; else run the block with it forced."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip(NO_GPU)
+    why = _why_not(backend, device)
+    if why is not None:
+        pytest.skip(f"{backend} on {device}: {why}")
+    with specops.backend(backend):
+        yield
 
 # Relative Frobenius-norm error allowed against a float64 oracle. bf16 keeps 8 mantissa bits
 # (2^-8 = 3.9e-3 per rounding); inputs and output are each rounded once, accumulation is fp32.
