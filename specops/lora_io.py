@@ -11,6 +11,13 @@
 "text_encoder_2": te2}; with a mapping, names are prefixed by the mapping key. For the LoRA formats
 a plain module counts as the UNet ("unet" prefix).
 
+Readers validate the whole file before they build or change anything: the safetensors layout
+against the file's size (header length, JSON, dtypes, shapes, data offsets; one check for every
+reader, before safetensors reads a byte of data), duplicate keys, finite tensors, then the format's
+own rules. A damaged file raises ValueError naming the file (and the key at fault). Writers write a
+temp file in the target's directory, fsync it and os.replace it onto the target, so the target is
+always either the old file or the complete new one.
+
 LoRA convention (DESIGN.md layout): ΔW = B A, B (out, r), A (r, in); every scale is folded into B,
 so a file written here applies with scale 1 (diffusers: lora_alpha = r; kohya: alpha = r).
 """
@@ -98,22 +105,146 @@ def _find(model, qualified: str) -> tuple[nn.Module, str, nn.Module] | None:
     return None if module is None else (parent, child, module)
 
 
-def _read(path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file; a damaged file raises ValueError."""
+# safetensors' own cap on the JSON header; also keeps a lying length from allocating without bound
+_MAX_HEADER = 100_000_000
+# safetensors dtype names torch can hold (the sub-byte F4/F6 and complex ones it cannot)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+           "U8": torch.uint8, "BOOL": torch.bool}
+_DAMAGED = "not a readable safetensors file"  # every reader's message for a file that is not one
+
+
+def _json(text: str, what: str):
+    """json.loads for text from a file: duplicate keys, NaN/Infinity, numbers that overflow to inf
+    and nesting deeper than the interpreter's stack are ValueErrors naming `what`."""
+    def unique(pairs):
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    def finite(literal: str) -> float:
+        value = float(literal)
+        if not math.isfinite(value):
+            raise ValueError(f"number {literal[:40]} overflows to {value}")
+        return value
+
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not JSON")
+
     try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
+        return json.loads(text, object_pairs_hook=unique, parse_float=finite, parse_constant=no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, the hooks' errors, int digit limit
+        raise ValueError(f"{what} is not valid JSON: {str(e)[:200]}") from None
+
+
+def _is_count(x) -> bool:
+    return type(x) is int and x >= 0  # not bool, not float
+
+
+def _finite(t: Tensor) -> bool:
+    if not t.is_floating_point():
+        return True
+    t = t.detach()
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())  # fp8 has no isfinite
+
+
+def _validated_metadata(path) -> dict[str, str]:
+    """Check a safetensors file's layout against its size before any reader trusts it; its metadata.
+
+    The 8-byte little-endian header length must fit the file and the cap; the header must be a
+    UTF-8 JSON object without duplicate keys; "__metadata__" maps str to str; every other entry is
+    exactly {dtype, shape, data_offsets} with a known dtype, whose byte span is dtype size x shape,
+    and the spans tile the data that follows the header, without overlap or gap, to the last byte.
+    """
+    bad = f"{path}: {_DAMAGED}"
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise ValueError(f"{bad}: {size} bytes, less than its 8-byte header length (truncated?)")
+        n = int.from_bytes(f.read(8), "little")
+        if n > min(size - 8, _MAX_HEADER):
+            raise ValueError(f"{bad}: header length {n} exceeds the {size - 8} bytes after it "
+                             f"or the cap of {_MAX_HEADER} (truncated or damaged?)")
+        raw = f.read(n)
+    if len(raw) != n or not raw.startswith(b"{"):
+        raise ValueError(f"{bad}: the header is not a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{bad}: the header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    header = _json(text, f"{bad}: the header")
+    if not isinstance(header, dict):
+        raise ValueError(f"{bad}: the header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{bad}: __metadata__ is a {type(metadata).__name__}, not a JSON object")
+    wrong = [k for k, v in metadata.items() if not isinstance(v, str)]
+    if wrong:
+        raise ValueError(f"{bad}: __metadata__ must map str to str; the values of {wrong[:3]} are not strings")
+    data_size = size - 8 - n
+    spans = []
+    for key, entry in header.items():
+        where = f"{bad}: tensor {key!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise ValueError(f"{where}: expected {{dtype, shape, data_offsets}}, got {str(entry)[:100]}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise ValueError(f"{where}: dtype {str(dtype)[:20]!r} is not one of {sorted(_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ValueError(f"{where}: shape {str(shape)[:100]} is not a list of non-negative ints")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise ValueError(f"{where}: data_offsets {str(offsets)[:100]} is not a [begin, end] pair")
+        nbytes = _DTYPES[dtype].itemsize if 0 not in shape else 0
+        for d in shape:  # stops early: a lying shape must not make a huge integer
+            nbytes *= d
+            if nbytes > data_size:
+                break
+        if offsets[1] - offsets[0] != nbytes:
+            raise ValueError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes, "
+                             f"its {dtype} shape {shape[:8]} needs {nbytes}")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            raise ValueError(f"{bad}: tensor {key!r} starts at data byte {begin}, expected {end} "
+                             "(overlapping or gapped data_offsets)")
+        end = stop
+    if end != data_size:
+        raise ValueError(f"{bad}: the tensors end at data byte {end}, the file's data has {data_size} bytes")
+    return metadata
+
+
+def _read(path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file, validated first (_validated_metadata);
+    a damaged file or a NaN/Inf tensor raises ValueError."""
+    path = os.fspath(path)
+    metadata = _validated_metadata(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except FileNotFoundError:
-        raise
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or damaged?): {e}") from e
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:  # the file changed since, or a check missed
+        raise ValueError(f"{path}: {_DAMAGED}: {e}") from e
+    for key, t in tensors.items():
+        if not _finite(t):
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or Inf; an adapter file must be finite")
     return tensors, metadata
 
 
 def _write(path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically: temp file in the same directory, fsync, os.replace."""
+    """Write a safetensors file atomically: temp file in the same directory, fsync, os.replace.
+
+    A failed write removes its temp file; a killed process leaves it as ".<name>.<hex>.tmp", which
+    no reader takes for the target. Non-finite tensors are refused: the readers would refuse them.
+    """
     path = os.fspath(path)
+    for key, t in tensors.items():
+        if not _finite(t):
+            raise ValueError(f"{path}: tensor {key!r} holds NaN or Inf; not writing a file no reader would accept")
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # (not mkstemp: keep the umask's mode)
@@ -160,15 +291,36 @@ def _fingerprint_mismatch(saved: dict, weight: Tensor) -> str | None:
     now = _fingerprint(weight)
     for key in ("shape", "dtype"):
         if saved.get(key) != now[key]:
-            return f"base weight {key} {now[key]} != {saved.get(key)} in the file"
+            return f"base weight {key} {now[key]} != {str(saved.get(key))[:100]} in the file"
     try:
         s, l1, sq = (float(saved[k]) for k in ("sum", "abs_sum", "sum_sq"))
     except (KeyError, TypeError, ValueError):
-        return f"malformed base fingerprint {saved!r}"
-    # the sum can cancel, so its tolerance is relative to the sum of magnitudes
-    if abs(float(now["sum"]) - s) > _FINGERPRINT_RTOL * l1 + 1e-300 or \
-            abs(float(now["sum_sq"]) - sq) > _FINGERPRINT_RTOL * sq + 1e-300:
+        s = l1 = sq = math.nan
+    if not all(map(math.isfinite, (s, l1, sq))):  # an infinite abs-sum would make any sum match
+        return f"malformed base fingerprint {str(saved)[:200]}"
+    # the sum can cancel, so its tolerance is relative to the sum of magnitudes; written so that a
+    # NaN on either side is a mismatch
+    if not (abs(float(now["sum"]) - s) <= _FINGERPRINT_RTOL * l1 + 1e-300
+            and abs(float(now["sum_sq"]) - sq) <= _FINGERPRINT_RTOL * sq + 1e-300):
         return "base weight values differ from the ones the file was saved for (checksum mismatch)"
+    return None
+
+
+def _config_problem(config: dict, base: nn.Linear) -> str | None:
+    """Why make_adapter(method, base, **config) should not even be tried, or None.
+
+    Every integer option of a specops adapter (ranks, factor sizes and counts, block counts) is at
+    most max(out, in) for any adapter worth having; a larger one in a file would only make
+    make_adapter allocate (or recurse) without bound before the shape check could refuse it.
+    """
+    limit = max(base.in_features, base.out_features)
+    stack = list(config.items())
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, list):
+            stack.extend((key, v) for v in value)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > limit:
+            return f"config option {key!r} = {str(value)[:40]} exceeds max(out, in) = {limit} of the base layer"
     return None
 
 
@@ -181,7 +333,8 @@ def _rebuild_problem(name: str, adapter: nn.Module, config: dict) -> str | None:
     missing = [p.name for p in params if p.default is p.empty and p.name not in config]
     if missing:  # ZipLoRA: its two frozen LoRAs are inputs, not options
         return f"{name}: a {adapter.method!r} adapter needs {missing} to be rebuilt, which config() cannot hold"
-    return None
+    why = _config_problem(config, adapter.base)
+    return f"{name}: {why}" if why else None
 
 
 def save_adapters(model, path, *, extra_metadata: Mapping[str, str] | None = None) -> list[str]:
@@ -231,9 +384,14 @@ def load_adapters(model, path) -> list[str]:
     """
     tensors, metadata = _read(path)
     modules = _adapter_entries(metadata, path)
-    listed = {f"{name}.{key}" for name, entry in modules.items() for key in entry["tensors"]}
-    if listed != set(tensors):
-        raise ValueError(f"{path}: tensors {sorted(set(tensors) ^ listed)[:3]} are not the ones the metadata lists")
+    listed: dict[str, str] = {}
+    for name, entry in modules.items():
+        for key in entry["tensors"]:
+            other = listed.setdefault(f"{name}.{key}", name)
+            if other != name:  # module "a" tensor "b.c" and module "a.b" tensor "c"
+                raise ValueError(f"{path}: tensor {name + '.' + key!r} is listed by modules {other!r} and {name!r}")
+    if listed.keys() != tensors.keys():
+        raise ValueError(f"{path}: tensors {sorted(tensors.keys() ^ listed.keys())[:3]} are not the ones the metadata lists")
 
     flags: dict[nn.Parameter, bool] = {}  # make_adapter freezes the base; undone if anything fails
     plans = []
@@ -263,12 +421,11 @@ def _adapter_entries(metadata: dict[str, str], path) -> dict[str, dict]:
         raise ValueError(f"{path}: not a specops adapter file (metadata {_TAG_KEY!r} missing); "
                          "LoRA files are read with load_lora")
     if metadata.get(_VERSION_KEY) != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {metadata.get(_VERSION_KEY)!r}; "
+        raise ValueError(f"{path}: format version {str(metadata.get(_VERSION_KEY))[:20]!r}; "
                          f"this specops reads {FORMAT_VERSION!r}")
-    try:
-        modules = json.loads(metadata[_MODULES_KEY])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: metadata {_MODULES_KEY!r} missing or not JSON") from e
+    if _MODULES_KEY not in metadata:
+        raise ValueError(f"{path}: metadata {_MODULES_KEY!r} missing")
+    modules = _json(metadata[_MODULES_KEY], f"{path}: metadata {_MODULES_KEY!r}")
     if not isinstance(modules, dict) or not modules:
         raise ValueError(f"{path}: metadata {_MODULES_KEY!r} names no module")
     for name, entry in modules.items():
@@ -276,6 +433,11 @@ def _adapter_entries(metadata: dict[str, str], path) -> dict[str, dict]:
                 and isinstance(entry.get("config"), dict) and isinstance(entry.get("base"), dict)
                 and isinstance(entry.get("tensors"), list) and all(isinstance(k, str) for k in entry["tensors"])):
             raise ValueError(f"{path}: module {name!r}: metadata lacks method, config, base or tensors")
+        seen: set[str] = set()
+        for key in entry["tensors"]:
+            if key in seen:
+                raise ValueError(f"{path}: module {name!r}: metadata lists tensor {key!r} twice")
+            seen.add(key)
     return modules
 
 
@@ -307,12 +469,15 @@ def _plan_load(model, name: str, entry: dict, own: dict[str, Tensor], flags: dic
     if isinstance(module, adapters.Adapter) and json.loads(json.dumps(module.config())) == config:
         target, new = module, False
     else:
+        why = _config_problem(config, base)
+        if why:
+            raise ValueError(f"{where}: {why}")
         for p in base.parameters():
             flags.setdefault(p, p.requires_grad)
         try:
             target, new = adapters.make_adapter(method, base, **config), True
         except Exception as e:
-            raise ValueError(f"{where}: make_adapter({method!r}, base, **{config}) failed: {e}") from e
+            raise ValueError(f"{where}: make_adapter({method!r}, base, **{str(config)[:200]}) failed: {e}") from e
     expected = _adapter_state(target)
     if set(own) != set(expected):
         raise ValueError(f"{where}: tensors {sorted(own)} != the adapter's {sorted(expected)}")
@@ -431,12 +596,14 @@ def _diffusers_config(ranks: dict[tuple[str, str], int]) -> dict:
 
 # ----------------------------------------------------------------------------- LoRA import
 
-_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
-_PEFT_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")          # lora_A.weight, lora_A.<adapter>.weight
-_OLD_KEY = re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$")  # LoRACompatibleLinear era
-_PROC_KEY = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")  # attn processors
-_OLD_TE_KEY = re.compile(r"^(.+\.self_attn)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")  # their text-encoder twin
-_ALPHA_KEY = re.compile(r"^(.+)\.alpha$")
+# \Z, not $: "$" also matches before a final newline, so "<key>.alpha\n" would pass for "<key>.alpha"
+_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)\Z")
+_PEFT_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight\Z")          # lora_A.weight, lora_A.<adapter>.weight
+_OLD_KEY = re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight\Z")  # LoRACompatibleLinear era
+_PROC_KEY = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight\Z")  # attn processors
+_OLD_TE_KEY = re.compile(r"^(.+\.self_attn)\.to_(q|k|v|out)_lora\.(down|up)\.weight\Z")  # their text-encoder twin
+_ALPHA_KEY = re.compile(r"^(.+)\.alpha\Z")
+_FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "A": "A", "B": "B", "down": "A", "up": "B"}
 
 # Name segments of the SDXL attention and CLIP text-encoder Linear layers, for splitting kohya's
@@ -458,27 +625,32 @@ _SGM = [  # (SGM block, its diffusers block, layers per block, block number -> (
 ]
 
 
+_NUMBER = re.compile(r"\d+(?=_|\Z)")
+
+
 def _split_words(underscored: str) -> str | None:
-    """'down_blocks_1_attentions_0_..._to_out_0' -> 'down_blocks.1.attentions.0....to_out.0', or None."""
-    parts, rest = [], underscored
-    while rest:
-        m = re.match(r"\d+(?=_|$)", rest)
-        word = m.group(0) if m else next(
-            (w for w in _WORDS if rest.startswith(w) and rest[len(w):len(w) + 1] in ("", "_")), None)
+    """'down_blocks_1_attentions_0_..._to_out_0' -> 'down_blocks.1.attentions.0....to_out.0', or None.
+
+    Walks an index instead of slicing, so that a megabyte-long key costs linear time."""
+    parts, pos, end = [], 0, len(underscored)
+    while pos < end:
+        m = _NUMBER.match(underscored, pos)
+        word = m.group(0) if m else next((w for w in _WORDS if underscored.startswith(w, pos)
+                                          and underscored[pos + len(w):pos + len(w) + 1] in ("", "_")), None)
         if word is None:
             return None
         parts.append(word)
-        rest = rest[len(word) + 1:]
-    return ".".join(parts)
+        pos += len(word) + 1
+    return ".".join(parts) if pos == end + 1 else None  # not "" nor a trailing "_"
 
 
 def _from_sgm(name: str) -> str:
     """kohya SGM block names -> diffusers block names (still underscored); other names unchanged."""
-    m = re.match(r"^middle_block_1_(.+)$", name)
+    m = re.match(r"^middle_block_1_(.+)\Z", name)
     if m:
         return f"mid_block_attentions_0_{m.group(1)}"
     for sgm, block, layers, split in _SGM:
-        m = re.match(rf"^{sgm}_(\d+)_1_(.+)$", name)
+        m = re.match(rf"^{sgm}_(\d+)_1_(.+)\Z", name)
         if m:
             i, j = split(int(m.group(1)))
             if i < 0 or j >= layers:
@@ -487,44 +659,46 @@ def _from_sgm(name: str) -> str:
     return name
 
 
-def _name_tables(model) -> dict[str, tuple[dict[str, str], dict[str, set[str]]]]:
-    """Per component: ({file name or module name: module name}, {that with '.' -> '_': {module names}})
-    over the component's Linear layers and adapters (not the Linear inside an adapter)."""
+def _name_tables(model) -> dict[str, tuple[dict[str, str], dict[str, set[str]], dict[str, tuple[int, int]]]]:
+    """Per component: ({file name or module name: module name}, {that with '.' -> '_': {module names}},
+    {module name: (out, in)}) over the component's Linear layers and adapters (not the Linear inside
+    an adapter)."""
     tables = {}
     for prefix, root in _components(model, "unet"):
         inner = {name + ".base" for name, m in root.named_modules() if isinstance(m, adapters.Adapter)}
-        alias = {}
+        alias, shapes = {}, {}
         for name, m in root.named_modules():
             if isinstance(m, (nn.Linear, adapters.Adapter)) and name not in inner:
                 alias[name] = alias[_file_name(root, name)] = name
+                shapes[name] = (m.out_features, m.in_features)
         under: dict[str, set[str]] = {}
         for key, name in alias.items():
             under.setdefault(key.replace(".", "_"), set()).add(name)
-        tables[prefix] = (alias, under)
+        tables[prefix] = (alias, under, shapes)
     return tables
 
 
-def _kohya_name(component: str, underscored: str, tables: dict, key: str) -> str:
+def _kohya_name(component: str, underscored: str, tables: dict, key: str, path) -> str:
     """The module name of a kohya key's underscored module part (the model's, or SDXL's grammar)."""
     try:
         underscored = _from_sgm(underscored) if component == "unet" else underscored
     except ValueError as e:
-        raise ValueError(f"load_lora: key {key!r}: {e}") from e
+        raise ValueError(f"load_lora: {path}: key {key!r}: {e}") from e
     if component in tables:
         found = tables[component][1].get(underscored, set())
         if len(found) != 1:
             why = "no Linear layer of the model" if not found else f"ambiguous between {sorted(found)}"
-            raise ValueError(f"load_lora: key {key!r} maps to {why} ({component}: {underscored})")
+            raise ValueError(f"load_lora: {path}: key {key!r} maps to {why} ({component}: {underscored})")
         return next(iter(found))
     name = _split_words(underscored)
     grammar = _UNET_NAME if component == "unet" else _TEXT_NAME
     if name is None or not grammar.fullmatch(name):
-        raise ValueError(f"load_lora: key {key!r} is not an SDXL attention/text-encoder layer name; "
+        raise ValueError(f"load_lora: {path}: key {key!r} is not an SDXL attention/text-encoder layer name; "
                          "pass model= to resolve it by the model's module names")
     return name
 
 
-def _parse_key(key: str, tables: dict) -> tuple[str, str, str, bool]:
+def _parse_key(key: str, tables: dict, path) -> tuple[str, str, str, bool]:
     """(component, module name, role A/B/alpha, is kohya) of one LoRA key; ValueError if unknown.
 
     Kohya names come back resolved (by `tables` or the grammar), diffusers names as in the file.
@@ -532,14 +706,14 @@ def _parse_key(key: str, tables: dict) -> tuple[str, str, str, bool]:
     m = _KOHYA_KEY.match(key)
     if m:
         component = _KOHYA_COMPONENT[m.group(1)]
-        return component, _kohya_name(component, m.group(2), tables, key), _ROLE[m.group(3)], True
+        return component, _kohya_name(component, m.group(2), tables, key, path), _ROLE[m.group(3)], True
     name = key.removeprefix("base_model.model.")
     for pattern in (_PEFT_KEY, _OLD_KEY, _PROC_KEY, _OLD_TE_KEY, _ALPHA_KEY):
         m = pattern.match(name)
         if m:
             break
     else:
-        raise ValueError(f"load_lora: key {key!r} is not a (linear) LoRA key this reader knows "
+        raise ValueError(f"load_lora: {path}: key {key!r} is not a (linear) LoRA key this reader knows "
                          "(lora_A/lora_B, lora.down/up, lora_down/lora_up/alpha)")
     if pattern is _PROC_KEY:
         module, role = f"{m.group(1)}.{m.group(2)}" + (".0" if m.group(2) == "to_out" else ""), _ROLE[m.group(3)]
@@ -552,10 +726,21 @@ def _parse_key(key: str, tables: dict) -> tuple[str, str, str, bool]:
     return component, module, role, False
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank/alpha_pattern rule: the first key matching the end of the name ('^' = whole name)."""
+_REGEX_SYNTAX = re.compile(r"[*+?()\[\]{}|$^\\]")
+
+
+def _pattern_value(patterns: dict, module: str, default, where: str):
+    """PEFT's rank/alpha_pattern rule: the first key naming the end of the module name at a dot
+    ('^' first: the whole name). PEFT runs keys as regular expressions; diffusers and export_lora
+    write module names, plain or re.escape'd, and only those are read: compared as text, since a
+    file's own regular expression could backtrack for ever."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        whole = key.startswith("^")
+        if _REGEX_SYNTAX.search(re.sub(r"\\.", "", key[whole:])):
+            raise ValueError(f"{where}: alpha_pattern key {key[:100]!r} is a regular expression; "
+                             "only module names (plain or re.escape'd) are supported")
+        name = re.sub(r"\\(.)", r"\1", key[whole:])
+        if module == name or (not whole and module.endswith("." + name)):
             return value
     return default
 
@@ -571,17 +756,19 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, Tensor]]:
     model: None, an nn.Module (the UNet) or a mapping {component: module}. Kohya's underscored names
         are resolved by the model's module names for the components it has, else by the SDXL grammar
         of attention and text-encoder layers; with a model, every name must exist in it.
-    A key that cannot be mapped, an incomplete pair or a conv (4-D) LoRA raises ValueError.
+    A key that cannot be mapped, an incomplete pair, a conv (4-D) LoRA, factors that are not float16,
+    bfloat16, float32 or float64, or (with a model) factors of another shape than the layer raise
+    ValueError.
     """
     tensors, metadata = _read(path)
     tables = _name_tables(model) if model is not None else {}
-    try:
-        peft_config = json.loads(metadata.get(_DIFFUSERS_METADATA_KEY) or "{}")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: metadata {_DIFFUSERS_METADATA_KEY!r} is not JSON") from e
+    what = f"load_lora: {path}: metadata {_DIFFUSERS_METADATA_KEY!r}"
+    peft_config = _json(metadata.get(_DIFFUSERS_METADATA_KEY) or "{}", what)
+    if not isinstance(peft_config, dict):
+        raise ValueError(f"{what}: expected a JSON object, got {type(peft_config).__name__}")
     groups: dict[tuple[str, str, bool], dict[str, Tensor]] = {}
     for key, value in tensors.items():
-        component, module, role, is_kohya = _parse_key(key, tables)
+        component, module, role, is_kohya = _parse_key(key, tables, path)
         parts = groups.setdefault((component, module, is_kohya), {})
         if role in parts:
             raise ValueError(f"load_lora: {path}: two keys give the {role} of {component}.{module} (e.g. {key!r})")
@@ -594,20 +781,31 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, Tensor]]:
         if "A" not in parts or "B" not in parts:
             raise ValueError(f"{where} lacks its {'A (down)' if 'A' not in parts else 'B (up)'} matrix")
         A, B = parts["A"], parts["B"]
+        if A.dtype not in _FACTOR_DTYPES or B.dtype not in _FACTOR_DTYPES:
+            raise ValueError(f"{where}: A is {A.dtype}, B is {B.dtype}; LoRA factors are float16, bfloat16, "
+                             "float32 or float64")
         if A.ndim != 2 or B.ndim != 2:
             raise ValueError(f"{where}: A {tuple(A.shape)} / B {tuple(B.shape)} are not matrices (conv LoRA?)")
         r = A.shape[0]
-        if B.shape[1] != r:
-            raise ValueError(f"{where}: A is {tuple(A.shape)} but B is {tuple(B.shape)}; ranks differ")
+        if B.shape[1] != r or r == 0:
+            raise ValueError(f"{where}: A is {tuple(A.shape)} but B is {tuple(B.shape)}; ranks differ or are 0")
         scale = _scale(where, parts, r, None if is_kohya else peft_config, component, module)
-        if not is_kohya and component in tables:
-            if module not in tables[component][0]:
-                raise ValueError(f"{where}: the model's {component} has no Linear layer {module!r}")
-            module = tables[component][0][module]
+        if component in tables:
+            if not is_kohya:
+                if module not in tables[component][0]:
+                    raise ValueError(f"{where}: the model's {component} has no Linear layer {module!r}")
+                module = tables[component][0][module]
+            shape = tables[component][2][module]
+            if (B.shape[0], A.shape[1]) != shape:
+                raise ValueError(f"{where}: B A is {(B.shape[0], A.shape[1])}, the model's {component}.{module} "
+                                 f"is (out, in) = {shape}")
         name = f"{component}.{module}"
         if name in out:
             raise ValueError(f"{where}: a second entry for {name}")
-        out[name] = (_fold(B, scale), A)
+        B = _fold(B, scale)
+        if not _finite(B):
+            raise ValueError(f"{where}: B times its scale {scale:g} overflows {B.dtype}")
+        out[name] = (B, A)
     return out
 
 
@@ -615,14 +813,22 @@ def _scale(where: str, parts: dict, r: int, peft_config: dict | None, component:
     """The factor ΔW = scale · B A of one LoRA: alpha / r (kohya, network alphas), else PEFT's
     rule on diffusers' metadata (peft_config None: a kohya entry, which has no such metadata)."""
     if "alpha" in parts:
-        if parts["alpha"].numel() != 1:
-            raise ValueError(f"{where}: alpha has shape {tuple(parts['alpha'].shape)}, expected a scalar")
-        return parts["alpha"].double().item() / r
+        alpha = parts["alpha"]
+        if alpha.numel() != 1 or alpha.dtype == torch.bool:
+            raise ValueError(f"{where}: alpha is {alpha.dtype} of shape {tuple(alpha.shape)}, expected a number")
+        return alpha.double().item() / r
     if peft_config is None or f"{component}.lora_alpha" not in peft_config:
         return 1.0  # no alpha stated: kohya and diffusers both apply B A as is
-    patterns = peft_config.get(f"{component}.alpha_pattern") or {}
-    alpha = _pattern_value(patterns, module, peft_config[f"{component}.lora_alpha"])
-    return alpha / (math.sqrt(r) if peft_config.get(f"{component}.use_rslora") else r)
+    patterns = peft_config.get(f"{component}.alpha_pattern")
+    patterns = {} if patterns is None else patterns
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{where}: metadata {component}.alpha_pattern is not a JSON object")
+    alpha = _pattern_value(patterns, module, peft_config[f"{component}.lora_alpha"], where)
+    rslora = peft_config.get(f"{component}.use_rslora", False)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not isinstance(rslora, bool):
+        raise ValueError(f"{where}: metadata lora_alpha {str(alpha)[:40]} / use_rslora {str(rslora)[:40]} "
+                         "are not a number / a bool")
+    return alpha / (math.sqrt(r) if rslora else r)
 
 
 def _fold(B: Tensor, scale: float) -> Tensor:

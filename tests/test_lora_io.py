@@ -3,9 +3,14 @@
 Models are the tiny random SDXL stand-ins of specops.sdxl (built offline, same seed = same weights);
 adapters sit on a handful of layers to keep the file fast.
 """
+import errno
 import json
 import os
 import re
+import select
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -209,23 +214,107 @@ def test_load_rejects_damaged_and_foreign_files_and_changes_nothing(tmp_path):
     rejects(good, "holds a 'oft' adapter", snapshot=_snapshot(dst))
 
 
-def test_write_is_atomic(tmp_path, monkeypatch):
+def _writers():
+    return {"save_adapters": lora_io.save_adapters, "export_lora": lora_io.export_lora,
+            "export_lora kohya": lambda m, p: lora_io.export_lora(m, p, format="kohya")}
+
+
+@pytest.mark.parametrize("writer", list(_writers()))
+@pytest.mark.parametrize("old_file", [True, False])
+def test_a_writer_that_fails_half_way_leaves_the_old_file(tmp_path, monkeypatch, writer, old_file):
+    """Disk full half-way through: the file at the path is the old one, byte for byte (or there is
+    none), no temp file is left, and the OSError reaches the caller."""
+    write = _writers()[writer]
     unet = sdxl.tiny_unet(0)
-    _inject_loras(unet, LORA_LAYERS[:1])
+    _inject_loras(unet, LORA_LAYERS[:2])
     path = tmp_path / "a.safetensors"
-    lora_io.save_adapters(unet, path)
+    if old_file:
+        write(unet, path)
+        raw = path.read_bytes()
+    real = lora_io.save_file
+
+    def half_then_full(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        data = open(filename, "rb").read()
+        with open(filename, "wb") as f:
+            f.write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lora_io, "save_file", half_then_full)
+    _perturb(_adapters({"unet": unet}), seed=3)  # what would have been written differs from the old file
+    with pytest.raises(OSError) as err:
+        write(unet, path)
+    assert err.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == (["a.safetensors"] if old_file else [])
+    if old_file:
+        assert path.read_bytes() == raw
+
+
+_KILLED_WRITER = """
+import sys, time
+import torch
+from torch import nn
+from safetensors.torch import save
+from specops import lora_io
+from specops.adapters import make_adapter
+
+model = nn.Sequential(nn.Linear(8, 6))
+model[0] = make_adapter("lora", model[0], rank=2)
+
+def half_then_hang(tensors, filename, metadata=None):
+    data = save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data[:len(data) // 2])
+    print("half", flush=True)
+    time.sleep(600)
+
+lora_io.save_file = half_then_hang
+lora_io.save_adapters(model, sys.argv[1])
+"""
+
+
+def test_a_writer_killed_half_way_leaves_the_old_file(tmp_path):
+    """SIGKILL in the middle of a save: the old file is intact. The half-written temp file stays
+    (nothing runs to remove it) as ".a.safetensors.<8 hex>.tmp": hidden, another suffix, never the
+    target's name, and no reader accepts it."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    model[0] = make_adapter("lora", model[0], rank=2)
+    with torch.no_grad():
+        model[0].B.copy_(torch.randn(6, 2, generator=g))
+    path = tmp_path / "a.safetensors"
+    lora_io.save_adapters(model, path)
     raw = path.read_bytes()
 
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(lora_io, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        lora_io.save_adapters(unet, path)
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 600)  # a guard against a hang, not a timing
+        line = proc.stdout.readline() if ready else ""
+        assert line == "half\n", f"the writer did not reach the middle of its save: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
     assert path.read_bytes() == raw
-    assert os.listdir(tmp_path) == ["a.safetensors"]  # no temp file left behind
+    strays = [p for p in os.listdir(tmp_path) if p != path.name]
+    assert len(strays) == 1 and re.fullmatch(r"\.a\.safetensors\.[0-9a-f]{8}\.tmp", strays[0]), strays
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        lora_io.load_adapters(model, tmp_path / strays[0])
+    lora_io.load_adapters(model, path)  # the old file still loads
+
+
+def test_non_finite_adapters_are_not_written(tmp_path):
+    unet = sdxl.tiny_unet(0)
+    lora = _inject_loras(unet, LORA_LAYERS[:1])[LORA_LAYERS[0]]
+    with torch.no_grad():
+        lora.A[0, 0] = float("nan")
+    for write in _writers().values():
+        with pytest.raises(ValueError, match="holds NaN or Inf") as err:
+            write(unet, tmp_path / "a.safetensors")
+        assert LORA_LAYERS[0].replace(".", "_") in str(err.value).replace(".", "_")  # kohya names: underscores
+    assert not os.listdir(tmp_path)
 
 
 def test_save_refuses_what_it_could_not_load(tmp_path):
