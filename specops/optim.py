@@ -33,17 +33,28 @@ groups — are stepped together by ONE call of a registered op (torch.ops.specop
 cayley_adam_step, stiefel_adam_step) that mutates the stacked parameters and state in place:
 cpp (parallel over matrices, each in a per-thread L1/L2 scratch), triton (one program per matrix,
 in registers), cuda (one thread block per matrix, in shared memory), or a batched torch fallback
-for matrices too large for those. The optimiser state lives in persistent stacked (B, ...)
-buffers; each parameter's state entries are views into them, so state_dict()/load_state_dict()
-see ordinary per-parameter tensors (after a load, or when the set of parameters with gradients
-changes, the buffers are rebuilt from those tensors). Parameters are gathered with one
-torch.stack and written back with one torch._foreach_copy_: about 2 x 4 bytes per element,
-negligible next to the step itself, and unlike re-pointing parameters into a shared buffer it
-never changes what a user's tensor is.
+for matrices too large for those. The optimiser state lives in ONE persistent stacked (S, ...)
+buffer per state entry and (shape, dtype, device); each parameter's state entries are views into
+its rows, so state_dict()/load_state_dict() see ordinary per-parameter tensors and the state
+exists once. When every parameter has a gradient (the common case) each launch steps a slice of
+the buffers in place; when only some have, their rows are gathered, stepped and scattered back.
+The buffers are rebuilt from the per-parameter tensors only when a parameter gets its first state
+or after a load, and the old ones are freed. Parameters are gathered with one torch.stack and
+written back with one torch._foreach_copy_: about 2 x 4 bytes per element, negligible next to the
+step itself, and unlike re-pointing parameters into a shared buffer it never changes what a user's
+tensor is.
 fused=False is the per-parameter path, written plainly from the papers with dense torch ops.
+
+skip_nonfinite=True (all three, both paths): a parameter whose gradient holds a NaN or Inf is not
+stepped; it and its state (moments, step count) stay bit-identical, exactly as if its gradient
+were None, and the others step as they would have. Each skip adds 1 to `opt.skipped_steps` and to
+`opt.skipped_by_param[param]` (a collections.Counter; neither is part of the state_dict). The fused
+path tests each bucket's stacked gradients with one isfinite reduction and launches the finite
+ones only. torch.amp.GradScaler needs no flag: its step() skips the whole optimiser on an inf.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import math
 
@@ -145,18 +156,21 @@ def _cayley_adam_step_torch(X, G, m, v, step, lr, beta1, beta2, eps, q, iters):
     v.copy_(va)
 
 
-def _stiefel_adam_step_torch(X, G, Y, P, V, Q, step, lr, beta1, beta2, eps):
+def _stiefel_adam_update(X, G, Y, P, V, Q, bc1, bc2, lr, beta1, beta2, eps):
+    """The StiefelAdam step of every matrix of (..., n, p) X in the accumulation dtype, shared by the
+    fused op's torch kernel and the per-parameter path. Y, P (..., p, p) are the skew moments, V, Q
+    (..., n, p) the normal ones (unused when n == p); bc1, bc2 are 1 - beta^t, Python floats or
+    tensors broadcasting over the batch. Returns the new (X, Y, P, V, Q), V and Q None when n == p."""
     acc = _acc_dtype(X.dtype)
-    B, n, p = X.shape
+    n, p = X.shape[-2:]
     Xa, Ga = X.to(acc), G.to(acc)
-    bc1 = _bias(step, beta1, B).to(acc)
-    bc2 = _bias(step, beta2, B).to(acc)
     A = Xa.mT @ Ga
     xi = A - A.mT
     Ya = beta1 * Y.to(acc) - (1 - beta1) * xi
     Pa = beta2 * P.to(acc) + (1 - beta2) * xi * xi
     step_xi = (lr / bc1) * Ya / ((Pa / bc2).sqrt() + eps)
     Z = Xa + Xa @ step_xi
+    Va = Qa = None
     if n > p:
         N = Ga - Xa @ A
         Va = beta1 * V.to(acc) - (1 - beta1) * N
@@ -164,12 +178,24 @@ def _stiefel_adam_step_torch(X, G, Y, P, V, Q, step, lr, beta1, beta2, eps):
         nu = (lr / bc1) * Va / ((Qa / bc2).sqrt() + eps)
         Z = Z + (nu - Xa @ (Xa.mT @ nu))
     Xn = polar_ns(Z, _ns_tol(n, p, acc))
-    X.copy_(Xn)
-    Y.copy_(Ya)
-    P.copy_(Pa)
     if n > p:
-        V.copy_(Va - Xn @ (Xn.mT @ Va))
-        Q.copy_(Qa)
+        Va = Va - Xn @ (Xn.mT @ Va)  # the normal momentum, projected at the new point
+    return Xn, Ya, Pa, Va, Qa
+
+
+def _copy_back(dst, src):
+    """Write the update's results into the tensors they replace (None: a tall-only moment, square X)."""
+    for d, s in zip(dst, src):
+        if s is not None:
+            d.copy_(s)
+
+
+def _stiefel_adam_step_torch(X, G, Y, P, V, Q, step, lr, beta1, beta2, eps):
+    acc = _acc_dtype(X.dtype)
+    B = X.shape[0]
+    bc1 = _bias(step, beta1, B).to(acc)
+    bc2 = _bias(step, beta2, B).to(acc)
+    _copy_back((X, Y, P, V, Q), _stiefel_adam_update(X, G, Y, P, V, Q, bc1, bc2, lr, beta1, beta2, eps))
 
 
 # ----------------------------------------------------------------------------- fused ops: other backends
@@ -312,14 +338,56 @@ def _(X, G, exp_avg, exp_avg_sq, exp_avg_normal, exp_avg_sq_normal, step, lr, be
 # ----------------------------------------------------------------------------- optimiser base
 
 
+class _Stack:
+    """The state of one (shape, dtype, device) of a fused optimiser, stacked: bufs[k] is (S, ...) and
+    its row i IS state[params[i]][k] (a view), so the state exists once however it is stepped."""
+
+    def __init__(self, params: list[Tensor], bufs: dict[str, Tensor], state):
+        self.params = params
+        self.ids = tuple(map(id, params))
+        self.row = {i: r for r, i in enumerate(self.ids)}
+        self.bufs = bufs
+        for k, buf in bufs.items():
+            views = buf.unbind(0)
+            for q, v in zip(params, views):
+                state[q][k] = v
+        self.first = next(iter(bufs))
+        self.views = [state[q][self.first] for q in params]  # to tell when an entry was replaced
+
+    def locate(self, params, state) -> slice | Tensor | None:
+        """Where `params` are: a slice when they are consecutive rows in order (their state is then
+        stepped in place), else an index tensor (gathered, stepped, scattered back); None when one
+        has no row or its state entry was replaced (a load): the stack must be rebuilt."""
+        if tuple(map(id, params)) == self.ids:  # the common case: every parameter, in order
+            ok = all(state[q].get(self.first) is v for q, v in zip(params, self.views))
+            return slice(0, len(params)) if ok else None
+        rows = []
+        for q in params:
+            i = self.row.get(id(q))
+            if i is None or state[q].get(self.first) is not self.views[i]:
+                return None
+            rows.append(i)
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return slice(rows[0], rows[0] + len(rows))
+        return torch.tensor(rows, device=self.bufs[self.first].device)
+
+    def select(self, rows: slice | Tensor) -> dict[str, Tensor]:
+        if isinstance(rows, slice) and rows == slice(0, len(self.params)):
+            return self.bufs  # every row: no view to make
+        return {k: b[rows] for k, b in self.bufs.items()}
+
+
 class _StiefelOptimizer(torch.optim.Optimizer):
-    """Shared machinery: validation, closure, per-parameter and fused stepping."""
+    """Shared machinery: validation, closure, non-finite skips, per-parameter and fused stepping."""
 
     _HYPER: tuple[str, ...] = ()  # group keys that select the fused launch
 
-    def __init__(self, params, defaults, fused: bool):
+    def __init__(self, params, defaults, fused: bool, skip_nonfinite: bool):
         self.fused = bool(fused)
-        self._fused_cache: dict = {}
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skipped_steps = 0
+        self.skipped_by_param: collections.Counter = collections.Counter()
+        self._fused_cache: dict[tuple, _Stack] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -356,6 +424,10 @@ class _StiefelOptimizer(torch.optim.Optimizer):
     def _state_keys_with_step(self) -> tuple[str, ...]:
         return ()
 
+    def _count_skip(self, param: Tensor) -> None:
+        self.skipped_steps += 1
+        self.skipped_by_param[param] += 1
+
     @torch.no_grad()
     def step(self, closure=None):
         """One optimisation step; `closure` re-evaluates the model and returns the loss."""
@@ -372,6 +444,9 @@ class _StiefelOptimizer(torch.optim.Optimizer):
                         continue
                     if p.grad.is_sparse:
                         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    if self.skip_nonfinite and not bool(torch.isfinite(p.grad).all()):
+                        self._count_skip(p)
+                        continue
                     st = self.state[p]
                     if not st:
                         st.update(self._init_state(p))
@@ -381,7 +456,7 @@ class _StiefelOptimizer(torch.optim.Optimizer):
     # --- fused path
 
     def _step_fused(self):
-        buckets: dict = {}
+        buckets: dict = {}  # (shape, dtype, device) -> {hyper-parameters: [params]}
         for group in self.param_groups:
             hyper = tuple(group[k] for k in self._HYPER)
             for p in group["params"]:
@@ -389,36 +464,58 @@ class _StiefelOptimizer(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                buckets.setdefault((tuple(p.shape), p.dtype, p.device, hyper), []).append(p)
-        for (shape, _, _, hyper), params in buckets.items():
-            bufs = self._stacked_state(shape, params)
+                buckets.setdefault((tuple(p.shape), p.dtype, p.device), {}).setdefault(hyper, []).append(p)
+        for key, by_hyper in buckets.items():
+            shape = key[0]
             n, p = shape[-2:]
-            X = torch.stack(params).view(-1, n, p)
-            G = torch.stack([q.grad for q in params]).view(-1, n, p)
-            self._launch(X, G, bufs, dict(zip(self._HYPER, hyper)))
-            torch._foreach_copy_(params, list(X.view(len(params), *shape).unbind(0)))
+            launches = []
+            for hyper, params in by_hyper.items():
+                G = torch.stack([q.grad for q in params])
+                if self.skip_nonfinite:
+                    params, G = self._finite_only(params, G)
+                if params:
+                    launches.append((hyper, params, G))
+            if not launches:
+                continue
+            stack = self._fused_cache.get(key)
+            where = [stack.locate(ps, self.state) for _, ps, _ in launches] if stack is not None else [None]
+            if any(w is None for w in where):
+                stack = self._restack(key, [q for _, ps, _ in launches for q in ps])
+                where = [stack.locate(ps, self.state) for _, ps, _ in launches]
+            for (hyper, params, G), rows in zip(launches, where):
+                bufs = stack.select(rows)
+                X = torch.stack(params).view(-1, n, p)
+                self._launch(X, G.view(-1, n, p), bufs, dict(zip(self._HYPER, hyper)))
+                if isinstance(rows, Tensor):
+                    for k, b in stack.bufs.items():
+                        b.index_copy_(0, rows, bufs[k])
+                torch._foreach_copy_(params, list(X.view(len(params), *shape).unbind(0)))
 
-    def _stacked_state(self, shape, params) -> dict[str, Tensor]:
-        """Persistent stacked buffers whose slices are the parameters' state entries."""
-        key = (shape, params[0].dtype, params[0].device, tuple(map(id, params)))
-        entry = self._fused_cache.get(key)
-        if entry is not None:
-            bufs, views = entry
-            first = next(iter(views))
-            if all(self.state[q].get(first) is v for q, v in zip(params, views[first])):
-                return bufs
+    def _finite_only(self, params, G):
+        """The parameters whose gradient is finite and their stacked gradients: one isfinite reduction
+        over the bucket's stacked G and one device-to-host sync per bucket; the per-parameter flags
+        come to the host only when some gradient is not finite."""
+        ok = torch.isfinite(G.flatten(1)).all(1)
+        if bool(ok.all()):
+            return params, G
+        keep = ok.tolist()
+        for q, k in zip(params, keep):
+            if not k:
+                self._count_skip(q)
+        return [q for q, k in zip(params, keep) if k], G[ok]
+
+    def _restack(self, key, params) -> _Stack:
+        """A new stacked state for `key` (the old one is freed): `params` first, in order, so that each
+        launch of this step is a slice, then the old stack's other parameters that have state."""
+        stack = self._fused_cache.get(key)
+        stepped = set(map(id, params))
+        order = params + [q for q in (stack.params if stack else ()) if id(q) not in stepped and self.state[q]]
         for q in params:
             if not self.state[q]:
                 self.state[q].update(self._init_state(q))
-        bufs, views = {}, {}
-        for k in self.state[params[0]]:
-            buf = torch.stack([self.state[q][k].to(q.device) for q in params]).contiguous()
-            bufs[k] = buf
-            views[k] = list(buf.unbind(0))
-            for q, v in zip(params, views[k]):
-                self.state[q][k] = v
-        self._fused_cache[key] = (bufs, views)
-        return bufs
+        bufs = {k: torch.stack([self.state[q][k].to(q.device) for q in order]) for k in self.state[params[0]]}
+        stack = self._fused_cache[key] = _Stack(order, bufs, self.state)
+        return stack
 
     def _launch(self, X, G, bufs, h):
         raise NotImplementedError
@@ -444,20 +541,24 @@ class StiefelSGD(_StiefelOptimizer):
         iters: fixed-point Cayley iterations s (2 in the paper).
         eps: guards the norm division.
         fused: step all same-shape matrices in one kernel launch (see the module docstring).
+        skip_nonfinite: leave a parameter whose gradient holds a NaN or Inf untouched, it and its
+            state bit-identical, and count the skip in `skipped_steps` (total) and
+            `skipped_by_param[param]`; False (default) steps it like torch.optim.Adam would.
     State per parameter: "momentum_buffer" (..., n, p).
     """
 
     _HYPER = ("lr", "momentum", "q", "iters", "eps")
 
     def __init__(self, params, lr: float = 1e-2, momentum: float = 0.9, q: float = 0.5, iters: int = CAYLEY_ITERS,
-                 eps: float = 1e-8, *, fused: bool = True):
+                 eps: float = 1e-8, *, fused: bool = True, skip_nonfinite: bool = False):
         if lr < 0:
             raise ValueError(f"lr: expected >= 0, got {lr}")
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum: expected in [0, 1), got {momentum}")
         if q <= 0 or iters < 0 or eps < 0:
             raise ValueError(f"q > 0, iters >= 0, eps >= 0 expected, got q={q}, iters={iters}, eps={eps}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, q=q, iters=int(iters), eps=eps), fused)
+        super().__init__(params, dict(lr=lr, momentum=momentum, q=q, iters=int(iters), eps=eps), fused,
+                         skip_nonfinite)
 
     def _state_shapes(self, batch, n, p):
         return {"momentum_buffer": (*batch, n, p)}
@@ -487,18 +588,19 @@ class CayleyAdam(_StiefelOptimizer):
     Adam's first moment as a matrix, its second moment as one scalar per matrix (||G||_F^2), the
     generator W built from the bias-corrected first moment and divided by sqrt(v^ + eps), the same
     step cap and fixed-point Cayley iterations as StiefelSGD (module docstring).
+    fused, skip_nonfinite: as in StiefelSGD (a skipped parameter's step count does not advance).
     State per parameter: "exp_avg" (..., n, p), "exp_avg_sq" (...), "step" (float64 scalar).
     """
 
     _HYPER = ("lr", "beta1", "beta2", "eps", "q", "iters")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, q: float = 0.5,
-                 iters: int = CAYLEY_ITERS, *, fused: bool = True):
+                 iters: int = CAYLEY_ITERS, *, fused: bool = True, skip_nonfinite: bool = False):
         _check_adam(lr, betas, eps)
         if q <= 0 or iters < 0:
             raise ValueError(f"q > 0 and iters >= 0 expected, got q={q}, iters={iters}")
         super().__init__(params, dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, q=q, iters=int(iters)),
-                         fused)
+                         fused, skip_nonfinite)
 
     def _state_shapes(self, batch, n, p):
         return {"exp_avg": (*batch, n, p), "exp_avg_sq": batch}
@@ -539,15 +641,18 @@ class StiefelAdam(_StiefelOptimizer):
     Adaptive moments of the skew (Lie-algebra) gradient xi = X^T G - G^T X and, for tall
     matrices, of the normal component N = (I - X X^T) G; an Euler step X + X xi^ + nu, then the
     polar retraction by Newton-Schulz (module docstring). Defaults are the SODA authors'.
+    fused, skip_nonfinite: as in StiefelSGD (a skipped parameter's step count does not advance).
     State per parameter: "exp_avg", "exp_avg_sq" (..., p, p); for n > p also "exp_avg_normal",
     "exp_avg_sq_normal" (..., n, p); "step" (float64 scalar).
     """
 
     _HYPER = ("lr", "beta1", "beta2", "eps")
+    _MOMENTS = ("exp_avg", "exp_avg_sq", "exp_avg_normal", "exp_avg_sq_normal")  # Y, P, V, Q
 
-    def __init__(self, params, lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-5, *, fused: bool = True):
+    def __init__(self, params, lr: float = 5e-5, betas=(0.9, 0.999), eps: float = 1e-5, *, fused: bool = True,
+                 skip_nonfinite: bool = False):
         _check_adam(lr, betas, eps)
-        super().__init__(params, dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps), fused)
+        super().__init__(params, dict(lr=lr, beta1=betas[0], beta2=betas[1], eps=eps), fused, skip_nonfinite)
 
     def _state_shapes(self, batch, n, p):
         out = {"exp_avg": (*batch, p, p), "exp_avg_sq": (*batch, p, p)}
@@ -569,32 +674,12 @@ class StiefelAdam(_StiefelOptimizer):
             bufs["step"], h["lr"], h["beta1"], h["beta2"], h["eps"])
 
     def _step_param(self, param, grad, st, group):
-        acc = _acc_dtype(param.dtype)
-        b1, b2, eps, lr = group["beta1"], group["beta2"], group["eps"], group["lr"]
-        n, p = param.shape[-2:]
+        b1, b2 = group["beta1"], group["beta2"]
         st["step"] += 1
         t = st["step"].item()
-        bc1, bc2 = 1 - b1**t, 1 - b2**t
-        X, G = param.to(acc), grad.to(acc)
-        A = X.mT @ G
-        xi = A - A.mT
-        Y = b1 * st["exp_avg"].to(acc) - (1 - b1) * xi
-        P = b2 * st["exp_avg_sq"].to(acc) + (1 - b2) * xi * xi
-        xi_hat = lr / bc1 * Y / ((P / bc2).sqrt() + eps)
-        Z = X + X @ xi_hat
-        if n > p:
-            N = G - X @ A
-            V = b1 * st["exp_avg_normal"].to(acc) - (1 - b1) * N
-            Q = b2 * st["exp_avg_sq_normal"].to(acc) + (1 - b2) * N * N
-            nu = lr / bc1 * V / ((Q / bc2).sqrt() + eps)
-            Z = Z + (nu - X @ (X.mT @ nu))
-        Xn = polar_ns(Z, _ns_tol(n, p, acc))
-        param.copy_(Xn)
-        st["exp_avg"].copy_(Y)
-        st["exp_avg_sq"].copy_(P)
-        if n > p:
-            st["exp_avg_normal"].copy_(V - Xn @ (Xn.mT @ V))
-            st["exp_avg_sq_normal"].copy_(Q)
+        moments = [st.get(k) for k in self._MOMENTS]
+        _copy_back((param, *moments), _stiefel_adam_update(param, grad, *moments, 1 - b1**t, 1 - b2**t, group["lr"],
+                                                           b1, b2, group["eps"]))
 
 
 def _check_adam(lr, betas, eps):
