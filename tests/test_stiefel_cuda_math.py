@@ -4,7 +4,9 @@ csrc/cuda/stiefel_math.cuh holds everything a thread block of csrc/cuda/stiefel.
 matrix; its barrier is a functor. A small harness compiled here with g++ runs that code with a
 block of real std::threads (the thread count the kernel launches with, and an odd one) over a
 shared-memory work area that starts as NaN, and the results are compared with the batched torch
-kernels of specops/optim.py — the oracle of every backend.
+kernels of specops/optim.py — the oracle of every backend. A non-finite gradient in one matrix
+must leave the others bit-identical, also when the next blocks inherit its work area (shared
+memory is not cleared between the blocks an SM runs).
 """
 import ctypes
 import shutil
@@ -61,13 +63,14 @@ struct HostSync {
   void operator()() const { bar->arrive_and_wait(); }
 };
 
-// Every matrix b as one block of nthr threads, as the kernel's grid does.
+// Every matrix b as one block of nthr threads, as the kernel's grid does. The work area starts
+// as NaN; with `inherit` each block gets the previous block's work area as it left it.
 template <StepOp kOp, class IO>
-void run(const StepArgs<typename IO::S>& a, int64_t B, int nthr) {
+void run(const StepArgs<typename IO::S>& a, int64_t B, int nthr, bool inherit) {
   using T = typename IO::T;
-  std::vector<T> smem(nthr + work_elems(kOp, a.n, a.p));
+  std::vector<T> smem(nthr + work_elems(kOp, a.n, a.p), std::numeric_limits<T>::quiet_NaN());
   for (int64_t b = 0; b < B; ++b) {
-    std::fill(smem.begin(), smem.end(), std::numeric_limits<T>::quiet_NaN());
+    if (!inherit) std::fill(smem.begin(), smem.end(), std::numeric_limits<T>::quiet_NaN());
     std::barrier<> bar(nthr);
     std::vector<std::thread> threads;
     for (int t = 0; t < nthr; ++t)
@@ -79,7 +82,7 @@ void run(const StepArgs<typename IO::S>& a, int64_t B, int nthr) {
 template <class IO>
 void host_step(int op, void* X, const void* G, void* m, void* v, void* Y, void* P, void* V, void* Q,
                const double* step, int64_t S, int64_t B, int n, int p, double lr, double beta1, double beta2,
-               double eps, double q, int64_t iters, int nthr) {
+               double eps, double q, int64_t iters, int nthr, int inherit) {
   using St = typename IO::S;
   StepArgs<St> a{};
   a.X = static_cast<St*>(X);
@@ -100,9 +103,9 @@ void host_step(int op, void* X, const void* G, void* m, void* v, void* Y, void* 
   a.eps = eps;
   a.q = q;
   a.iters = iters;
-  if (op == 0) run<StepOp::kSgd, IO>(a, B, nthr);
-  else if (op == 1) run<StepOp::kCayleyAdam, IO>(a, B, nthr);
-  else run<StepOp::kStiefelAdam, IO>(a, B, nthr);
+  if (op == 0) run<StepOp::kSgd, IO>(a, B, nthr, inherit != 0);
+  else if (op == 1) run<StepOp::kCayleyAdam, IO>(a, B, nthr, inherit != 0);
+  else run<StepOp::kStiefelAdam, IO>(a, B, nthr, inherit != 0);
 }
 
 }  // namespace
@@ -110,8 +113,8 @@ void host_step(int op, void* X, const void* G, void* m, void* v, void* Y, void* 
 #define HOST_STEP_ARGS                                                                                         \
   int op, void *X, const void *G, void *m, void *v, void *Y, void *P, void *V, void *Q, const double *step,   \
       int64_t S, int64_t B, int n, int p, double lr, double beta1, double beta2, double eps, double q,        \
-      int64_t iters, int nthr
-#define HOST_STEP_CALL op, X, G, m, v, Y, P, V, Q, step, S, B, n, p, lr, beta1, beta2, eps, q, iters, nthr
+      int64_t iters, int nthr, int inherit
+#define HOST_STEP_CALL op, X, G, m, v, Y, P, V, Q, step, S, B, n, p, lr, beta1, beta2, eps, q, iters, nthr, inherit
 
 extern "C" {
 void step_float32(HOST_STEP_ARGS) { host_step<PlainIO<float>>(HOST_STEP_CALL); }
@@ -148,7 +151,7 @@ def lib(tmp_path_factory):
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
     for name in ("step_float32", "step_float64", "step_bfloat16"):
         getattr(h, name).argtypes = [ctypes.c_int] + [ptr] * 9 + [i64, i64, ctypes.c_int, ctypes.c_int] + [dbl] * 5 + [
-            i64, ctypes.c_int]
+            i64, ctypes.c_int, ctypes.c_int]
         getattr(h, name).restype = None
     h.threads_for.argtypes, h.threads_for.restype = [i64, i64], ctypes.c_int
     h.smem_bytes.argtypes, h.smem_bytes.restype = [ctypes.c_int, i64, i64, ctypes.c_int], ctypes.c_size_t
@@ -194,14 +197,14 @@ def _reference(op, t, h):
                                        h["beta1"], h["beta2"], h["eps"])
 
 
-def _host(lib, op, t, h, nthr):
+def _host(lib, op, t, h, nthr, inherit=False):
     X = t["X"]
     B, n, p = X.shape
     ptr = lambda k: t[k].data_ptr() if k in t and t[k].numel() else None  # noqa: E731
     fn = getattr(lib, f"step_{str(X.dtype).removeprefix('torch.')}")
     fn(OPS[op], ptr("X"), ptr("G"), ptr("M") or ptr("m"), ptr("v"), ptr("Y"), ptr("P"), ptr("V"), ptr("Q"),
        t["step"].data_ptr(), t["step"].numel(), B, n, p, h["lr"], h["beta1"], h["beta2"], h["eps"], h["q"],
-       h["iters"], nthr)
+       h["iters"], nthr, int(inherit))
 
 
 def _check(lib, op, n, p, dtype, nthr=None):
@@ -251,3 +254,24 @@ def test_supported_sizes_fit_sm80(lib):
         for s in range(1, 33):
             assert lib.smem_bytes(op, s, s, 1) <= 99 * 1024, (op, s)
     assert lib.threads_for(64, 64) == 256 and lib.threads_for(4, 4) == 32
+
+
+@pytest.mark.parametrize("inherit", [False, True], ids=["fresh", "inherited"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(40, 6), (8, 8), (13, 5)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("op", OPS)
+def test_block_step_isolates_matrices(lib, op, shape, dtype, inherit):
+    """A NaN / Inf gradient in matrix 0 (whose work area the next blocks inherit) or matrix 2 leaves
+    every other matrix and its state bit-identical to a clean run."""
+    h = HYPER[op]
+    clean = _inputs(op, *shape, dtype)
+    _host(lib, op, clean, h, lib.threads_for(*shape), inherit)
+    for slot, value in [(0, float("nan")), (2, float("inf"))]:
+        dirty = _inputs(op, *shape, dtype)
+        dirty["G"][slot, 1, 0] = value
+        _host(lib, op, dirty, h, lib.threads_for(*shape), inherit)
+        assert not dirty["X"][slot].isfinite().all()
+        keep = [b for b in range(clean["X"].shape[0]) if b != slot]
+        for k, v in clean.items():
+            if k not in ("G", "step") and v.numel():
+                assert torch.equal(dirty[k][keep], v[keep]), f"{op} {shape} {dtype}: {k} changed by matrix {slot}"

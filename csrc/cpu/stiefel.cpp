@@ -27,8 +27,11 @@ namespace {
 
 constexpr int kPolarMaxIter = 30;  // specops.stiefel.POLAR_MAX_ITER
 
-// Every matrix in the scratch has rows padded to ld = a multiple of the vector width, zero in the
-// padding: products run over whole vectors, and zeros stay zeros through every step below.
+// Every matrix in the scratch has rows padded to ld = a multiple of the vector width: products
+// run over whole vectors. Padding columns only ever feed padding columns (a product reads its left
+// operand's real columns only), and every reduction reads real columns only, so what the padding
+// holds never reaches a result. It is still zeroed at each load: a scratch is reused for the next
+// matrix, and NaN * 0 would otherwise carry a non-finite matrix's values into its padding.
 
 // C (n x ld) = alpha A (n x k) B (k x ld), or C += ... when accumulate. Four rows of C per pass
 // keep 4 vector accumulators in registers while B's row vector is reused four times.
@@ -152,11 +155,22 @@ void polar_ns(T* Y, int64_t n, int64_t p, int64_t ld, T tol, T* S, T* Sn, T* Yn)
   }
 }
 
-// rows x p matrix (row stride p) <-> scratch (row stride ld); the padding is never written.
+// rows x p matrix (row stride p) <-> scratch (row stride ld); load zeroes the padding.
 template <typename scalar_t, typename T>
 inline void load(const scalar_t* src, T* dst, int64_t rows, int64_t p, int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i)
+  for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < p; ++j) dst[i * ld + j] = static_cast<T>(src[i * p + j]);
+    std::fill(dst + i * ld + p, dst + (i + 1) * ld, T(0));
+  }
+}
+
+// sum of squares of the real columns of a rows x p block (row stride ld).
+template <typename T>
+T sum_sq(const T* A, int64_t rows, int64_t p, int64_t ld) {
+  T s = 0;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < p; ++j) s += A[i * ld + j] * A[i * ld + j];
+  return s;
 }
 
 template <typename scalar_t, typename T>
@@ -181,8 +195,8 @@ struct Generator {
     std::copy(M, M + n * ld, PM);
     mm_nn(X, t1, PM, n, p, ld, T(-0.5), true);
     mm_tn(X, PM, t2, n, p, ld);
-    T pm2 = 0, tbb = 0;
-    for (int64_t e = 0; e < n * ld; ++e) pm2 += PM[e] * PM[e];
+    const T pm2 = sum_sq(PM, n, p, ld);
+    T tbb = 0;
     for (int64_t i = 0; i < p; ++i)
       for (int64_t j = 0; j < p; ++j) tbb += t2[i * ld + j] * t2[j * ld + i];
     return std::sqrt(std::max(T(0), T(2) * pm2 - T(2) * tbb));
@@ -308,11 +322,8 @@ void cayley_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::Te
       load(Xp + b * np, x, n, p, ld);
       load(mp + b * np, m, n, p, ld);
       load(Gp + b * np, z, n, p, ld);
-      T g2 = 0;
-      for (int64_t e = 0; e < nl; ++e) {
-        m[e] = T(beta1) * m[e] + T(1 - beta1) * z[e];
-        g2 += z[e] * z[e];
-      }
+      const T g2 = sum_sq(z, n, p, ld);
+      for (int64_t e = 0; e < nl; ++e) m[e] = T(beta1) * m[e] + T(1 - beta1) * z[e];
       const T v = T(beta2) * static_cast<T>(vp[b]) + T(1 - beta2) * g2;
       const T r = std::sqrt(v / bc2 + T(eps));
       for (int64_t e = 0; e < nl; ++e) z[e] = m[e] / bc1;  // m^
