@@ -5,12 +5,20 @@ Matrices are (..., n, p) with orthonormal columns (batches broadcast over the le
 - project(X, G, metric): the tangent projection of an ambient G at X,
       euclidean:  G - X sym(X^T G),   sym(A) = (A + A^T) / 2
       canonical:  G - X G^T X          (the Riemannian gradient under the canonical metric)
-- cayley(A) = (I - A/2)^{-1} (I + A/2): orthogonal for skew A (OFT's parametrisation).
+- cayley(A) = (I - A/2)^{-1} (I + A/2) = 2 (I - A/2)^{-1} - I: orthogonal for skew A (OFT's
+  parametrisation). No path factors I - A/2 by a batched LU (on some CPUs MKL's batched LU never
+  returns for n >= ~160 with several threads). For exactly skew A (A^T = -A, as Q - Q^T is),
+  (I - A/2)^{-1} = (I + A/2) C^{-1} with C = (I - A/2)(I + A/2) = I + A^T A / 4 symmetric positive
+  definite: one batched Cholesky, then one step of iterative refinement on M Z = B (M = I - A/2),
+  which brings back the accuracy that forming C (condition number squared) costs. Other matrices
+  of a batch are solved one by one (unbatched LU).
 - retract(X, V, method): a point of St(n, p) near X + V whose derivative along V at V = 0 is V.
       "cayley":      Cay(W) X with the canonical generator W = (P V) X^T - X (P V)^T,
                      P V = V - X (X^T V) / 2, so W X = V for tangent V (Li, Fuxin & Todorovic 2020).
-                     W = U K^T has rank <= 2p (U = [P V, X], K = [X, -P V]), so by Woodbury
-                     Cay(W) X = X + U (I_2p - K^T U / 2)^{-1} K^T X: O(n p^2), not O(n^3).
+                     W lives in span(X, P V): with A = X^T P V and Q2 R2 the QR factors of
+                     P V - X A, Q = [X, Q2] and W = Q What Q^T, What = [[A - A^T, -R2^T], [R2, 0]]
+                     (2p x 2p, exactly skew), so Cay(W) X = Q Cay(What)[:, :p]: O(n p^2), not
+                     O(n^3) (used when n > 2p; else the dense n x n skew solve above).
       "cayley_iter": the paper's fixed-point form, Y = X + W X, twice Y <- X + W (X + Y) / 2.
       "qr":          the Q factor of X + V with a non-negative diagonal of R.
       "polar":       (X + V) ((X + V)^T (X + V))^{-1/2} by Newton-Schulz iterations
@@ -23,9 +31,12 @@ Gradients: project and cayley are differentiable (their backward is itself a reg
         dG = dP - X T,          dX = -dP S - G T
     project (canonical), P = G - X G^T X:
         dG = dP - X dP^T X,     dX = -dP X^T G - G X^T dP
-    cayley, Y = 2 M^{-1} - I with M = I - A/2:   dA = M^{-T} dY M^{-T}.
+    cayley, Y = 2 M^{-1} - I with M = I - A/2:   dA = M^{-T} dY M^{-T} = (I + Y)^T dY (I + Y)^T / 4
+        (M^{-1} = (I + Y)/2: the backward needs Y only, no solve).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -120,9 +131,12 @@ def project_reference(X: Tensor, G: Tensor, metric: str = "euclidean") -> Tensor
 
 
 def cayley_reference(A: Tensor) -> Tensor:
-    """(I - A/2)^{-1} (I + A/2) by a dense solve."""
-    I = _eye(A.shape[-1], A)
-    return torch.linalg.solve(I - 0.5 * A, I + 0.5 * A)
+    """(I - A/2)^{-1} (I + A/2) by dense solves, one matrix at a time (never a batched LU)."""
+    n = A.shape[-1]
+    I = _eye(n, A)
+    flat = A.reshape(math.prod(A.shape[:-2]), n, n)
+    out = [torch.linalg.solve(I - 0.5 * a, I + 0.5 * a) for a in flat]
+    return (torch.stack(out) if out else flat.clone()).reshape(A.shape)
 
 
 def orthogonality_error_reference(X: Tensor) -> Tensor:
@@ -196,18 +210,33 @@ def polar_ns(Y: Tensor, tol: float | None = None, max_iter: int = POLAR_MAX_ITER
     return Y
 
 
+def _skew_solve(A: Tensor, B: Tensor) -> Tensor:
+    """(I - A/2)^{-1} B for exactly skew (..., n, n) A, by the SPD form in the module docstring.
+
+    A non-finite matrix gives a non-finite result for itself only (cholesky_ex does not raise).
+    """
+    I = _eye(A.shape[-1], A)
+    N, M = I + 0.5 * A, I - 0.5 * A
+    L = torch.linalg.cholesky_ex(I + 0.25 * (A.mT @ A))[0]
+    Z = torch.cholesky_solve(N @ B, L)
+    return Z + torch.cholesky_solve(N @ (B - M @ Z), L)  # one refinement step
+
+
 def _cayley_retract(X: Tensor, V: Tensor) -> Tensor:
     n, p = X.shape[-2:]
-    PV = V - 0.5 * X @ (X.mT @ V)
+    X, V = torch.broadcast_tensors(X, V)
+    A = X.mT @ V
+    PV = V - 0.5 * X @ A
     if n <= 2 * p:  # the dense n x n solve is no more expensive than the 2p x 2p one
-        W = PV @ X.mT - X @ PV.mT
-        I = _eye(n, X)
-        return torch.linalg.solve(I - 0.5 * W, (I + 0.5 * W) @ X)
-    U = torch.cat([PV, X.expand_as(PV)], dim=-1)  # n x 2p
-    K = torch.cat([X.expand_as(PV), -PV], dim=-1)  # W = U K^T
-    Kt = K.mT
-    M = _eye(2 * p, X) - 0.5 * (Kt @ U)
-    return X + U @ torch.linalg.solve(M, Kt @ X)
+        Wh = PV @ X.mT
+        return 2.0 * _skew_solve(Wh - Wh.mT, X) - X
+    A = 0.5 * A  # X^T P V = X^T V / 2 (X^T X = I)
+    Q2, R2 = torch.linalg.qr(PV - X @ A)
+    S = A - A.mT
+    Wh = torch.cat([torch.cat([S, -R2.mT], -1), torch.cat([R2, torch.zeros_like(R2)], -1)], -2)
+    E = torch.cat([_eye(p, X).expand_as(S), torch.zeros_like(S)], -2)  # Q^T X = [I; 0]
+    Z = _skew_solve(Wh, E)
+    return 2.0 * (X @ Z[..., :p, :] + Q2 @ Z[..., p:, :]) - X
 
 
 def _cayley_iter_retract(X: Tensor, V: Tensor) -> Tensor:
@@ -324,10 +353,34 @@ def _check_square(A: Tensor) -> None:
         raise ValueError(f"A: expected square (..., n, n) matrices, got shape {tuple(A.shape)}")
 
 
+def _cayley_impl(A: Tensor) -> Tensor:
+    """2 (I - A/2)^{-1} - I per matrix of (..., n, n) A: the SPD path for every matrix, then the
+    matrices that are not exactly skew recomputed one by one (so no matrix's path or result
+    depends on the others)."""
+    n = A.shape[-1]
+    flat = A.reshape(math.prod(A.shape[:-2]), n, n)
+    I = _eye(n, flat)
+    Y = 2.0 * _skew_solve(flat, I.expand_as(flat)) - I
+    general = (flat != -flat.mT).flatten(1).any(1)
+    if bool(general.any()):
+        bad = []
+        for b in general.nonzero().flatten().tolist():
+            a = flat[b]
+            Y[b], info = torch.linalg.solve_ex(I - 0.5 * a, I + 0.5 * a)
+            if info.item() > 0 and bool(a.isfinite().all()):
+                bad.append(b)
+        if bad:
+            raise ValueError(
+                f"A: I - A/2 is singular for matrix {bad[0]} of the flattened batch {tuple(A.shape[:-2])}; "
+                f"the Cayley transform needs it invertible (always so for skew-symmetric A)"
+            )
+    return Y.reshape(A.shape)
+
+
 @torch.library.custom_op("specops::cayley", mutates_args=())
 def _cayley_op(A: Tensor) -> Tensor:
     _check_square(A)
-    return cayley_reference(_acc(A)).to(A.dtype).contiguous()
+    return _cayley_impl(_acc(A)).to(A.dtype).contiguous()
 
 
 @_cayley_op.register_fake
@@ -337,26 +390,25 @@ def _(A):
 
 
 @torch.library.custom_op("specops::cayley_backward", mutates_args=())
-def _cayley_backward_op(grad: Tensor, A: Tensor) -> Tensor:
-    """dA = M^{-T} dY M^{-T}, M = I - A/2."""
-    A_ = _acc(A)
-    Mt = (_eye(A.shape[-1], A_) - 0.5 * A_).mT
-    Z = torch.linalg.solve(Mt, _acc(grad))  # M^{-T} dY
-    return torch.linalg.solve(Mt, Z, left=False).to(A.dtype).contiguous()  # ... M^{-T}
+def _cayley_backward_op(grad: Tensor, Y: Tensor) -> Tensor:
+    """dA = M^{-T} dY M^{-T} = (I + Y)^T dY (I + Y)^T / 4 from the output Y = cayley(A)."""
+    Y_ = _acc(Y)
+    Ht = (Y_ + _eye(Y.shape[-1], Y_)).mT
+    return (0.25 * (Ht @ _acc(grad) @ Ht)).to(Y.dtype).contiguous()
 
 
 @_cayley_backward_op.register_fake
-def _(grad, A):
-    return A.new_empty(A.shape)
+def _(grad, Y):
+    return Y.new_empty(Y.shape)
 
 
 def _cayley_setup(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(output)
 
 
 def _cayley_backward(ctx, grad):
-    (A,) = ctx.saved_tensors
-    return torch.ops.specops.cayley_backward(grad, A)
+    (Y,) = ctx.saved_tensors
+    return torch.ops.specops.cayley_backward(grad, Y)
 
 
 _cayley_op.register_autograd(_cayley_backward, setup_context=_cayley_setup)
@@ -366,8 +418,11 @@ def cayley(A: Tensor) -> Tensor:
     """Cayley transform (I - A/2)^{-1} (I + A/2) of (..., n, n) matrices.
 
     Orthogonal (determinant +1) when A is skew-symmetric; defined whenever I - A/2 is invertible,
-    which a skew A guarantees. Differentiable: dA = M^{-T} dY M^{-T} with M = I - A/2 (the full
-    gradient, not projected onto skew matrices). bf16/fp16 compute in fp32.
+    which a skew A guarantees. Exactly skew matrices (A^T == -A elementwise, e.g. Q - Q^T) take a
+    batched Cholesky path; any other matrix is solved on its own by LU (slower, same result).
+    Differentiable: dA = M^{-T} dY M^{-T} with M = I - A/2 (the full gradient, not projected onto
+    skew matrices), computed from Y without a solve. bf16/fp16 compute in fp32.
+    Raises ValueError for non-square input or a finite A whose I - A/2 is singular.
     """
     return torch.ops.specops.cayley(A)
 

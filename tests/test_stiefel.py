@@ -1,4 +1,7 @@
 """Stiefel manifold ops (project, cayley, retract, orthogonality_error) against float64 oracles."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -239,3 +242,129 @@ def test_compile_fullgraph():
     g2 = torch.autograd.grad(want, (X, G, A))
     for a, b in zip(g1, g2):
         assert torch.allclose(a, b)
+
+
+# ----------------------------------------------------------------------------- no batched LU
+
+
+def test_cayley_skew_batch_large_norm():
+    """The SPD (Cholesky) path with its refinement step keeps LU accuracy for large skew A."""
+    for scale in (0.01, 1.0, 30.0):
+        A = scale * _skew(48, (3,))
+        I = np.eye(48)
+        want = np.stack([scipy.linalg.solve(I - 0.5 * a, I + 0.5 * a) for a in _np(A)])
+        Y = stiefel.cayley(A)
+        assert_rel(Y, torch.from_numpy(want), torch.float64, scale=20.0)
+        assert stiefel.orthogonality_error(Y).max() < 1e-12
+
+
+def test_cayley_general_matrices_one_by_one():
+    """A matrix that is not exactly skew is solved on its own and does not change the others."""
+    A = _skew(6, (4,))
+    general = A.clone()
+    general[1] += torch.randn(6, 6, dtype=torch.float64)  # not skew: LU, unbatched
+    Y, Yg = stiefel.cayley(A), stiefel.cayley(general)
+    assert torch.equal(Yg[[0, 2, 3]], Y[[0, 2, 3]])
+    assert_rel(Yg[1], stiefel.cayley_reference(general[1]), torch.float64, scale=10.0)
+    with pytest.raises(ValueError, match=r"A: I - A/2 is singular for matrix 2"):
+        stiefel.cayley(torch.stack([A[0], A[1], 2 * torch.eye(6, dtype=torch.float64)]))
+
+
+def test_cayley_gradcheck_skew_path():
+    """Q -> cayley(Q - Q^T) stays on the skew (Cholesky) path under gradcheck's perturbations."""
+    Q = 0.5 * torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q: stiefel.cayley(q - q.mT), (Q,))
+
+
+_LU = ("solve", "solve_ex", "inv", "inv_ex", "lu", "lu_factor", "lu_factor_ex", "lu_solve", "det", "slogdet")
+
+
+@pytest.fixture
+def no_batched_lu(monkeypatch):
+    """Any batched LU (the factorisation that hangs MKL on some CPUs) fails the test."""
+    for name in _LU:
+        real = getattr(torch.linalg, name)
+
+        def guard(A, *args, _real=real, _name=name, **kwargs):
+            assert A.dim() == 2, f"torch.linalg.{_name} on a batch {tuple(A.shape)}"
+            return _real(A, *args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, guard)
+    monkeypatch.setattr(torch, "inverse", lambda A, *a, **k: pytest.fail("torch.inverse"))
+
+
+def test_no_batched_lu_on_the_hot_path(no_batched_lu):
+    from specops.adapters import make_adapter
+
+    A = _skew(7, (3,)).requires_grad_()
+    stiefel.cayley(A).sum().backward()
+    X = _point((9, 3), (2,))
+    for method in stiefel.METHODS:
+        for shape in [(9, 3), (5, 3)]:  # Woodbury and dense Cayley
+            X = _point(shape, (2,))
+            stiefel.retract(X, _tangent(X), method)
+    ad = make_adapter("oft", torch.nn.Linear(12, 12))
+    ad(torch.randn(2, 12)).sum().backward()
+    assert ad.Q.grad is not None
+
+
+# Large shapes in a subprocess with 2 threads (the setting in which a batched LU hangs), under a
+# timeout: the script asserts correctness against float64 references computed matrix by matrix.
+_LARGE_SCRIPT = r"""
+import sys
+import torch
+from torch import nn
+import specops
+from specops import stiefel
+torch.set_num_threads(2)
+torch.manual_seed(0)
+what = sys.argv[1]
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+def block_diag_oft(x, W0, b, R):
+    return x @ (W0 @ torch.block_diag(*R)).mT + b
+
+def oft(n):
+    ad = specops.adapters.make_adapter("oft", nn.Linear(n, n))
+    with torch.no_grad():
+        ad.Q.normal_(std=0.02)
+    x = torch.randn(3, n)
+    y = ad(x)
+    (y * y).sum().backward()
+    R = ad.rotation_blocks()
+    assert stiefel.orthogonality_error(R).max() < 1e-4, stiefel.orthogonality_error(R)
+    Q = ad.Q.detach().double().requires_grad_()
+    R64 = stiefel.cayley_reference(Q - Q.mT)
+    y64 = block_diag_oft(x.double(), ad.base.weight.double(), ad.base.bias.double(), R64)
+    (y64 * y64).sum().backward()
+    assert rel(y, y64) < 1e-5, rel(y, y64)
+    assert rel(ad.Q.grad, Q.grad) < 1e-4, rel(ad.Q.grad, Q.grad)
+
+def retract(method):
+    for n, p in [(400, 160), (320, 160)]:  # Woodbury (n > 2p) and dense
+        X = torch.linalg.qr(torch.randn(2, n, p, dtype=torch.float64))[0]
+        V = stiefel.project_reference(X, 0.3 * torch.randn_like(X))
+        Y = stiefel.retract(X, V, method)
+        err = rel(Y, stiefel.retract_reference(X, V, method))
+        assert err < 1e-11, (n, p, err)
+
+for item in sys.argv[1:]:
+    print("start", item, flush=True)
+    oft(int(item[3:])) if item.startswith("oft") else retract(item)
+    print("done", item, flush=True)
+"""
+
+
+@pytest.mark.parametrize("items", [["oft640", "oft1280"], list(stiefel.METHODS)], ids=["oft", "retract"])
+def test_large_shapes_finish_with_two_threads(items):
+    """OFT at SDXL widths (default 4 blocks of 160 / 320) forward and backward, and every
+    retraction on shapes past the size at which a batched LU hangs, finish and are right."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _LARGE_SCRIPT, *items], capture_output=True, text=True,
+                             timeout=600)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"did not finish in {e.timeout} s; progress: {e.stdout}")
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    assert out.stdout.split() == [w for it in items for w in ("start", it, "done", it)]
