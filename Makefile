@@ -10,8 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY         := $(VENV)/bin/python
 PIP        := $(PY) -m pip
 SOURCES    := setup.py pyproject.toml $(shell find csrc specops triton_kernels -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+PY_SOURCES := $(shell git ls-files specops triton_kernels 2>/dev/null)
 
-.PHONY: install demo test test-only bench gpu-check clean
+.PHONY: install demo test test-only bench gpu-check cuda-check test-cuda-build gpu-validate gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -32,7 +33,7 @@ gpu-check: install
 test-only: install
 	$(PY) -m pytest -q
 
-test: gpu-check test-only
+test: gpu-check test-only test-cuda-build
 
 bench: install
 	$(PY) -m specops.bench
@@ -41,5 +42,51 @@ bench: install
 demo: install
 	$(PY) -m specops demo
 
+# --- The CUDA build check (no GPU needed): torch 2.14.1, the CUDA 13.0 wheel on this disk, in its own
+# venv; specops built from a copy of the tree (its own build dir, so the CPU build above is untouched)
+# as a wheel with CUDA kernels for sm_80 and sm_90, installed like a user's, the CUDA kernels checked
+# registered, the installed wheel used from outside the tree, then the test suite against it.
+CUDA_VENV  ?= .venv-cu
+CUDA_TORCH ?= torch==2.14.1
+CUDA_HOME  ?= /usr/local/cuda
+CU_PY      := $(abspath $(CUDA_VENV))/bin/python
+
+$(CUDA_VENV)/.torch:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CU_PY) -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
+	$(CU_PY) -m pip install -q $(CUDA_TORCH)
+	touch $@
+
+$(CUDA_VENV)/.installed: $(CUDA_VENV)/.torch $(SOURCES) $(PY_SOURCES)
+	rm -rf $(CUDA_VENV)/src $(CUDA_VENV)/dist && mkdir -p $(CUDA_VENV)/src
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(CUDA_VENV)/src
+	cd $(CUDA_VENV)/src && CUDA_HOME=$(CUDA_HOME) SPECOPS_CUDA=1 SPECOPS_CUDA_ARCHS="80;90" \
+		$(CU_PY) -m pip wheel -v --no-build-isolation --no-deps -w ../dist . > ../build.log 2>&1 \
+		|| { tail -40 ../build.log; exit 1; }
+	grep "specops build:" $(CUDA_VENV)/build.log
+	$(CU_PY) -m pip install -q --force-reinstall --no-deps $(CUDA_VENV)/dist/specops-*.whl
+	$(CU_PY) -m pip install -q "$$(ls $(CUDA_VENV)/dist/specops-*.whl)[test,bench]"
+	touch $@
+
+cuda-check: $(CUDA_VENV)/.installed
+	cd /tmp && $(CU_PY) -m specops info
+	cd /tmp && $(CU_PY) -c "import specops.sdxl" && $(CU_PY) -m specops bench kron --quick > /dev/null
+	cd /tmp && $(CU_PY) -m specops demo --out /tmp/specops-demo-cu --soda-steps 2 --lora-steps 2 --zip-steps 2 --no-progress > /dev/null
+	SPECOPS_EXPECT_CUDA_KERNELS=1 $(CU_PY) -P -m pytest -q tests/test_build.py
+
+# -P: the installed wheel, not the source tree's specops/, is what the tests import
+test-cuda-build: cuda-check
+	SPECOPS_EXPECT_CUDA_KERNELS=1 $(CU_PY) -P -m pytest -q
+
+# --- On a GPU machine: `make gpu-validate` (DRY_RUN=1 lists the steps; QUICK=1 for the short run).
+# `make gpu-wheels` (here, with network) fetches what the lent GPU image lacks, for its Python 3.12.
+GPU_WHEELS ?= "diffusers>=0.35,<0.43" lycoris-lora==4.1.3 geotorch importlib_metadata toml
+gpu-validate:
+	$(PYTHON) specops/gpu_validate.py $(if $(DRY_RUN),--dry-run) $(if $(QUICK),--quick)
+
+gpu-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d wheels $(GPU_WHEELS)
+
 clean:
-	rm -rf build *.egg-info specops/_C*.so $(VENV) demo_out
+	rm -rf build *.egg-info specops/_C*.so specops/_build_info.json $(VENV) $(CUDA_VENV) demo_out

@@ -5,12 +5,17 @@ Each op family has a module specops.bench.<family> with `cases(quick)`: a list o
 to time, so building every case up front costs no memory. Providers of one shape are timed side
 by side in one run; ratios are taken against the case's `baseline` provider.
 
-Roofline on this machine (shared/DESIGN.md): fp32 GEMM ~140 GFLOP/s, copy ~35 GB/s. A case's
-roofline time is max(bytes / 35 GB/s, flops / 140 GFLOP/s); "roof" is that over the measured time.
+The roof is measured at the start of a run, on the device and threads the run uses (`roof()`: fp32 and
+bf16 GEMM with torch.mm, copy bandwidth), never assumed: the machine differs between sessions. A case's
+roofline time is max(bytes / copy bandwidth, flops / fp32 GEMM rate); "roof" is that over the measured
+time. `run(family, device="cuda")` allocates every input on the GPU (setups draw from `rng()` and the
+default device) and times with CUDA events.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import pkgutil
@@ -18,8 +23,9 @@ import statistics
 import time
 from collections.abc import Callable
 
-PEAK_FLOPS = 140e9
-PEAK_BYTES = 35e9
+import torch
+
+_device = "cpu"  # the device of the run in progress (set by run())
 FAMILIES = tuple(
     m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")
 )  # one module per op family beside this file
@@ -73,23 +79,102 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def device() -> str:
+    """The device the running benchmark allocates on."""
+    return _device
+
+
+def rng(seed: int = 0) -> torch.Generator:
+    """A seeded generator on the benchmark's device (setups draw their inputs from it)."""
+    return torch.Generator(device=_device).manual_seed(seed)
+
+
+def kernel_backends() -> list[str]:
+    """specops's kernel backends that run on the benchmark's device (Triton on CPU only interprets)."""
+    from specops._backend import _why_not
+
+    names = ("cpp",) if _device == "cpu" else ("triton", "cuda")
+    return [b for b in names if _why_not(b, _device) is None]
+
+
+def _sync():
+    if _device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_call(fn: Callable[[], object]) -> float:
+    """Seconds for one call: wall clock on the CPU, CUDA events around it on the GPU."""
+    if _device != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 def timeit(fn: Callable[[], object], min_time: float = 0.3, warmup: int = 2) -> float:
     """Median seconds per call over at least `min_time` seconds and 5 calls, after warm-up."""
     for _ in range(warmup):
         fn()
+    _sync()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < 5 or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        times.append(_time_call(fn))
         if len(times) >= 200:
             break
     return statistics.median(times)
 
 
+@functools.cache
+def roof(dev: str = "cpu") -> dict[str, float]:
+    """This machine's ceilings on `dev`, measured now: fp32 and bf16 GEMM FLOP/s, copy bytes/s."""
+    out = {}
+    with _on(dev):
+        for name, dtype in (("fp32 FLOP/s", torch.float32), ("bf16 FLOP/s", torch.bfloat16)):
+            out[name] = _gemm_rate(dtype, 1280 if dev == "cpu" else 8192)
+        src = torch.empty(64 * 2**20 if dev == "cpu" else 2**30, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        out["copy B/s"] = 2.0 * src.numel() / timeit(lambda: dst.copy_(src), min_time=0.2)  # read + write
+    return out
+
+
+def _gemm_rate(dtype: torch.dtype, k_max: int) -> float:
+    """FLOP/s of torch.mm (3.2k x k @ k x k), k doubled from 128 up to k_max while one product takes
+    under 20 ms: a CPU without native bf16 runs bf16 GEMM ~1000x slower, and must not stall the run."""
+    k = 128
+    while True:
+        a, b = torch.randn(int(3.2 * k), k, dtype=dtype), torch.randn(k, k, dtype=dtype)
+        sec = timeit(lambda: torch.mm(a, b), min_time=0.2 if k >= k_max else 0.0, warmup=1)
+        if k >= k_max or sec > 0.02:
+            return 2.0 * a.shape[0] * k * k / sec
+        k *= 2
+
+
+@contextlib.contextmanager
+def _on(dev: str):
+    global _device
+    prev, _device = _device, dev
+    try:
+        with torch.device(dev):
+            yield
+    finally:
+        _device = prev
+
+
 def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated through torch's CPU allocator while fn() runs (profiler memory events)."""
+    """Peak bytes allocated while fn() runs: torch's CPU allocator (profiler memory events) or CUDA's."""
+    if _device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -104,24 +189,26 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     return peak
 
 
-def run(family: str, quick: bool = False, memory: bool = False) -> list[dict]:
-    """Time every case of `family`; print and return one row per case."""
+def run(family: str, quick: bool = False, memory: bool = False, device: str = "cpu") -> list[dict]:
+    """Time every case of `family` on `device`; return one row per case."""
     mod = importlib.import_module(f"specops.bench.{family}")
+    peak = roof(device)
     rows = []
-    for case in mod.cases(quick):
-        fn = case.setup()
-        sec = timeit(fn)
-        row = {"family": family, "shape": case.shape, "provider": case.provider, "ms": sec * 1e3}
-        if case.flops:
-            row["GFLOP/s"] = case.flops / sec / 1e9
-        if case.bytes:
-            row["GB/s"] = case.bytes / sec / 1e9
-        if case.flops or case.bytes:
-            row["roof"] = max(case.bytes / PEAK_BYTES, case.flops / PEAK_FLOPS) / sec
-        if memory:
-            row["peak MB"] = peak_bytes(fn) / 2**20
-        del fn
-        rows.append(row)
+    with _on(device):
+        for case in mod.cases(quick):
+            fn = case.setup()
+            sec = timeit(fn)
+            row = {"family": family, "shape": case.shape, "provider": case.provider, "ms": sec * 1e3}
+            if case.flops:
+                row["GFLOP/s"] = case.flops / sec / 1e9
+            if case.bytes:
+                row["GB/s"] = case.bytes / sec / 1e9
+            if case.flops or case.bytes:
+                row["roof"] = max(case.bytes / peak["copy B/s"], case.flops / peak["fp32 FLOP/s"]) / sec
+            if memory:
+                row["peak MB"] = peak_bytes(fn) / 2**20
+            del fn
+            rows.append(row)
     baseline = getattr(mod, "BASELINE", None)
     for row in rows:
         ref = [r for r in rows if r["shape"] == row["shape"] and r["provider"] == baseline]

@@ -8,7 +8,7 @@ import torch
 
 import specops
 
-from . import Case
+from . import Case, kernel_backends, rng
 
 BASELINE = "torch"
 # Widths of SDXL layers with SODA's published factorisations, plus a 4-factor case.
@@ -36,15 +36,14 @@ def _providers():
         "einsum": (_einsum, None),
         "torch": (specops.kron_matmul, "torch"),
     }
-    for name in ("cpp", "triton", "cuda"):
-        if specops.available_backends()[name].startswith("available on") and name != "triton":
-            provs[name] = (specops.kron_matmul, name)
+    for name in kernel_backends():
+        provs[name] = (specops.kron_matmul, name)
     return provs
 
 
 def _setup(M, dims, fn, backend, backward):
     def setup():
-        g = torch.Generator().manual_seed(0)
+        g = rng()
         P = math.prod(dims)
         x = torch.randn(M, P, generator=g, requires_grad=backward)
         fs = [torch.linalg.qr(torch.randn(p, p, generator=g))[0].requires_grad_(backward) for p in dims]

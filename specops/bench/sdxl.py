@@ -58,7 +58,7 @@ from torch import nn
 
 from specops import spectral as sp
 
-from . import SDXL_CONTEXT, Case, installed
+from . import SDXL_CONTEXT, Case, installed, rng
 from .spectral import _soda_authors
 
 BASELINE = "authors"  # the "x vs authors" column of specops is the target ratio
@@ -183,7 +183,7 @@ def make_block(shape: BlockShape, seed: int = 0) -> nn.Module:
 
 def make_inputs(shape: BlockShape, seed: int = 0):
     """hidden (requires grad), context, target."""
-    g = torch.Generator().manual_seed(seed)
+    g = rng(seed)
     x = torch.randn(shape.batch, shape.tokens, shape.dim, generator=g).requires_grad_()
     ctx = torch.randn(shape.batch, shape.ctx_tokens, shape.ctx_dim, generator=g)
     target = torch.randn(shape.batch, shape.tokens, shape.dim, generator=g)

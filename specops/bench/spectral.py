@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from specops import spectral as sp
 
-from . import SDXL_LAYERS, Case, sdxl_attention_layers
+from . import SDXL_LAYERS, Case, rng, sdxl_attention_layers
 
 BASELINE = "soda_authors"
 
@@ -53,7 +53,7 @@ PROVIDERS = {"specops": _specops, "soda_authors": _soda_authors, "svdiff": _svdi
 
 def _setup_step(M, n, out, rotated, fn):
     def setup():
-        g = torch.Generator().manual_seed(0)
+        g = rng()
         k = min(out, n)
         U = torch.linalg.qr(torch.randn(out, k, generator=g))[0]
         Vh = torch.linalg.qr(torch.randn(n, k, generator=g))[0].mT.contiguous()
@@ -76,7 +76,7 @@ def _setup_step(M, n, out, rotated, fn):
 
 def _setup_decompose(out, n, method, raw):
     def setup():
-        W = 0.02 * torch.randn(out, n, generator=torch.Generator().manual_seed(0))
+        W = 0.02 * torch.randn(out, n, generator=rng())
         if raw:
             return (lambda: torch.linalg.svd(W, full_matrices=False)) if method == "svd" else (
                 lambda: torch.linalg.qr(W.mT))

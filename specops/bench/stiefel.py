@@ -19,7 +19,7 @@ import torch
 import specops
 from specops import optim
 
-from . import Case, installed, sdxl_attention_layers
+from . import Case, installed, rng, sdxl_attention_layers
 
 BASELINE = "loop"
 FACTORS = {640: (8, 8, 10), 1280: (4, 16, 20), 2048: (4, 8, 64)}
@@ -40,7 +40,7 @@ def sdxl_soda_factors() -> list[tuple[str, int]]:
 
 
 def _problem(dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
+    g = rng()
     sizes = [k for _, k in sdxl_soda_factors()]
     xs = [torch.linalg.qr(torch.randn(k, k, generator=g, dtype=dtype))[0] for k in sizes]
     grads = [1e-2 * torch.randn(k, k, generator=g, dtype=dtype) for k in sizes]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from specops.zip import merger_penalty, merger_penalty_reference, zip_lora_linear
 
-from . import SDXL_LAYERS, Case, sdxl_attention_layers
+from . import SDXL_LAYERS, Case, rng, sdxl_attention_layers
 
 BASELINE = "public"
 RANK = 64
@@ -49,7 +49,7 @@ def _public_branch(x, B_c, A_c, m_c, B_s, A_s, m_s, scale):
 
 def _step_setup(in_f, out_f, tokens, provider, part):
     def setup():
-        gen = torch.Generator().manual_seed(0)
+        gen = rng()
         x, W, b, (B_c, A_c, B_s, A_s), m_c, m_s = _layer_inputs(in_f, out_f, tokens, gen)
         gy = torch.randn(2, tokens // 2, out_f, generator=gen)
         scale = 1.0  # alpha / r
@@ -78,7 +78,7 @@ def _step_setup(in_f, out_f, tokens, provider, part):
 
 def _penalty_setup(provider, kind):
     def setup():
-        gen = torch.Generator().manual_seed(0)
+        gen = rng()
         widths = sdxl_attention_widths()
         mc = [(1 + 0.1 * torch.randn(n, generator=gen)).requires_grad_() for n in widths]
         ms = [(1 + 0.1 * torch.randn(n, generator=gen)).requires_grad_() for n in widths]
