@@ -14,6 +14,7 @@ has them; nothing here downloads anything.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
@@ -244,17 +245,18 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
             raise ValueError("blocks: block-wise selection applies to a UNet, not a text encoder")
         weights = _block_weights(blocks)
     built: dict[str, adapters.Adapter] = {}
-    for name, module in model.named_modules():
-        if not _matches(name, targets):
-            continue
-        if isinstance(module, adapters.Adapter):
-            raise ValueError(f"inject: {name} already holds a {module.method!r} adapter; call remove() first")
-        if not isinstance(module, nn.Linear):
-            continue
-        scale = 1.0 if weights is None else _weight_of(name, weights)
-        if not scale:
-            continue
-        built[name] = adapters.make_adapter(method, module, scale=scale, **options)
+    with _restoring_grad_flags(model):
+        for name, module in model.named_modules():
+            if not _matches(name, targets):
+                continue
+            if isinstance(module, adapters.Adapter):
+                raise ValueError(f"inject: {name} already holds a {module.method!r} adapter; call remove() first")
+            if not isinstance(module, nn.Linear):
+                continue
+            scale = 1.0 if weights is None else _weight_of(name, weights)
+            if not scale:
+                continue
+            built[name] = adapters.make_adapter(method, module, scale=scale, **options)
     if not built:
         raise ValueError(f"inject: no Linear layer of {type(model).__name__} matches targets={targets} and blocks={blocks}")
     return _install(model, built)
@@ -362,7 +364,20 @@ def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str, *, prefix: str
 
 
 def _lora_adapters(modules: dict, lora: Mapping[str, tuple], scale: float = 1.0) -> dict[str, adapters.Adapter]:
-    return {n: adapters.make_adapter("lora", modules[n], init=(B, A), scale=scale) for n, (B, A) in lora.items()}
+    with _restoring_grad_flags(*(modules[n] for n in lora)):
+        return {n: adapters.make_adapter("lora", modules[n], init=(B, A), scale=scale) for n, (B, A) in lora.items()}
+
+
+@contextlib.contextmanager
+def _restoring_grad_flags(*modules: nn.Module):
+    """An adapter freezes its base as it is built; if a later one fails, nothing may stay changed."""
+    flags = {p: p.requires_grad for m in modules for p in m.parameters()}
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
 
 
 def zip_merge(unet: nn.Module, content_lora, style_lora, content_batch: dict, style_batch: dict, *, steps: int = 100,
