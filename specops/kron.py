@@ -92,7 +92,8 @@ def _canon(x: Tensor, factors: Sequence[Tensor], grouped: bool):
     """(G, M, P) view of x with a contiguous last dim and (G, p, q) contiguous factors."""
     G = factors[0].shape[0] if grouped else 1
     fs = [f.contiguous() if grouped else f.unsqueeze(0).contiguous() for f in factors]
-    x3 = x.reshape(G, -1, x.shape[-1])
+    # M spelled out: reshape cannot infer a -1 next to a dim of size 0 (empty batches, G = 0).
+    x3 = x.reshape(G, math.prod(x.shape[1 if grouped else 0 : -1]), x.shape[-1])
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
     return x3, fs
@@ -140,8 +141,8 @@ def _bwd_torch(gy3, x3, fs, need_x, need_factors):
         gt = gy3.reshape(G, N, *(f.shape[2] for f in fs))
         gfs = []
         for i, f in enumerate(fs):
-            u = _chain(x3, fs, skip=i).movedim(2 + i, -1).reshape(G, -1, f.shape[1])
-            g = gt.movedim(2 + i, -1).reshape(G, -1, f.shape[2])
+            u = _chain(x3, fs, skip=i).movedim(2 + i, -1).flatten(1, -2)
+            g = gt.movedim(2 + i, -1).flatten(1, -2)
             gfs.append(u.transpose(1, 2) @ g)
     return gx, gfs
 
@@ -261,10 +262,14 @@ def kron_matmul(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
 
 
 def kron_reference(factors: Sequence[Tensor]) -> Tensor:
-    """A_1 ⊗ ... ⊗ A_k with torch.kron, factor by factor (groups done one by one)."""
-    if factors[0].dim() == 3:
-        return torch.stack([kron_reference([f[g] for f in factors]) for g in range(factors[0].shape[0])])
-    return functools.reduce(torch.kron, factors)
+    """A_1 ⊗ ... ⊗ A_k with torch.kron folded over the factors (vmapped over groups, G = 0 too)."""
+    # torch.kron fails on some transposed inputs ("view size is not compatible"): copy them first.
+    fs = [f.contiguous() for f in factors]
+
+    def fold(*fs):
+        return functools.reduce(torch.kron, fs)
+
+    return torch.func.vmap(fold)(*fs) if fs[0].dim() == 3 else fold(*fs)
 
 
 def _kron_impl(factors: list[Tensor]) -> Tensor:

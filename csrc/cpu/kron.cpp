@@ -265,13 +265,13 @@ std::vector<at::Tensor> factors_as(at::TensorList factors, bool transpose) {
   return out;
 }
 
-// y (G, M, Q) = x (G, M, P) @ kron(A), A given as (G, p_i, q_i) acc_t tensors.
+// y (G, M, Q) = x (G, M, P) @ kron(A), A given as (G, p_i, q_i) acc_t tensors; x and y are not
+// empty (the entry points return early for empty ones).
 template <typename scalar_t, typename acc_t>
 void forward(const at::Tensor& x, const std::vector<at::Tensor>& A, at::Tensor& y) {
   const KronPlan pl = make_plan<acc_t>(x.size(0), x.size(1), A);
   const int64_t nbm = (pl.M + pl.R - 1) / pl.R;
   const int64_t nblocks = pl.G * nbm;
-  if (nblocks == 0 || pl.Q == 0) return;
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
   const int64_t sxg = x.stride(0), sxm = x.stride(1);
@@ -389,8 +389,9 @@ void backward(const at::Tensor& gy, const at::Tensor& x, const std::vector<at::T
 }
 
 void check_inputs(const at::Tensor& x, at::TensorList factors, const char* name) {
-  // A last dim of size 1 may carry any stride (.contiguous() leaves such tensors as they are).
-  TORCH_CHECK_VALUE(x.dim() == 3 && (x.stride(2) == 1 || x.size(2) == 1), name,
+  // A last dim of size 1, or an empty tensor, may carry any stride (.contiguous() leaves such
+  // tensors as they are).
+  TORCH_CHECK_VALUE(x.dim() == 3 && (x.stride(2) == 1 || x.size(2) == 1 || x.numel() == 0), name,
                     ": expected a (G, M, P) tensor with a contiguous last dim, got shape ",
                     x.sizes(), " strides ", x.strides());
   TORCH_CHECK_VALUE(!factors.empty(), "factors: expected at least one factor");
@@ -410,6 +411,8 @@ at::Tensor kron_matmul_fwd_cpu(const at::Tensor& x, at::TensorList factors) {
   check_inputs(x, factors, "x");
   int64_t Q = 1;
   for (const auto& f : factors) Q *= f.size(2);
+  // Nothing to read or nothing to write (the plan divides by every p_i and q_i): y is all zeros.
+  if (x.numel() == 0 || Q == 0) return at::zeros({x.size(0), x.size(1), Q}, x.options());
   // One factor is a plain (batched) GEMM, which nothing here beats.
   if (factors.size() == 1) return at::bmm(x, factors[0]);
   auto y = at::empty({x.size(0), x.size(1), Q}, x.options());
@@ -430,7 +433,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> kron_matmul_bwd_cpu(const at::Te
   check_inputs(x, factors, "x");
   int64_t Q = 1;
   for (const auto& f : factors) Q *= f.size(2);
-  TORCH_CHECK_VALUE(gy.dim() == 3 && (gy.stride(2) == 1 || gy.size(2) == 1) &&
+  TORCH_CHECK_VALUE(gy.dim() == 3 && (gy.stride(2) == 1 || gy.size(2) == 1 || gy.numel() == 0) &&
                         gy.size(0) == x.size(0) &&
                         gy.size(1) == x.size(1) && gy.size(2) == Q &&
                         gy.scalar_type() == x.scalar_type(),
@@ -438,6 +441,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> kron_matmul_bwd_cpu(const at::Te
                     x.scalar_type(), " tensor with a contiguous last dim, got ", gy.sizes(), " ",
                     gy.scalar_type());
   std::vector<at::Tensor> gA;
+  if (x.numel() == 0 || Q == 0) {  // an empty sum: every gradient is zero, as in the forward
+    if (need_factors)
+      for (const auto& f : factors) gA.push_back(at::zeros(f.sizes(), f.options()));
+    return {need_x ? at::zeros(x.sizes(), x.options()) : at::empty({0}, x.options()), gA};
+  }
   if (factors.size() == 1) {  // GEMMs, as in the forward
     const auto& A = factors[0];
     if (need_factors) gA.push_back(at::bmm(x.transpose(1, 2), gy));
