@@ -140,8 +140,8 @@ def merger_penalty_reference(m_c_list: Sequence[Tensor], m_s_list: Sequence[Tens
     """Σ over layers of the per-layer penalty, one layer at a time (the Python loop)."""
     total = 0
     for mc, ms in zip(m_c_list, m_s_list):
-        if kind == "abs_product":
-            total = total + (mc * ms).abs().mean()
+        if kind == "abs_product":  # the mean over a layer without columns counts as 0
+            total = total + (mc * ms).abs().sum() / max(mc.numel(), 1)
         elif kind == "dot":
             total = total + (mc * ms).sum().abs()
         else:
@@ -328,7 +328,18 @@ def _zip_lora_linear_backward_op(
     g2 = _rows(grad_y)
     grads = impl(g2, _rows(x), weight, B_c, A_c, m_c, B_s, A_s, m_s, scale_c, scale_s, need)
     shapes = _grad_shapes(x, weight, B_c, A_c, m_c, B_s, A_s, m_s)
-    return [g.reshape(s).contiguous() if nd else x.new_empty(0) for g, s, nd in zip(grads, shapes, need)]
+    return [_own(g, s) if nd else x.new_empty(0) for g, s, nd in zip(grads, shapes, need)]
+
+
+def _own(g: Tensor, shape) -> Tensor:
+    """g as a contiguous tensor of `shape` that shares memory with no other output of the op.
+
+    The B_c / B_s gradients are column slices of one buffer; a slice that counts as contiguous
+    (out_features = 1, rank 0, no tokens) would come back from .contiguous() as an aliasing view,
+    which a custom op may not return.
+    """
+    g2 = g.reshape(shape)
+    return g2.clone(memory_format=torch.contiguous_format) if g._base is not None else g2.contiguous()
 
 
 def _grad_shapes(x, weight, B_c, A_c, m_c, B_s, A_s, m_s):
@@ -441,7 +452,7 @@ def _penalty_parts(m_c_list, m_s_list, kind):
 def _penalty_fwd_torch(m_c_list, m_s_list, kind):
     mc, ms, lengths, seg, dot, nc, ns = _penalty_parts(m_c_list, m_s_list, kind)
     if kind == "abs_product":
-        return (dot / lengths).sum()
+        return (dot / lengths.clamp_min(1)).sum()
     if kind == "dot":
         return dot.abs().sum()
     return (dot / (nc * ns).clamp_min(_COS_EPS**2).sqrt()).abs().sum()
@@ -451,7 +462,7 @@ def _penalty_bwd_torch(grad, m_c_list, m_s_list, kind):
     mc, ms, lengths, seg, dot, nc, ns = _penalty_parts(m_c_list, m_s_list, kind)
     g = grad.to(mc.dtype)
     if kind == "abs_product":
-        w = (g / lengths)[seg] * torch.sign(mc * ms)
+        w = (g / lengths.clamp_min(1))[seg] * torch.sign(mc * ms)
         return w * ms, w * mc
     if kind == "dot":
         w = (g * torch.sign(dot))[seg]
@@ -532,7 +543,8 @@ def merger_penalty(m_c_list: Sequence[Tensor], m_s_list: Sequence[Tensor], kind:
     """The merger regulariser summed over all layers, in one multi-tensor launch.
 
     With p_l = m_c^l ⊙ m_s^l (layer l has n_l columns):
-        "abs_product": Σ_l mean_j |p_l[j]|        (what the public ZipLoRA code converged to)
+        "abs_product": Σ_l mean_j |p_l[j]|        (what the public ZipLoRA code converged to;
+                                                   a layer with no columns adds 0)
         "dot":         Σ_l |Σ_j p_l[j]|           (the paper's equation Σ |m_c · m_s|)
         "cosine":      Σ_l |cos(m_c^l, m_s^l)|    (the paper's wording; |m_c|·|m_s| clamped at 1e-8).
           Its gradient is zero whenever m_c^l ∥ m_s^l, so at the usual all-ones start it does not

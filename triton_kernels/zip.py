@@ -213,7 +213,9 @@ def zip_lora_linear_fwd(x2, weight, bias, B_c, A_c, m_c, B_s, A_s, m_s, scale_c,
     if weight is not None:
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
     elif bias is not None:
-        y = bias.expand(T, N).contiguous()
+        # repeat, not expand().contiguous(): for T <= 1 that is a view of bias, which the kernel
+        # would then accumulate into (and an op output may not alias an input).
+        y = bias.repeat(T, 1)
     else:
         y = x2.new_empty(T, N)
     if T == 0 or N == 0:
