@@ -499,7 +499,8 @@ class _Spectral(_Rebuild):
     def _forward(self, x):
         bias = self.base.bias
         cd = self.delta.dtype
-        y = self._layer(x.to(cd), None if bias is None else bias.to(cd)).to(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):  # the spectral ops take one dtype: cd
+            y = self._layer(x.to(cd), None if bias is None else bias.to(cd)).to(x.dtype)
         return y if self.scale == 1.0 else torch.lerp(self.base(x), y, self.scale)
 
 

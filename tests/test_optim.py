@@ -473,9 +473,6 @@ def test_grad_scaler(name, fused):
             assert all(torch.equal(p, r) for p, r in zip(params, ref))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="SODA/SVDiff adapters under CPU autocast: the spectral ops get bf16 operands and "
-                          "reject them (specops.adapters._Spectral._forward runs its fp32 compute inside autocast)")
 def test_grad_scaler_bf16_soda_training():
     """GradScaler training of a SODA model with bf16 autocast on CPU runs and skips inf steps."""
     torch.manual_seed(14)
