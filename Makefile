@@ -12,7 +12,7 @@ PIP        := $(PY) -m pip
 SOURCES    := setup.py pyproject.toml $(shell find csrc specops triton_kernels -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PY_SOURCES := $(shell git ls-files specops triton_kernels 2>/dev/null)
 
-.PHONY: install demo test test-only bench gpu-check cuda-check test-cuda-build gpu-validate gpu-wheels clean
+.PHONY: install demo test test-only bench gpu-check gpu-check-triton cuda-check test-cuda-build gpu-validate gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -30,10 +30,15 @@ install: $(VENV)/.installed
 gpu-check: install
 	$(PY) -m specops.gpu_check
 
-test-only: install
-	$(PY) -m pytest -q
+# make test compiles the CUDA kernels once, in the CUDA build check, and reads ptxas's report there
+gpu-check-triton: install
+	$(PY) -m specops.gpu_check --no-cuda
 
-test: gpu-check test-only test-cuda-build
+# -n auto (pytest-xdist): most cases are small, so one single-threaded worker per core is faster
+test-only: install
+	$(PY) -m pytest -q -n auto
+
+test: gpu-check-triton test-only test-cuda-build
 
 bench: install
 	$(PY) -m specops.bench
@@ -73,10 +78,11 @@ cuda-check: $(CUDA_VENV)/.installed
 	cd /tmp && $(CU_PY) -c "import specops.sdxl" && $(CU_PY) -m specops bench kron --quick > /dev/null
 	cd /tmp && $(CU_PY) -m specops demo --out /tmp/specops-demo-cu --soda-steps 2 --lora-steps 2 --zip-steps 2 --no-progress > /dev/null
 	SPECOPS_EXPECT_CUDA_KERNELS=1 $(CU_PY) -P -m pytest -q tests/test_build.py
+	$(CU_PY) -P -m specops.gpu_check --no-triton --ptxas-log $(CUDA_VENV)/build.log
 
 # -P: the installed wheel, not the source tree's specops/, is what the tests import
 test-cuda-build: cuda-check
-	SPECOPS_EXPECT_CUDA_KERNELS=1 $(CU_PY) -P -m pytest -q
+	SPECOPS_EXPECT_CUDA_KERNELS=1 $(CU_PY) -P -m pytest -q -n auto
 
 # --- On a GPU machine: `make gpu-validate` (DRY_RUN=1 lists the steps; QUICK=1 for the short run).
 # `make gpu-wheels` (here, with network) fetches what the lent GPU image lacks, for its Python 3.12.

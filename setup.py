@@ -129,7 +129,7 @@ def _extensions():
         archs = [a for a in os.environ.get("SPECOPS_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a]
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
-        nvcc = ["-O3", f"-std={CXX_STD}", "-lineinfo"] + gencode
+        nvcc = ["-O3", f"-std={CXX_STD}", "-lineinfo", "-Xptxas=-v"] + gencode  # -v: registers, spills
         ext_args["sources"] += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_glue.cpp"))
         ext_args["extra_compile_args"]["nvcc"] = nvcc
         ext_args["define_macros"] = [("SPECOPS_WITH_CUDA", None)]

@@ -131,9 +131,15 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", nargs="+", type=int, default=[80, 90])
     ap.add_argument("--csrc", type=Path, default=Path(__file__).resolve().parents[1] / "csrc")
     ap.add_argument("--no-cuda", action="store_true", help="skip the nvcc part")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton part")
+    ap.add_argument("--ptxas-log", type=Path,
+                    help="read the CUDA rows from the ptxas -v output in this build log (the extension's own "
+                         "build, which passes -Xptxas=-v) instead of compiling csrc/cuda again")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
 
+    if args.ptxas_log:
+        args.no_cuda = True
     nvcc = _find("nvcc")
     if not args.no_cuda and nvcc is None:
         print("gpu-check: nvcc not found (set CUDA_HOME or pass --no-cuda)", file=sys.stderr)
@@ -145,9 +151,11 @@ def main(argv=None) -> int:
             pool.submit(_compile_cuda, cu, args.arch, nvcc, args.csrc)
             for cu in sorted((args.csrc / "cuda").glob("*.cu"))
         ]
-        rows = [r for family, spec in _triton_specs() for arch in args.arch
-                for r in _compile_triton(family, spec, arch)]
+        rows = [] if args.no_triton else [r for family, spec in _triton_specs() for arch in args.arch
+                                          for r in _compile_triton(family, spec, arch)]
         rows += [r for j in cuda_jobs for r in j.result()]
+    if args.ptxas_log:
+        rows += [{**r, "kernel": f"cuda/build:{r['kernel']}"} for r in _parse_ptxas(args.ptxas_log.read_text())]
 
     failed = 0
     print(f"{'kernel':<60} {'arch':<6} {'regs':>5} {'spill B':>8} {'smem B':>7} {'dyn smem':>8}")

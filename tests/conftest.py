@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: the cores are shared between the N workers
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 import specops  # noqa: E402
 from helpers import CPU_BACKENDS  # noqa: E402
 
