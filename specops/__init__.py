@@ -7,7 +7,8 @@ specops never initialises CUDA and works without the C++ extension or Triton.
 from . import adapters, optim, stiefel
 from ._build import show_build
 from ._version import __version__
-from ._backend import available_backends, backend
+from ._backend import backend
+from ._registry import BackendError, available_backends, last_backend
 from .kron import kron, kron_matmul, kron_matmul_reference, kron_reference
 from .optim import CayleyAdam, StiefelAdam, StiefelSGD
 from .spectral import (
@@ -41,6 +42,8 @@ from .zip import (
 __all__ = [
     "__version__",
     "available_backends",
+    "BackendError",
+    "last_backend",
     "show_build",
     "backend",
     "kron",

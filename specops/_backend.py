@@ -2,8 +2,9 @@
 
 Defaults per device: CPU -> "cpp" when the extension is built, else "torch"; CUDA -> "triton"
 when Triton is installed, else "cuda" when the extension has CUDA kernels, else "torch".
-`backend(name)` (a context manager) or the environment variable SPECOPS_BACKEND force one; an op
-that has no kernel for the forced backend runs its device default. Triton kernels run on CPU
+`backend(name)` (a context manager) or the environment variable SPECOPS_BACKEND force one; what an
+op does with a forced backend it lacks (raise, or with fallback=True / SPECOPS_BACKEND_FALLBACK=1 run
+its device default) is the registry's rule (specops._registry.choose). Triton kernels run on CPU
 tensors only under TRITON_INTERPRET=1 (set before triton is imported): that is how tests run them.
 
 Nothing here initialises CUDA or fails when the extension or Triton is missing.
@@ -19,7 +20,7 @@ import os
 
 BACKENDS = ("torch", "cpp", "triton", "cuda")
 
-_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("specops_backend", default=None)
+_forced: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar("specops_backend", default=None)
 
 
 def _load_extension() -> str | None:
@@ -105,37 +106,28 @@ def available_backends() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def backend(name: str):
-    """Force backend `name` for ops called inside the block (nested blocks: innermost wins)."""
+def backend(name: str, fallback: bool = False):
+    """Force backend `name` for ops called inside the block (nested blocks: innermost wins).
+
+    An op that does not declare `name`, or whose `name` kernel refuses the inputs, raises
+    specops.BackendError — unless fallback=True, which runs the op's device default instead.
+    """
     if name not in BACKENDS:
         raise ValueError(f"backend: unknown backend {name!r}; expected one of {BACKENDS}")
-    token = _forced.set(name)
+    token = _forced.set((name, bool(fallback)))
     try:
         yield
     finally:
         _forced.reset(token)
 
 
-def _default(device_type: str, implemented) -> str:
-    order = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}.get(device_type, ("torch",))
-    for name in order:
-        if name in implemented and _why_not(name, device_type) is None:
-            return name
-    return "torch"
-
-
-def choose(device_type: str, implemented) -> str:
-    """The backend an op with kernels for `implemented` backends runs on `device_type` tensors.
-
-    A forced backend (context manager, then SPECOPS_BACKEND) that cannot run here raises a
-    RuntimeError that says why; one the op does not implement gives the device default.
-    """
-    forced = _forced.get() or os.environ.get("SPECOPS_BACKEND") or None
-    if forced is not None and forced in implemented:
-        why = _why_not(forced, device_type)
-        if why is not None:
-            raise RuntimeError(f"specops backend {forced!r} cannot run on {device_type}: {why}")
-        return forced
-    if forced is not None and forced not in BACKENDS:
-        raise ValueError(f"SPECOPS_BACKEND: unknown backend {forced!r}; expected one of {BACKENDS}")
-    return _default(device_type, implemented)
+def forced() -> tuple[str | None, bool]:
+    """(forced backend or None, fallback allowed): the innermost `backend` block, else SPECOPS_BACKEND
+    (with SPECOPS_BACKEND_FALLBACK=1 for fallback)."""
+    f = _forced.get()
+    if f is not None:
+        return f
+    name = os.environ.get("SPECOPS_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"SPECOPS_BACKEND: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name, os.environ.get("SPECOPS_BACKEND_FALLBACK", "0") == "1"

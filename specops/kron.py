@@ -24,16 +24,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _backend
+from ._constants import FLOAT_DTYPES, acc_dtype
+from ._registry import Kernel, declare, triton_module
 
 __all__ = ["kron_matmul", "kron", "kron_matmul_reference", "kron_reference"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation dtype of every op: float64 for float64, float32 for the rest."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# The old private names, kept for the modules that import them from here.
+_FLOAT_DTYPES, _acc_dtype = FLOAT_DTYPES, acc_dtype
 
 
 def _check_factors(factors: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> bool:
@@ -53,16 +50,15 @@ def _check_factors(factors: Sequence[Tensor], dtype: torch.dtype, device: torch.
                 f"factors[{i}]: expected {ndim}-D like factors[0] ("
                 f"{'(G, p, q)' if grouped else '(p, q)'}), got shape {tuple(f.shape)}"
             )
-        if grouped and f.shape[0] != factors[0].shape[0]:
-            raise ValueError(
-                f"factors[{i}]: group count G={f.shape[0]} != G={factors[0].shape[0]} of factors[0]"
-            )
+        if grouped:
+            torch._check_with(ValueError, f.shape[0] == factors[0].shape[0], lambda: (
+                f"factors[{i}]: group count G={f.shape[0]} != G={factors[0].shape[0]} of factors[0]"))
         if f.dtype != dtype:
             raise ValueError(f"factors[{i}]: dtype {f.dtype} != {dtype}")
         if f.device != device:
             raise ValueError(f"factors[{i}]: device {f.device} != {device}")
-    if dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"expected a floating dtype {_FLOAT_DTYPES}, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"expected a floating dtype {FLOAT_DTYPES}, got {dtype}")
     return grouped
 
 
@@ -70,17 +66,15 @@ def _check(x: Tensor, factors: Sequence[Tensor]) -> bool:
     """Validate kron_matmul inputs; returns whether the call is grouped. Raises ValueError."""
     grouped = _check_factors(factors, x.dtype, x.device)
     P = math.prod(f.shape[-2] for f in factors)
-    if x.dim() < (2 if grouped else 1) or x.shape[-1] != P:
-        dims = " x ".join(str(f.shape[-2]) for f in factors)
-        raise ValueError(
-            f"x: last dim must equal the product of the factors' rows {dims} = {P}, "
-            f"got x of shape {tuple(x.shape)}"
-        )
-    if grouped and x.shape[0] != factors[0].shape[0]:
-        raise ValueError(
+    if x.dim() < (2 if grouped else 1):
+        raise ValueError(f"x: expected at least {2 if grouped else 1} dims, got shape {tuple(x.shape)}")
+    torch._check_with(ValueError, x.shape[-1] == P, lambda: (
+        f"x: last dim must equal the product of the factors' rows "
+        f"{' x '.join(str(f.shape[-2]) for f in factors)} = {P}, got x of shape {tuple(x.shape)}"))
+    if grouped:
+        torch._check_with(ValueError, x.shape[0] == factors[0].shape[0], lambda: (
             f"x: grouped factors have G={factors[0].shape[0]} groups, so x must be (G, ..., {P}); "
-            f"got x of shape {tuple(x.shape)}"
-        )
+            f"got x of shape {tuple(x.shape)}"))
     return grouped
 
 
@@ -159,67 +153,59 @@ def _bwd_ext(gy3, x3, fs, need_x, need_factors):
     return (gx if need_x else None), (list(gfs) if need_factors else None)
 
 
-@functools.cache
-def _triton():
-    from .triton_kernels import kron as mod
-
-    return mod
-
-
 def _fwd_triton(x3, fs):
-    return _triton().kron_matmul_fwd(x3.contiguous(), fs)
+    return triton_module("kron").kron_matmul_fwd(x3.contiguous(), fs)
 
 
 def _bwd_triton(gy3, x3, fs, need_x, need_factors):
-    return _triton().kron_matmul_bwd(gy3.contiguous(), x3.contiguous(), fs, need_x, need_factors)
-
-
-_FWD = {"torch": _fwd_torch, "cpp": _fwd_ext, "cuda": _fwd_ext, "triton": _fwd_triton}
-_BWD = {"torch": _bwd_torch, "cpp": _bwd_ext, "cuda": _bwd_ext, "triton": _bwd_triton}
+    return triton_module("kron").kron_matmul_bwd(gy3.contiguous(), x3.contiguous(), fs, need_x, need_factors)
 
 
 # ----------------------------------------------------------------------------- the ops
 
 
-@torch.library.custom_op("specops::kron_matmul", mutates_args=())
-def _kron_matmul_op(x: Tensor, factors: list[Tensor]) -> Tensor:
-    grouped = _check(x, factors)
-    x3, fs = _canon(x, factors, grouped)
-    impl = _FWD[_backend.choose(x.device.type, _FWD)]
-    return impl(x3, fs).reshape(_out_shape(x, factors))
+def _forward(kernel):
+    """The op's kernel for a backend kernel on (G, M, P) rows and (G, p, q) factors."""
+
+    def run(x, factors):
+        x3, fs = _canon(x, factors, factors[0].dim() == 3)
+        return kernel(x3, fs).reshape(_out_shape(x, factors))
+
+    return run
 
 
-@_kron_matmul_op.register_fake
-def _(x, factors):
-    _check(x, factors)
-    return x.new_empty(_out_shape(x, factors))
+def _backward_kernel(kernel):
+    """The backward op's kernel: [grad_x (empty unless need_x), *grad_factors (only when need_factors)]."""
+
+    def run(grad_y, x, factors, need_x, need_factors):
+        x3, fs = _canon(x, factors, factors[0].dim() == 3)
+        gy3 = grad_y.reshape(x3.shape[0], x3.shape[1], math.prod(f.shape[-1] for f in factors))
+        if gy3.stride(-1) != 1:
+            gy3 = gy3.contiguous()
+        gx, gfs = kernel(gy3, x3, fs, need_x, need_factors)
+        out = [gx.reshape(x.shape) if need_x else x.new_empty(0)]
+        if need_factors:
+            out += [g.reshape(f.shape).to(f.dtype) for g, f in zip(gfs, factors)]
+        return out
+
+    return run
 
 
-@torch.library.custom_op("specops::kron_matmul_backward", mutates_args=())
-def _kron_matmul_backward_op(
-    grad_y: Tensor, x: Tensor, factors: list[Tensor], need_x: bool, need_factors: bool
-) -> list[Tensor]:
-    """[grad_x (empty unless need_x), *grad_factors (only when need_factors)]."""
-    grouped = _check(x, factors)
-    x3, fs = _canon(x, factors, grouped)
-    gy3 = grad_y.reshape(x3.shape[0], x3.shape[1], math.prod(f.shape[-1] for f in factors))
-    if gy3.stride(-1) != 1:
-        gy3 = gy3.contiguous()
-    impl = _BWD[_backend.choose(x.device.type, _BWD)]
-    gx, gfs = impl(gy3, x3, fs, need_x, need_factors)
-    out = [gx.reshape(x.shape) if need_x else x.new_empty(0)]
-    if need_factors:
-        out += [g.reshape(f.shape).to(f.dtype) for g, f in zip(gfs, factors)]
-    return out
-
-
-@_kron_matmul_backward_op.register_fake
-def _(grad_y, x, factors, need_x, need_factors):
-    _check(x, factors)
+def _backward_fake(grad_y, x, factors, need_x, need_factors):
     out = [x.new_empty(x.shape) if need_x else x.new_empty(0)]
     if need_factors:
         out += [f.new_empty(f.shape) for f in factors]
     return out
+
+
+declare(
+    "kron_matmul_backward",
+    "(Tensor grad_y, Tensor x, Tensor[] factors, bool need_x, bool need_factors) -> Tensor[]",
+    kernels={"torch": _backward_kernel(_bwd_torch), "cpp": _backward_kernel(_bwd_ext),
+             "cuda": _backward_kernel(_bwd_ext), "triton": _backward_kernel(_bwd_triton)},
+    check=lambda grad_y, x, factors, need_x, need_factors: _check(x, factors),
+    fake=_backward_fake,
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -233,19 +219,35 @@ def _backward(ctx, grad_y):
     x, *factors = ctx.saved_tensors
     if not (ctx.need_x or ctx.need_factors):
         return None, [None] * len(factors)
-    out = torch.ops.specops.kron_matmul_backward(
-        grad_y, x, factors, ctx.need_x, ctx.need_factors
-    )
+    out = torch.ops.specops.kron_matmul_backward(grad_y, x, factors, ctx.need_x, ctx.need_factors)
     grad_x = out[0] if ctx.need_x else None
     grad_factors = list(out[1:]) if ctx.need_factors else [None] * len(factors)
     return grad_x, grad_factors
 
 
-_kron_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+def _samples(device, dtype):
+    """Plain and grouped calls with 1-3 factors, square and not, q = 1 included."""
+    out = []
+    for shapes in ([(3, 5)], [(7, 2), (5, 1)], [(2, 2), (3, 5), (4, 4)]):
+        for lead in ((), (3,)):
+            x = torch.randn(*lead, 5, math.prod(p for p, _ in shapes), device=device, dtype=dtype)
+            out.append((x, [torch.randn(*lead, p, q, device=device, dtype=dtype) for p, q in shapes]))
+    return out
 
 
-def kron_matmul(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
-    """y = x @ (A_1 ⊗ A_2 ⊗ ... ⊗ A_k), never forming the (P, Q) product.
+kron_matmul = declare(
+    "kron_matmul",
+    "(Tensor x, Tensor[] factors) -> Tensor",
+    kernels={"torch": _forward(_fwd_torch), "cpp": _forward(_fwd_ext), "cuda": _forward(_fwd_ext),
+             "triton": _forward(_fwd_triton)},
+    check=_check,
+    fake=lambda x, factors: x.new_empty(_out_shape(x, factors)),
+    reference=lambda x, factors: kron_matmul_reference(x, factors),
+    backward="kron_matmul_backward",
+    setup_context=_setup_context,
+    backward_fn=_backward,
+    samples=_samples,
+    doc="""y = x @ (A_1 ⊗ A_2 ⊗ ... ⊗ A_k), never forming the (P, Q) product.
 
     Args:
         x: (..., P) with P = ∏ p_i; grouped: (G, ..., P).
@@ -257,8 +259,8 @@ def kron_matmul(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
     Differentiable in x and every factor (no double backward). Raises ValueError on an empty
     factor list, factors that are not 2-D (3-D grouped), ∏ p_i != x.shape[-1], a G mismatch, or
     mixed dtypes/devices. Backend: see `specops.backend`.
-    """
-    return torch.ops.specops.kron_matmul(x, list(factors))
+    """,
+)
 
 
 def kron_reference(factors: Sequence[Tensor]) -> Tensor:
@@ -284,17 +286,27 @@ def _kron_impl(factors: list[Tensor]) -> Tensor:
     return out
 
 
-torch.library.define("specops::kron", "(Tensor[] factors) -> Tensor")
-torch.library.impl("specops::kron", "CompositeImplicitAutograd")(_kron_impl)
-
-
-def kron(factors: Sequence[Tensor]) -> Tensor:
-    """The materialised product A_1 ⊗ ... ⊗ A_k (for export and merging); grouped (G, p, q) too.
-
-    Shape (∏ p_i, ∏ q_i), or (G, ∏ p_i, ∏ q_i) for grouped factors. Differentiable. Equal to
-    torch.kron folded over the factors, and kron_matmul(x, factors) == x @ kron(factors).
-    """
+def _check_kron(factors):
     if not isinstance(factors, (list, tuple)) or len(factors) == 0:
         raise ValueError("factors: expected a non-empty list of matrices, got an empty list")
     _check_factors(factors, factors[0].dtype, factors[0].device)
-    return torch.ops.specops.kron(list(factors))
+
+
+def _kron_samples(device, dtype):
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    return [([mk(2, 3)],), ([mk(2, 3), mk(3, 1), mk(2, 2)],), ([mk(4, 2, 3), mk(4, 2, 2)],)]
+
+
+kron = declare(
+    "kron",
+    "(Tensor[] factors) -> Tensor",
+    composite=_kron_impl,
+    check=_check_kron,
+    reference=lambda factors: kron_reference(factors),
+    samples=_kron_samples,
+    doc="""The materialised product A_1 ⊗ ... ⊗ A_k (for export and merging); grouped (G, p, q) too.
+
+    Shape (∏ p_i, ∏ q_i), or (G, ∏ p_i, ∏ q_i) for grouped factors. Differentiable. Equal to
+    torch.kron folded over the factors, and kron_matmul(x, factors) == x @ kron(factors).
+    """,
+)

@@ -205,21 +205,33 @@ def test_import_is_lean_and_works_without_extension():
 
 
 def test_env_var_and_context_manager_choose_backend():
-    from specops import _backend
+    from types import SimpleNamespace
 
+    from specops import _registry
+
+    op = _registry.OPS["kron_matmul"]
+    args = (torch.randn(2, 4), [torch.randn(4, 4)])
+    torch_only = SimpleNamespace(name="torch_only", kernels={"torch": _registry.Kernel(None)})
     with specops.backend("torch"):
-        assert _backend.choose("cpu", {"torch": 0, "cpp": 0}) == "torch"
+        assert _registry.choose(op, args) == "torch"
         with specops.backend("cpp"):
-            inner = _backend.choose("cpu", {"torch": 0, "cpp": 0})
+            inner = _registry.choose(op, args)
     if "cpp" in CPU_BACKENDS:
         assert inner == "cpp"
-        assert _backend.choose("cpu", {"torch": 0, "cpp": 0}) == "cpp"  # the CPU default
-    assert _backend.choose("cpu", {"torch": 0}) == "torch"  # an op without the forced kernel
-    out = _run(
-        "import specops, specops._backend as b; print(b.choose('cpu', {'torch': 0, 'cpp': 0}))",
-        SPECOPS_BACKEND="torch",
-    )
+        assert _registry.choose(op, args) == "cpp"  # the CPU default
+    with specops.backend("cpp"):  # an op without the forced kernel: an error, or the default on request
+        with pytest.raises(specops.BackendError, match="torch_only: backend 'cpp' is not implemented"):
+            _registry.choose(torch_only, args)
+    with specops.backend("cpp", fallback=True):
+        assert _registry.choose(torch_only, args) == "torch"
+    code = ("import torch, specops, specops._registry as r\n"
+            "print(r.choose(r.OPS['kron_matmul'], (torch.randn(2, 4), [torch.randn(4, 4)])))")
+    out = _run(code, SPECOPS_BACKEND="torch")
     assert out.stdout.strip() == "torch", out.stderr
+    out = _run(code, SPECOPS_BACKEND="triton", TRITON_INTERPRET="0")  # triton cannot run on CPU tensors
+    assert out.returncode != 0 and "backend 'triton' cannot run on cpu" in out.stderr
+    out = _run(code, SPECOPS_BACKEND="triton", TRITON_INTERPRET="0", SPECOPS_BACKEND_FALLBACK="1")
+    assert out.stdout.strip() == ("cpp" if "cpp" in CPU_BACKENDS else "torch"), out.stderr
     with pytest.raises(ValueError, match="unknown backend"):
         with specops.backend("fortran"):
             pass

@@ -1,0 +1,260 @@
+"""The op registry: every specops op is declared once, with `declare`, and the rest comes from that.
+
+A declaration gives an op's
+  - schema (the torch.library schema, without the name),
+  - kernels: {backend: Kernel(fn, supports)} — fn takes the op's arguments; supports(*args) returns
+    None when fn handles these inputs, else the reason it does not (e.g. a register tile too small),
+  - check(*args): the input validation, written with torch._check_with(ValueError, ...) so that it
+    runs on fake tensors with symbolic shapes too; it runs before every real and every fake kernel,
+  - fake(*args): the output allocation for fake tensors (after check),
+  - reference(*args): the pure-torch oracle the test matrix compares every backend against,
+  - backward: the name of the op's backward op (itself declared here) and the autograd wiring
+    (setup_context, backward), registered with torch.library.register_autograd,
+  - samples(device, dtype): example inputs, from which the test matrix is built,
+  - doc: the public wrapper's docstring.
+From it come the torch.library registration (define, one dispatch kernel for every device, the fake,
+the autograd), the public wrapper (returned by `declare`), `available_backends(op)` and the rows of
+tests/test_ops.py.
+
+A composite op (composite=True) has no kernels: it is written in torch ops (and other specops ops,
+which choose their own backends) and registered as CompositeImplicitAutograd, so autograd, fake
+tensors and torch.compile come from its decomposition and backend forcing does not apply to it.
+
+Backend choice (`choose`): a backend forced with `specops.backend(name)` (or SPECOPS_BACKEND) must be
+declared by the op, able to run on the inputs' device, and accepted by the kernel's `supports`;
+otherwise a BackendError names the op, the backend and what the op has instead — unless the caller
+asked for `fallback=True`, which runs the device default. The backend a call ran is kept per op:
+`last_backend(name)`.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import _backend
+
+NAMESPACE = "specops"
+# Device defaults, in order of preference; "torch" kernels run everywhere and end every list.
+DEFAULT_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+
+
+class BackendError(RuntimeError):
+    """A forced backend that an op does not declare, cannot run here, or refuses for these inputs."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One backend's implementation of an op: fn(*op_args), and which inputs it handles."""
+
+    fn: Callable
+    supports: Callable[..., str | None] | None = None
+
+
+@dataclass
+class Op:
+    name: str
+    schema: str
+    kernels: dict[str, Kernel]
+    check: Callable | None
+    fake: Callable | None
+    reference: Callable | None
+    backward: str | None
+    samples: Callable | None
+    composite: bool
+    tol_scale: float
+    dtypes: tuple[torch.dtype, ...]
+    last: str | None = field(default=None, repr=False)
+
+    @property
+    def qualname(self) -> str:
+        return self.name if "::" in self.name else f"{NAMESPACE}::{self.name}"
+
+    @property
+    def overload(self):
+        ns, name = self.qualname.split("::")
+        return getattr(getattr(torch.ops, ns), name).default
+
+    def mutated(self) -> list[int]:
+        """Positions of the arguments the op writes to (alias annotation `!` in the schema)."""
+        return [i for i, a in enumerate(self.overload._schema.arguments) if a.alias_info and a.alias_info.is_write]
+
+
+OPS: dict[str, Op] = {}
+
+_FLOATS = (torch.float64, torch.float32, torch.bfloat16)
+
+
+def declare(
+    name: str,
+    schema: str,
+    *,
+    kernels: dict[str, Kernel | Callable] | None = None,
+    check: Callable | None = None,
+    fake: Callable | None = None,
+    reference: Callable | None = None,
+    backward: str | None = None,
+    setup_context: Callable | None = None,
+    backward_fn: Callable | None = None,
+    samples: Callable | None = None,
+    composite: Callable | None = None,
+    doc: str | None = None,
+    tol_scale: float = 1.0,
+    dtypes: tuple[torch.dtype, ...] = _FLOATS,
+):
+    """Declare and register op `name` (see the module docstring); returns its public wrapper.
+
+    `composite` is the op's body for a composite op (instead of kernels and fake). `backward` names
+    the backward op; `setup_context` and `backward_fn` are torch.library.register_autograd's pair.
+    """
+    if name in OPS:
+        raise ValueError(f"declare: op {name!r} is already declared")
+    kernels = {b: k if isinstance(k, Kernel) else Kernel(k) for b, k in (kernels or {}).items()}
+    for b in kernels:
+        if b not in _backend.BACKENDS:
+            raise ValueError(f"declare({name!r}): unknown backend {b!r}; expected one of {_backend.BACKENDS}")
+    if composite is None and "torch" not in kernels:
+        raise ValueError(f"declare({name!r}): every op needs a 'torch' kernel (the fallback on every device)")
+    op = Op(name, schema, kernels, check, fake, reference, backward, samples, composite is not None,
+            tol_scale, dtypes)
+    qual = op.qualname
+    torch.library.define(qual, schema)
+    if composite is not None:
+        torch.library.impl(qual, "CompositeImplicitAutograd")(_checked(composite, check))
+    else:
+        torch.library.impl(qual, "CompositeExplicitAutograd")(_dispatcher(op))
+        torch.library.register_fake(qual)(_checked(fake, check))
+    if backward_fn is not None:
+        torch.library.register_autograd(qual, backward_fn, setup_context=setup_context)
+    OPS[name] = op
+    return _wrapper(op, doc)
+
+
+def _checked(fn, check):
+    if check is None:
+        return fn
+
+    def run(*args):
+        check(*args)
+        return fn(*args)
+
+    return run
+
+
+def _dispatcher(op: Op):
+    kernels, check = op.kernels, op.check
+
+    def run(*args):
+        if check is not None:
+            check(*args)
+        name = choose(op, args)
+        op.last = name
+        return kernels[name].fn(*args)
+
+    return run
+
+
+def _wrapper(op: Op, doc: str | None):
+    overload = op.overload
+
+    def call(*args, **kwargs):
+        return overload(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = op.name.split("::")[-1]
+    call.__doc__ = doc
+    call.__signature__ = _signature(overload._schema)
+    call.op = op
+    return call
+
+
+def _signature(schema) -> inspect.Signature:
+    params = []
+    for a in schema.arguments:
+        kind = inspect.Parameter.KEYWORD_ONLY if a.kwarg_only else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        default = a.default_value if a.has_default_value() else inspect.Parameter.empty
+        params.append(inspect.Parameter(a.name, kind, default=default))
+    return inspect.Signature(params)
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device.type
+    return "cpu"
+
+
+def _refusal(op: Op, name: str, device_type: str, args) -> str | None:
+    """None when backend `name` runs these inputs of `op`, else why it does not."""
+    kernel = op.kernels.get(name)
+    if kernel is None:
+        return f"is not implemented by {op.name} (it has {', '.join(op.kernels)})"
+    why = _backend._why_not(name, device_type)
+    if why is not None:
+        return f"cannot run on {device_type}: {why}"
+    if kernel.supports is not None:
+        why = kernel.supports(*args)
+        if why is not None:
+            return f"refuses these inputs: {why}"
+    return None
+
+
+def choose(op: Op, args) -> str:
+    """The backend `op` runs for `args`: the forced one (see the module docstring), else the first of
+    DEFAULT_ORDER for the inputs' device that the op declares, can run here and accepts the inputs."""
+    device_type = _device_type(args)
+    forced, fallback = _backend.forced()
+    if forced is not None:
+        why = _refusal(op, forced, device_type, args)
+        if why is None:
+            return forced
+        if not fallback:
+            raise BackendError(
+                f"specops.{op.name}: backend {forced!r} {why}; use specops.backend({forced!r}, fallback=True) "
+                f"to run the device default instead"
+            )
+    for name in DEFAULT_ORDER.get(device_type, ("torch",)):
+        if name in op.kernels and _refusal(op, name, device_type, args) is None:
+            return name
+    return "torch"
+
+
+def last_backend(name: str) -> str | None:
+    """The backend the latest call of op `name` ran (None before its first call; composite ops: None)."""
+    return _op(name).last
+
+
+def _op(name: str) -> Op:
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; declared ops: {', '.join(sorted(OPS))}")
+    return OPS[name]
+
+
+def available_backends(name: str | None = None) -> dict[str, str]:
+    """What can run here: {backend: "available on <devices>" or the reason it is not}.
+
+    Without `name`, for this install as a whole; with an op's name, for the backends that op
+    declares ("composite" for an op made of torch ops). Reported for CPU tensors, and for CUDA
+    tensors when a GPU is visible (this may query the driver, which is why import never calls it).
+    """
+    if name is None:
+        return _backend.available_backends()
+    op = _op(name)
+    if op.composite:
+        return {"composite": "available on every device (made of torch ops)"}
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    out = {}
+    for b in op.kernels:
+        reasons = {d: _backend._why_not(b, d) for d in devices}
+        where = [d for d, r in reasons.items() if r is None]
+        out[b] = "available on " + ", ".join(where) if where else "; ".join(dict.fromkeys(reasons.values()))
+    return out
+
+
+def triton_module(name: str):
+    """specops.triton_kernels.<name>, imported on first use (importing triton is slow and may fail)."""
+    return importlib.import_module(f"specops.triton_kernels.{name}")
