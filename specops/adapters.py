@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .kron import _acc_dtype, kron, kron_matmul
+from ._constants import acc_dtype
+from .kron import kron, kron_matmul
 from .spectral import (
     ACTIVATIONS,
     SIDES,
@@ -416,7 +417,7 @@ class OFT(_Rotation):
 
     @property
     def _cd(self):
-        return _acc_dtype(self.Q.dtype)
+        return acc_dtype(self.Q.dtype)
 
     def rotation_blocks(self) -> Tensor:
         """(blocks, p, p): the orthogonal blocks R_i, in the compute dtype."""
@@ -446,7 +447,7 @@ class KOFT(_Rotation):
         super().__init__(base, scale=scale)
         W0 = base.weight
         sizes = _kron_sizes(W0.shape[1], "in_features", factors, sizes)
-        self.factors = _identity_factors(sizes, _acc_dtype(W0.dtype), W0.device)
+        self.factors = _identity_factors(sizes, acc_dtype(W0.dtype), W0.device)
         self._options = {"factors": len(sizes), "sizes": list(sizes)}
 
     @property
@@ -471,7 +472,7 @@ class _Spectral(_Rebuild):
 
     def _register_factors(self, **factors: Tensor) -> None:
         """Non-persistent buffers (recomputable from W0), cast from float64 to the compute dtype."""
-        cd = _acc_dtype(self.base.weight.dtype)
+        cd = acc_dtype(self.base.weight.dtype)
         for name, t in factors.items():
             self.register_buffer(name, t.to(cd), persistent=False)
 
@@ -519,7 +520,7 @@ class SVDiff(_Spectral):
         self.activation = _choice("activation", activation, ACTIVATIONS)
         U, S, Vh, _ = decompose(base.weight, "svd", dtype=torch.float64)
         if activation == "softplus":  # softplus^-1(s) = s + log(1 - exp(-s))
-            S = S.clamp_min(torch.finfo(_acc_dtype(base.weight.dtype)).tiny)
+            S = S.clamp_min(torch.finfo(acc_dtype(base.weight.dtype)).tiny)
             S = S + torch.log(-torch.expm1(-S))
         self._register_factors(U=U, S=S, Vh=Vh)
         self.delta = nn.Parameter(torch.zeros_like(self.S))
