@@ -58,7 +58,7 @@ from .stiefel import cayley
 from .zip import _check_linear, _lora_parts, zip_lora_linear, zip_merge_lora
 
 __all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "OFT", "KOFT", "SVDiff", "SODASVD", "SODALQ", "ZipLoRA",
-           "METHODS", "make_adapter"]
+           "ADAPTER_TYPES", "make_adapter"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -576,16 +576,16 @@ class SODALQ(_Spectral):
 
 # ----------------------------------------------------------------------------- registry
 
-METHODS: dict[str, type[Adapter]] = {
+ADAPTER_TYPES: dict[str, type[Adapter]] = {
     cls.method: cls for cls in (LoRA, LoHa, LoKr, OFT, KOFT, SVDiff, SODASVD, SODALQ, ZipLoRA)
 }
 
 
 def make_adapter(method: str, base: nn.Linear, **options) -> Adapter:
-    """METHODS[method](base, **options); ValueError on an unknown method or option."""
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {tuple(METHODS)}, got {method!r}")
-    cls = METHODS[method]
+    """ADAPTER_TYPES[method](base, **options); ValueError on an unknown method or option."""
+    if method not in ADAPTER_TYPES:
+        raise ValueError(f"method: expected one of {tuple(ADAPTER_TYPES)}, got {method!r}")
+    cls = ADAPTER_TYPES[method]
     try:
         inspect.signature(cls).bind(base, **options)
     except TypeError as err:

@@ -326,9 +326,9 @@ def _config_problem(config: dict, base: nn.Linear) -> str | None:
 
 def _rebuild_problem(name: str, adapter: nn.Module, config: dict) -> str | None:
     """Why make_adapter(adapter.method, base, **config) could not rebuild `adapter`, or None."""
-    cls = adapters.METHODS.get(adapter.method)
+    cls = adapters.ADAPTER_TYPES.get(adapter.method)
     if cls is None:
-        return f"{name}: method {adapter.method!r} is not in specops.adapters.METHODS"
+        return f"{name}: method {adapter.method!r} is not in specops.adapters.ADAPTER_TYPES"
     params = list(inspect.signature(cls).parameters.values())[1:]  # after `base`
     missing = [p.name for p in params if p.default is p.empty and p.name not in config]
     if missing:  # ZipLoRA: its two frozen LoRAs are inputs, not options

@@ -13,7 +13,7 @@ from helpers import REL_TOL, assert_rel, rel_err
 from torch import nn
 
 from specops import SODA_TABLE, adapters
-from specops.adapters import METHODS, make_adapter
+from specops.adapters import ADAPTER_TYPES, make_adapter
 
 F64 = torch.float64
 # (out, in, bias): wide (out < in), square without bias, tall (out > in: k = in, degenerate split of 10)
@@ -367,7 +367,7 @@ def test_errors(method, options, match):
 
 def test_base_must_be_linear():
     conv = nn.Conv1d(3, 4, 1)
-    for method in METHODS:
+    for method in ADAPTER_TYPES:
         with pytest.raises(ValueError, match="base: expected an nn.Linear, got Conv1d"):
             extra = {"content": (torch.zeros(4, 1), torch.zeros(1, 3))} if method == "ziplora" else {}
             make_adapter(method, conv, **extra, **({"style": extra["content"]} if extra else {}))
