@@ -4,7 +4,7 @@
    batch with fused StiefelAdam (rotation factors) + AdamW (spectral shifts); adapters saved.
 2. A content LoRA and a style LoRA, each trained on its own batch.
 3. ZipLoRA merge of the two (only the column mergers train), exported in diffusers format and
-   re-loaded with specops.sdxl.load_lora; the re-loaded factors must equal the merge.
+   re-loaded with specops.lora_io.load_lora; the re-loaded factors must equal the merge.
 Prints a summary: losses, orthogonality error, the share of step time spent inside specops ops, files.
 """
 from __future__ import annotations
@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from . import sdxl, stiefel
+from . import lora_io, sdxl, stiefel
 from .optim import StiefelAdam
+from .sdxl.train import _progress
 
 
 def _specops_share(step) -> float:
@@ -46,7 +47,7 @@ def _train(unet, batch, steps, make_opts, desc, progress):
         losses.append(sdxl.train_step(unet, batch, opts))
 
     times = []
-    for _ in sdxl._progress(range(steps), progress, desc):
+    for _ in _progress(range(steps), progress, desc):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
@@ -86,7 +87,7 @@ def run(out_dir: str = "demo_out", soda_steps: int = 24, lora_steps: int = 15, z
         "step_ms": 1e3 * sorted(times)[len(times) // 2], "specops_share": _specops_share(step),
     }
     path = os.path.join(out_dir, "soda_adapters.safetensors")
-    sdxl.save_adapters(unet, path)
+    lora_io.save_adapters(unet, path)
     summary["files"]["soda adapters"] = path
     sdxl.remove(unet)
 
@@ -100,11 +101,11 @@ def run(out_dir: str = "demo_out", soda_steps: int = 24, lora_steps: int = 15, z
 
     # 3. ZipLoRA merge, export, reload.
     unet.eval()
-    merged = sdxl.zip_merge(unet, loras["content"], loras["style"], content_batch, style_batch,
-                            steps=zip_steps, progress=progress)
+    merged = sdxl.train_zip_mergers(unet, loras["content"], loras["style"], content_batch, style_batch,
+                                    steps=zip_steps, progress=progress)
     path = os.path.join(out_dir, "merged_lora.safetensors")
-    report = sdxl.export_lora(unet, path, format="diffusers")
-    reloaded = sdxl.load_lora(path)
+    report = lora_io.export_lora(unet, path, format="diffusers")
+    reloaded = lora_io.load_lora(path)
     diff = max((reloaded[f"unet.{n}"][i] - t).abs().max().item() for n, f in merged.items() for i, t in enumerate(f))
     if set(reloaded) != {f"unet.{n}" for n in merged} or diff > 0:
         raise RuntimeError(f"demo: the exported merged LoRA does not reload to the merge (max diff {diff})")

@@ -84,7 +84,7 @@ def _optimisers(unet, method):
 def test_twenty_steps_lower_the_loss(method, small_batch):
     torch.manual_seed(0)
     unet = sdxl.tiny_unet(0)
-    sdxl.inject(unet, method, blocks=TRAIN_BLOCKS)
+    sdxl.inject(unet, method, block_weights=TRAIN_BLOCKS)
     opts, groups = _optimisers(unet, method)
     losses = [sdxl.train_step(unet, small_batch, opts) for _ in range(20)]
     last = sdxl.denoising_loss(unet, small_batch).item()
@@ -111,7 +111,7 @@ def _perturb(unet, seed=0):
 def test_fuse_matches_and_unfuse_restores(method, batch):
     unet = sdxl.tiny_unet(0)
     base = {k: v.clone() for k, v in unet.state_dict().items()}
-    sdxl.inject(unet, method, blocks={"down_blocks.2": 1.0, "mid_block": 0.5})
+    sdxl.inject(unet, method, block_weights={"down_blocks.2": 1.0, "mid_block": 0.5})
     _perturb(unet)
     adapted = _out(unet, batch)
     assert sdxl.fuse(unet) > 0
@@ -125,7 +125,7 @@ def test_fuse_matches_and_unfuse_restores(method, batch):
 def test_block_wise_selection_and_weights(batch):
     unet = sdxl.tiny_unet(0)
     torch.manual_seed(0)  # LoRA's A is random: the same seed gives both models the same A
-    injected = sdxl.inject(unet, "lora", blocks={"down_blocks.1": 1.0, "mid_block": 0.0, "up_blocks.0": [1.0, 0.5, 0.0]})
+    injected = sdxl.inject(unet, "lora", block_weights={"down_blocks.1": 1.0, "mid_block": 0.0, "up_blocks.0": [1.0, 0.5, 0.0]})
     assert injected and all(n.startswith(("down_blocks.1.", "up_blocks.0.attentions.0.", "up_blocks.0.attentions.1."))
                             for n in injected)
     assert sum(n.startswith("down_blocks.1.") for n in injected) == 32
@@ -133,7 +133,7 @@ def test_block_wise_selection_and_weights(batch):
     _perturb(unet)
     full = sdxl.tiny_unet(0)
     torch.manual_seed(0)
-    sdxl.inject(full, "lora", blocks={"down_blocks.1": 1.0, "up_blocks.0": [1.0, 1.0]})
+    sdxl.inject(full, "lora", block_weights={"down_blocks.1": 1.0, "up_blocks.0": [1.0, 1.0]})
     _perturb(full)  # same seed and the same parameter order: the same factors, at weight 1
     for name, a in injected.items():
         d_full = full.get_submodule(name).delta_weight()
@@ -149,28 +149,37 @@ def test_block_wise_selection_and_weights(batch):
 
 def test_block_weights_accept_diffusers_form():
     unet = sdxl.tiny_unet(0)
-    injected = sdxl.inject(unet, "lora", blocks={"down": {"block_2": [0.0, 0.3]}, "mid": 1.0})
+    injected = sdxl.inject(unet, "lora", block_weights={"down": {"block_2": [0.0, 0.3]}, "mid": 1.0})
     assert {n.split(".transformer_blocks")[0] for n in injected} == {"down_blocks.2.attentions.1", "mid_block.attentions.0"}
     assert {round(a.scale, 6) for n, a in injected.items() if n.startswith("down")} == {0.3}
     with pytest.raises(ValueError, match="unknown UNet block"):
-        sdxl.inject(sdxl.tiny_unet(0), "lora", blocks={"side_blocks.0": 1.0})
+        sdxl.inject(sdxl.tiny_unet(0), "lora", block_weights={"side_blocks.0": 1.0})
     with pytest.raises(ValueError, match="method"):
         sdxl.inject(unet, "ziplora")
     with pytest.raises(ValueError, match="already holds"):
-        sdxl.inject(unet, "lora", blocks={"mid": 1.0})
+        sdxl.inject(unet, "lora", block_weights={"mid": 1.0})
 
 
-def test_zip_merge_returns_an_exact_rank_sum_lora(encoders):
+def test_blocks_is_the_oft_option_not_block_weights():
+    # inject's per-block weights are block_weights=; blocks= goes to OFT as its number of rotation blocks
+    injected = sdxl.inject(sdxl.tiny_unet(0), "oft", blocks=2, block_weights={"mid": 0.5})
+    assert injected and all(n.startswith("mid_block.") for n in injected)
+    assert {a.Q.shape[0] for a in injected.values()} == {2} and {a.scale for a in injected.values()} == {0.5}
+    with pytest.raises(ValueError, match="block_weights: expected a mapping"):
+        sdxl.inject(sdxl.tiny_unet(0), "lora", block_weights=[1.0])
+
+
+def test_train_zip_mergers_returns_an_exact_rank_sum_lora(encoders):
     unet = sdxl.tiny_unet(0)
     cb = sdxl.synthetic_batch(encoders, batch=1, seed=1, size=8)
     sb = sdxl.synthetic_batch(encoders, batch=1, seed=2, size=8)
     loras = []
     for seed, blocks in ((1, {"down_blocks.1": 1.0, "mid_block": 1.0}), (2, {"down_blocks.1": 1.0, "up_blocks.1": 1.0})):
-        sdxl.inject(unet, "lora", rank=2 + seed, blocks=blocks)
+        sdxl.inject(unet, "lora", rank=2 + seed, block_weights=blocks)
         _perturb(unet, seed)
         loras.append({n: tuple(t.detach().clone() for t in a.lora_factors()) for n, a in sdxl.remove(unet).items()})
     content, style = loras
-    merged = sdxl.zip_merge(unet, content, style, cb, sb, steps=3)
+    merged = sdxl.train_zip_mergers(unet, content, style, cb, sb, steps=3)
     assert set(merged) == set(content) | set(style)
     for name, (B, A) in merged.items():
         a = unet.get_submodule(name)
@@ -194,7 +203,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     unet = sdxl.tiny_unet(0).train()
-    sdxl.inject(unet, "soda-svd", blocks={"down_blocks.1": 1.0})
+    sdxl.inject(unet, "soda-svd", block_weights={"down_blocks.1": 1.0})
     model = DDP(unet)
     g = sdxl.param_groups(unet, lr=1e-2, stiefel_lr=1e-2)
     opts = [torch.optim.AdamW(g.euclidean), StiefelAdam(g.orthogonal, fused=True)]
@@ -212,7 +221,7 @@ def test_ddp_two_processes_stay_identical_and_orthogonal(tmp_path):
     p0, p1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert p0.keys() == p1.keys() and len(p0) == 32 * 4  # 32 layers: delta + 3 rotation factors
     fresh = sdxl.tiny_unet(0)
-    sdxl.inject(fresh, "soda-svd", blocks={"down_blocks.1": 1.0})
+    sdxl.inject(fresh, "soda-svd", block_weights={"down_blocks.1": 1.0})
     moved = 0
     for name, t in p0.items():
         assert torch.equal(t, p1[name]), name

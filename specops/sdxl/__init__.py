@@ -1,0 +1,25 @@
+"""The thin SDXL layer: put specops adapters on the hot path of a diffusers UNet and CLIP encoders.
+
+    specops.sdxl.model    tiny_unet / tiny_text_encoders (random-init models with SDXL-base's exact
+                          structure, built offline), encode_prompt, synthetic_batch, attention_linears,
+                          UNET_TARGETS / TEXT_TARGETS
+    specops.sdxl.inject   inject (optionally block-wise), remove, fuse, unfuse, apply_lora, INJECT_METHODS
+    specops.sdxl.train    denoising_loss, train_step, param_groups / ParamGroups, train_zip_mergers
+                          (ZipLoRA: train the column mergers of two frozen LoRAs)
+
+Every public name of the three is re-exported here (specops.sdxl.inject(...) works). Adapter and
+LoRA files are specops.lora_io's (save_adapters, load_adapters, export_lora, load_lora).
+Real SDXL weights load into the same structure (UNet2DConditionModel.from_pretrained) when a user
+has them; nothing here downloads anything, and diffusers / transformers are imported only when a
+tiny model is built.
+"""
+# The function inject, not the submodule of that name, is specops.sdxl.inject.
+from .inject import INJECT_METHODS, apply_lora, fuse, inject, remove, unfuse
+from .model import TEXT_TARGETS, UNET_TARGETS, attention_linears, encode_prompt, synthetic_batch, tiny_text_encoders, tiny_unet
+from .train import ParamGroups, denoising_loss, param_groups, train_step, train_zip_mergers
+
+__all__ = [
+    "UNET_TARGETS", "TEXT_TARGETS", "tiny_unet", "tiny_text_encoders", "attention_linears", "encode_prompt",
+    "synthetic_batch", "INJECT_METHODS", "inject", "remove", "fuse", "unfuse", "apply_lora", "denoising_loss",
+    "train_step", "ParamGroups", "param_groups", "train_zip_mergers",
+]
