@@ -12,3 +12,19 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The accumulation dtype of every op: float64 for float64, float32 for the rest."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- Stiefel family
+# specops.stiefel, specops.stiefel_steps and their Triton / C++ / CUDA kernels (passed in as arguments).
+
+# Newton-Schulz polar iterations at most: they converge quadratically from ||Y^T Y - I|| < 1; 30 also
+# covers a start rescaled from a nearly rank-deficient Y (the slow phase grows small singular values
+# by 1.5x per step).
+POLAR_MAX_ITER = 30
+CAYLEY_ITERS = 2  # fixed-point Cayley iterations s of Li, Fuxin & Todorovic (2020)
+
+
+def polar_tol(n: int, p: int, dtype: torch.dtype) -> float:
+    """Where Newton-Schulz stops: the round-off level eps sqrt(n p) of ||Y^T Y - I||_F for an (n, p)
+    matrix, eps that of the accumulation dtype of `dtype` (the dtype the iterations compute in)."""
+    return torch.finfo(acc_dtype(dtype)).eps * (n * p) ** 0.5
