@@ -4,29 +4,17 @@ Ops are torch custom ops in the `specops` namespace (torch.ops.specops.*), each 
 kernel and autograd; the functions here are their documented Python entry points. Importing
 specops never initialises CUDA and works without the C++ extension or Triton.
 """
-from . import adapters, optim, stiefel
+from . import adapters, optim, spectral, stiefel
 from ._build import show_build
 from ._version import __version__
 from ._backend import backend
 from ._registry import BackendError, available_backends, last_backend
 from .kron import kron, kron_matmul, kron_matmul_reference, kron_reference
 from .optim import CayleyAdam, StiefelAdam, StiefelSGD
-from .spectral import (
-    SODA_TABLE,
-    decompose,
-    kron_factor_sizes,
-    linear_path,
-    scaled_matmul,
-    scaled_matmul_reference,
-    spectral_linear,
-    spectral_linear_lq,
-    spectral_linear_lq_reference,
-    spectral_linear_reference,
-    spectral_shift,
-    spectral_shift_lq,
-    spectral_shift_lq_reference,
-    spectral_shift_reference,
-)
+from .spectral import (LQFactors, SODA_TABLE, SVDFactors, decompose, kron_factor_sizes, linear_path, scaled_matmul,
+                       scaled_matmul_reference, spectral_linear, spectral_linear_lq, spectral_linear_lq_reference,
+                       spectral_linear_reference, spectral_shift, spectral_shift_lq, spectral_shift_lq_reference,
+                       spectral_shift_reference)
 from .adapters import ZipLoRALinear
 from .zip import (
     merger_penalty,
@@ -53,20 +41,7 @@ __all__ = [
     "adapters",
     "optim",
     "stiefel",
-    "SODA_TABLE",
-    "decompose",
-    "kron_factor_sizes",
-    "linear_path",
-    "scaled_matmul",
-    "scaled_matmul_reference",
-    "spectral_linear",
-    "spectral_linear_lq",
-    "spectral_linear_lq_reference",
-    "spectral_linear_reference",
-    "spectral_shift",
-    "spectral_shift_lq",
-    "spectral_shift_lq_reference",
-    "spectral_shift_reference",
+    *spectral.__all__,
     "StiefelSGD",
     "CayleyAdam",
     "StiefelAdam",
