@@ -28,3 +28,10 @@ def polar_tol(n: int, p: int, dtype: torch.dtype) -> float:
     """Where Newton-Schulz stops: the round-off level eps sqrt(n p) of ||Y^T Y - I||_F for an (n, p)
     matrix, eps that of the accumulation dtype of `dtype` (the dtype the iterations compute in)."""
     return torch.finfo(acc_dtype(dtype)).eps * (n * p) ** 0.5
+
+
+# ----------------------------------------------------------------------------- ZipLoRA family
+# specops.zip and its C++ kernels (passed in as arguments).
+
+# merger_penalty "cosine": |m_c|·|m_s| below this counts as zero (as in F.cosine_similarity).
+ZIP_COS_EPS = 1e-8
