@@ -118,36 +118,46 @@ def declare(
             raise ValueError(f"declare({name!r}): unknown backend {b!r}; expected one of {_backend.BACKENDS}")
     if composite is None and "torch" not in kernels:
         raise ValueError(f"declare({name!r}): every op needs a 'torch' kernel (the fallback on every device)")
+    if backward is not None:
+        lacking = set(kernels) - set(_op(backward).kernels)
+        if lacking:
+            raise ValueError(f"declare({name!r}): its backward op {backward!r} lacks the backends {sorted(lacking)}")
     op = Op(name, schema, kernels, check, fake, reference, backward, samples, composite is not None,
             tol_scale, dtypes)
     qual = op.qualname
     torch.library.define(qual, schema)
+    # The dispatcher leaves trailing arguments equal to their defaults out of a Python kernel's call.
+    defaults = tuple(a.default_value if a.has_default_value() else None for a in op.overload._schema.arguments)
     if composite is not None:
-        torch.library.impl(qual, "CompositeImplicitAutograd")(_checked(composite, check))
+        torch.library.impl(qual, "CompositeImplicitAutograd")(_checked(composite, check, defaults))
     else:
-        torch.library.impl(qual, "CompositeExplicitAutograd")(_dispatcher(op))
-        torch.library.register_fake(qual)(_checked(fake, check))
+        torch.library.impl(qual, "CompositeExplicitAutograd")(_dispatcher(op, defaults))
+        torch.library.register_fake(qual)(_checked(fake, check, defaults))
     if backward_fn is not None:
         torch.library.register_autograd(qual, backward_fn, setup_context=setup_context)
     OPS[name] = op
     return _wrapper(op, doc)
 
 
-def _checked(fn, check):
-    if check is None:
-        return fn
+def _checked(fn, check, defaults):
+    n = len(defaults)
 
     def run(*args):
-        check(*args)
+        if len(args) < n:
+            args = (*args, *defaults[len(args):])
+        if check is not None:
+            check(*args)
         return fn(*args)
 
     return run
 
 
-def _dispatcher(op: Op):
-    kernels, check = op.kernels, op.check
+def _dispatcher(op: Op, defaults):
+    kernels, check, n = op.kernels, op.check, len(defaults)
 
     def run(*args):
+        if len(args) < n:
+            args = (*args, *defaults[len(args):])
         if check is not None:
             check(*args)
         name = choose(op, args)
@@ -214,7 +224,7 @@ def choose(op: Op, args) -> str:
             return forced
         if not fallback:
             raise BackendError(
-                f"specops.{op.name}: backend {forced!r} {why}; use specops.backend({forced!r}, fallback=True) "
+                f"{op.qualname}: backend {forced!r} {why}; use specops.backend({forced!r}, fallback=True) "
                 f"to run the device default instead"
             )
     for name in DEFAULT_ORDER.get(device_type, ("torch",)):
