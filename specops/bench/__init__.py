@@ -217,6 +217,14 @@ def run(family: str, quick: bool = False, memory: bool = False, device: str = "c
     return rows
 
 
+def by_shape(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """{shape: {provider: row}}, shapes in the order the rows first give them (what summaries read)."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        out.setdefault(r["shape"], {})[r["provider"]] = r
+    return out
+
+
 def format_rows(rows: list[dict]) -> str:
     """A Markdown table of `rows` (the columns of the first row plus any later ones)."""
     cols: list[str] = []

@@ -8,7 +8,7 @@ import torch
 
 import specops
 
-from . import Case, kernel_backends, rng
+from . import Case, by_shape, kernel_backends, rng
 
 BASELINE = "torch"
 # Widths of SDXL layers with SODA's published factorisations, plus a 4-factor case.
@@ -91,8 +91,8 @@ def cases(quick: bool = False) -> list[Case]:
 def summarize(rows: list[dict]) -> str:
     """The issue's targets at M=4096, (4,16,20): cpp vs the best torch composite and vs dense."""
     lines = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        by = {r["provider"]: r["ms"] for r in rows if r["shape"] == shape}
+    for shape, providers in by_shape(rows).items():
+        by = {p: r["ms"] for p, r in providers.items()}
         if "cpp" not in by:
             continue
         best = min(by[p] for p in ("torch", "einsum") if p in by)

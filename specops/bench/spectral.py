@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from specops import spectral as sp
 
-from . import SDXL_LAYERS, Case, rng, sdxl_attention_layers
+from . import SDXL_LAYERS, Case, by_shape, rng, sdxl_attention_layers
 
 BASELINE = "soda_authors"
 
@@ -110,8 +110,7 @@ def cases(quick: bool = False) -> list[Case]:
 def summarize(rows: list[dict]) -> str:
     """The issue's targets per shape, and the one-time decompose cost of all SDXL attention layers."""
     lines = []
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        by = {r["provider"]: r for r in rows if r["shape"] == shape}
+    for shape, by in by_shape(rows).items():
         if shape.startswith("decompose") or "specops" not in by:
             continue
         other, target = ("soda_authors", 2.0) if "soda_authors" in by else ("svdiff", 1.15)
