@@ -14,7 +14,7 @@ has them; nothing here downloads anything, and diffusers / transformers are impo
 tiny model is built.
 """
 # The function inject, not the submodule of that name, is specops.sdxl.inject.
-from .inject import INJECT_METHODS, apply_lora, fuse, inject, remove, unfuse
+from .injection import INJECT_METHODS, apply_lora, fuse, inject, remove, unfuse
 from .model import TEXT_TARGETS, UNET_TARGETS, attention_linears, encode_prompt, synthetic_batch, tiny_text_encoders, tiny_unet
 from .train import ParamGroups, denoising_loss, param_groups, train_step, train_zip_mergers
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .. import adapters
 from ..lora_io import load_lora
 from ..zip import merger_penalty
-from .inject import _adapters, _install, _lora_adapters, _strip
+from .injection import _adapters, _install, _lora_adapters, _strip
 
 __all__ = ["denoising_loss", "train_step", "ParamGroups", "param_groups", "train_zip_mergers"]
 
