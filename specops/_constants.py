@@ -4,6 +4,8 @@ The C++ and Triton kernels receive what they need of these as arguments, so each
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -24,6 +26,7 @@ POLAR_MAX_ITER = 30
 CAYLEY_ITERS = 2  # fixed-point Cayley iterations s of Li, Fuxin & Todorovic (2020)
 
 
+@functools.cache  # called on every fused optimiser step
 def polar_tol(n: int, p: int, dtype: torch.dtype) -> float:
     """Where Newton-Schulz stops: the round-off level eps sqrt(n p) of ||Y^T Y - I||_F for an (n, p)
     matrix, eps that of the accumulation dtype of `dtype` (the dtype the iterations compute in)."""
