@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend
-from .kron import _FLOAT_DTYPES, _acc_dtype, kron_matmul, kron_reference
+from ._constants import FLOAT_DTYPES, acc_dtype
+from ._registry import declare, triton_module
+from .kron import kron_matmul, kron_reference
 
 __all__ = [
     "SODA_TABLE",
@@ -199,15 +200,24 @@ def _check_smm(A: Tensor, s: Tensor, B: Tensor) -> None:
             f"s {tuple(s.shape)}, B {tuple(B.shape)}"
         )
     k = A.shape[1]
-    if s.shape[0] != k:
-        raise ValueError(f"s: expected shape ({k},) to match A {tuple(A.shape)}, got {tuple(s.shape)}")
-    if B.shape[0] != k:
-        raise ValueError(f"B: expected shape ({k}, c) to match A {tuple(A.shape)}, got {tuple(B.shape)}")
+    torch._check_with(ValueError, s.shape[0] == k, lambda: (
+        f"s: expected shape ({k},) to match A {tuple(A.shape)}, got {tuple(s.shape)}"))
+    torch._check_with(ValueError, B.shape[0] == k, lambda: (
+        f"B: expected shape ({k}, c) to match A {tuple(A.shape)}, got {tuple(B.shape)}"))
     for name, t in (("s", s), ("B", B)):
         if t.dtype != A.dtype or t.device != A.device:
             raise ValueError(f"{name}: dtype/device {t.dtype}/{t.device} != A's {A.dtype}/{A.device}")
-    if A.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"A: expected a floating dtype {_FLOAT_DTYPES}, got {A.dtype}")
+    if A.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"A: expected a floating dtype {FLOAT_DTYPES}, got {A.dtype}")
+
+
+def _check_smm_backward(grad, A, s, B, need_A, need_s, need_B):
+    _check_smm(A, s, B)
+    shape_msg = lambda: f"grad: expected shape ({A.shape[0]}, {B.shape[1]}), got {tuple(grad.shape)}"  # noqa: E731
+    if grad.dim() != 2:
+        raise ValueError(shape_msg())
+    torch._check_with(ValueError, grad.shape[0] == A.shape[0], shape_msg)
+    torch._check_with(ValueError, grad.shape[1] == B.shape[1], shape_msg)
 
 
 def scaled_matmul_reference(A: Tensor, s: Tensor, B: Tensor) -> Tensor:
@@ -218,13 +228,14 @@ def scaled_matmul_reference(A: Tensor, s: Tensor, B: Tensor) -> Tensor:
 
 def _smm_fwd_torch(A, s, B):
     # Fold s into the smaller operand; low precision is scaled in fp32 and rounded once.
+    acc = acc_dtype(A.dtype)
     if A.shape[0] <= B.shape[1]:
-        return (A.to(_acc_dtype(A.dtype)) * s.to(_acc_dtype(A.dtype))).to(A.dtype) @ B
-    return A @ (B.to(_acc_dtype(B.dtype)) * s.to(_acc_dtype(B.dtype))[:, None]).to(B.dtype)
+        return (A.to(acc) * s.to(acc)).to(A.dtype) @ B
+    return A @ (B.to(acc) * s.to(acc)[:, None]).to(B.dtype)
 
 
 def _smm_bwd_torch(G, A, s, B, need_A, need_s, need_B):
-    acc = _acc_dtype(A.dtype)
+    acc = acc_dtype(A.dtype)
     gA = gs = gB = None
     if need_B:
         T = (A.mT @ G).to(acc)  # (k, c), shared by grad_s and grad_B
@@ -249,53 +260,36 @@ def _smm_bwd_ext(G, A, s, B, need_A, need_s, need_B):
     return (gA if need_A else None), (gs if need_s else None), (gB if need_B else None)
 
 
-@functools.cache
-def _triton():
-    from .triton_kernels import spectral as mod
-
-    return mod
-
-
 def _smm_fwd_triton(A, s, B):
-    return _triton().scaled_matmul_fwd(A, s, B)
+    return triton_module("spectral").scaled_matmul_fwd(A, s, B)
 
 
 def _smm_bwd_triton(G, A, s, B, need_A, need_s, need_B):
-    return _triton().scaled_matmul_bwd(G, A, s, B, need_A, need_s, need_B)
+    return triton_module("spectral").scaled_matmul_bwd(G, A, s, B, need_A, need_s, need_B)
 
 
-_SMM_FWD = {"torch": _smm_fwd_torch, "cpp": _smm_fwd_ext, "triton": _smm_fwd_triton}
-_SMM_BWD = {"torch": _smm_bwd_torch, "cpp": _smm_bwd_ext, "triton": _smm_bwd_triton}
+def _smm_backward_kernel(kernel):
+    """The backward op's kernel: [grad_A, grad_s, grad_B], an entry not asked for an empty tensor."""
+
+    def run(grad, A, s, B, need_A, need_s, need_B):
+        outs = kernel(grad, A, s, B, need_A, need_s, need_B)
+        return [A.new_empty(0) if g is None else g.to(t.dtype) for g, t in zip(outs, (A, s, B))]
+
+    return run
 
 
-@torch.library.custom_op("specops::scaled_matmul", mutates_args=())
-def _scaled_matmul_op(A: Tensor, s: Tensor, B: Tensor) -> Tensor:
-    _check_smm(A, s, B)
-    return _SMM_FWD[_backend.choose(A.device.type, _SMM_FWD)](A, s, B)
-
-
-@_scaled_matmul_op.register_fake
-def _(A, s, B):
-    _check_smm(A, s, B)
-    return A.new_empty((A.shape[0], B.shape[1]))
-
-
-@torch.library.custom_op("specops::scaled_matmul_backward", mutates_args=())
-def _scaled_matmul_backward_op(
-    grad: Tensor, A: Tensor, s: Tensor, B: Tensor, need_A: bool, need_s: bool, need_B: bool
-) -> list[Tensor]:
-    """[grad_A, grad_s, grad_B] of A diag(s) B; an entry not asked for is an empty tensor."""
-    _check_smm(A, s, B)
-    if grad.shape != (A.shape[0], B.shape[1]):
-        raise ValueError(f"grad: expected shape ({A.shape[0]}, {B.shape[1]}), got {tuple(grad.shape)}")
-    impl = _SMM_BWD[_backend.choose(A.device.type, _SMM_BWD)]
-    outs = impl(grad, A, s, B, need_A, need_s, need_B)
-    return [A.new_empty(0) if g is None else g.to(t.dtype) for g, t in zip(outs, (A, s, B))]
-
-
-@_scaled_matmul_backward_op.register_fake
-def _(grad, A, s, B, need_A, need_s, need_B):
+def _smm_backward_fake(grad, A, s, B, need_A, need_s, need_B):
     return [t.new_empty(t.shape) if need else t.new_empty(0) for t, need in ((A, need_A), (s, need_s), (B, need_B))]
+
+
+declare(
+    "scaled_matmul_backward",
+    "(Tensor grad, Tensor A, Tensor s, Tensor B, bool need_A, bool need_s, bool need_B) -> Tensor[]",
+    kernels={"torch": _smm_backward_kernel(_smm_bwd_torch), "cpp": _smm_backward_kernel(_smm_bwd_ext),
+             "triton": _smm_backward_kernel(_smm_bwd_triton)},
+    check=_check_smm_backward,
+    fake=_smm_backward_fake,
+)
 
 
 def _smm_setup_context(ctx, inputs, output):
@@ -312,17 +306,32 @@ def _smm_backward(ctx, grad):
     return tuple(g if need else None for g, need in zip(out, ctx.needs))
 
 
-_scaled_matmul_op.register_autograd(_smm_backward, setup_context=_smm_setup_context)
+def _smm_samples(device, dtype):
+    """Square and not, k = 1, a single entry, no rows, and transposed (strided) A and B."""
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    out = [(mk(r, k), mk(k), mk(k, c)) for r, k, c in ((4, 4, 4), (5, 3, 7), (7, 3, 2), (4, 1, 6), (1, 1, 1),
+                                                        (0, 3, 4))]
+    return out + [(mk(3, 5).mT, mk(6)[::2], mk(4, 3).mT)]
 
 
-def scaled_matmul(A: Tensor, s: Tensor, B: Tensor) -> Tensor:
-    """A diag(s) B for A (r, k), s (k,), B (k, c), the spectrum folded into the GEMM.
+scaled_matmul = declare(
+    "scaled_matmul",
+    "(Tensor A, Tensor s, Tensor B) -> Tensor",
+    kernels={"torch": _smm_fwd_torch, "cpp": _smm_fwd_ext, "triton": _smm_fwd_triton},
+    check=_check_smm,
+    fake=lambda A, s, B: A.new_empty((A.shape[0], B.shape[1])),
+    reference=scaled_matmul_reference,
+    backward="scaled_matmul_backward",
+    setup_context=_smm_setup_context,
+    backward_fn=_smm_backward,
+    samples=_smm_samples,
+    doc="""A diag(s) B for A (r, k), s (k,), B (k, c), the spectrum folded into the GEMM.
 
     Differentiable in A, s and B. The backward forms T = A^T G once when B needs its gradient
     (grad_s = rowsum(T ⊙ B), grad_B = diag(s) T) and otherwise reduces diag(A^T G B^T) block by
     block without storing a (k, c) or (r, k) intermediate (cpp, triton backends).
-    """
-    return torch.ops.specops.scaled_matmul(A, s, B)
+    """,
+)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -357,8 +366,8 @@ def _check_common(side, activation=None):
 
 def _check_tensors(named: dict[str, Tensor]) -> None:
     first_name, first = next(iter(named.items()))
-    if first.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{first_name}: expected a floating dtype {_FLOAT_DTYPES}, got {first.dtype}")
+    if first.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{first_name}: expected a floating dtype {FLOAT_DTYPES}, got {first.dtype}")
     for name, t in named.items():
         if t is None:
             continue
@@ -368,44 +377,37 @@ def _check_tensors(named: dict[str, Tensor]) -> None:
             )
 
 
+def _check_pair(left: tuple[str, Tensor], basis: tuple[str, Tensor], shifts: dict[str, Tensor], rotation, side,
+                directions: str):
+    """Validate a factorisation left (out, k) · basis (k, in) with (k,) shifts; returns (out, in, k, factors)."""
+    (a, A), (b, Bh) = left, basis
+    if A.dim() != 2:
+        raise ValueError(f"{a}: expected an (out, k) matrix, got shape {tuple(A.shape)}")
+    out, k = A.shape
+    if Bh.dim() != 2 or Bh.shape[0] != k:
+        raise ValueError(f"{b}: expected shape ({k}, in) to match {a} {tuple(A.shape)}, got {tuple(Bh.shape)}")
+    n = Bh.shape[1]
+    if k > min(out, n):
+        raise ValueError(
+            f"{a}: k={k} columns exceed min(out, in) = {min(out, n)} ({a} {tuple(A.shape)}, {b} {tuple(Bh.shape)})"
+        )
+    for name, t in shifts.items():
+        if t.shape != (k,):
+            raise ValueError(f"{name}: expected shape ({k},) to match {a} {tuple(A.shape)}, got {tuple(t.shape)}")
+    _check_tensors({a: A, b: Bh, **shifts})
+    dim, what = (n, "the input features") if side == "input" else (k, f"the k {directions} directions")
+    return out, n, k, _check_rotation(rotation, dim, side, what, A.dtype, A.device)
+
+
 def _check_svd(U, S, Vh, delta, rotation, side, activation):
     """Validate the SVD inputs; returns (out, in, k, factors)."""
     _check_common(side, activation)
-    if U.dim() != 2:
-        raise ValueError(f"U: expected an (out, k) matrix, got shape {tuple(U.shape)}")
-    out, k = U.shape
-    if Vh.dim() != 2 or Vh.shape[0] != k:
-        raise ValueError(f"Vh: expected shape ({k}, in) to match U {tuple(U.shape)}, got {tuple(Vh.shape)}")
-    n = Vh.shape[1]
-    if k > min(out, n):
-        raise ValueError(
-            f"U: k={k} columns exceed min(out, in) = {min(out, n)} (U {tuple(U.shape)}, Vh {tuple(Vh.shape)})"
-        )
-    for name, t in (("S", S), ("delta", delta)):
-        if t.shape != (k,):
-            raise ValueError(f"{name}: expected shape ({k},) to match U {tuple(U.shape)}, got {tuple(t.shape)}")
-    _check_tensors({"U": U, "S": S, "Vh": Vh, "delta": delta})
-    dim, what = (n, "the input features") if side == "input" else (k, "the k singular directions")
-    return out, n, k, _check_rotation(rotation, dim, side, what, U.dtype, U.device)
+    return _check_pair(("U", U), ("Vh", Vh), {"S": S, "delta": delta}, rotation, side, "singular")
 
 
 def _check_lq(L, Qh, delta, rotation, side):
     _check_common(side)
-    if L.dim() != 2:
-        raise ValueError(f"L: expected an (out, k) matrix, got shape {tuple(L.shape)}")
-    out, k = L.shape
-    if Qh.dim() != 2 or Qh.shape[0] != k:
-        raise ValueError(f"Qh: expected shape ({k}, in) to match L {tuple(L.shape)}, got {tuple(Qh.shape)}")
-    n = Qh.shape[1]
-    if k > min(out, n):
-        raise ValueError(
-            f"L: k={k} columns exceed min(out, in) = {min(out, n)} (L {tuple(L.shape)}, Qh {tuple(Qh.shape)})"
-        )
-    if delta.shape != (k,):
-        raise ValueError(f"delta: expected shape ({k},) to match L {tuple(L.shape)}, got {tuple(delta.shape)}")
-    _check_tensors({"L": L, "Qh": Qh, "delta": delta})
-    dim, what = (n, "the input features") if side == "input" else (k, "the k basis directions")
-    return out, n, k, _check_rotation(rotation, dim, side, what, L.dtype, L.device)
+    return _check_pair(("L", L), ("Qh", Qh), {"delta": delta}, rotation, side, "basis")
 
 
 def _check_x(x, bias, out, n, ref_name: str, ref: Tensor):
@@ -417,6 +419,31 @@ def _check_x(x, bias, out, n, ref_name: str, ref: Tensor):
 
 
 # ----------------------------------------------------------------------------- shared pieces
+
+
+def _autocast(fn):
+    """Under torch.autocast, fn computes like the matmuls it stands for (F.linear, U diag(s) Vh): every
+    floating input but float64 cast to the autocast dtype, the body run with autocast off (the ops it
+    calls take one dtype and would otherwise meet inputs that autocast rounded and others it did not)."""
+
+    def cast(t, dtype):
+        if isinstance(t, (list, tuple)):
+            return [cast(f, dtype) for f in t]
+        if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            return t.to(dtype)
+        return t
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+        if first is None or not torch.is_autocast_enabled(first.device.type):
+            return fn(*args, **kwargs)
+        device = first.device.type
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return fn(*(cast(a, dtype) for a in args), **{k: cast(v, dtype) for k, v in kwargs.items()})
+
+    return run
 
 
 def _activate(S: Tensor, delta: Tensor, activation: str) -> Tensor:
@@ -460,6 +487,7 @@ def spectral_shift_reference(U, S, Vh, delta, *, rotation=None, side="input", ac
     return U @ torch.diag(s) @ (Vh.mT @ R).mT
 
 
+@_autocast
 def spectral_shift(
     U: Tensor,
     S: Tensor,
@@ -475,7 +503,8 @@ def spectral_shift(
     side="input": W = W' R^T (∏ p_i = in); side="basis": W = U diag(s) (V R)^T (∏ p_i = k).
     U (out, k), S (k,), Vh (k, in), delta (k,), k <= min(out, in); activation relu | softplus |
     none. Differentiable in every input, R is never formed. Raises ValueError on mismatched shapes,
-    factor sizes whose product is not the rotated dimension, or an unknown side/activation.
+    factor sizes whose product is not the rotated dimension, or an unknown side/activation. Under
+    torch.autocast the inputs (float64 excepted) are cast to the autocast dtype, as for a matmul.
     """
     _, _, _, factors = _check_svd(U, S, Vh, delta, rotation, side, activation)
     return scaled_matmul(U, _activate(S, delta, activation), _rotated_basis(Vh, factors, side))
@@ -492,6 +521,7 @@ def spectral_shift_lq_reference(L, Qh, delta, *, rotation=None, side="input"):
     return (L + D) @ (Qh @ R.mT if side == "input" else (Qh.mT @ R).mT)
 
 
+@_autocast
 def spectral_shift_lq(
     L: Tensor, Qh: Tensor, delta: Tensor, *, rotation: Sequence[Tensor] | None = None, side: str = "input"
 ) -> Tensor:
@@ -603,6 +633,7 @@ def spectral_linear_reference(x, U, S, Vh, delta, bias=None, *, rotation=None, s
     return F.linear(x, W, bias)
 
 
+@_autocast
 def spectral_linear(
     x: Tensor,
     U: Tensor,
@@ -620,7 +651,8 @@ def spectral_linear(
 
     x (..., in) -> (..., out). `path` "auto" applies the rule of `linear_path` (materialise W then
     one GEMM, or the factored ((x B~^T) ⊙ s) U^T); "materialise" / "factored" force one. R is never
-    formed. Differentiable in x, U, S, Vh, delta, bias and every rotation factor.
+    formed. Differentiable in x, U, S, Vh, delta, bias and every rotation factor. Under torch.autocast
+    it computes like F.linear: every input but float64 ones cast to the autocast dtype.
     """
     out, n, k, factors = _check_svd(U, S, Vh, delta, rotation, side, activation)
     _check_x(x, bias, out, n, "U", U)
@@ -639,6 +671,7 @@ def spectral_linear_lq_reference(x, L, Qh, delta, bias=None, *, rotation=None, s
     return F.linear(x, spectral_shift_lq_reference(L, Qh, delta, rotation=rotation, side=side), bias)
 
 
+@_autocast
 def spectral_linear_lq(
     x: Tensor,
     L: Tensor,

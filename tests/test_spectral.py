@@ -79,6 +79,7 @@ def test_scaled_matmul_matches(backend, r, k, c, dtype):
     A, s, B = torch.randn(r, k, dtype=dtype), torch.randn(k, dtype=dtype), torch.randn(k, c, dtype=dtype)
     y64 = sp.scaled_matmul_reference(A.double(), s.double(), B.double())
     assert_rel(sp.scaled_matmul(A, s, B), y64, dtype)
+    assert specops.last_backend("scaled_matmul") == backend
     gy = torch.randn_like(y64)
     for need in NEEDS if r < 100 else NEEDS[-1:]:
         xs = [t.detach().requires_grad_(n) for t, n in zip((A, s, B), need)]
@@ -86,6 +87,7 @@ def test_scaled_matmul_matches(backend, r, k, c, dtype):
         wanted = [t for t in xs if t.requires_grad]
         grads = torch.autograd.grad(sp.scaled_matmul(*xs), wanted, gy.to(dtype))
         refs = torch.autograd.grad(sp.scaled_matmul_reference(*x64), [t for t in x64 if t.requires_grad], gy)
+        assert specops.last_backend("scaled_matmul_backward") == backend
         for g, ref in zip(grads, refs):
             assert_rel(g, ref, dtype, 4)
 
@@ -189,6 +191,38 @@ def test_spectral_linear_sdxl_training_case(path):
         assert_rel(f.grad, f64.grad, torch.float32, 4)
 
 
+@pytest.mark.parametrize("path", ["materialise", "factored"])
+@pytest.mark.parametrize("side", sp.SIDES)
+def test_autocast_computes_in_the_autocast_dtype(backend, side, path):
+    """Under torch.autocast the spectral functions compute like F.linear: float32 inputs in bf16, a bf16
+    result, gradients in the inputs' dtype; the same as casting the inputs by hand without autocast."""
+    _lighter_triton(backend, side == "input")
+    (U, S, Vh, d), rot = _svd_inputs(12, 20, torch.float32, 2, side)
+    L, Qh, _ = sp.decompose(torch.randn(12, 20), "lq")
+    x, b = torch.randn(3, 20), torch.randn(12)
+
+    fns = [
+        lambda x, U, S, Vh, L, Qh, d, b, *rot: sp.spectral_linear(x, U, S, Vh, d, b, rotation=list(rot), side=side,
+                                                                   path=path),
+        lambda x, U, S, Vh, L, Qh, d, b, *rot: sp.spectral_linear_lq(x, L, Qh, d, b, rotation=list(rot), side=side,
+                                                                      path=path),
+        lambda x, U, S, Vh, L, Qh, d, b, *rot: sp.spectral_shift(U, S, Vh, d, rotation=list(rot), side=side),
+        lambda x, U, S, Vh, L, Qh, d, b, *rot: sp.spectral_shift_lq(L, Qh, d, rotation=list(rot), side=side),
+    ]
+    for fn in fns:
+        inputs = _leaves([x, U, S, Vh, L, Qh, d, b, *rot])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(*inputs)
+        by_hand = _leaves(inputs)
+        ref = fn(*(t.to(torch.bfloat16) for t in by_hand))
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+        gy = torch.randn_like(y)
+        grads = torch.autograd.grad(y, inputs, gy, allow_unused=True)
+        ref_grads = torch.autograd.grad(ref, by_hand, gy, allow_unused=True)
+        for g, r in zip(grads, ref_grads):
+            assert (g is None and r is None) or (g.dtype == torch.float32 and torch.equal(g, r))
+
+
 # ----------------------------------------------------------------------------- acceptance 2
 
 
@@ -259,6 +293,17 @@ def test_gradcheck_scaled_matmul(backend):
     A, s, B = _leaves([torch.randn(5, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64),
                        torch.randn(4, 7, dtype=torch.float64)])
     assert torch.autograd.gradcheck(sp.scaled_matmul, (A, s, B))
+    assert specops.last_backend("scaled_matmul") == backend == specops.last_backend("scaled_matmul_backward")
+
+
+def test_scaled_matmul_declares_no_cuda_kernel():
+    """Forcing a backend the op lacks is an error, or the device default with fallback=True."""
+    assert set(specops._registry.OPS["scaled_matmul"].kernels) == {"torch", "cpp", "triton"}
+    A, s, B = torch.randn(3, 2), torch.randn(2), torch.randn(2, 4)
+    with specops.backend("cuda"), pytest.raises(specops.BackendError, match="is not implemented by scaled_matmul"):
+        sp.scaled_matmul(A, s, B)
+    with specops.backend("cuda", fallback=True):
+        assert_rel(sp.scaled_matmul(A, s, B), sp.scaled_matmul_reference(A, s, B), torch.float32)
 
 
 # ----------------------------------------------------------------------------- opcheck / compile
