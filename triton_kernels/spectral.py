@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from specops._constants import acc_dtype
+
 # (BLOCK_M, BLOCK_N, BLOCK_K) per dtype, sized so that no kernel spills on sm_80/sm_90 with 4 warps
 # (IEEE fp32 and fp64 dots run on FMA units and hold their operand tiles in registers).
 _BLOCK = {torch.float64: (32, 32, 16), torch.float32: (32, 64, 16)}
@@ -41,96 +43,91 @@ def _dot(x, y, acc_ty, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, r, c, sr, sc, R, C):
+    """The tile ptr[r, c] of an (R, C) matrix with strides (sr, sc), zero outside the matrix."""
+    return tl.load(ptr + r[:, None] * sr + c[None, :] * sc, mask=(r[:, None] < R) & (c[None, :] < C), other=0.0)
+
+
+@triton.jit
+def _put(ptr, r, c, sr, sc, R, C, value):
+    """Store `value` into the tile ptr[r, c] of an (R, C) matrix with strides (sr, sc), in ptr's dtype."""
+    tl.store(ptr + r[:, None] * sr + c[None, :] * sc, value.to(ptr.dtype.element_ty),
+             mask=(r[:, None] < R) & (c[None, :] < C))
+
+
+@triton.jit
+def _ranges(B0: tl.constexpr, B1: tl.constexpr):
+    """This program's row and column indices in a 2-D grid of (B0, B1) tiles."""
+    return tl.program_id(0) * B0 + tl.arange(0, B0), tl.program_id(1) * B1 + tl.arange(0, B1)
+
+
+@triton.jit
 def _scaled_mm_kernel(a_ptr, s_ptr, b_ptr, c_ptr, M, N, K, sam, sak, sbk, sbn, scm, scn,
                       SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     """C (M, N) = A diag(s) B (SCALE=1) or (A B) diag(s) (SCALE=2); s is in the accumulation type."""
     acc_ty = s_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn = _ranges(BLOCK_M, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_ty)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None] * sam + kk[None, :] * sak, mask=(rm[:, None] < M) & (kk[None, :] < K),
-                    other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * sbk + rn[None, :] * sbn, mask=(kk[:, None] < K) & (rn[None, :] < N),
-                    other=0.0)
+        a = _tile(a_ptr, rm, kk, sam, sak, M, K)
+        b = _tile(b_ptr, kk, rn, sbk, sbn, K, N)
         if SCALE == 1:
             sv = tl.load(s_ptr + kk, mask=kk < K, other=0.0)
             a = (a.to(acc_ty) * sv[None, :]).to(b.dtype)
         acc += _dot(a, b, acc_ty, UPCAST)
     if SCALE == 2:
         acc *= tl.load(s_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    tl.store(c_ptr + rm[:, None] * scm + rn[None, :] * scn, acc.to(c_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _put(c_ptr, rm, rn, scm, scn, M, N, acc)
 
 
 @triton.jit
 def _bwd_t_kernel(a_ptr, g_ptr, b_ptr, s_ptr, part_ptr, out_ptr, R, K, C, sar, sak, sgr, sgc, sbk, sbc,
                   STORE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
                   UPCAST: tl.constexpr):
-    """Tile (directions i, columns j) of T = A^T G; part[pid_c, i] = Σ_j T[i,j] B[i,j];
+    """Tile (directions i, columns j) of T = A^T G; part[program_id(1), i] = Σ_j T[i,j] B[i,j];
     STORE: out[i, j] = s[i] T[i, j] (grad_B, contiguous (K, C))."""
     acc_ty = s_ptr.dtype.element_ty
-    pid_k = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    ri = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rj = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ri, rj = _ranges(BLOCK_K, BLOCK_C)
     rr = tl.arange(0, BLOCK_R)
     acc = tl.zeros([BLOCK_K, BLOCK_C], dtype=acc_ty)
     for r0 in range(0, R, BLOCK_R):
         r = r0 + rr
-        a = tl.load(a_ptr + r[:, None] * sar + ri[None, :] * sak, mask=(r[:, None] < R) & (ri[None, :] < K),
-                    other=0.0)
-        g = tl.load(g_ptr + r[:, None] * sgr + rj[None, :] * sgc, mask=(r[:, None] < R) & (rj[None, :] < C),
-                    other=0.0)
-        acc += _dot(tl.trans(a), g, acc_ty, UPCAST)
-    ok = (ri[:, None] < K) & (rj[None, :] < C)
-    b = tl.load(b_ptr + ri[:, None] * sbk + rj[None, :] * sbc, mask=ok, other=0.0)
-    tl.store(part_ptr + pid_c * K + ri, tl.sum(acc * b.to(acc_ty), axis=1), mask=ri < K)
+        a = _tile(a_ptr, r, ri, sar, sak, R, K)
+        acc += _dot(tl.trans(a), _tile(g_ptr, r, rj, sgr, sgc, R, C), acc_ty, UPCAST)
+    b = _tile(b_ptr, ri, rj, sbk, sbc, K, C)
+    tl.store(part_ptr + tl.program_id(1) * K + ri, tl.sum(acc * b.to(acc_ty), axis=1), mask=ri < K)
     if STORE:
         sv = tl.load(s_ptr + ri, mask=ri < K, other=0.0)
-        tl.store(out_ptr + ri[:, None] * C + rj[None, :], (acc * sv[:, None]).to(out_ptr.dtype.element_ty), mask=ok)
+        _put(out_ptr, ri, rj, C, 1, K, C, acc * sv[:, None])
 
 
 @triton.jit
 def _bwd_p_kernel(a_ptr, g_ptr, b_ptr, s_ptr, part_ptr, out_ptr, R, K, C, sar, sak, sgr, sgc, sbk, sbc,
                   STORE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
                   UPCAST: tl.constexpr):
-    """Tile (rows r, directions i) of P = G B^T; part[pid_r, i] = Σ_r P[r,i] A[r,i];
+    """Tile (rows r, directions i) of P = G B^T; part[program_id(0), i] = Σ_r P[r,i] A[r,i];
     STORE: out[r, i] = P[r, i] s[i] (grad_A, contiguous (R, K))."""
     acc_ty = s_ptr.dtype.element_ty
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    ri = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr, ri = _ranges(BLOCK_R, BLOCK_K)
     rj = tl.arange(0, BLOCK_C)
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=acc_ty)
     for c0 in range(0, C, BLOCK_C):
         j = c0 + rj
-        g = tl.load(g_ptr + rr[:, None] * sgr + j[None, :] * sgc, mask=(rr[:, None] < R) & (j[None, :] < C),
-                    other=0.0)
-        b = tl.load(b_ptr + ri[:, None] * sbk + j[None, :] * sbc, mask=(ri[:, None] < K) & (j[None, :] < C),
-                    other=0.0)
-        acc += _dot(g, tl.trans(b), acc_ty, UPCAST)
-    ok = (rr[:, None] < R) & (ri[None, :] < K)
-    a = tl.load(a_ptr + rr[:, None] * sar + ri[None, :] * sak, mask=ok, other=0.0)
-    tl.store(part_ptr + pid_r * K + ri, tl.sum(acc * a.to(acc_ty), axis=0), mask=ri < K)
+        b = _tile(b_ptr, ri, j, sbk, sbc, K, C)
+        acc += _dot(_tile(g_ptr, rr, j, sgr, sgc, R, C), tl.trans(b), acc_ty, UPCAST)
+    a = _tile(a_ptr, rr, ri, sar, sak, R, K)
+    tl.store(part_ptr + tl.program_id(0) * K + ri, tl.sum(acc * a.to(acc_ty), axis=0), mask=ri < K)
     if STORE:
         sv = tl.load(s_ptr + ri, mask=ri < K, other=0.0)
-        tl.store(out_ptr + rr[:, None] * K + ri[None, :], (acc * sv[None, :]).to(out_ptr.dtype.element_ty), mask=ok)
+        _put(out_ptr, rr, ri, K, 1, R, K, acc * sv[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _blocks(dtype):
@@ -163,7 +160,7 @@ def _mm(a, s_acc, b, scale):
 
 def scaled_matmul_fwd(A: torch.Tensor, s: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """A diag(s) B for A (r, k), s (k,), B (k, c) of one dtype (any strides)."""
-    return _mm(A, s.to(_acc_dtype(A.dtype)).contiguous(), B, scale=1)
+    return _mm(A, s.to(acc_dtype(A.dtype)).contiguous(), B, scale=1)
 
 
 def _reduce(G, A, B, s_acc, orient_t, store):
@@ -191,7 +188,7 @@ def scaled_matmul_bwd(G, A, s, B, need_A: bool, need_s: bool, need_B: bool):
     """(grad_A, grad_s, grad_B) of C = A diag(s) B (None where not needed); see the module doc."""
     r, k = A.shape
     c = B.shape[1]
-    acc = _acc_dtype(A.dtype)
+    acc = acc_dtype(A.dtype)
     s_acc = s.to(acc).contiguous()
     if r * k * c == 0:
         zeros = (torch.zeros_like(A), torch.zeros_like(s), torch.zeros_like(B))
@@ -212,7 +209,7 @@ def aot_specs() -> list[tuple[str, "triton.JITFunction", dict, dict]]:
     specs = []
     opts = {"num_warps": _NUM_WARPS}
     for dtype, ty in _TL_TYPE.items():
-        acc = "*" + _TL_TYPE[_acc_dtype(dtype)]
+        acc = "*" + _TL_TYPE[acc_dtype(dtype)]
         bm, bn, bk = _blocks(dtype)
         mm_sig = {"a_ptr": "*" + ty, "s_ptr": acc, "b_ptr": "*" + ty, "c_ptr": "*" + ty}
         mm_sig.update({n: "i32" for n in ("M", "N", "K", "sam", "sak", "sbk", "sbn", "scm", "scn")})
