@@ -1,4 +1,5 @@
 """ZipLoRA ops: every CPU-runnable backend against the dense (materialised ΔW) formulation in float64."""
+import contextlib
 import functools
 
 import pytest
@@ -8,7 +9,9 @@ from helpers import CPU_BACKENDS, assert_rel
 
 import specops
 from specops import ZipLoRALinear
+from specops._registry import OPS
 from specops.zip import (
+    GRAD_SLOTS,
     PENALTY_KINDS,
     merger_penalty,
     merger_penalty_reference,
@@ -19,7 +22,10 @@ from specops.zip import (
 )
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
-NAMES = ("x", "weight", "bias", "B_c", "A_c", "m_c", "B_s", "A_s", "m_s")
+# merger_penalty has no Triton kernel: its backend-forcing tests run over the backends it declares.
+PENALTY_BACKENDS = [b for b in CPU_BACKENDS if b in OPS["merger_penalty"].kernels]
+# What runs on CPU tensors when no backend is forced.
+CPU_DEFAULT = "cpp" if "cpp" in CPU_BACKENDS else "torch"
 
 # (out, in), (r_c, r_s), token batch: the issue's shapes, unequal ranks both ways, odd sizes.
 CASES = [
@@ -34,6 +40,18 @@ CASES = [
 # The Triton interpreter runs kernels in numpy, one program at a time: keep its cases tiny.
 TRITON_MAX_WORK = 1e6
 SCALES = (0.5, 2.0)
+
+
+@pytest.fixture(params=PENALTY_BACKENDS)
+def penalty_backend(request):
+    """Run the test once per backend merger_penalty declares that can run on CPU tensors here, forced."""
+    with specops.backend(request.param):
+        yield request.param
+
+
+def _ran(backend, *ops):
+    for op in ops:
+        assert specops.last_backend(op) == backend, op
 
 
 def _ids(case):
@@ -96,7 +114,8 @@ def test_linear_matches_dense(backend, case, dtype):
     assert y.shape == (*batch, out_f) and y.dtype == dtype
     assert_rel(y, ref, dtype, scale=2.0)
     grads = torch.autograd.grad(y, args, gy.to(dtype))
-    for name, g, r in zip(NAMES, grads, refs):
+    _ran(backend, "zip_lora_linear", "zip_lora_linear_backward")
+    for name, g, r in zip(GRAD_SLOTS, grads, refs):
         assert g.dtype == dtype and g.shape == r.shape, name
         # merger/LoRA-A gradients sum over tokens and rank: deeper accumulation than the output
         assert_rel(g, r, dtype, scale=4.0 if dtype != torch.float64 else 100.0)
@@ -113,6 +132,7 @@ def test_optional_weight_and_bias(backend, weight, bias):
     assert_rel(y, ref, torch.float64)
     present = [a for a in args if a is not None]
     grads = torch.autograd.grad(y.square().sum(), present)
+    _ran(backend, "zip_lora_linear", "zip_lora_linear_backward")
     refs = torch.autograd.grad(ref.square().sum(), [t for t in t64 if t is not None])
     for g, r in zip(grads, refs):
         assert_rel(g, r, torch.float64, scale=100.0)
@@ -121,42 +141,58 @@ def test_optional_weight_and_bias(backend, weight, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ranks", [(9, 8), (30, 20), (60, 40)], ids=["R32", "R64", "R128"])
 def test_rank_paddings(backend, ranks, dtype):
-    """Every padded-rank configuration of the Triton kernels (16 is covered by CASES)."""
+    """Every padded-rank configuration of the Triton kernels (16 is covered by CASES); one past the
+    widest (fp32 R128) is refused by a forced triton."""
     args = _inputs(6, 10, *ranks, (20,), dtype)
     for a in args:
         a.requires_grad_()
+    supports = OPS["zip_lora_linear"].kernels[backend].supports
+    if supports is not None and supports(*args, 0.5, 2.0) is not None:
+        with pytest.raises(specops.BackendError, match="refuses these inputs"):
+            zip_lora_linear(*args, 0.5, 2.0)
+        return
     y = zip_lora_linear(*args, 0.5, 2.0)
     t64, ref = _oracle(args, (0.5, 2.0), [True] * 9)
     assert_rel(y, ref, dtype, scale=2.0)
     gy = torch.randn_like(y)
     for g, r in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(ref, t64, gy.double())):
         assert_rel(g, r, dtype, scale=4.0)
+    _ran(backend, "zip_lora_linear", "zip_lora_linear_backward")
 
 
 def test_wide_rank(backend):
-    """r_c + r_s = 70: past the widest fp32 Triton configuration, so its torch fallback runs too."""
+    """r_c + r_s = 70: past the widest fp32 Triton configuration. A forced triton refuses it; with
+    fallback=True the device default runs instead."""
     args = _inputs(5, 9, 40, 30, (6,), torch.float32)
     for a in args:
         a.requires_grad_()
-    y = zip_lora_linear(*args, 0.5, 2.0)
-    t64, ref = _oracle(args, (0.5, 2.0), [True] * 9)
-    assert_rel(y, ref, torch.float32, scale=2.0)
-    gy = torch.randn_like(y)
-    for g, r in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(ref, t64, gy.double())):
-        assert_rel(g, r, torch.float32, scale=4.0)
+    expected, allow = backend, contextlib.nullcontext()
+    if backend == "triton":
+        with pytest.raises(specops.BackendError, match=r"refuses these inputs: r_c \+ r_s = 70 pads to 128 > 64"):
+            zip_lora_linear(*args, 0.5, 2.0)
+        expected, allow = CPU_DEFAULT, specops.backend("triton", fallback=True)
+    with allow:
+        y = zip_lora_linear(*args, 0.5, 2.0)
+        t64, ref = _oracle(args, (0.5, 2.0), [True] * 9)
+        assert_rel(y, ref, torch.float32, scale=2.0)
+        gy = torch.randn_like(y)
+        for g, r in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(ref, t64, gy.double())):
+            assert_rel(g, r, torch.float32, scale=4.0)
+    _ran(expected, "zip_lora_linear", "zip_lora_linear_backward")
 
 
 @pytest.mark.parametrize("need", [("m_c", "m_s"), ("x",), ("A_c", "B_s"), ("weight", "bias"), ("m_s",)])
 def test_partial_gradients(backend, need):
     """Merger training asks only for m_c, m_s: exactly the requested gradients come back, right."""
     args = _inputs(6, 9, 2, 3, (2, 5), torch.float64)
-    for name, a in zip(NAMES, args):
+    for name, a in zip(GRAD_SLOTS, args):
         a.requires_grad_(name in need)
     y = zip_lora_linear(*args)
     y.pow(2).sum().backward()
-    t64, ref = _oracle(args, (1.0, 1.0), [n in need for n in NAMES])
+    _ran(backend, "zip_lora_linear", "zip_lora_linear_backward")
+    t64, ref = _oracle(args, (1.0, 1.0), [n in need for n in GRAD_SLOTS])
     ref.pow(2).sum().backward()
-    for name, a, t in zip(NAMES, args, t64):
+    for name, a, t in zip(GRAD_SLOTS, args, t64):
         if name in need:
             assert_rel(a.grad, t.grad, torch.float64, scale=100.0)
         else:
@@ -173,6 +209,7 @@ def test_non_contiguous_and_empty(backend):
     assert_rel(zip_lora_linear(x3, *args[1:]), _oracle([x3, *args[1:]], (1.0, 1.0), [False] * 9)[1], torch.float32)
     empty = zip_lora_linear(torch.randn(0, 12), *args[1:])
     assert empty.shape == (0, 7)
+    _ran(backend, "zip_lora_linear")
 
 
 @pytest.mark.parametrize("weight", [True, False], ids=["base", "branch_only"])
@@ -183,13 +220,26 @@ def test_gradcheck(backend, weight):
             a.requires_grad_()
     # fast mode (random projections) keeps the Triton interpreter's many launches affordable
     assert torch.autograd.gradcheck(lambda *a: zip_lora_linear(*a, 0.7, -1.3), args, fast_mode=backend == "triton")
+    _ran(backend, "zip_lora_linear", "zip_lora_linear_backward")
 
 
 @pytest.mark.parametrize("kind", PENALTY_KINDS)
-def test_penalty_gradcheck(backend, kind):
+def test_penalty_gradcheck(penalty_backend, kind):
     mc = [(1 + torch.randn(n, dtype=torch.float64)).requires_grad_() for n in (3, 1, 6)]
     ms = [(1 + torch.randn(n, dtype=torch.float64)).requires_grad_() for n in (3, 1, 6)]
     assert torch.autograd.gradcheck(lambda *a: merger_penalty(a[:3], a[3:], kind), (*mc, *ms))
+    _ran(penalty_backend, "merger_penalty", "merger_penalty_backward")
+
+
+def test_penalty_has_no_triton_kernel():
+    """Forcing a backend merger_penalty lacks is an error (or, on request, runs the default)."""
+    mc, ms = [torch.ones(2, requires_grad=True)], [torch.ones(2)]
+    with specops.backend("triton"):
+        with pytest.raises(specops.BackendError, match="backend 'triton' is not implemented by merger_penalty"):
+            merger_penalty(mc, ms)
+    with specops.backend("triton", fallback=True):
+        merger_penalty(mc, ms).backward()
+    _ran(CPU_DEFAULT, "merger_penalty", "merger_penalty_backward")
 
 
 def _sdxl_widths():
@@ -202,7 +252,7 @@ def _sdxl_widths():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", PENALTY_KINDS)
-def test_penalty_matches_loop(backend, kind, dtype):
+def test_penalty_matches_loop(penalty_backend, kind, dtype):
     widths = _sdxl_widths()
     assert len(widths) == 560
     mc = [(1 + 0.3 * torch.randn(n)).to(dtype).requires_grad_() for n in widths]
@@ -213,17 +263,19 @@ def test_penalty_matches_loop(backend, kind, dtype):
     ref = merger_penalty_reference(m64[:560], m64[560:], kind)
     assert_rel(p, ref, dtype)
     grads = torch.autograd.grad(p, mc + ms)
+    _ran(penalty_backend, "merger_penalty", "merger_penalty_backward")
     refs = torch.autograd.grad(ref, m64)
     assert_rel(torch.cat(grads), torch.cat(refs), dtype, scale=2.0)
 
 
-def test_penalty_cosine_has_zero_gradient_at_ones(backend):
+def test_penalty_cosine_has_zero_gradient_at_ones(penalty_backend):
     mc = [torch.ones(n, requires_grad=True) for n in (4, 9)]
     ms = [torch.ones(n, requires_grad=True) for n in (4, 9)]
     grads = torch.autograd.grad(merger_penalty(mc, ms, "cosine"), mc + ms)
     assert all(g.abs().max() < 1e-6 for g in grads)
     grads = torch.autograd.grad(merger_penalty(mc, ms, "abs_product"), mc + ms)
     assert all(g.abs().min() > 0 for g in grads)
+    _ran(penalty_backend, "merger_penalty", "merger_penalty_backward")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -266,6 +318,7 @@ def test_module_equals_dense(backend, dtype):
                dense, dtype, scale=2.0)
     y.sum().backward()
     assert mod.m_c.grad is not None and mod.m_s.grad is not None and base.weight.grad is None
+    _ran(backend, "zip_lora_linear", "zip_lora_linear_backward")
 
 
 def test_module_merger_training_step_lowers_the_loss():
@@ -378,6 +431,8 @@ def test_errors_module_merge_and_penalty():
         ZipLoRALinear(base, torch.randn(8, 2), (torch.randn(8, 2), torch.randn(2, 10)))
     with pytest.raises(ValueError, match=r"m_s: expected shape \(in_features=5,\)"):
         zip_merge(torch.randn(4, 5), torch.randn(4, 5), torch.randn(5), torch.randn(4))
+    with pytest.raises(ValueError, match=r"m_s: expected shape \(in_features=5,\)"):  # the op checks, not the wrapper
+        torch.ops.specops.zip_merge(torch.randn(4, 5), torch.randn(4, 5), torch.randn(5), torch.randn(4))
     with pytest.raises(ValueError, match=r"delta_s: expected shape \(4, 5\)"):
         zip_merge(torch.randn(4, 5), torch.randn(5, 4), torch.randn(5), torch.randn(5))
     with pytest.raises(ValueError, match=r"B_s: expected shape \(out_features=4, r_s=1\)"):
@@ -390,6 +445,15 @@ def test_errors_module_merge_and_penalty():
         merger_penalty([torch.randn(2)], [torch.randn(2)], "l2")
     with pytest.raises(ValueError, match=r"m_c_list: expected a non-empty list"):
         merger_penalty([], [])
+
+
+def test_errors_backward_op():
+    args = [a.detach() for a in _good()]
+    gy = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"need: expected 9 flags, one per \('x', 'weight'"):
+        torch.ops.specops.zip_lora_linear_backward(gy, args[0], args[1], *args[3:], 1.0, 1.0, [True] * 8)
+    with pytest.raises(ValueError, match="need: a weight gradient was asked for but weight is None"):
+        torch.ops.specops.zip_lora_linear_backward(gy, args[0], None, *args[3:], 1.0, 1.0, [True] * 9)
 
 
 def test_backends_listed():

@@ -23,22 +23,21 @@ G[k, j] = Σ_t u[t, k] x[t, j] stays in registers and is contracted on the spot,
 Accumulation is fp32 (fp64 for fp64); tiles are converted to the accumulation type on load, bf16/fp16
 inputs then use TF32 dots (exact for their values), fp32/fp64 IEEE dots (torch's default: no TF32).
 Total ranks r1 + r2 beyond _MAX_R_PAD (the widest configuration that compiles without register
-spills on sm_80 and sm_90: fp32 64, fp64 and bf16/fp16 128) run as torch GEMMs instead.
+spills on sm_80 and sm_90: fp32 64, fp64 and bf16/fp16 128) are refused (`supports`): the op then
+runs another backend.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from specops._constants import acc_dtype
+
 _AOT_R_PAD = (16, 32, 64, 128)
 _MAX_R_PAD = {torch.float32: 64, torch.float64: 128, torch.bfloat16: 128, torch.float16: 128}
 _NUM_WARPS = 4
 
 _TL_TYPE = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _precision(dtype):
@@ -51,19 +50,26 @@ def _r_pad(r):
     return max(16, triton.next_power_of_2(r))
 
 
+def supports(r: int, dtype: torch.dtype) -> str | None:
+    """None when a total rank r = r1 + r2 of `dtype` inputs fits these kernels, else why not."""
+    if _r_pad(r) > _MAX_R_PAD[dtype]:
+        return f"r_c + r_s = {r} pads to {_r_pad(r)} > {_MAX_R_PAD[dtype]}, the widest {dtype} configuration"
+    return None
+
+
 # Tile sizes per (rank padding, element size of the accumulation type): h (BLOCK_T x R_PAD) and G
 # (R_PAD x BLOCK_J) live in registers for a whole program, so wide ranks get fewer tokens/columns.
 # Chosen so that every configuration compiles without spills for sm_80 and sm_90 (4 warps).
 def _lowrank_cfg(r_pad, dtype):
     """Constexprs BLOCK_T, BLOCK_K, BLOCK_N of _lowrank_kernel."""
-    wide = _acc_dtype(dtype) == torch.float64
+    wide = acc_dtype(dtype) == torch.float64
     bt = 32 if r_pad <= 32 and not wide else 16
     return {"BLOCK_T": bt, "BLOCK_K": 16, "BLOCK_N": 32 if r_pad <= 64 else 16}
 
 
 def _merger_cfg(r_pad, dtype):
     """Constexprs BLOCK_T, BLOCK_J of _merger_grad_kernel."""
-    wide = _acc_dtype(dtype) == torch.float64
+    wide = acc_dtype(dtype) == torch.float64
     bj = 32 if r_pad <= 64 and not wide else 16
     return {"BLOCK_T": 16, "BLOCK_J": bj}
 
@@ -171,13 +177,6 @@ def _merger_grad_kernel(U, X, A1, A2, V1, V2, GM, GA, T, K, r1, r2, s1, s2, toke
 
 # ----------------------------------------------------------------------------- launchers
 
-_SLOTS = ("x", "weight", "bias", "B_c", "A_c", "m_c", "B_s", "A_s", "m_s")
-
-
-def _packed(B_c, A_c, m_c, B_s, A_s, m_s, s_c, s_s):
-    return torch.cat([B_c, B_s], 1), torch.cat([(s_c * m_c) * A_c, (s_s * m_s) * A_s], 0)
-
-
 def _lowrank(X, L, M, v, s, out, H, scale_l, scale_m, accum):
     """Launch _lowrank_kernel; L, M: ((piece1, r_stride, c_stride), (piece2, ...)), v: (V1, V2)."""
     (L1, l1r, l1c, r1), (L2, l2r, l2c, r2) = L
@@ -202,11 +201,6 @@ def _a_pieces(A_c, A_s):
 def zip_lora_linear_fwd(x2, weight, bias, B_c, A_c, m_c, B_s, A_s, m_s, scale_c, scale_s):
     """(T, out) = x2 W^T + b + x2 A'^T B'^T: the base GEMM by torch, the adapter branch by one kernel."""
     r1, r2 = A_c.shape[0], A_s.shape[0]
-    if _r_pad(r1 + r2) > _MAX_R_PAD[x2.dtype]:
-        Bp, Ap = _packed(B_c, A_c, m_c, B_s, A_s, m_s, scale_c, scale_s)
-        y = (x2 @ Ap.t()) @ Bp.t()
-        y = y + x2 @ weight.t() if weight is not None else y
-        return y + bias if bias is not None else y
     T, K = x2.shape
     N = B_c.shape[0]
     x2 = x2.contiguous()
@@ -220,7 +214,7 @@ def zip_lora_linear_fwd(x2, weight, bias, B_c, A_c, m_c, B_s, A_s, m_s, scale_c,
         y = x2.new_empty(T, N)
     if T == 0 or N == 0:
         return y
-    acc = _acc_dtype(x2.dtype)
+    acc = acc_dtype(x2.dtype)
     A_c, A_s, B_c, B_s = (t.contiguous() for t in (A_c, A_s, B_c, B_s))
     v = (m_c.to(acc).contiguous(), m_s.to(acc).contiguous())
     # M = [B_c | B_s]^T: row k of M is column k of B.
@@ -238,40 +232,31 @@ def _splits(T, n_jblocks, bt):
 
 
 def zip_lora_linear_bwd(g2, x2, weight, B_c, A_c, m_c, B_s, A_s, m_s, scale_c, scale_s, need):
-    """Gradients (x, weight, bias, B_c, A_c, m_c, B_s, A_s, m_s), None where not needed.
+    """{name: gradient, or None where not needed} for need = {name: bool} over zip_lora_linear's
+    tensor arguments (x, weight, bias, B_c, A_c, m_c, B_s, A_s, m_s).
 
     grad_x and u = g [B_c | B_s] come from one _lowrank_kernel pass; the merger and A gradients from
     _merger_grad_kernel; the rarely trained B, W, b gradients from torch GEMMs.
     """
-    n = dict(zip(_SLOTS, need))
-    out = dict.fromkeys(_SLOTS)
+    out = dict.fromkeys(need)
     r1, r2 = A_c.shape[0], A_s.shape[0]
     T, K = x2.shape
-    N = B_c.shape[0]
-    acc = _acc_dtype(x2.dtype)
+    acc = acc_dtype(x2.dtype)
     g2, x2 = g2.contiguous(), x2.contiguous()
     A_c, A_s, B_c, B_s = (t.contiguous() for t in (A_c, A_s, B_c, B_s))
     v = (m_c.to(acc).contiguous(), m_s.to(acc).contiguous())
     s = (scale_c, scale_s)
-    big = _r_pad(r1 + r2) > _MAX_R_PAD[x2.dtype]
-    need_a = n["A_c"] or n["A_s"]
-    need_m = n["m_c"] or n["m_s"]
-    if n["x"] or need_a or need_m:
-        if big:
-            Bp, Ap = _packed(B_c, A_c, m_c, B_s, A_s, m_s, scale_c, scale_s)
-            u = g2 @ Bp
-            if n["x"]:
-                out["x"] = (g2 @ weight).addmm_(u, Ap) if weight is not None else u @ Ap
-            u = u.to(acc)
-        else:
-            u = g2.new_empty(T, r1 + r2, dtype=acc)
-            gx = None
-            if n["x"]:
-                gx = g2 @ weight if weight is not None else g2.new_empty(T, K)
-            # L = [B_c | B_s]^T (row k = column k of B), M = A' (scaled columns of A).
-            L = ((B_c, 1, r1, r1), (B_s, 1, r2, r2))
-            _lowrank(g2, L, ((A_c, K, 1), (A_s, K, 1)), v, s, gx, u, False, True, weight is not None)
-            out["x"] = gx
+    need_a = need["A_c"] or need["A_s"]
+    need_m = need["m_c"] or need["m_s"]
+    if need["x"] or need_a or need_m:
+        u = g2.new_empty(T, r1 + r2, dtype=acc)
+        gx = None
+        if need["x"]:
+            gx = g2 @ weight if weight is not None else g2.new_empty(T, K)
+        # L = [B_c | B_s]^T (row k = column k of B), M = A' (scaled columns of A).
+        L = ((B_c, 1, r1, r1), (B_s, 1, r2, r2))
+        _lowrank(g2, L, ((A_c, K, 1), (A_s, K, 1)), v, s, gx, u, False, True, weight is not None)
+        out["x"] = gx
         if (need_a or need_m) and T > 0:
             r_pad = _r_pad(r1 + r2)
             cfg = _merger_cfg(r_pad, x2.dtype)
@@ -279,16 +264,11 @@ def zip_lora_linear_bwd(g2, x2, weight, B_c, A_c, m_c, B_s, A_s, m_s, scale_c, s
             splits, per = _splits(T, n_j, cfg["BLOCK_T"])
             gm = torch.empty(splits, 2, K, dtype=acc, device=x2.device)
             ga = torch.empty(splits, r1 + r2, K, dtype=acc, device=x2.device) if need_a else gm
-            if big:
-                G = u.t() @ x2.to(acc)
-                gm = torch.stack([(G[:r1] * A_c).sum(0) * scale_c, (G[r1:] * A_s).sum(0) * scale_s])[None]
-                ga = torch.cat([G[:r1] * (scale_c * v[0]), G[r1:] * (scale_s * v[1])])[None]
-            else:
-                _merger_grad_kernel[(n_j, splits)](
-                    u, x2, A_c, A_s, v[0], v[1], gm, ga, T, K, r1, r2, float(scale_c), float(scale_s), per,
-                    int(need_m), int(need_a), PRECISION=_precision(x2.dtype), R_PAD=r_pad,
-                    **cfg, num_warps=_NUM_WARPS,
-                )
+            _merger_grad_kernel[(n_j, splits)](
+                u, x2, A_c, A_s, v[0], v[1], gm, ga, T, K, r1, r2, float(scale_c), float(scale_s), per,
+                int(need_m), int(need_a), PRECISION=_precision(x2.dtype), R_PAD=r_pad,
+                **cfg, num_warps=_NUM_WARPS,
+            )
             gm, ga = gm.sum(0), ga.sum(0)
             # copies: the op's outputs may not alias each other
             out["m_c"], out["m_s"] = gm[0].to(x2.dtype, copy=True), gm[1].to(x2.dtype, copy=True)
@@ -296,26 +276,24 @@ def zip_lora_linear_bwd(g2, x2, weight, B_c, A_c, m_c, B_s, A_s, m_s, scale_c, s
         elif need_a or need_m:
             out["m_c"], out["m_s"] = x2.new_zeros(K), x2.new_zeros(K)
             out["A_c"], out["A_s"] = x2.new_zeros(r1, K), x2.new_zeros(r2, K)
-    if n["B_c"] or n["B_s"]:
-        if big or T == 0:
-            h = x2 @ _packed(B_c, A_c, m_c, B_s, A_s, m_s, scale_c, scale_s)[1].t()
-        else:
-            h = x2.new_empty(T, r1 + r2, dtype=acc)
+    if need["B_c"] or need["B_s"]:
+        h = x2.new_zeros(T, r1 + r2, dtype=acc)
+        if T > 0:
             _lowrank(x2, _a_pieces(A_c, A_s), ((B_c, 1, r1), (B_s, 1, r2)), v, s, None, h, True, False, False)
         gB = g2.t() @ h.to(x2.dtype)
         out["B_c"], out["B_s"] = gB[:, :r1], gB[:, r1:]
-    if n["weight"]:
+    if need["weight"]:
         out["weight"] = g2.t() @ x2
-    if n["bias"]:
+    if need["bias"]:
         out["bias"] = g2.sum(0, dtype=acc).to(g2.dtype)
-    return [out[k] for k in _SLOTS]
+    return out
 
 
 def aot_specs() -> list[tuple[str, "triton.JITFunction", dict, dict]]:
     """Every (name, kernel, signature, constexprs) the launchers can use, for ahead-of-time compiles."""
     specs = []
     for dtype, ty in _TL_TYPE.items():
-        acc = "*" + _TL_TYPE[_acc_dtype(dtype)]
+        acc = "*" + _TL_TYPE[acc_dtype(dtype)]
         for r_pad in (r for r in _AOT_R_PAD if r <= _MAX_R_PAD[dtype]):
             sig = {"X": "*" + ty, "L1": "*" + ty, "L2": "*" + ty, "M1": "*" + ty, "M2": "*" + ty, "V1": acc,
                    "V2": acc}

@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <array>
 #include <cmath>
 #include <optional>
 #include <tuple>
@@ -60,21 +59,6 @@ void pack_scaled(const scalar_t* A_c, const scalar_t* m_c, acc_t s_c, int64_t r_
   });
 }
 
-at::Tensor pack_a(const at::Tensor& A_c, const at::Tensor& m_c, double s_c, const at::Tensor& A_s,
-                  const at::Tensor& m_s, double s_s) {
-  const int64_t r_c = A_c.size(0), r_s = A_s.size(0), in = A_c.size(1);
-  auto out = at::empty({r_c + r_s, in}, A_c.options());
-  auto Ac = A_c.contiguous(), As = A_s.contiguous(), mc = m_c.contiguous(), ms = m_s.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, A_c.scalar_type(), "zip_pack", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    pack_scaled<scalar_t, acc_t>(Ac.const_data_ptr<scalar_t>(), mc.const_data_ptr<scalar_t>(),
-                                 static_cast<acc_t>(s_c), r_c, As.const_data_ptr<scalar_t>(),
-                                 ms.const_data_ptr<scalar_t>(), static_cast<acc_t>(s_s), r_s, in,
-                                 out.mutable_data_ptr<scalar_t>());
-  });
-  return out;
-}
-
 // One LoRA's slice of the merger-gradient pass: rows [row0, row0 + r) of G (r_c + r_s, in).
 template <typename scalar_t>
 struct Side {
@@ -89,7 +73,7 @@ struct Side {
 // One pass over G for both LoRAs: grad_m[j] = s Σ_k A[k, j] G[k, j] (accumulated in acc_t) and
 // gA[k, j] = s m[j] G[k, j], column chunk by column chunk (the chunk's sums stay in L1).
 template <typename scalar_t, typename acc_t>
-void merger_grads(const scalar_t* G, int64_t in, const Side<scalar_t> (&sides)[2]) {
+void merger_pass(const scalar_t* G, int64_t in, const Side<scalar_t> (&sides)[2]) {
   const int64_t nchunks = (in + kCols - 1) / kCols;
   const int64_t rows = sides[0].r + sides[1].r;
   at::parallel_for(0, nchunks, grain(nchunks, kCols * rows), [&](int64_t c0, int64_t c1) {
@@ -120,73 +104,74 @@ void merger_grads(const scalar_t* G, int64_t in, const Side<scalar_t> (&sides)[2
   });
 }
 
-using specops_zip::check;
-using specops_zip::Dims;
-
-at::Tensor zip_lora_linear_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                   const std::optional<at::Tensor>& bias, const at::Tensor& B_c,
-                                   const at::Tensor& A_c, const at::Tensor& m_c,
-                                   const at::Tensor& B_s, const at::Tensor& A_s,
-                                   const at::Tensor& m_s, double scale_c, double scale_s) {
-  check(x, weight, B_c, A_c, m_c, B_s, A_s, m_s);
-  return specops_zip::forward(x, weight, bias, pack_a(A_c, m_c, scale_c, A_s, m_s, scale_s), B_c, B_s);
-}
-
-// Gradients as specops_zip::backward orders them; the merger/A gradients by merger_grads above.
-std::vector<at::Tensor> zip_lora_linear_bwd_cpu(
-    const at::Tensor& g, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-    const at::Tensor& B_c, const at::Tensor& A_c, const at::Tensor& m_c, const at::Tensor& B_s,
-    const at::Tensor& A_s, const at::Tensor& m_s, double scale_c, double scale_s,
-    std::array<bool, 9> need) {
-  const Dims d = check(x, weight, B_c, A_c, m_c, B_s, A_s, m_s);
-  const auto Ap = pack_a(A_c, m_c, scale_c, A_s, m_s, scale_s);
-  return specops_zip::backward(g, x, weight, Ap, B_c, B_s, d, need, [&](const at::Tensor& G, std::vector<at::Tensor>& out) {
-    const auto Ac = A_c.contiguous(), As = A_s.contiguous(), mc = m_c.contiguous(), ms = m_s.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "zip_merger_grads", [&] {
+// The element-wise kernels of specops_zip::fwd / bwd on CPU tensors.
+struct Cpu {
+  static void pack(const specops_zip::Lora& c, const specops_zip::Lora& s, at::Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "zip_pack", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      auto ptr = [&](int i) { return need[i] ? out[i].mutable_data_ptr<scalar_t>() : nullptr; };
-      const Side<scalar_t> sides[2] = {
-          {Ac.const_data_ptr<scalar_t>(), mc.const_data_ptr<scalar_t>(), scale_c, 0, d.r_c, ptr(5), ptr(4)},
-          {As.const_data_ptr<scalar_t>(), ms.const_data_ptr<scalar_t>(), scale_s, d.r_c, d.r_s, ptr(8), ptr(7)}};
-      merger_grads<scalar_t, acc_t>(G.const_data_ptr<scalar_t>(), d.in, sides);
+      pack_scaled<scalar_t, acc_t>(c.A.const_data_ptr<scalar_t>(), c.m.const_data_ptr<scalar_t>(),
+                                   static_cast<acc_t>(c.s), c.A.size(0), s.A.const_data_ptr<scalar_t>(),
+                                   s.m.const_data_ptr<scalar_t>(), static_cast<acc_t>(s.s), s.A.size(0),
+                                   c.A.size(1), out.mutable_data_ptr<scalar_t>());
     });
-  });
-}
+  }
+
+  static void merger_grads(const at::Tensor& G, const specops_zip::Lora& c, const specops_zip::Lora& s,
+                           const specops_zip::Dims& d, specops_zip::LoraGrads& out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, G.scalar_type(), "zip_merger_grads", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto ptr = [](at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
+      const Side<scalar_t> sides[2] = {
+          {c.A.const_data_ptr<scalar_t>(), c.m.const_data_ptr<scalar_t>(), c.s, 0, d.r_c, ptr(out.m_c), ptr(out.A_c)},
+          {s.A.const_data_ptr<scalar_t>(), s.m.const_data_ptr<scalar_t>(), s.s, d.r_c, d.r_s, ptr(out.m_s),
+           ptr(out.A_s)}};
+      merger_pass<scalar_t, acc_t>(G.const_data_ptr<scalar_t>(), d.in, sides);
+    });
+  }
+};
 
 // ----------------------------------------------------------------------------- merger_penalty
+// Layer l adds |S| / D, with p = m_c ⊙ m_s over its n columns: S = Σ_j |p[j]| (abs_terms) or Σ_j p[j];
+// D = max(n, 1) (mean), times max(|m_c|·|m_s|, norm_eps) when norm_eps is given. The caller (specops/zip.py)
+// maps each penalty kind to these arguments.
 
-enum Kind : int64_t { kAbsProduct = 0, kDot = 1, kCosine = 2 };
-constexpr double kCosEps = 1e-8;
+struct PenaltyMath {
+  bool abs_terms, mean;
+  std::optional<double> norm_eps;
+};
+
+// norm_eps^2 in acc_t (computed in double, as the Python kernel does).
+template <typename acc_t>
+acc_t eps2(const PenaltyMath& pm) {
+  return static_cast<acc_t>(*pm.norm_eps * *pm.norm_eps);
+}
 
 template <typename acc_t>
 struct LayerStats {
-  acc_t dot, nc, ns;  // Σ m_c m_s (Σ |m_c m_s| for abs_product), |m_c|^2, |m_s|^2
+  acc_t S, nc, ns, D;  // S, |m_c|^2, |m_s|^2 (with norm_eps only), D
 };
 
 template <typename scalar_t, typename acc_t>
-LayerStats<acc_t> layer_stats(const at::Tensor& mc, const at::Tensor& ms, int64_t kind) {
+LayerStats<acc_t> layer_stats(const at::Tensor& mc, const at::Tensor& ms, const PenaltyMath& pm) {
   const scalar_t* a = mc.const_data_ptr<scalar_t>();
   const scalar_t* b = ms.const_data_ptr<scalar_t>();
   const int64_t n = mc.size(0), sa = mc.stride(0), sb = ms.stride(0);
-  LayerStats<acc_t> st{0, 0, 0};
+  LayerStats<acc_t> st{0, 0, 0, pm.mean ? static_cast<acc_t>(std::max<int64_t>(n, 1)) : acc_t(1)};
   auto at_a = [&](int64_t j) { return static_cast<acc_t>(a[j * sa]); };
   auto at_b = [&](int64_t j) { return static_cast<acc_t>(b[j * sb]); };
-  if (kind == kAbsProduct) {
-    for (int64_t j = 0; j < n; ++j) st.dot += std::abs(at_a(j) * at_b(j));
+  if (pm.abs_terms) {
+    for (int64_t j = 0; j < n; ++j) st.S += std::abs(at_a(j) * at_b(j));
   } else {
-    for (int64_t j = 0; j < n; ++j) st.dot += at_a(j) * at_b(j);
+    for (int64_t j = 0; j < n; ++j) st.S += at_a(j) * at_b(j);
   }
-  if (kind == kCosine)
+  if (pm.norm_eps.has_value()) {
     for (int64_t j = 0; j < n; ++j) {
       st.nc += at_a(j) * at_a(j);
       st.ns += at_b(j) * at_b(j);
     }
+    st.D *= std::sqrt(std::max<acc_t>(st.nc * st.ns, eps2<acc_t>(pm)));
+  }
   return st;
-}
-
-template <typename acc_t>
-acc_t cos_den(const LayerStats<acc_t>& st) {
-  return std::sqrt(std::max<acc_t>(st.nc * st.ns, acc_t(kCosEps * kCosEps)));
 }
 
 template <typename acc_t>
@@ -203,9 +188,8 @@ int64_t layer_grain(at::TensorList mc) {
   return total < (int64_t(1) << 22) ? std::max<int64_t>(L, 1) : std::max<int64_t>(1, L / 64);
 }
 
-void check_lists(at::TensorList mc, at::TensorList ms, int64_t kind) {
+void check_lists(at::TensorList mc, at::TensorList ms) {
   TORCH_CHECK_VALUE(!mc.empty() && mc.size() == ms.size(), "m_c_list, m_s_list: expected equally long non-empty lists");
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, "kind: expected 0 (abs_product), 1 (dot) or 2 (cosine)");
   for (size_t l = 0; l < mc.size(); ++l)
     TORCH_CHECK_VALUE(mc[l].dim() == 1 && ms[l].sizes() == mc[l].sizes() &&
                           mc[l].scalar_type() == mc[0].scalar_type() &&
@@ -214,8 +198,10 @@ void check_lists(at::TensorList mc, at::TensorList ms, int64_t kind) {
                       mc[l].sizes(), ", got ", ms[l].sizes(), " ", ms[l].scalar_type());
 }
 
-at::Tensor merger_penalty_fwd_cpu(at::TensorList mc, at::TensorList ms, int64_t kind) {
-  check_lists(mc, ms, kind);
+at::Tensor merger_penalty_fwd_cpu(at::TensorList mc, at::TensorList ms, bool abs_terms, bool mean,
+                                  std::optional<double> norm_eps) {
+  check_lists(mc, ms);
+  const PenaltyMath pm{abs_terms, mean, norm_eps};
   const int64_t L = static_cast<int64_t>(mc.size());
   const auto acc_type = mc[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = at::empty({}, mc[0].options().dtype(acc_type));
@@ -224,11 +210,8 @@ at::Tensor merger_penalty_fwd_cpu(at::TensorList mc, at::TensorList ms, int64_t 
     std::vector<acc_t> per(L);
     at::parallel_for(0, L, layer_grain(mc), [&](int64_t l0, int64_t l1) {
       for (int64_t l = l0; l < l1; ++l) {
-        const auto st = layer_stats<scalar_t, acc_t>(mc[l], ms[l], kind);
-        const int64_t n = mc[l].size(0);
-        if (kind == kAbsProduct) per[l] = n > 0 ? st.dot / static_cast<acc_t>(n) : acc_t(0);
-        else if (kind == kDot) per[l] = std::abs(st.dot);
-        else per[l] = std::abs(st.dot / cos_den(st));
+        const auto st = layer_stats<scalar_t, acc_t>(mc[l], ms[l], pm);
+        per[l] = std::abs(st.S) / st.D;
       }
     });
     acc_t total = 0;
@@ -238,10 +221,14 @@ at::Tensor merger_penalty_fwd_cpu(at::TensorList mc, at::TensorList ms, int64_t 
   return out;
 }
 
-// d/dm_c of the layer penalty times grad, written into the flat outputs at the layer's offset.
+// grad times d(|S| / D) per layer, written into the flat outputs at the layer's offset:
+// sign(S) / D dS (dS/dm_c[j] = sign(p[j]) m_s[j], or m_s[j]) minus |S| / D^2 dD, where the norm factor
+// gives dD/dm_c = D m_c / |m_c|^2 (zero where it is clamped at norm_eps).
 std::tuple<at::Tensor, at::Tensor> merger_penalty_bwd_cpu(const at::Tensor& grad, at::TensorList mc,
-                                                         at::TensorList ms, int64_t kind) {
-  check_lists(mc, ms, kind);
+                                                         at::TensorList ms, bool abs_terms, bool mean,
+                                                         std::optional<double> norm_eps) {
+  check_lists(mc, ms);
+  const PenaltyMath pm{abs_terms, mean, norm_eps};
   const int64_t L = static_cast<int64_t>(mc.size());
   std::vector<int64_t> off(L + 1, 0);
   for (int64_t l = 0; l < L; ++l) off[l + 1] = off[l] + mc[l].size(0);
@@ -254,26 +241,20 @@ std::tuple<at::Tensor, at::Tensor> merger_penalty_bwd_cpu(const at::Tensor& grad
     scalar_t* ps = gs.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, L, layer_grain(mc), [&](int64_t l0, int64_t l1) {
       for (int64_t l = l0; l < l1; ++l) {
-        const auto st = layer_stats<scalar_t, acc_t>(mc[l], ms[l], kind);
+        const auto st = layer_stats<scalar_t, acc_t>(mc[l], ms[l], pm);
         const scalar_t* a = mc[l].const_data_ptr<scalar_t>();
         const scalar_t* b = ms[l].const_data_ptr<scalar_t>();
         const int64_t n = mc[l].size(0), sa = mc[l].stride(0), sb = ms[l].stride(0);
-        // grad_c = w (m_s - kc m_c), grad_s = w (m_c - ks m_s); abs_product: w per element.
-        acc_t w = 0, kc = 0, ks = 0;
-        if (kind == kDot) {
-          w = gr * sgn(st.dot);
-        } else if (kind == kCosine) {
-          const acc_t den = cos_den(st), cos = st.dot / den;
-          w = gr * sgn(cos) / den;
-          if (st.nc * st.ns >= acc_t(kCosEps * kCosEps)) {  // else den is clamped: no norm term
-            kc = cos * den / st.nc;
-            ks = cos * den / st.ns;
-          }
+        // grad_c = w_j (m_s - kc m_c), grad_s = w_j (m_c - ks m_s)
+        const acc_t w = gr * sgn(st.S) / st.D;
+        acc_t kc = 0, ks = 0;
+        if (pm.norm_eps.has_value() && st.nc * st.ns >= eps2<acc_t>(pm)) {
+          kc = st.S / st.nc;
+          ks = st.S / st.ns;
         }
-        const acc_t w_abs = n > 0 ? gr / static_cast<acc_t>(n) : acc_t(0);
         for (int64_t j = 0; j < n; ++j) {
           const acc_t x = static_cast<acc_t>(a[j * sa]), y = static_cast<acc_t>(b[j * sb]);
-          const acc_t wj = kind == kAbsProduct ? w_abs * sgn(x * y) : w;
+          const acc_t wj = pm.abs_terms ? w * sgn(x * y) : w;
           pc[off[l] + j] = static_cast<scalar_t>(wj * (y - kc * x));
           ps[off[l] + j] = static_cast<scalar_t>(wj * (x - ks * y));
         }
@@ -286,20 +267,17 @@ std::tuple<at::Tensor, at::Tensor> merger_penalty_bwd_cpu(const at::Tensor& grad
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(specops_ext, m) {
+  m.def(specops_zip::kFwdSchema);
+  m.def(specops_zip::kBwdSchema);
+  m.def("merger_penalty_fwd(Tensor[] m_c, Tensor[] m_s, bool abs_terms, bool mean, float? norm_eps) -> Tensor");
   m.def(
-      "zip_lora_linear_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor B_c, Tensor A_c, "
-      "Tensor m_c, Tensor B_s, Tensor A_s, Tensor m_s, float scale_c, float scale_s) -> Tensor");
-  m.def(
-      "zip_lora_linear_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor B_c, Tensor A_c, "
-      "Tensor m_c, Tensor B_s, Tensor A_s, Tensor m_s, float scale_c, float scale_s, bool[9] need)"
-      " -> Tensor[]");
-  m.def("merger_penalty_fwd(Tensor[] m_c, Tensor[] m_s, int kind) -> Tensor");
-  m.def("merger_penalty_bwd(Tensor grad, Tensor[] m_c, Tensor[] m_s, int kind) -> (Tensor, Tensor)");
+      "merger_penalty_bwd(Tensor grad, Tensor[] m_c, Tensor[] m_s, bool abs_terms, bool mean, float? norm_eps)"
+      " -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specops_ext, CPU, m) {
-  m.impl("zip_lora_linear_fwd", &zip_lora_linear_fwd_cpu);
-  m.impl("zip_lora_linear_bwd", &zip_lora_linear_bwd_cpu);
+  m.impl("zip_lora_linear_fwd", &specops_zip::fwd<Cpu>);
+  m.impl("zip_lora_linear_bwd", &specops_zip::bwd<Cpu>);
   m.impl("merger_penalty_fwd", &merger_penalty_fwd_cpu);
   m.impl("merger_penalty_bwd", &merger_penalty_bwd_cpu);
 }

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace specops {
 namespace cuda {
@@ -28,30 +29,14 @@ struct AccOf<double> {
   using type = double;
 };
 
-template <typename T>
-__device__ __forceinline__ typename AccOf<T>::type to_acc(T v) {
-  return static_cast<typename AccOf<T>::type>(v);
-}
-template <>
-__device__ __forceinline__ float to_acc<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
+// v as a To: fp16 / bf16 through their intrinsics (the build disables their implicit conversions).
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  if constexpr (std::is_same_v<From, __half>) return __half2float(v);
+  else if constexpr (std::is_same_v<From, __nv_bfloat16>) return __bfloat162float(v);
+  else if constexpr (std::is_same_v<To, __half>) return __float2half_rn(v);
+  else if constexpr (std::is_same_v<To, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return static_cast<To>(v);
 }
 
 // grid (ceil(in / kThreads), r_c + r_s): row k of A' from row k of A_c or row k - r_c of A_s.
@@ -67,7 +52,7 @@ __global__ void pack_kernel(const T* __restrict__ A_c, const T* __restrict__ m_c
   const T* a = content ? A_c + k * in : A_s + (k - r_c) * in;
   const T* m = content ? m_c : m_s;
   const Acc s = static_cast<Acc>(content ? s_c : s_s);
-  out[k * in + j] = from_acc<T>(s * to_acc(m[j]) * to_acc(a[j]));
+  out[k * in + j] = convert<T>(s * convert<Acc>(m[j]) * convert<Acc>(a[j]));
 }
 
 // grid (ceil(in / kThreads), 2): blockIdx.y picks the LoRA. Null outputs are skipped.
@@ -88,14 +73,14 @@ __global__ void merger_grads_kernel(const T* __restrict__ G, const T* __restrict
   T* gm = content ? gm_c : gm_s;
   T* gA = content ? gA_c : gA_s;
   const Acc s = static_cast<Acc>(content ? s_c : s_s);
-  const Acc sm = s * to_acc((content ? m_c : m_s)[j]);
+  const Acc sm = s * convert<Acc>((content ? m_c : m_s)[j]);
   Acc sum = 0;
   for (int64_t k = 0; k < r; ++k) {
-    const Acc gk = to_acc(g[k * in + j]);
-    sum += gk * to_acc(A[k * in + j]);
-    if (gA != nullptr) gA[k * in + j] = from_acc<T>(sm * gk);
+    const Acc gk = convert<Acc>(g[k * in + j]);
+    sum += gk * convert<Acc>(A[k * in + j]);
+    if (gA != nullptr) gA[k * in + j] = convert<T>(sm * gk);
   }
-  if (gm != nullptr) gm[j] = from_acc<T>(s * sum);
+  if (gm != nullptr) gm[j] = convert<T>(s * sum);
 }
 
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
