@@ -134,9 +134,20 @@ def declare(
         torch.library.impl(qual, "CompositeExplicitAutograd")(_dispatcher(op, defaults))
         torch.library.register_fake(qual)(_checked(fake, check, defaults))
     if backward_fn is not None:
-        torch.library.register_autograd(qual, backward_fn, setup_context=setup_context)
+        torch.library.register_autograd(qual, _trimmed(backward_fn), setup_context=setup_context)
     OPS[name] = op
     return _wrapper(op, doc)
+
+
+def _trimmed(backward_fn):
+    """backward_fn returning one gradient per schema argument, for autograd, which expects one per
+    argument passed (the dispatcher leaves trailing defaults out; setup_context gets them filled in)."""
+
+    def run(ctx, *grads):
+        out = backward_fn(ctx, *grads)
+        return tuple(out)[: len(ctx.needs_input_grad)] if isinstance(out, tuple) else out
+
+    return run
 
 
 def _checked(fn, check, defaults):

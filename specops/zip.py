@@ -590,7 +590,7 @@ def _penalty_backward(ctx, grad):
     gc, gs = torch.ops.specops.merger_penalty_backward(grad, list(saved[: ctx.L]), list(saved[ctx.L :]), ctx.kind)
     # One entry per argument the call passed: the dispatcher drops a kind equal to its default, and
     # torch's autograd for Tensor[] ops then expects no entry for it.
-    return (list(gc.split(ctx.sizes)), list(gs.split(ctx.sizes)), None)[: len(ctx.needs_input_grad)]
+    return list(gc.split(ctx.sizes)), list(gs.split(ctx.sizes)), None
 
 
 def _penalty_samples(device, dtype):

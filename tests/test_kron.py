@@ -211,7 +211,8 @@ def test_env_var_and_context_manager_choose_backend():
 
     op = _registry.OPS["kron_matmul"]
     args = (torch.randn(2, 4), [torch.randn(4, 4)])
-    torch_only = SimpleNamespace(name="torch_only", kernels={"torch": _registry.Kernel(None)})
+    torch_only = SimpleNamespace(name="torch_only", qualname="specops::torch_only",
+                                 kernels={"torch": _registry.Kernel(None)})
     with specops.backend("torch"):
         assert _registry.choose(op, args) == "torch"
         with specops.backend("cpp"):
