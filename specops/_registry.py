@@ -171,8 +171,13 @@ def _dispatcher(op: Op, defaults):
             args = (*args, *defaults[len(args):])
         if check is not None:
             check(*args)
-        name = choose(op, args)
+        device_type = _device_type(args)
+        name = choose(op, args, device_type)
         op.last = name
+        if torch.is_autocast_enabled(device_type):
+            # No op has an autocast kernel: its kernels run in the inputs' dtypes, as its fake says.
+            with torch.autocast(device_type, enabled=False):
+                return kernels[name].fn(*args)
         return kernels[name].fn(*args)
 
     return run
@@ -224,10 +229,10 @@ def _refusal(op: Op, name: str, device_type: str, args) -> str | None:
     return None
 
 
-def choose(op: Op, args) -> str:
+def choose(op: Op, args, device_type: str | None = None) -> str:
     """The backend `op` runs for `args`: the forced one (see the module docstring), else the first of
     DEFAULT_ORDER for the inputs' device that the op declares, can run here and accepts the inputs."""
-    device_type = _device_type(args)
+    device_type = device_type or _device_type(args)
     forced, fallback = _backend.forced()
     if forced is not None:
         why = _refusal(op, forced, device_type, args)

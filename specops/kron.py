@@ -29,9 +29,6 @@ from ._registry import Kernel, declare, triton_module
 
 __all__ = ["kron_matmul", "kron", "kron_matmul_reference", "kron_reference"]
 
-# The old private names, kept for the modules that import them from here.
-_FLOAT_DTYPES, _acc_dtype = FLOAT_DTYPES, acc_dtype
-
 
 def _check_factors(factors: Sequence[Tensor], dtype: torch.dtype, device: torch.device) -> bool:
     """Validate a factor list; returns whether it is grouped (3-D). Raises ValueError."""

@@ -97,3 +97,14 @@ def test_declaration_errors():
                 kernels={"torch": lambda *a: a[0], "cpp": lambda *a: a[0], "triton": lambda *a: a[0]})
     with pytest.raises(ValueError, match="unknown op 'nope'"):
         specops.last_backend("nope")
+
+
+def test_kernels_run_in_the_inputs_dtype_under_autocast():
+    """No op has an autocast kernel, so its kernels run with autocast off: the output dtype is the one
+    its fake kernel promises, not autocast's."""
+    x, f = torch.randn(4, 6), [torch.randn(2, 3), torch.randn(3, 2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = specops.kron_matmul(x, f)
+        assert torch.is_autocast_enabled("cpu")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, specops.kron_matmul(x, f))

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from specops._constants import acc_dtype
+
 # Meta tables hold 8 int32 per entry; the fields are documented at the kernels.
 
 # Warps per program; the ahead-of-time compile (aot_specs) uses Triton's default, also 4.
@@ -355,10 +357,6 @@ def _kron_grad_factors_kernel(x_ptr, gy_ptr, fac_ptr, meta_ptr, ws_ptr, part_ptr
 # ----------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _use_dot(dtype: torch.dtype) -> bool:
     """tl.dot (tf32 tensor cores) for 16-bit inputs only: rounding the fp32 intermediates to tf32
     costs less than the 16-bit output rounding; fp32/fp64 inputs keep exact FMA accumulation."""
@@ -454,7 +452,7 @@ def _launch_fwd(x: torch.Tensor, factors: list[torch.Tensor], transpose: bool) -
         return y
     if p == 0:
         return y.zero_()
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     fac = _pack_factors(factors, acc)
     meta, w_max = _cached(("fwd", dims, transpose, x.device), lambda: _fwd_plan(dims, transpose, x.device))
     block_m = _block_m(m, w_max, acc)
@@ -498,7 +496,7 @@ def _launch_grad_factors(grad_y: torch.Tensor, x: torch.Tensor, factors: list[to
     g, m, p = x.shape
     q = grad_y.shape[2]
     dims = tuple((f.shape[1], f.shape[2]) for f in factors)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     if g * m * p * q == 0:
         return [torch.zeros_like(f) for f in factors]
     fac = _pack_factors(factors, acc)
@@ -544,7 +542,7 @@ def aot_specs() -> list[tuple[str, triton.JITFunction, dict, dict]]:
     """Every (name, kernel, signature, constexprs) the launchers can use, for ahead-of-time compiles."""
     specs = []
     for dtype, ty in _TL_TYPE.items():
-        acc = "*" + _TL_TYPE[_acc_dtype(dtype)]
+        acc = "*" + _TL_TYPE[acc_dtype(dtype)]
         for bm in _AOT_BLOCK_M:
             fwd_sig = {"x_ptr": "*" + ty, "y_ptr": "*" + ty, "fac_ptr": acc, "meta_ptr": "*i32", "ws_ptr": acc}
             fwd_sig.update({n: "i32" for n in ("M", "P", "Q", "k", "fac_group_stride", "ws_slot", "n_row_blocks")})
