@@ -41,7 +41,8 @@ import math
 import torch
 from torch import Tensor
 
-from .kron import _FLOAT_DTYPES, _acc_dtype
+from ._constants import CAYLEY_ITERS, FLOAT_DTYPES, POLAR_MAX_ITER, acc_dtype, polar_tol
+from ._registry import declare
 
 __all__ = [
     "project",
@@ -57,35 +58,37 @@ __all__ = [
 ]
 
 METRICS = ("euclidean", "canonical")
-METHODS = ("cayley", "cayley_iter", "qr", "polar")
-# Newton-Schulz converges quadratically from ||Y^T Y - I|| < 1; 30 also covers a start rescaled
-# from a nearly rank-deficient Y (the slow phase grows small singular values by 1.5x per step).
-POLAR_MAX_ITER = 30
-CAYLEY_ITERS = 2  # fixed-point iterations of Li et al. (s = 2)
+RETRACTIONS = ("cayley", "cayley_iter", "qr", "polar")
 
 
 # ----------------------------------------------------------------------------- checks
+
+
+def _require(cond, msg) -> None:
+    """torch._check_with(ValueError, cond, msg), skipped when cond is a plain True: free on real
+    tensors (the step ops run thousands of times a second), while a relation between symbolic
+    shapes (torch.compile) is still recorded or refused."""
+    if cond is not True:
+        torch._check_with(ValueError, cond, msg)
 
 
 def _check_matrix(name: str, X: Tensor, tall: bool = True) -> None:
     if not isinstance(X, Tensor) or X.dim() < 2:
         shape = tuple(X.shape) if isinstance(X, Tensor) else type(X).__name__
         raise ValueError(f"{name}: expected a (..., n, p) matrix batch, got shape {shape}")
-    if X.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name}: expected a floating dtype {_FLOAT_DTYPES}, got {X.dtype}")
-    if tall and X.shape[-2] < X.shape[-1]:
-        raise ValueError(
-            f"{name}: expected (..., n, p) with n >= p (orthonormal columns), got shape {tuple(X.shape)}"
-        )
+    if X.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {X.dtype}")
+    if tall:
+        _require(X.shape[-2] >= X.shape[-1], lambda: (
+            f"{name}: expected (..., n, p) with n >= p (orthonormal columns), got shape {tuple(X.shape)}"))
 
 
 def _check_pair(X: Tensor, V: Tensor, vname: str) -> None:
     _check_matrix("X", X)
     _check_matrix(vname, V, tall=False)
-    if V.shape[-2:] != X.shape[-2:]:
-        raise ValueError(
-            f"{vname}: expected (..., {X.shape[-2]}, {X.shape[-1]}) like X, got shape {tuple(V.shape)}"
-        )
+    for d in (-2, -1):
+        _require(V.shape[d] == X.shape[d], lambda: (
+            f"{vname}: expected (..., {X.shape[-2]}, {X.shape[-1]}) like X, got shape {tuple(V.shape)}"))
     if V.dtype != X.dtype or V.device != X.device:
         raise ValueError(f"{vname}: dtype/device {V.dtype}/{V.device} != X's {X.dtype}/{X.device}")
     try:
@@ -96,13 +99,24 @@ def _check_pair(X: Tensor, V: Tensor, vname: str) -> None:
         ) from None
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def _check_square(A: Tensor, name: str = "A") -> None:
+    _check_matrix(name, A, tall=False)
+    _require(A.shape[-1] == A.shape[-2], lambda: (
+        f"{name}: expected square (..., n, n) matrices, got shape {tuple(A.shape)}"))
+
+
 def _pair_shape(X: Tensor, V: Tensor) -> list[int]:
     return [*torch.broadcast_shapes(X.shape[:-2], V.shape[:-2]), *X.shape[-2:]]
 
 
 def _acc(t: Tensor) -> Tensor:
     """Half precision computes in fp32 (linalg has no bf16/fp16 kernels)."""
-    return t.to(_acc_dtype(t.dtype))
+    return t.to(acc_dtype(t.dtype))
 
 
 def _eye(p: int, like: Tensor) -> Tensor:
@@ -113,21 +127,15 @@ def _sym(A: Tensor) -> Tensor:
     return 0.5 * (A + A.mT)
 
 
-def polar_tol(n: int, p: int, dtype: torch.dtype) -> float:
-    """Round-off level of ||Y^T Y - I||_F for an (n, p) matrix computed in `dtype`."""
-    return torch.finfo(dtype).eps * (n * p) ** 0.5
-
-
 # ----------------------------------------------------------------------------- references
 
 
 def project_reference(X: Tensor, G: Tensor, metric: str = "euclidean") -> Tensor:
     """Pure-torch tangent projection (see the module docstring); differentiable by autograd."""
+    _check_choice("metric", metric, METRICS)
     if metric == "euclidean":
         return G - X @ _sym(X.mT @ G)
-    if metric == "canonical":
-        return G - X @ G.mT @ X
-    raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    return G - X @ G.mT @ X
 
 
 def cayley_reference(A: Tensor) -> Tensor:
@@ -147,6 +155,7 @@ def orthogonality_error_reference(X: Tensor) -> Tensor:
 
 def retract_reference(X: Tensor, V: Tensor, method: str = "cayley") -> Tensor:
     """Dense forms of the retractions: n x n Cayley solve, SVD polar factor, sign-fixed QR."""
+    _check_choice("method", method, RETRACTIONS)
     if method in ("cayley", "cayley_iter"):
         PV = V - 0.5 * X @ (X.mT @ V)
         W = PV @ X.mT - X @ PV.mT
@@ -159,12 +168,10 @@ def retract_reference(X: Tensor, V: Tensor, method: str = "cayley") -> Tensor:
     if method == "polar":
         U, _, Vh = torch.linalg.svd(X + V, full_matrices=False)
         return U @ Vh
-    if method == "qr":
-        return _qr_pos(X + V)
-    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    return _qr_pos(X + V)
 
 
-# ----------------------------------------------------------------------------- kernels (torch)
+# ----------------------------------------------------------------------------- torch kernels
 
 
 def _qr_pos(Y: Tensor) -> Tensor:
@@ -184,8 +191,9 @@ def polar_ns(Y: Tensor, tol: float | None = None, max_iter: int = POLAR_MAX_ITER
     A matrix whose Y^T Y has max-row-sum norm > 2 is first scaled by its inverse square root
     (the polar factor is scale invariant), so every singular value is <= sqrt(2); from there each
     iteration Y <- Y (3I - Y^T Y)/2 strictly decreases ||Y^T Y - I||_F until round-off. A matrix
-    stops when that error is <= tol (default: eps sqrt(n p) of the computing dtype) or would
-    not decrease; the optimisers' fused kernels follow exactly this rule.
+    stops when that error is <= tol (default: specops._constants.polar_tol, eps sqrt(n p)) or would
+    not decrease, after at most max_iter iterations; the optimisers' fused kernels follow exactly
+    this rule (they are passed the same tol and max_iter).
     """
     n, p = Y.shape[-2:]
     if tol is None:
@@ -254,7 +262,7 @@ def _cayley_iter_retract(X: Tensor, V: Tensor) -> Tensor:
     return Y
 
 
-def _retract_impl(X: Tensor, V: Tensor, method: str) -> Tensor:
+def _retract_torch(X: Tensor, V: Tensor, method: str) -> Tensor:
     dtype = X.dtype
     X, V = _acc(X), _acc(V)
     if method == "cayley":
@@ -268,27 +276,9 @@ def _retract_impl(X: Tensor, V: Tensor, method: str) -> Tensor:
     return Y.expand(_pair_shape(X, V)).to(dtype).contiguous()
 
 
-# ----------------------------------------------------------------------------- project
-
-
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-
-
-@torch.library.custom_op("specops::stiefel_project", mutates_args=())
-def _project_op(X: Tensor, G: Tensor, metric: str) -> Tensor:
-    _check_pair(X, G, "G")
-    _check_metric(metric)
+def _project_torch(X: Tensor, G: Tensor, metric: str) -> Tensor:
     out = project_reference(_acc(X), _acc(G), metric)
     return out.expand(_pair_shape(X, G)).to(X.dtype).contiguous()
-
-
-@_project_op.register_fake
-def _(X, G, metric):
-    _check_pair(X, G, "G")
-    _check_metric(metric)
-    return X.new_empty(_pair_shape(X, G))
 
 
 def _sum_to(t: Tensor, shape) -> Tensor:
@@ -301,8 +291,7 @@ def _sum_to(t: Tensor, shape) -> Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-@torch.library.custom_op("specops::stiefel_project_backward", mutates_args=())
-def _project_backward_op(grad: Tensor, X: Tensor, G: Tensor, metric: str) -> list[Tensor]:
+def _project_backward_torch(grad: Tensor, X: Tensor, G: Tensor, metric: str) -> list[Tensor]:
     """[dX, dG] of P = project(X, G, metric) (formulas in the module docstring)."""
     dP, X_, G_ = _acc(grad), _acc(X), _acc(G)
     if metric == "euclidean":
@@ -316,47 +305,7 @@ def _project_backward_op(grad: Tensor, X: Tensor, G: Tensor, metric: str) -> lis
     return [_sum_to(dX, X.shape).to(X.dtype).contiguous(), _sum_to(dG, G.shape).to(G.dtype).contiguous()]
 
 
-@_project_backward_op.register_fake
-def _(grad, X, G, metric):
-    return [X.new_empty(X.shape), G.new_empty(G.shape)]
-
-
-def _project_setup(ctx, inputs, output):
-    X, G, metric = inputs
-    ctx.metric = metric
-    ctx.save_for_backward(X, G)
-
-
-def _project_backward(ctx, grad):
-    X, G = ctx.saved_tensors
-    dX, dG = torch.ops.specops.stiefel_project_backward(grad, X, G, ctx.metric)
-    return dX, dG, None
-
-
-_project_op.register_autograd(_project_backward, setup_context=_project_setup)
-
-
-def project(X: Tensor, G: Tensor, metric: str = "euclidean") -> Tensor:
-    """Tangent projection of G at X on St(n, p).
-
-    euclidean: G - X sym(X^T G) (orthogonal projection onto {V : X^T V + V^T X = 0});
-    canonical: G - X G^T X (the Riemannian gradient under the canonical metric).
-    X (..., n, p) with n >= p, G (..., n, p); batch dims broadcast. Differentiable in X and G.
-    Raises ValueError for non-matrices, n < p, mismatched shapes/dtypes, or an unknown metric.
-    """
-    return torch.ops.specops.stiefel_project(X, G, metric)
-
-
-# ----------------------------------------------------------------------------- cayley
-
-
-def _check_square(A: Tensor) -> None:
-    _check_matrix("A", A, tall=False)
-    if A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"A: expected square (..., n, n) matrices, got shape {tuple(A.shape)}")
-
-
-def _cayley_impl(A: Tensor) -> Tensor:
+def _cayley_solve(A: Tensor) -> Tensor:
     """2 (I - A/2)^{-1} - I per matrix of (..., n, n) A: the SPD path for every matrix, then the
     matrices that are not exactly skew recomputed one by one (so no matrix's path or result
     depends on the others)."""
@@ -380,29 +329,132 @@ def _cayley_impl(A: Tensor) -> Tensor:
     return Y.reshape(A.shape)
 
 
-@torch.library.custom_op("specops::cayley", mutates_args=())
-def _cayley_op(A: Tensor) -> Tensor:
-    _check_square(A)
-    return _cayley_impl(_acc(A)).to(A.dtype).contiguous()
+def _cayley_torch(A: Tensor) -> Tensor:
+    return _cayley_solve(_acc(A)).to(A.dtype).contiguous()
 
 
-@_cayley_op.register_fake
-def _(A):
-    _check_square(A)
-    return A.new_empty(A.shape)
-
-
-@torch.library.custom_op("specops::cayley_backward", mutates_args=())
-def _cayley_backward_op(grad: Tensor, Y: Tensor) -> Tensor:
+def _cayley_backward_torch(grad: Tensor, Y: Tensor) -> Tensor:
     """dA = M^{-T} dY M^{-T} = (I + Y)^T dY (I + Y)^T / 4 from the output Y = cayley(A)."""
     Y_ = _acc(Y)
     Ht = (Y_ + _eye(Y.shape[-1], Y_)).mT
     return (0.25 * (Ht @ _acc(grad) @ Ht)).to(Y.dtype).contiguous()
 
 
-@_cayley_backward_op.register_fake
-def _(grad, Y):
-    return Y.new_empty(Y.shape)
+def _orthogonality_error_torch(X: Tensor) -> Tensor:
+    X_ = _acc(X)
+    return _dev(X_.mT @ X_).to(X.dtype)
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def _point(device, dtype, *shape) -> Tensor:
+    """A random point of St(n, p) (orthonormal columns), drawn in float64."""
+    return torch.linalg.qr(torch.randn(*shape, dtype=torch.float64))[0].to(device=device, dtype=dtype)
+
+
+def _randn(device, dtype, *shape) -> Tensor:
+    return torch.randn(*shape, device=device, dtype=dtype)
+
+
+def _skew(device, dtype, *shape) -> Tensor:
+    A = torch.randn(*shape, dtype=torch.float64)
+    return (A - A.mT).to(device=device, dtype=dtype)
+
+
+# (X batch, V batch, n, p): tall (Woodbury Cayley: n > 2p), tall dense, square, 1 x 1, broadcast
+# batch dims, an empty batch.
+_PAIRS = [((3,), (3,), 9, 3), ((), (), 5, 3), ((2,), (2,), 4, 4), ((), (), 1, 1), ((1, 2), (3, 1), 6, 2),
+          ((0,), (0,), 5, 2)]
+
+
+def _project_samples(device, dtype):
+    return [(_point(device, dtype, *bx, n, p), _randn(device, dtype, *bv, n, p), METRICS[i % 2])
+            for i, (bx, bv, n, p) in enumerate(_PAIRS)]
+
+
+def _cayley_samples(device, dtype):
+    """Exactly skew batches (the Cholesky path), 1 x 1, a general (not skew) matrix among skew ones
+    (solved on its own), an empty batch."""
+    mixed = _skew(device, dtype, 3, 4, 4)
+    mixed[1] += 0.3 * _randn(device, dtype, 4, 4)
+    return [(_skew(device, dtype, 2, 5, 5),), (_skew(device, dtype, 1, 1),), (mixed,), (_skew(device, dtype, 0, 3, 3),)]
+
+
+def _retract_samples(device, dtype):
+    out = []
+    for i, (bx, bv, n, p) in enumerate(_PAIRS):
+        X = _point(device, dtype, *bx, n, p)
+        V = project_reference(X, 0.3 * _randn(device, dtype, *bv, n, p))
+        out += [(X, V, RETRACTIONS[(i + k) % len(RETRACTIONS)]) for k in range(2)]
+    return out
+
+
+def _orthogonality_error_samples(device, dtype):
+    """Near-orthonormal and random matrices, 1 x 1, wide (p > n allowed), an empty batch."""
+    X = _point(device, dtype, 3, 7, 3)
+    return [(X + 0.01 * _randn(device, dtype, *X.shape),), (_randn(device, dtype, 2, 3, 4, 2),),
+            (_randn(device, dtype, 1, 1),), (_randn(device, dtype, 2, 5),), (_randn(device, dtype, 0, 4, 3),)]
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def _check_project(X, G, metric):
+    _check_pair(X, G, "G")
+    _check_choice("metric", metric, METRICS)
+
+
+declare(
+    "stiefel_project_backward",
+    "(Tensor grad, Tensor X, Tensor G, str metric) -> Tensor[]",
+    kernels={"torch": _project_backward_torch},
+    check=lambda grad, X, G, metric: _check_project(X, G, metric),
+    fake=lambda grad, X, G, metric: [X.new_empty(X.shape), G.new_empty(G.shape)],
+)
+
+
+def _project_setup(ctx, inputs, output):
+    X, G, metric = inputs
+    ctx.metric = metric
+    ctx.save_for_backward(X, G)
+
+
+def _project_backward(ctx, grad):
+    X, G = ctx.saved_tensors
+    dX, dG = torch.ops.specops.stiefel_project_backward(grad, X, G, ctx.metric)
+    return dX, dG, None
+
+
+project = declare(
+    "stiefel_project",
+    "(Tensor X, Tensor G, str metric=\"euclidean\") -> Tensor",
+    kernels={"torch": _project_torch},
+    check=_check_project,
+    fake=lambda X, G, metric: X.new_empty(_pair_shape(X, G)),
+    reference=lambda X, G, metric: project_reference(X, G, metric),
+    backward="stiefel_project_backward",
+    setup_context=_project_setup,
+    backward_fn=_project_backward,
+    samples=_project_samples,
+    tol_scale=4.0,
+    doc="""Tangent projection of G at X on St(n, p).
+
+    euclidean: G - X sym(X^T G) (orthogonal projection onto {V : X^T V + V^T X = 0});
+    canonical: G - X G^T X (the Riemannian gradient under the canonical metric).
+    X (..., n, p) with n >= p, G (..., n, p); batch dims broadcast. Differentiable in X and G.
+    Raises ValueError for non-matrices, n < p, mismatched shapes/dtypes, or an unknown metric.
+    """,
+)
+
+
+declare(
+    "cayley_backward",
+    "(Tensor grad, Tensor Y) -> Tensor",
+    kernels={"torch": _cayley_backward_torch},
+    check=lambda grad, Y: _check_square(Y, "Y"),
+    fake=lambda grad, Y: Y.new_empty(Y.shape),
+)
 
 
 def _cayley_setup(ctx, inputs, output):
@@ -414,11 +466,19 @@ def _cayley_backward(ctx, grad):
     return torch.ops.specops.cayley_backward(grad, Y)
 
 
-_cayley_op.register_autograd(_cayley_backward, setup_context=_cayley_setup)
-
-
-def cayley(A: Tensor) -> Tensor:
-    """Cayley transform (I - A/2)^{-1} (I + A/2) of (..., n, n) matrices.
+cayley = declare(
+    "cayley",
+    "(Tensor A) -> Tensor",
+    kernels={"torch": _cayley_torch},
+    check=_check_square,
+    fake=lambda A: A.new_empty(A.shape),
+    reference=cayley_reference,
+    backward="cayley_backward",
+    setup_context=_cayley_setup,
+    backward_fn=_cayley_backward,
+    samples=_cayley_samples,
+    tol_scale=10.0,
+    doc="""Cayley transform (I - A/2)^{-1} (I + A/2) of (..., n, n) matrices.
 
     Orthogonal (determinant +1) when A is skew-symmetric; defined whenever I - A/2 is invertible,
     which a skew A guarantees. Exactly skew matrices (A^T == -A elementwise, e.g. Q - Q^T) take a
@@ -426,56 +486,47 @@ def cayley(A: Tensor) -> Tensor:
     Differentiable: dA = M^{-T} dY M^{-T} with M = I - A/2 (the full gradient, not projected onto
     skew matrices), computed from Y without a solve. bf16/fp16 compute in fp32.
     Raises ValueError for non-square input or a finite A whose I - A/2 is singular.
-    """
-    return torch.ops.specops.cayley(A)
+    """,
+)
 
 
-# ----------------------------------------------------------------------------- retract
-
-
-@torch.library.custom_op("specops::stiefel_retract", mutates_args=())
-def _retract_op(X: Tensor, V: Tensor, method: str) -> Tensor:
+def _check_retract(X, V, method):
     _check_pair(X, V, "V")
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    return _retract_impl(X, V, method)
+    _check_choice("method", method, RETRACTIONS)
 
 
-@_retract_op.register_fake
-def _(X, V, method):
-    _check_pair(X, V, "V")
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    return X.new_empty(_pair_shape(X, V))
-
-
-def retract(X: Tensor, V: Tensor, method: str = "cayley") -> Tensor:
-    """Retraction R_X(V) on St(n, p): "cayley" (exact, Woodbury form for tall X), "cayley_iter"
+retract = declare(
+    "stiefel_retract",
+    "(Tensor X, Tensor V, str method=\"cayley\") -> Tensor",
+    kernels={"torch": _retract_torch},
+    check=_check_retract,
+    fake=lambda X, V, method: X.new_empty(_pair_shape(X, V)),
+    reference=lambda X, V, method: retract_reference(X, V, method),
+    samples=_retract_samples,
+    tol_scale=8.0,
+    doc="""Retraction R_X(V) on St(n, p): "cayley" (exact, Woodbury form for tall X), "cayley_iter"
     (Li et al.'s two fixed-point iterations; orthogonal only to O(|V|^4)), "qr", or "polar"
-    (Newton-Schulz with a stopping rule). See the module docstring for the formulas.
+    (Newton-Schulz with a stopping rule): the names in RETRACTIONS. See the module docstring for
+    the formulas.
 
     X (..., n, p) on the manifold, V (..., n, p) (tangent at X for the retraction property).
     Not differentiable. Raises ValueError on bad shapes or an unknown method.
-    """
-    return torch.ops.specops.stiefel_retract(X, V, method)
+    """,
+)
 
 
-# ----------------------------------------------------------------------------- orthogonality error
-
-
-@torch.library.custom_op("specops::orthogonality_error", mutates_args=())
-def _orth_error_op(X: Tensor) -> Tensor:
+def _check_orthogonality_error(X):
     _check_matrix("X", X, tall=False)
-    X_ = _acc(X)
-    return _dev(X_.mT @ X_).to(X.dtype)
 
 
-@_orth_error_op.register_fake
-def _(X):
-    _check_matrix("X", X, tall=False)
-    return X.new_empty(X.shape[:-2])
-
-
-def orthogonality_error(X: Tensor) -> Tensor:
-    """||X^T X - I_p||_F for each matrix of a (..., n, p) batch; shape X.shape[:-2]."""
-    return torch.ops.specops.orthogonality_error(X)
+orthogonality_error = declare(
+    "orthogonality_error",
+    "(Tensor X) -> Tensor",
+    kernels={"torch": _orthogonality_error_torch},
+    check=_check_orthogonality_error,
+    fake=lambda X: X.new_empty(X.shape[:-2]),
+    reference=lambda X: orthogonality_error_reference(X).to(X.dtype),
+    samples=_orthogonality_error_samples,
+    tol_scale=4.0,
+    doc="""||X^T X - I_p||_F for each matrix of a (..., n, p) batch; shape X.shape[:-2], X's dtype.""",
+)

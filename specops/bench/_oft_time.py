@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     for n, p in ((1280, 160), (640, 320)):
         X = torch.linalg.qr(torch.randn(4, n, p))[0]
         V = stiefel.project(X, 0.1 * torch.randn_like(X))
-        for method in stiefel.METHODS:
+        for method in stiefel.RETRACTIONS:
             (t,) = _times(lambda: stiefel.retract(X, V, method), 1)
             print(f"retract {method} batch 4 x ({n}, {p}): {t * 1e3:.1f} ms")
     return 0
