@@ -20,6 +20,11 @@ inline void check_x(const at::Tensor& X) {
                     "X: expected a contiguous (B, n, p) tensor with n >= p, got ", X.sizes());
 }
 
+// The Newton-Schulz stopping rule every step is passed (specops._constants.polar_tol, POLAR_MAX_ITER).
+inline void check_polar(double tol, int64_t max_iter) {
+  TORCH_CHECK_VALUE(tol >= 0 && max_iter >= 0, "tol, max_iter: expected >= 0, got ", tol, ", ", max_iter);
+}
+
 // step (S,) float64: one counter per parameter; matrix b belongs to parameter b / (B / S).
 inline void check_step(const at::Tensor& X, const at::Tensor& step) {
   TORCH_CHECK_VALUE(step.dim() == 1 && step.is_contiguous() && step.scalar_type() == at::kDouble &&

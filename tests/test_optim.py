@@ -13,13 +13,14 @@ import specops
 from specops import optim
 from specops.adapters import make_adapter
 from specops.sdxl import param_groups
-from specops.stiefel import orthogonality_error
+from specops.stiefel import orthogonality_error, orthogonality_error_reference
 
 OPTIMIZERS = {
     "StiefelSGD": (optim.StiefelSGD, dict(lr=5e-3, momentum=0.9)),
     "CayleyAdam": (optim.CayleyAdam, dict(lr=1e-2)),
     "StiefelAdam": (optim.StiefelAdam, dict(lr=1e-2)),
 }
+STEP_OP = {"StiefelSGD": "stiefel_sgd_step", "CayleyAdam": "cayley_adam_step", "StiefelAdam": "stiefel_adam_step"}
 # Mixed shapes: square, tall, 1x1, repeated shapes (stacked), a batched (2, 5, 4) parameter.
 MIXED = [(7, 3), (7, 3), (16, 16), (1, 1), (2, 2), (2, 2), (64, 64), (100, 20), (2, 5, 4)]
 # The Triton interpreter runs every program in Python: a smaller mixed set.
@@ -68,10 +69,11 @@ def test_fused_matches_per_parameter(backend, name):
     for _ in range(100):
         _set_grads([pa, pb], gen)
         fused.step()  # the `backend` fixture forces the fused op's kernel
+        assert specops.last_backend(STEP_OP[name]) == backend
         plain.step()
     assert _max_diff(pa, pb) <= 1e-5
-    for p in pa:
-        assert orthogonality_error(p.detach().double()).max() <= 1e-5
+    for p in pa:  # the reference: the torch-only op would refuse the forced backend
+        assert orthogonality_error_reference(p.detach()).max() <= 1e-5
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="C++ extension not built")
@@ -343,15 +345,22 @@ def test_step_ops_opcheck():
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not available")
-def test_triton_falls_back_beyond_its_tile():
-    """n > 256 does not fit one program's register tile: the batched torch kernel steps it."""
+def test_triton_refuses_beyond_its_tile():
+    """n > 32 does not fit one program's register tile: forced triton refuses the stack (BackendError);
+    with fallback=True the device default steps it, and the step is right."""
     pa, pb = _params([(260, 3)]), _params([(260, 3)])
     a, b = optim.StiefelAdam(pa, lr=1e-2), optim.StiefelAdam(pb, lr=1e-2, fused=False)
     gen = torch.Generator().manual_seed(11)
-    with specops.backend("triton"):
+    _set_grads([pa], gen)
+    with specops.backend("triton"), pytest.raises(specops.BackendError, match=r"260 x 3 matrices exceed"):
+        a.step()
+    assert a.state[pa[0]]["step"].item() == 0  # refused before anything was written
+    default = "cpp" if "cpp" in CPU_BACKENDS else "torch"
+    with specops.backend("triton", fallback=True):
         for _ in range(3):
             _set_grads([pa, pb], gen)
             a.step()
+            assert specops.last_backend("stiefel_adam_step") == default
             b.step()
     assert _max_diff(pa, pb) <= 1e-5
 

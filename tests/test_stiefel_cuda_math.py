@@ -4,7 +4,7 @@ csrc/cuda/stiefel_math.cuh holds everything a thread block of csrc/cuda/stiefel.
 matrix; its barrier is a functor. A small harness compiled here with g++ runs that code with a
 block of real std::threads (the thread count the kernel launches with, and an odd one) over a
 shared-memory work area that starts as NaN, and the results are compared with the batched torch
-kernels of specops/optim.py — the oracle of every backend. A non-finite gradient in one matrix
+kernels of specops/stiefel_steps.py, passed the same polar stopping rule (specops._constants). A non-finite gradient in one matrix
 must leave the others bit-identical, also when the next blocks inherit its work area (shared
 memory is not cleared between the blocks an SM runs).
 """
@@ -17,7 +17,8 @@ import pytest
 import torch
 from helpers import rel_err
 
-from specops import optim
+from specops import stiefel_steps
+from specops._constants import POLAR_MAX_ITER, polar_tol
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
 
@@ -82,7 +83,7 @@ void run(const StepArgs<typename IO::S>& a, int64_t B, int nthr, bool inherit) {
 template <class IO>
 void host_step(int op, void* X, const void* G, void* m, void* v, void* Y, void* P, void* V, void* Q,
                const double* step, int64_t S, int64_t B, int n, int p, double lr, double beta1, double beta2,
-               double eps, double q, int64_t iters, int nthr, int inherit) {
+               double eps, double q, int64_t iters, double tol, int64_t max_iter, int nthr, int inherit) {
   using St = typename IO::S;
   StepArgs<St> a{};
   a.X = static_cast<St*>(X);
@@ -103,6 +104,8 @@ void host_step(int op, void* X, const void* G, void* m, void* v, void* Y, void* 
   a.eps = eps;
   a.q = q;
   a.iters = iters;
+  a.tol = tol;
+  a.max_iter = max_iter;
   if (op == 0) run<StepOp::kSgd, IO>(a, B, nthr, inherit != 0);
   else if (op == 1) run<StepOp::kCayleyAdam, IO>(a, B, nthr, inherit != 0);
   else run<StepOp::kStiefelAdam, IO>(a, B, nthr, inherit != 0);
@@ -113,8 +116,9 @@ void host_step(int op, void* X, const void* G, void* m, void* v, void* Y, void* 
 #define HOST_STEP_ARGS                                                                                         \
   int op, void *X, const void *G, void *m, void *v, void *Y, void *P, void *V, void *Q, const double *step,   \
       int64_t S, int64_t B, int n, int p, double lr, double beta1, double beta2, double eps, double q,        \
-      int64_t iters, int nthr, int inherit
-#define HOST_STEP_CALL op, X, G, m, v, Y, P, V, Q, step, S, B, n, p, lr, beta1, beta2, eps, q, iters, nthr, inherit
+      int64_t iters, double tol, int64_t max_iter, int nthr, int inherit
+#define HOST_STEP_CALL \
+  op, X, G, m, v, Y, P, V, Q, step, S, B, n, p, lr, beta1, beta2, eps, q, iters, tol, max_iter, nthr, inherit
 
 extern "C" {
 void step_float32(HOST_STEP_ARGS) { host_step<PlainIO<float>>(HOST_STEP_CALL); }
@@ -151,7 +155,7 @@ def lib(tmp_path_factory):
     i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
     for name in ("step_float32", "step_float64", "step_bfloat16"):
         getattr(h, name).argtypes = [ctypes.c_int] + [ptr] * 9 + [i64, i64, ctypes.c_int, ctypes.c_int] + [dbl] * 5 + [
-            i64, ctypes.c_int, ctypes.c_int]
+            i64, dbl, i64, ctypes.c_int, ctypes.c_int]
         getattr(h, name).restype = None
     h.threads_for.argtypes, h.threads_for.restype = [i64, i64], ctypes.c_int
     h.smem_bytes.argtypes, h.smem_bytes.restype = [ctypes.c_int, i64, i64, ctypes.c_int], ctypes.c_size_t
@@ -187,14 +191,15 @@ HYPER = {
 
 
 def _reference(op, t, h):
+    """The batched torch kernel (its step counters already advanced, as the op does before a kernel)."""
     if op == "stiefel_sgd_step":
-        optim._sgd_step_torch(t["X"], t["G"], t["M"], h["lr"], h["beta1"], h["q"], h["iters"], h["eps"])
+        stiefel_steps._sgd_torch(t["X"], t["G"], t["M"], h["lr"], h["beta1"], h["q"], h["iters"], h["eps"])
     elif op == "cayley_adam_step":
-        optim._cayley_adam_step_torch(t["X"], t["G"], t["m"], t["v"], t["step"], h["lr"], h["beta1"], h["beta2"],
-                                      h["eps"], h["q"], h["iters"])
+        stiefel_steps._cayley_adam_torch(t["X"], t["G"], t["m"], t["v"], t["step"], h["lr"], h["beta1"], h["beta2"],
+                                         h["eps"], h["q"], h["iters"])
     else:
-        optim._stiefel_adam_step_torch(t["X"], t["G"], t["Y"], t["P"], t["V"], t["Q"], t["step"], h["lr"],
-                                       h["beta1"], h["beta2"], h["eps"])
+        stiefel_steps._stiefel_adam_torch(t["X"], t["G"], t["Y"], t["P"], t["V"], t["Q"], t["step"], h["lr"],
+                                          h["beta1"], h["beta2"], h["eps"])
 
 
 def _host(lib, op, t, h, nthr, inherit=False):
@@ -204,7 +209,7 @@ def _host(lib, op, t, h, nthr, inherit=False):
     fn = getattr(lib, f"step_{str(X.dtype).removeprefix('torch.')}")
     fn(OPS[op], ptr("X"), ptr("G"), ptr("M") or ptr("m"), ptr("v"), ptr("Y"), ptr("P"), ptr("V"), ptr("Q"),
        t["step"].data_ptr(), t["step"].numel(), B, n, p, h["lr"], h["beta1"], h["beta2"], h["eps"], h["q"],
-       h["iters"], nthr, int(inherit))
+       h["iters"], polar_tol(n, p, X.dtype), POLAR_MAX_ITER, nthr, int(inherit))
 
 
 def _check(lib, op, n, p, dtype, nthr=None):

@@ -5,18 +5,21 @@ zero-filled, so padded rows/columns stay zero through every product) and does th
 registers: the products are tl.dot in IEEE precision (no TF32), the canonical generator
 W = PM X^T - X PM^T is applied in low-rank form W Z = PM (X^T Z) - X (PM^T Z), and the step ends
 with the Newton-Schulz polar correction under the stopping rule of specops.stiefel.polar_ns
-(rescale when ||Y^T Y||_inf > 2; iterate while ||Y^T Y - I||_F > tol and decreasing). The
-formulas are those of specops/optim.py. Sizes up to n <= 32, p <= 16 (see MAX_N, MAX_P): larger
-register tiles spill on sm_80/sm_90 (gpu-check), so larger matrices take the batched torch path
-until these kernels stage their tiles through shared memory.
+(rescale when ||Y^T Y||_inf > 2; iterate while ||Y^T Y - I||_F > tol and decreasing, at most
+max_iter times; the launchers are passed both). The formulas are those of specops/stiefel_steps.py.
+Sizes up to n <= 32, p <= 16 (see MAX_N, MAX_P): larger register tiles spill on sm_80/sm_90
+(gpu-check), so `supports` refuses larger matrices, which then take another kernel.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
+from specops._constants import POLAR_MAX_ITER
+
 MAX_N = 32
 MAX_P = 16
-POLAR_MAX_ITER = 30  # specops.stiefel.POLAR_MAX_ITER
 
 _TL_TYPE = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -89,6 +92,13 @@ def _tiles(n, p, BN: tl.constexpr, BP: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
+def _bias_corrections(step_ptr, b, per, log_beta1, log_beta2, eye):
+    """1 - beta1^t and 1 - beta2^t for the step count t of matrix b's parameter (step[b // per])."""
+    t = tl.load(step_ptr + b // per).to(eye.dtype)
+    return 1.0 - tl.exp(t * log_beta1), 1.0 - tl.exp(t * log_beta2)
+
+
+@triton.jit
 def _sgd_kernel(X_ptr, G_ptr, M_ptr, n, p, lr, momentum, q, eps, tol, iters,
                 BN: tl.constexpr, BP: tl.constexpr, F64: tl.constexpr, MAX_ITER: tl.constexpr):
     """Cayley SGD with momentum for matrix program_id(0)."""
@@ -118,9 +128,7 @@ def _cayley_adam_kernel(X_ptr, G_ptr, m_ptr, v_ptr, step_ptr, per, n, p, lr, bet
     b = tl.program_id(0).to(tl.int64)
     offs, mask, _, _, eye = _tiles(n, p, BN, BP, F64)
     base = b * n * p
-    t = tl.load(step_ptr + b // per).to(eye.dtype)
-    bc1 = 1.0 - tl.exp(t * log_beta1)
-    bc2 = 1.0 - tl.exp(t * log_beta2)
+    bc1, bc2 = _bias_corrections(step_ptr, b, per, log_beta1, log_beta2, eye)
     X = tl.load(X_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
     G = tl.load(G_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
     m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
@@ -149,9 +157,7 @@ def _stiefel_adam_kernel(X_ptr, G_ptr, Y_ptr, P_ptr, V_ptr, Q_ptr, step_ptr, per
     offs, mask, offs_pp, mask_pp, eye = _tiles(n, p, BN, BP, F64)
     base = b * n * p
     base_pp = b * p * p
-    t = tl.load(step_ptr + b // per).to(eye.dtype)
-    bc1 = 1.0 - tl.exp(t * log_beta1)
-    bc2 = 1.0 - tl.exp(t * log_beta2)
+    bc1, bc2 = _bias_corrections(step_ptr, b, per, log_beta1, log_beta2, eye)
     X = tl.load(X_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
     G = tl.load(G_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
     A = _dot(tl.trans(X), G)
@@ -192,47 +198,46 @@ def _warps(bn: int, bp: int) -> int:
     return 4 if bn * bp <= 2048 else 8
 
 
-def _tol(n: int, p: int, dtype: torch.dtype) -> float:
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.finfo(acc).eps * (n * p) ** 0.5
-
-
-def supports(n: int, p: int) -> bool:
-    """Whether the kernels take (n, p) matrices (the register tile must fit one program)."""
-    return n <= MAX_N and p <= MAX_P
+def supports(n: int, p: int) -> str | None:
+    """None when the kernels take (n, p) matrices, else why not (the register tile must fit one program)."""
+    if n <= MAX_N and p <= MAX_P:
+        return None
+    return f"{n} x {p} matrices exceed the register tile of one program (n <= {MAX_N}, p <= {MAX_P})"
 
 
 def _log(beta: float) -> float:
-    import math
-
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def stiefel_sgd_step(X, G, M, lr, momentum, q, iters, eps):
-    """In place over X (B, n, p) and M; see _sgd_kernel."""
+# The launchers step X (B, n, p) in place; tol and max_iter are the polar stopping rule
+# (specops._constants.polar_tol, POLAR_MAX_ITER).
+
+
+def stiefel_sgd_step(X, G, M, lr, momentum, q, iters, eps, tol, max_iter):
+    """In place over X and M (B, n, p); see _sgd_kernel."""
     B, n, p = X.shape
     bn, bp = _blocks(n, p)
-    _sgd_kernel[(B,)](X, G, M, n, p, lr, momentum, q, eps, _tol(n, p, X.dtype), iters, BN=bn, BP=bp,
-                      F64=X.dtype == torch.float64, MAX_ITER=POLAR_MAX_ITER, num_warps=_warps(bn, bp))
+    _sgd_kernel[(B,)](X, G, M, n, p, lr, momentum, q, eps, tol, iters, BN=bn, BP=bp,
+                      F64=X.dtype == torch.float64, MAX_ITER=max_iter, num_warps=_warps(bn, bp))
 
 
-def cayley_adam_step(X, G, m, v, step, lr, beta1, beta2, eps, q, iters):
-    """In place over X (B, n, p), m, v (B,); step (S,) float64 already incremented."""
+def cayley_adam_step(X, G, m, v, step, lr, beta1, beta2, eps, q, iters, tol, max_iter):
+    """In place over X, m (B, n, p), v (B,); step (S,) float64 already incremented."""
     B, n, p = X.shape
     bn, bp = _blocks(n, p)
     _cayley_adam_kernel[(B,)](X, G, m, v, step, B // step.shape[0], n, p, lr, beta1, beta2, _log(beta1),
-                              _log(beta2), eps, q, _tol(n, p, X.dtype), iters, BN=bn, BP=bp,
-                              F64=X.dtype == torch.float64, MAX_ITER=POLAR_MAX_ITER, num_warps=_warps(bn, bp))
+                              _log(beta2), eps, q, tol, iters, BN=bn, BP=bp,
+                              F64=X.dtype == torch.float64, MAX_ITER=max_iter, num_warps=_warps(bn, bp))
 
 
-def stiefel_adam_step(X, G, Y, P, V, Q, step, lr, beta1, beta2, eps):
+def stiefel_adam_step(X, G, Y, P, V, Q, step, lr, beta1, beta2, eps, tol, max_iter):
     """In place over X (B, n, p), Y, P (B, p, p), V, Q (B, n, p) (unused when n == p)."""
     B, n, p = X.shape
     bn, bp = _blocks(n, p)
     tall = n > p
     _stiefel_adam_kernel[(B,)](X, G, Y, P, V if tall else X, Q if tall else X, step, B // step.shape[0], n, p, lr,
-                               beta1, beta2, _log(beta1), _log(beta2), eps, _tol(n, p, X.dtype), BN=bn, BP=bp,
-                               F64=X.dtype == torch.float64, TALL=tall, MAX_ITER=POLAR_MAX_ITER,
+                               beta1, beta2, _log(beta1), _log(beta2), eps, tol, BN=bn, BP=bp,
+                               F64=X.dtype == torch.float64, TALL=tall, MAX_ITER=max_iter,
                                num_warps=_warps(bn, bp))
 
 

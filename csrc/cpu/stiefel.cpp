@@ -4,10 +4,11 @@
 // matrix, its gradient and state are converted to the accumulation type into a per-thread scratch
 // of ~7 n p + 6 p^2 values (~200 KiB for 64 x 64 fp32: L2; 7 KiB for 8 x 8: L1), stepped, and
 // written back. Rows are padded to whole 64-byte vectors, and every product keeps a 4-row block
-// of its output in vector registers. The formulas are those of specops/optim.py (the module docstring there): the canonical
-// generator W = PM X^T - X PM^T is never formed (W Z = PM (X^T Z) - X (PM^T Z), O(n p^2)), and
-// every step ends with the Newton-Schulz polar correction with the stopping rule of
-// specops.stiefel.polar_ns.
+// of its output in vector registers. The formulas are those of specops/stiefel_steps.py (its module
+// docstring): the canonical generator W = PM X^T - X PM^T is never formed for tall X
+// (W Z = PM (X^T Z) - X (PM^T Z), O(n p^2)), and every step ends with the Newton-Schulz polar
+// correction with the stopping rule of specops.stiefel.polar_ns, whose tolerance and iteration limit
+// (specops._constants) every op is passed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -16,7 +17,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 
 #include "simd.h"
 #include "stiefel_checks.h"
@@ -24,8 +24,6 @@
 namespace specops {
 namespace cpu {
 namespace {
-
-constexpr int kPolarMaxIter = 30;  // specops.stiefel.POLAR_MAX_ITER
 
 // Every matrix in the scratch has rows padded to ld = a multiple of the vector width: products
 // run over whole vectors. Padding columns only ever feed padding columns (a product reads its left
@@ -126,9 +124,9 @@ T dev_from_identity(const T* S, int64_t p, int64_t ld) {
 
 // Y <- polar factor of Y (n x p) by Newton-Schulz, the rule of specops.stiefel.polar_ns:
 // rescale when ||Y^T Y||_inf > 2, then Y <- Y (3I - Y^T Y)/2 while the error is above tol and
-// decreasing. Work: S, Sn (p x p), Yn (n x p).
+// decreasing, at most max_iter times. Work: S, Sn (p x p), Yn (n x p).
 template <typename T>
-void polar_ns(T* Y, int64_t n, int64_t p, int64_t ld, T tol, T* S, T* Sn, T* Yn) {
+void polar_ns(T* Y, int64_t n, int64_t p, int64_t ld, T tol, int64_t max_iter, T* S, T* Sn, T* Yn) {
   mm_tn(Y, Y, S, n, p, ld);
   T rmax = 0;
   for (int64_t i = 0; i < p; ++i) {
@@ -142,7 +140,7 @@ void polar_ns(T* Y, int64_t n, int64_t p, int64_t ld, T tol, T* S, T* Sn, T* Yn)
     for (int64_t e = 0; e < p * ld; ++e) S[e] *= c * c;
   }
   T err = dev_from_identity(S, p, ld);
-  for (int it = 0; it < kPolarMaxIter && err > tol; ++it) {
+  for (int64_t it = 0; it < max_iter && err > tol; ++it) {
     for (int64_t e = 0; e < p * ld; ++e) Sn[e] = T(-0.5) * S[e];
     for (int64_t i = 0; i < p; ++i) Sn[i * ld + i] += T(1.5);
     mm_nn(Y, Sn, Yn, n, p, ld, T(1), false);
@@ -248,58 +246,71 @@ int64_t padded(int64_t p) {
 
 int64_t grain(int64_t n, int64_t p) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n * p * p)); }
 
-template <typename T>
-T ns_tol(int64_t n, int64_t p) {
-  return std::numeric_limits<T>::epsilon() * std::sqrt(static_cast<T>(n * p));
-}
+// ----------------------------------------------------------------------------- the Cayley steps
 
-// ----------------------------------------------------------------------------- Cayley SGD
+// The scratch of the two Cayley steps (one per thread): 7 n x ld blocks, 6 ld x ld ones.
+template <typename T>
+struct CayleyScratch {
+  Work<T> w;
+  T *x, *m, *pm, *mt, *y, *z, *wz;  // n x ld
+  T *t1, *t2, *S, *Sn, *wd, *tw;    // ld x ld
+  CayleyScratch(int64_t n, int64_t ld)
+      : w(n, ld, 7, 6), x(w.big(0)), m(w.big(1)), pm(w.big(2)), mt(w.big(3)), y(w.big(4)), z(w.big(5)),
+        wz(w.big(6)), t1(w.small(7, 0)), t2(w.small(7, 1)), S(w.small(7, 2)), Sn(w.small(7, 3)),
+        wd(w.small(7, 4)), tw(w.small(7, 5)) {}
+
+  // The generator of matrix `mm` (m, or m^ for Adam) at x; returns it with ||W||_F in *wnorm.
+  Generator<T> generator(const T* mm, int64_t n, int64_t p, int64_t ld, T* wnorm) {
+    Generator<T> W{x, pm, t1, t2, n, p, ld};
+    *wnorm = W.build(mm);
+    if (n == p) W.densify(wd, tw);
+    return W;
+  }
+
+  // Li et al.'s fixed-point iterations y <- x + c W (x + y) (c = alpha/2 for SGD, -alpha/(2 r) for
+  // Adam), then the polar correction of y, in place.
+  void finish(Generator<T>& W, int64_t n, int64_t p, int64_t ld, T c, int64_t iters, T tol, int64_t max_iter) {
+    const int64_t nl = n * ld;
+    for (int64_t s = 0; s < iters; ++s) {
+      for (int64_t e = 0; e < nl; ++e) z[e] = x[e] + y[e];
+      W.apply(z, wz);
+      for (int64_t e = 0; e < nl; ++e) y[e] = x[e] + c * wz[e];
+    }
+    polar_ns(y, n, p, ld, tol, max_iter, S, Sn, z);
+  }
+};
 
 template <typename scalar_t>
 void sgd_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::Tensor& Mt, double lr, double momentum,
-                double q, int64_t iters, double eps) {
+                double q, int64_t iters, double eps, double tol, int64_t max_iter) {
   using T = at::opmath_type<scalar_t>;
   const int64_t B = Xt.size(0), n = Xt.size(1), p = Xt.size(2), np = n * p, ld = padded<T>(p), nl = n * ld;
   scalar_t* Xp = Xt.mutable_data_ptr<scalar_t>();
   const scalar_t* Gp = Gt.const_data_ptr<scalar_t>();
   scalar_t* Mp = Mt.mutable_data_ptr<scalar_t>();
-  const T tol = ns_tol<T>(n, p);
   at::parallel_for(0, B, grain(n, p), [&](int64_t b0, int64_t b1) {
-    constexpr int kBig = 7, kSmall = 6;
-    Work<T> w(n, ld, kBig, kSmall);
-    T *x = w.big(0), *m = w.big(1), *pm = w.big(2), *mt = w.big(3), *y = w.big(4), *z = w.big(5),
-      *wz = w.big(6);
-    T *t1 = w.small(kBig, 0), *t2 = w.small(kBig, 1), *S = w.small(kBig, 2), *Sn = w.small(kBig, 3),
-      *wd = w.small(kBig, 4), *tw = w.small(kBig, 5);
+    CayleyScratch<T> w(n, ld);
     for (int64_t b = b0; b < b1; ++b) {
-      load(Xp + b * np, x, n, p, ld);
-      load(Mp + b * np, m, n, p, ld);
-      load(Gp + b * np, z, n, p, ld);
-      for (int64_t e = 0; e < nl; ++e) m[e] = T(momentum) * m[e] - z[e];
-      Generator<T> W{x, pm, t1, t2, n, p, ld};
-      const T wnorm = W.build(m);
-      if (n == p) W.densify(wd, tw);
-      W.apply(x, mt);  // the momentum, projected: M <- W X
+      load(Xp + b * np, w.x, n, p, ld);
+      load(Mp + b * np, w.m, n, p, ld);
+      load(Gp + b * np, w.z, n, p, ld);
+      for (int64_t e = 0; e < nl; ++e) w.m[e] = T(momentum) * w.m[e] - w.z[e];
+      T wnorm;
+      Generator<T> W = w.generator(w.m, n, p, ld, &wnorm);
+      W.apply(w.x, w.mt);  // the momentum, projected: M <- W X
       const T alpha = std::min(T(lr), T(2 * q) / (wnorm + T(eps)));
-      for (int64_t e = 0; e < nl; ++e) y[e] = x[e] + alpha * mt[e];
-      for (int64_t s = 0; s < iters; ++s) {
-        for (int64_t e = 0; e < nl; ++e) z[e] = x[e] + y[e];
-        W.apply(z, wz);
-        for (int64_t e = 0; e < nl; ++e) y[e] = x[e] + T(0.5) * alpha * wz[e];
-      }
-      polar_ns(y, n, p, ld, tol, S, Sn, z);
-      store(y, Xp + b * np, n, p, ld);
-      store(mt, Mp + b * np, n, p, ld);
+      for (int64_t e = 0; e < nl; ++e) w.y[e] = w.x[e] + alpha * w.mt[e];
+      w.finish(W, n, p, ld, T(0.5) * alpha, iters, T(tol), max_iter);
+      store(w.y, Xp + b * np, n, p, ld);
+      store(w.mt, Mp + b * np, n, p, ld);
     }
   });
 }
 
-// ----------------------------------------------------------------------------- Cayley Adam
-
 template <typename scalar_t>
 void cayley_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::Tensor& mt_, const at::Tensor& vt,
                         const at::Tensor& stept, double lr, double beta1, double beta2, double eps, double q,
-                        int64_t iters) {
+                        int64_t iters, double tol, int64_t max_iter) {
   using T = at::opmath_type<scalar_t>;
   const int64_t B = Xt.size(0), n = Xt.size(1), p = Xt.size(2), np = n * p, ld = padded<T>(p), nl = n * ld;
   const int64_t per = B / stept.size(0);
@@ -308,41 +319,30 @@ void cayley_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::Te
   scalar_t* mp = mt_.mutable_data_ptr<scalar_t>();
   scalar_t* vp = vt.mutable_data_ptr<scalar_t>();
   const double* stp = stept.const_data_ptr<double>();
-  const T tol = ns_tol<T>(n, p);
   at::parallel_for(0, B, grain(n, p), [&](int64_t b0, int64_t b1) {
-    constexpr int kBig = 7, kSmall = 6;
-    Work<T> w(n, ld, kBig, kSmall);
-    T *x = w.big(0), *m = w.big(1), *pm = w.big(2), *mt = w.big(3), *y = w.big(4), *z = w.big(5),
-      *wz = w.big(6);
-    T *t1 = w.small(kBig, 0), *t2 = w.small(kBig, 1), *S = w.small(kBig, 2), *Sn = w.small(kBig, 3),
-      *wd = w.small(kBig, 4), *tw = w.small(kBig, 5);
+    CayleyScratch<T> w(n, ld);
     for (int64_t b = b0; b < b1; ++b) {
       const double t = stp[b / per];
       const T bc1 = T(1.0 - std::pow(beta1, t)), bc2 = T(1.0 - std::pow(beta2, t));
-      load(Xp + b * np, x, n, p, ld);
-      load(mp + b * np, m, n, p, ld);
-      load(Gp + b * np, z, n, p, ld);
-      const T g2 = sum_sq(z, n, p, ld);
-      for (int64_t e = 0; e < nl; ++e) m[e] = T(beta1) * m[e] + T(1 - beta1) * z[e];
+      load(Xp + b * np, w.x, n, p, ld);
+      load(mp + b * np, w.m, n, p, ld);
+      load(Gp + b * np, w.z, n, p, ld);
+      const T g2 = sum_sq(w.z, n, p, ld);
+      for (int64_t e = 0; e < nl; ++e) w.m[e] = T(beta1) * w.m[e] + T(1 - beta1) * w.z[e];
       const T v = T(beta2) * static_cast<T>(vp[b]) + T(1 - beta2) * g2;
       const T r = std::sqrt(v / bc2 + T(eps));
-      for (int64_t e = 0; e < nl; ++e) z[e] = m[e] / bc1;  // m^
-      Generator<T> W{x, pm, t1, t2, n, p, ld};
-      const T wnorm = W.build(z) / r;
-      if (n == p) W.densify(wd, tw);
-      W.apply(x, mt);
-      for (int64_t e = 0; e < nl; ++e) mt[e] /= r;
+      for (int64_t e = 0; e < nl; ++e) w.z[e] = w.m[e] / bc1;  // m^
+      T wnorm;
+      Generator<T> W = w.generator(w.z, n, p, ld, &wnorm);
+      wnorm /= r;
+      W.apply(w.x, w.mt);
+      for (int64_t e = 0; e < nl; ++e) w.mt[e] /= r;
       const T alpha = std::min(T(lr), T(2 * q) / (wnorm + T(eps)));
-      for (int64_t e = 0; e < nl; ++e) y[e] = x[e] - alpha * mt[e];
-      for (int64_t s = 0; s < iters; ++s) {
-        for (int64_t e = 0; e < nl; ++e) z[e] = x[e] + y[e];
-        W.apply(z, wz);
-        for (int64_t e = 0; e < nl; ++e) y[e] = x[e] - T(0.5) * alpha / r * wz[e];
-      }
-      polar_ns(y, n, p, ld, tol, S, Sn, z);
-      store(y, Xp + b * np, n, p, ld);
-      for (int64_t e = 0; e < nl; ++e) mt[e] = mt[e] * r * bc1;
-      store(mt, mp + b * np, n, p, ld);
+      for (int64_t e = 0; e < nl; ++e) w.y[e] = w.x[e] - alpha * w.mt[e];
+      w.finish(W, n, p, ld, -(T(0.5) * alpha / r), iters, T(tol), max_iter);
+      store(w.y, Xp + b * np, n, p, ld);
+      for (int64_t e = 0; e < nl; ++e) w.mt[e] = w.mt[e] * r * bc1;
+      store(w.mt, mp + b * np, n, p, ld);
       vp[b] = static_cast<scalar_t>(v);
     }
   });
@@ -353,7 +353,7 @@ void cayley_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::Te
 template <typename scalar_t>
 void stiefel_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::Tensor& Yt, const at::Tensor& Pt,
                          const at::Tensor& Vt, const at::Tensor& Qt, const at::Tensor& stept, double lr,
-                         double beta1, double beta2, double eps) {
+                         double beta1, double beta2, double eps, double tol, int64_t max_iter) {
   using T = at::opmath_type<scalar_t>;
   const int64_t B = Xt.size(0), n = Xt.size(1), p = Xt.size(2), np = n * p, pp = p * p;
   const int64_t ld = padded<T>(p), nl = n * ld;
@@ -366,7 +366,6 @@ void stiefel_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::T
   scalar_t* Vp = tall ? Vt.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* Qp = tall ? Qt.mutable_data_ptr<scalar_t>() : nullptr;
   const double* stp = stept.const_data_ptr<double>();
-  const T tol = ns_tol<T>(n, p);
   at::parallel_for(0, B, grain(n, p), [&](int64_t b0, int64_t b1) {
     constexpr int kBig = 6, kSmall = 6;
     Work<T> w(n, ld, kBig, kSmall);
@@ -406,7 +405,7 @@ void stiefel_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::T
         mm_nn(x, A, nu, n, p, ld, T(-1), true);  // nu <- nu - X (X^T nu)
         for (int64_t e = 0; e < nl; ++e) z[e] += nu[e];
       }
-      polar_ns(z, n, p, ld, tol, S, Sn, yn);
+      polar_ns(z, n, p, ld, T(tol), max_iter, S, Sn, yn);
       store(z, Xp + b * np, n, p, ld);
       store(Y, Yp + b * pp, p, p, ld);
       store(P, Pp + b * pp, p, p, ld);
@@ -420,32 +419,37 @@ void stiefel_adam_kernel(const at::Tensor& Xt, const at::Tensor& Gt, const at::T
 }
 
 // ----------------------------------------------------------------------------- entry points
+// tol, max_iter: the Newton-Schulz stopping rule (specops._constants.polar_tol, POLAR_MAX_ITER).
 
 void stiefel_sgd_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::Tensor& M, double lr,
-                          double momentum, double q, int64_t iters, double eps) {
+                          double momentum, double q, int64_t iters, double eps, double tol, int64_t max_iter) {
   specops_stiefel::check_sgd(X, G, M);
+  specops_stiefel::check_polar(tol, max_iter);
   if (X.numel() == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "stiefel_sgd_step",
-                                  [&] { sgd_kernel<scalar_t>(X, G, M, lr, momentum, q, iters, eps); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "stiefel_sgd_step", [&] {
+    sgd_kernel<scalar_t>(X, G, M, lr, momentum, q, iters, eps, tol, max_iter);
+  });
 }
 
 void cayley_adam_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::Tensor& m, const at::Tensor& v,
                           const at::Tensor& step, double lr, double beta1, double beta2, double eps, double q,
-                          int64_t iters) {
+                          int64_t iters, double tol, int64_t max_iter) {
   specops_stiefel::check_cayley_adam(X, G, m, v, step);
+  specops_stiefel::check_polar(tol, max_iter);
   if (X.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "cayley_adam_step", [&] {
-    cayley_adam_kernel<scalar_t>(X, G, m, v, step, lr, beta1, beta2, eps, q, iters);
+    cayley_adam_kernel<scalar_t>(X, G, m, v, step, lr, beta1, beta2, eps, q, iters, tol, max_iter);
   });
 }
 
 void stiefel_adam_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::Tensor& Y, const at::Tensor& P,
                            const at::Tensor& V, const at::Tensor& Q, const at::Tensor& step, double lr,
-                           double beta1, double beta2, double eps) {
+                           double beta1, double beta2, double eps, double tol, int64_t max_iter) {
   specops_stiefel::check_stiefel_adam(X, G, Y, P, V, Q, step);
+  specops_stiefel::check_polar(tol, max_iter);
   if (X.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "stiefel_adam_step", [&] {
-    stiefel_adam_kernel<scalar_t>(X, G, Y, P, V, Q, step, lr, beta1, beta2, eps);
+    stiefel_adam_kernel<scalar_t>(X, G, Y, P, V, Q, step, lr, beta1, beta2, eps, tol, max_iter);
   });
 }
 
@@ -454,14 +458,14 @@ void stiefel_adam_step_cpu(const at::Tensor& X, const at::Tensor& G, const at::T
 TORCH_LIBRARY_FRAGMENT(specops_ext, m) {
   m.def(
       "stiefel_sgd_step(Tensor(a!) X, Tensor G, Tensor(b!) M, float lr, float momentum, float q, int iters, "
-      "float eps) -> ()");
+      "float eps, float tol, int max_iter) -> ()");
   m.def(
       "cayley_adam_step(Tensor(a!) X, Tensor G, Tensor(b!) m, Tensor(c!) v, Tensor step, float lr, float beta1, "
-      "float beta2, float eps, float q, int iters) -> ()");
+      "float beta2, float eps, float q, int iters, float tol, int max_iter) -> ()");
   m.def(
       "stiefel_adam_step(Tensor(a!) X, Tensor G, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!) exp_avg_normal, Tensor(e!) exp_avg_sq_normal, Tensor step, float lr, float beta1, "
-      "float beta2, float eps) -> ()");
+      "float beta2, float eps, float tol, int max_iter) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(specops_ext, CPU, m) {

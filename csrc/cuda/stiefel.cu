@@ -7,7 +7,8 @@
 // Shared memory per block: block_threads(n, p) reduction slots plus 3 n p + 2 p^2 values
 // (StiefelAdam: 2 n p + 2 p^2 when square, 4 n p + 2 p^2 when tall), e.g. 82 KB for 64 x 64 and
 // 50 KB for 256 x 16 in fp32. A stack whose matrices need more than the device allows per block
-// is refused (cudaErrorInvalidValue); the optimisers then run the batched torch kernel.
+// is refused (cudaErrorInvalidValue); specops_ext::stiefel_step_refusal says so beforehand, so
+// that the registry runs such stacks on another kernel.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

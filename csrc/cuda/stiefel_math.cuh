@@ -6,14 +6,14 @@
 // One block steps one matrix. Every operand lives in a shared-memory work area in the
 // accumulation type T (float; double for double); rows are p wide (no padding). The formulas,
 // their order of operations and the polar stopping rule are those of csrc/cpu/stiefel.cpp and
-// specops/optim.py: the canonical generator W = PM X^T - X PM^T is applied in low-rank form
+// specops/stiefel_steps.py (the rule's tolerance and iteration limit come in StepArgs, from
+// specops._constants): the canonical generator W = PM X^T - X PM^T is applied in low-rank form
 // W Z = PM (X^T Z) - X (PM^T Z) (the CPU kernel forms W for square X instead: equal up to
 // round-off), and every step ends with Newton-Schulz polar under specops.stiefel.polar_ns' rule.
 // Every reduction is summed by every thread in the same order, so all threads take the same
 // branches (stopping rule, rescaling) and barriers stay uniform.
 #pragma once
 
-#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -37,7 +37,6 @@ namespace stiefel_detail {
 
 enum class StepOp : int { kSgd = 0, kCayleyAdam = 1, kStiefelAdam = 2 };
 
-constexpr int kPolarMaxIter = 30;  // specops.stiefel.POLAR_MAX_ITER
 constexpr int kMaxThreads = 256;
 
 // Pointers to matrix 0 of each (B, ...) stack, all contiguous in the storage type S.
@@ -56,6 +55,8 @@ struct StepArgs {
   int n, p;
   double lr, beta1, beta2, eps, q;  // SGD: beta1 is the momentum
   int64_t iters;                    // Cayley fixed-point iterations
+  double tol;                       // Newton-Schulz: stop at ||Y^T Y - I||_F <= tol ...
+  int64_t max_iter;                 // ... or after max_iter iterations
 };
 
 // Storage <-> accumulation conversion for float and double (half types: see stiefel.cu).
@@ -66,10 +67,6 @@ struct PlainIO {
   static STF_HD T load(S v) { return v; }
   static STF_HD S store(T v) { return v; }
 };
-
-template <class T> struct Eps;
-template <> struct Eps<float> { static constexpr float value = FLT_EPSILON; };
-template <> struct Eps<double> { static constexpr double value = DBL_EPSILON; };
 
 STF_HD float sq_root(float x) { return sqrtf(x); }
 STF_HD double sq_root(double x) { return sqrt(x); }
@@ -246,11 +243,10 @@ STF_HD T dev_from_identity(const Block<T, Sync>& blk, const T* S, int p) {
 
 // The polar factor of Y (n x p) by Newton-Schulz under the rule of specops.stiefel.polar_ns:
 // rescale by ||Y^T Y||_inf^{-1/2} when that norm is > 2, then Y <- Y (3I - Y^T Y)/2 while
-// ||Y^T Y - I||_F > eps sqrt(n p) and decreasing, at most kPolarMaxIter times. Yn (n x p),
-// S, Sn (p x p) are work; returns the buffer that holds the result (Y or Yn).
+// ||Y^T Y - I||_F > tol and decreasing, at most max_iter times. Yn (n x p), S, Sn (p x p) are
+// work; returns the buffer that holds the result (Y or Yn).
 template <class T, class Sync>
-STF_HD T* polar(const Block<T, Sync>& blk, T* Y, T* Yn, T* S, T* Sn, int n, int p) {
-  const T tol = Eps<T>::value * sq_root(T(n * p));
+STF_HD T* polar(const Block<T, Sync>& blk, T* Y, T* Yn, T* S, T* Sn, int n, int p, T tol, int64_t max_iter) {
   mm_to(blk, S, p, p, n, trans(Y, p), mat(Y, p));
   blk.sync();
   T rmax = 0;
@@ -267,7 +263,7 @@ STF_HD T* polar(const Block<T, Sync>& blk, T* Y, T* Yn, T* S, T* Sn, int n, int 
     blk.sync();
   }
   T err = dev_from_identity(blk, S, p);
-  for (int it = 0; it < kPolarMaxIter && err > tol; ++it) {
+  for (int64_t it = 0; it < max_iter && err > tol; ++it) {
     for (int e = blk.tid; e < p * p; e += blk.nthr) {
       T v = T(-0.5) * S[e];
       if (e / p == e % p) v += T(1.5);
@@ -324,90 +320,97 @@ STF_HD void apply_generator(const Block<T, Sync>& blk, const T* X, const T* PM, 
 // ---------------------------------------------------------------------------------------------
 // One step of one matrix. Work areas (n x p "big" and p x p "small" buffers) as in work_elems.
 
+// The Cayley steps' work area — X, PM (M or m^, then the generator's PM, then polar's Yn), Y
+// (n x p); t1, t2 (p x p; then polar's S, Sn) — and matrix b's rows of the global stacks.
+template <class IO>
+struct CayleyWork {
+  using T = typename IO::T;
+  using S = typename IO::S;
+  int n, p, np;
+  T *X, *PM, *Y, *t1, *t2;
+  S* Xg;
+  const S* Gg;
+  S* mg;  // SGD: the momentum M; Adam: the first moment m
+  STF_HD CayleyWork(T* w, const StepArgs<S>& a, int64_t b)
+      : n(a.n), p(a.p), np(a.n * a.p), X(w), PM(w + np), Y(w + 2 * np), t1(w + 3 * np), t2(t1 + a.p * a.p),
+        Xg(a.X + b * np), Gg(a.G + b * np), mg(a.m + b * np) {}
+};
+
 // Shared tail of Cayley SGD and Cayley Adam: Li et al.'s fixed-point iterations
 // Y <- X + c W (X + Y) (c = +alpha/2 for SGD, -alpha/(2 sqrt(v^)) for Adam; W from X and PM),
 // then the polar retraction, stored to the global X.
 template <class IO, class Sync>
-STF_HD void cayley_finish(const Block<typename IO::T, Sync>& blk, typename IO::T* X, typename IO::T* PM,
-                          typename IO::T* Y, typename IO::T* t1, typename IO::T* t2, int n, int p,
-                          typename IO::T c, int64_t iters, typename IO::S* Xg) {
+STF_HD void cayley_finish(const Block<typename IO::T, Sync>& blk, const CayleyWork<IO>& w, typename IO::T c,
+                          const StepArgs<typename IO::S>& a) {
   using T = typename IO::T;
-  const int np = n * p;
-  for (int64_t s = 0; s < iters; ++s) {
-    for (int e = blk.tid; e < np; e += blk.nthr) Y[e] = X[e] + Y[e];
+  const int n = w.n, p = w.p, np = w.np;
+  for (int64_t s = 0; s < a.iters; ++s) {
+    for (int e = blk.tid; e < np; e += blk.nthr) w.Y[e] = w.X[e] + w.Y[e];
     blk.sync();
-    apply_generator(blk, X, PM, Y, t1, t2, n, p, [&](int i, int j, T wz) {
+    apply_generator(blk, w.X, w.PM, w.Y, w.t1, w.t2, n, p, [&](int i, int j, T wz) {
       const int e = i * p + j;
-      Y[e] = X[e] + c * wz;
+      w.Y[e] = w.X[e] + c * wz;
     });
     blk.sync();
   }
-  const T* out = polar(blk, Y, PM, t1, t2, n, p);
-  for (int e = blk.tid; e < np; e += blk.nthr) Xg[e] = IO::store(out[e]);
+  const T* out = polar(blk, w.Y, w.PM, w.t1, w.t2, n, p, T(a.tol), a.max_iter);
+  for (int e = blk.tid; e < np; e += blk.nthr) w.Xg[e] = IO::store(out[e]);
 }
 
-// Cayley SGD: X, PM (M, then the generator's PM, then polar's Yn), Y; t1, t2 (then S, Sn).
+// Cayley SGD (PM starts as beta M - G).
 template <class IO, class Sync>
-STF_HD void sgd_matrix(const Block<typename IO::T, Sync>& blk, typename IO::T* w,
+STF_HD void sgd_matrix(const Block<typename IO::T, Sync>& blk, typename IO::T* work,
                        const StepArgs<typename IO::S>& a, int64_t b) {
   using T = typename IO::T;
-  using S = typename IO::S;
-  const int n = a.n, p = a.p, np = n * p, pp = p * p;
-  T *X = w, *PM = X + np, *Y = PM + np, *t1 = Y + np, *t2 = t1 + pp;
-  S* Xg = a.X + b * np;
-  const S* Gg = a.G + b * np;
-  S* Mg = a.m + b * np;
-  for (int e = blk.tid; e < np; e += blk.nthr) {
-    X[e] = IO::load(Xg[e]);
-    PM[e] = T(a.beta1) * IO::load(Mg[e]) - IO::load(Gg[e]);
+  const CayleyWork<IO> w(work, a, b);
+  const int n = w.n, p = w.p;
+  for (int e = blk.tid; e < w.np; e += blk.nthr) {
+    w.X[e] = IO::load(w.Xg[e]);
+    w.PM[e] = T(a.beta1) * IO::load(w.mg[e]) - IO::load(w.Gg[e]);
   }
   blk.sync();
-  const T wnorm = generator(blk, X, PM, t1, t2, n, p);
+  const T wnorm = generator(blk, w.X, w.PM, w.t1, w.t2, n, p);
   const T alpha = min_of(T(a.lr), T(2 * a.q) / (wnorm + T(a.eps)));
   // The momentum, projected: M <- W X, stored now; Y <- X + alpha M.
-  apply_generator(blk, X, PM, X, t1, t2, n, p, [&](int i, int j, T mt) {
+  apply_generator(blk, w.X, w.PM, w.X, w.t1, w.t2, n, p, [&](int i, int j, T mt) {
     const int e = i * p + j;
-    Mg[e] = IO::store(mt);
-    Y[e] = X[e] + alpha * mt;
+    w.mg[e] = IO::store(mt);
+    w.Y[e] = w.X[e] + alpha * mt;
   });
   blk.sync();
-  cayley_finish<IO>(blk, X, PM, Y, t1, t2, n, p, T(0.5) * alpha, a.iters, Xg);
+  cayley_finish<IO>(blk, w, T(0.5) * alpha, a);
 }
 
-// Cayley Adam: the same buffers as Cayley SGD (PM starts as the bias-corrected m^).
+// Cayley Adam (PM starts as the bias-corrected m^).
 template <class IO, class Sync>
-STF_HD void cayley_adam_matrix(const Block<typename IO::T, Sync>& blk, typename IO::T* w,
+STF_HD void cayley_adam_matrix(const Block<typename IO::T, Sync>& blk, typename IO::T* work,
                                const StepArgs<typename IO::S>& a, int64_t b) {
   using T = typename IO::T;
-  using S = typename IO::S;
-  const int n = a.n, p = a.p, np = n * p, pp = p * p;
-  T *X = w, *PM = X + np, *Y = PM + np, *t1 = Y + np, *t2 = t1 + pp;
-  S* Xg = a.X + b * np;
-  const S* Gg = a.G + b * np;
-  S* mg = a.m + b * np;
+  const CayleyWork<IO> w(work, a, b);
+  const int n = w.n, p = w.p;
   const double t = a.step[b / a.per];
   const T bc1 = T(1.0 - pow(a.beta1, t)), bc2 = T(1.0 - pow(a.beta2, t));
   T g2 = 0;
-  for (int e = blk.tid; e < np; e += blk.nthr) {
-    X[e] = IO::load(Xg[e]);
-    const T g = IO::load(Gg[e]);
-    const T m = T(a.beta1) * IO::load(mg[e]) + T(1 - a.beta1) * g;
+  for (int e = blk.tid; e < w.np; e += blk.nthr) {
+    w.X[e] = IO::load(w.Xg[e]);
+    const T g = IO::load(w.Gg[e]);
+    const T m = T(a.beta1) * IO::load(w.mg[e]) + T(1 - a.beta1) * g;
     g2 += g * g;
-    PM[e] = m / bc1;
+    w.PM[e] = m / bc1;
   }
   g2 = block_sum(blk, g2);  // its barriers also publish X and PM
   const T v = T(a.beta2) * IO::load(a.v[b]) + T(1 - a.beta2) * g2;
   const T r = sq_root(v / bc2 + T(a.eps));
-  const T wnorm = generator(blk, X, PM, t1, t2, n, p) / r;
+  const T wnorm = generator(blk, w.X, w.PM, w.t1, w.t2, n, p) / r;
   const T alpha = min_of(T(a.lr), T(2 * a.q) / (wnorm + T(a.eps)));
-  apply_generator(blk, X, PM, X, t1, t2, n, p, [&](int i, int j, T wx) {
+  apply_generator(blk, w.X, w.PM, w.X, w.t1, w.t2, n, p, [&](int i, int j, T wx) {
     const int e = i * p + j;
     const T mt = wx / r;
-    Y[e] = X[e] - alpha * mt;
-    mg[e] = IO::store(mt * r * bc1);
+    w.Y[e] = w.X[e] - alpha * mt;
+    w.mg[e] = IO::store(mt * r * bc1);
   });
   blk.sync();
-  cayley_finish<IO>(blk, X, PM, Y, t1, t2, n, p, -(T(0.5) * alpha / r), a.iters, Xg);
+  cayley_finish<IO>(blk, w, -(T(0.5) * alpha / r), a);
   if (blk.tid == 0) a.v[b] = IO::store(v);
 }
 
@@ -464,7 +467,7 @@ STF_HD void stiefel_adam_matrix(const Block<typename IO::T, Sync>& blk, typename
     });
   }
   blk.sync();
-  const T* Xn = polar(blk, Z, tall ? G : X, A, sx, n, p);
+  const T* Xn = polar(blk, Z, tall ? G : X, A, sx, n, p, T(a.tol), a.max_iter);
   for (int e = blk.tid; e < np; e += blk.nthr) Xg[e] = IO::store(Xn[e]);
   if (tall) {  // V <- V - X' (X'^T V) at the new point
     S* Vg = a.V + b * np;
