@@ -10,7 +10,9 @@ A declaration gives an op's
   - reference(*args): the pure-torch oracle the test matrix compares every backend against,
   - backward: the name of the op's backward op (itself declared here) and the autograd wiring
     (setup_context, backward), registered with torch.library.register_autograd,
-  - samples(device, dtype): example inputs, from which the test matrix is built,
+  - samples(device, dtype): example inputs, from which the test matrix is built (it casts every
+    floating tensor argument to each dtype it tests, except those named in fixed_dtype, e.g. a
+    float64 step counter),
   - doc: the public wrapper's docstring.
 From it come the torch.library registration (define, one dispatch kernel for every device, the fake,
 the autograd), the public wrapper (returned by `declare`), `available_backends(op)` and the rows of
@@ -67,6 +69,7 @@ class Op:
     composite: bool
     tol_scale: float
     dtypes: tuple[torch.dtype, ...]
+    fixed_dtype: tuple[str, ...] = ()
     last: str | None = field(default=None, repr=False)
 
     @property
@@ -104,6 +107,7 @@ def declare(
     doc: str | None = None,
     tol_scale: float = 1.0,
     dtypes: tuple[torch.dtype, ...] = _FLOATS,
+    fixed_dtype: tuple[str, ...] = (),
 ):
     """Declare and register op `name` (see the module docstring); returns its public wrapper.
 
@@ -123,7 +127,7 @@ def declare(
         if lacking:
             raise ValueError(f"declare({name!r}): its backward op {backward!r} lacks the backends {sorted(lacking)}")
     op = Op(name, schema, kernels, check, fake, reference, backward, samples, composite is not None,
-            tol_scale, dtypes)
+            tol_scale, dtypes, fixed_dtype)
     qual = op.qualname
     torch.library.define(qual, schema)
     # The dispatcher leaves trailing arguments equal to their defaults out of a Python kernel's call.

@@ -370,7 +370,7 @@ def _stiefel_adam_samples(device, dtype):
 def _declare_step(name, schema, torch_kernel, step_at, check, reference, samples, doc):
     """A step op: it writes its (a!)-annotated arguments and returns nothing (no fake output, no autograd)."""
     return declare(name, schema, kernels=_kernels(name, torch_kernel, step_at), check=check, fake=lambda *args: None,
-                   reference=reference, samples=samples, tol_scale=4.0, doc=doc)
+                   reference=reference, samples=samples, tol_scale=4.0, fixed_dtype=("step",), doc=doc)
 
 
 stiefel_sgd_step = _declare_step(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import specops
+from specops import _registry
 from specops._backend import _why_not
 
 # Backends that can run on CPU tensors in this install (triton: through TRITON_INTERPRET=1).
@@ -19,15 +20,20 @@ NO_GPU = "no CUDA device here (torch.cuda.is_available() is False)"
 
 
 @contextlib.contextmanager
-def run_on(device: str, backend: str):
-    """Skip unless `backend` can run on `device` tensors here; else run the block with it forced."""
+def run_on(device: str, backend: str, *ops: str):
+    """Skip unless `backend` can run on `device` tensors here; else run the block with it forced and
+    check that each registered op named in `ops` ran it (at least once, and nothing else last)."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip(NO_GPU)
     why = _why_not(backend, device)
     if why is not None:
         pytest.skip(f"{backend} on {device}: {why}")
+    for name in ops:
+        _registry.OPS[name].last = None
     with specops.backend(backend):
         yield
+    for name in ops:
+        assert specops.last_backend(name) == backend, f"{name}: forced {backend!r}, ran {specops.last_backend(name)!r}"
 
 # Relative Frobenius-norm error allowed against a float64 oracle. bf16 keeps 8 mantissa bits
 # (2^-8 = 3.9e-3 per rounding); inputs and output are each rounded once, accumulation is fp32.

@@ -78,8 +78,16 @@ def _rebuild(args, leaves):
     return tuple([swap(t) for t in a] if isinstance(a, (list, tuple)) else swap(a) for a in args)
 
 
-def _convert(args, device, dtype, grad):
-    return _rebuild(args, [t.detach().to(device=device, dtype=dtype).requires_grad_(grad) for t in _leaves(args)])
+def _convert(op, args, device, dtype, grad):
+    """args on `device`: floating tensors cast to `dtype` (but those the op names in fixed_dtype), as
+    leaves that require grad when `grad`."""
+    out = []
+    for spec, a in zip(op.overload._schema.arguments, args):
+        keep = spec.name in op.fixed_dtype
+        moved = [t.detach().to(device=device, dtype=t.dtype if keep else dtype).requires_grad_(grad and not keep)
+                 for t in _leaves([a])]
+        out.append(_rebuild([a], moved)[0])
+    return tuple(out)
 
 
 def _outputs(y):
@@ -120,8 +128,8 @@ def check_reference(op, backend, device):
     ran = 0
     for dtype in _dtypes(op, backend, device):
         for sample in _samples(op):
-            args = _convert(sample, device, dtype, differentiable)
-            ref_args = _convert(args, "cpu", F64, differentiable)  # the rounded inputs, in float64
+            args = _convert(op, sample, device, dtype, differentiable)
+            ref_args = _convert(op, args, "cpu", F64, differentiable)  # the rounded inputs, in float64
             if _refused(op, backend, device, args) is not None:
                 with _forced(backend), pytest.raises(_registry.BackendError, match="refuses these inputs"):
                     op.overload(*args)
@@ -159,7 +167,7 @@ def check_reference(op, backend, device):
 def _small(op, backend, device, dtype=F64, grad=True):
     """The first sample the forced kernel accepts, on the device."""
     for sample in _samples(op):
-        args = _convert(sample, device, dtype, grad)
+        args = _convert(op, sample, device, dtype, grad)
         if _refused(op, backend, device, args) is None:
             return args
     pytest.fail(f"{op.name}: {backend} accepts none of the samples")
@@ -193,7 +201,7 @@ def check_compile(op, backend, device):
     fn = torch.compile(lambda *a: op.overload(*a), fullgraph=True, dynamic=True, backend="aot_eager")
     mutated = op.mutated()
     if mutated:
-        eager_args = _convert(args, device, F64, False)
+        eager_args = _convert(op, args, device, F64, False)
         with _forced(backend):
             op.overload(*eager_args)
             fn(*args)
@@ -216,11 +224,11 @@ CHECK_FNS = {"reference": check_reference, "gradcheck": check_gradcheck, "opchec
 def check_forced_undeclared_raises(op):
     """A forced backend the op does not declare (or, when it declares all, one that cannot run on CPU
     tensors) raises BackendError naming the op; with fallback=True the device default runs."""
-    args = _convert(_samples(op)[0], "cpu", F64, False)
+    args = _convert(op, _samples(op)[0], "cpu", F64, False)
     missing = [b for b in _backend.BACKENDS if b not in op.kernels]
     forced = missing[0] if missing else "cuda"
     with specops.backend(forced), pytest.raises(_registry.BackendError, match=f"{op.qualname}: backend {forced!r}"):
-        op.overload(*_convert(args, "cpu", F64, False))
+        op.overload(*_convert(op, args, "cpu", F64, False))
     with specops.backend(forced, fallback=True):
-        op.overload(*_convert(args, "cpu", F64, False))
+        op.overload(*_convert(op, args, "cpu", F64, False))
     assert op.last == _registry.choose(op, args)

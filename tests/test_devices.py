@@ -3,13 +3,13 @@
 Devices come from helpers.DEVICES: cpu always, cuda when torch.cuda.is_available(), or the list in
 SPECOPS_TEST_DEVICES (e.g. "cpu,cuda": `pytest --collect-only tests/test_devices.py` then shows the cases
 a GPU run executes; without a GPU they skip with one reason). Backends are the ones each op declares
-(its backend table), restricted to those that can run on the device: a forced backend the op lacks is
-never collected. The oracle is always the float64 reference on CPU tensors, so a GPU run compares
+in the registry, restricted to those that can run on the device: a forced backend the op lacks is
+never collected, and each case asserts that the op ran the backend its id names. The oracle is always the float64 reference on CPU tensors, so a GPU run compares
 against the same numbers as a CPU run. The per-family files hold the exhaustive CPU matrices; this file
-keeps one compact case list per op so the same checks run on every device.
+keeps one compact case list per op so the same checks run on every device; gradcheck, opcheck and
+compile of every op are in tests/test_ops.py (the registry's matrix).
 """
 import functools
-import importlib
 import math
 
 import pytest
@@ -18,28 +18,25 @@ from helpers import DEVICES, REL_TOL, assert_rel, run_on
 from torch import nn
 
 import specops
-from specops import optim as optim_mod
-from specops import spectral as spectral_mod
-from specops import stiefel
-from specops import zip as zip_mod
+from specops import _registry, stiefel
 from specops.adapters import make_adapter
 
-kron_mod = importlib.import_module("specops.kron")  # the module; specops.kron is the function
 F64 = torch.float64
 DEVICE_BACKENDS = {"cpu": ("torch", "cpp", "triton"), "cuda": ("torch", "triton", "cuda")}
 
 
-def _pairs(table):
-    """(device, backend) for every device under test and every backend the op's table declares."""
-    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in DEVICE_BACKENDS[d] if b in table]
+def _pairs(*ops):
+    """(device, backend) for every device under test and every backend all of `ops` declare."""
+    declared = set.intersection(*(set(_registry.OPS[o].kernels) for o in ops))
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in DEVICE_BACKENDS[d] if b in declared]
 
 
-KRON = _pairs(kron_mod._FWD)
-SMM = _pairs(spectral_mod._SMM_FWD)
-ZIP = _pairs(zip_mod._FWD)
-PENALTY = _pairs(zip_mod._PFWD)
-STEPS = _pairs(optim_mod._SGD)  # the three fused steps declare the same backends
-TORCH_ONLY = _pairs({"torch"})  # the Stiefel ops and the adapters' composites run every backend's ops
+KRON = _pairs("kron_matmul")
+SMM = _pairs("scaled_matmul")
+ZIP = _pairs("zip_lora_linear")
+PENALTY = _pairs("merger_penalty")
+STEPS = _pairs("stiefel_sgd_step", "cayley_adam_step", "stiefel_adam_step")
+TORCH_ONLY = [pytest.param(d, "torch", id=f"{d}-torch") for d in DEVICES]  # Stiefel ops, adapters' composites
 
 
 def _to(device, *ts, dtype=None, grad=False):
@@ -78,24 +75,13 @@ KRON_SHAPES = [[(3, 5)], [(7, 2), (5, 1)], [(2, 2), (3, 5), (4, 4)], [(8, 8), (8
 def test_kron_matmul(device, backend, shapes, group):
     if (device, backend) == ("cpu", "triton") and math.prod(p for p, _ in shapes) >= 64:
         pytest.skip("the Triton interpreter is slow: tests/test_kron.py runs its large CPU shapes")
-    with run_on(device, backend):
+    with run_on(device, backend, "kron_matmul", "kron_matmul_backward"):
         lead = (group,) if group else ()
         x = torch.randn(*lead, 5, math.prod(p for p, _ in shapes))
         fs = [torch.randn(*lead, p, q) for p, q in shapes]
         for dtype in _dtypes(device, backend):
-            _check(lambda x, *f: specops.kron_matmul(x, f), lambda x, *f: kron_mod.kron_matmul_reference(x, f),
+            _check(lambda x, *f: specops.kron_matmul(x, f), lambda x, *f: specops.kron_matmul_reference(x, f),
                    [x, *fs], device, dtype)
-
-
-@pytest.mark.parametrize("device,backend", KRON)
-def test_kron_matmul_gradcheck_opcheck_compile(device, backend):
-    with run_on(device, backend):
-        x, *fs = _to(device, torch.randn(4, 6), torch.randn(2, 3), torch.randn(3, 2), dtype=F64, grad=True)
-        assert torch.autograd.gradcheck(lambda x, *f: specops.kron_matmul(x, f), (x, *fs))
-        torch.library.opcheck(torch.ops.specops.kron_matmul.default, (x, fs))
-        torch._dynamo.reset()
-        compiled = torch.compile(lambda x, f: specops.kron_matmul(x, f).sin(), fullgraph=True)
-        assert_rel(compiled(x, fs), specops.kron_matmul(x, fs).sin(), F64)
 
 
 # ----------------------------------------------------------------------------- scaled_matmul, spectral layers
@@ -105,18 +91,10 @@ def test_kron_matmul_gradcheck_opcheck_compile(device, backend):
 @pytest.mark.parametrize("shape", [(7, 3, 5), (1, 1, 1), (64, 33, 17)], ids=lambda s: "x".join(map(str, s)))
 def test_scaled_matmul(device, backend, shape):
     m, k, n = shape
-    with run_on(device, backend):
+    with run_on(device, backend, "scaled_matmul", "scaled_matmul_backward"):
         A, s, B = torch.randn(m, k), torch.randn(k), torch.randn(k, n)
         for dtype in _dtypes(device, backend):
             _check(specops.scaled_matmul, specops.scaled_matmul_reference, [A, s, B], device, dtype)
-
-
-@pytest.mark.parametrize("device,backend", SMM)
-def test_scaled_matmul_gradcheck_opcheck(device, backend):
-    with run_on(device, backend):
-        A, s, B = _to(device, torch.randn(5, 3), torch.randn(3), torch.randn(3, 4), dtype=F64, grad=True)
-        assert torch.autograd.gradcheck(specops.scaled_matmul, (A, s, B))
-        torch.library.opcheck(torch.ops.specops.scaled_matmul.default, (A, s, B))
 
 
 @pytest.mark.parametrize("device,backend", SMM)
@@ -135,7 +113,7 @@ def test_spectral_linear(device, backend, path, side):
     def ref(x, U, S, Vh, d, b, *r):
         return specops.spectral_linear_reference(x, U, S, Vh, d, b, rotation=r, side=side, activation="softplus")
 
-    with run_on(device, backend):
+    with run_on(device, backend, "scaled_matmul", "kron_matmul"):
         for dtype in _dtypes(device, backend)[:2]:
             _check(fn, ref, [x, U, S, Vh, delta, bias, *rot], device, dtype, scale=4)
 
@@ -156,7 +134,7 @@ def test_zip_lora_linear(device, backend):
     def ref(*a):
         return specops.zip_lora_linear_reference(*a, scale_c=0.7, scale_s=1.3)
 
-    with run_on(device, backend):
+    with run_on(device, backend, "zip_lora_linear", "zip_lora_linear_backward"):
         for dtype in _dtypes(device, backend):
             _check(fn, ref, _zip_inputs(), device, dtype, scale=2)
         args = _to(device, *_zip_inputs(T=3, n=4, m=3, rc=2, rs=1), dtype=F64, grad=True)
@@ -168,7 +146,7 @@ def test_zip_lora_linear(device, backend):
 def test_merger_penalty(device, backend, kind):
     sizes = (5, 2, 17)  # not 1: the cosine of two scalars is +-1, its gradient exactly 0
     mc, ms = [torch.randn(n) for n in sizes], [torch.randn(n) for n in sizes]
-    with run_on(device, backend):
+    with run_on(device, backend, "merger_penalty", "merger_penalty_backward"):
         for dtype in (F64, torch.float32):
             _check(lambda *m: specops.merger_penalty(m[:3], m[3:], kind),
                    lambda *m: specops.merger_penalty_reference(m[:3], m[3:], kind), [*mc, *ms], device, dtype)
@@ -194,6 +172,7 @@ def test_stiefel_ops(device, backend, method):
 
 
 OPTIMISERS = {"StiefelSGD": dict(lr=0.1), "CayleyAdam": dict(lr=0.05), "StiefelAdam": dict(lr=0.05)}
+_STEP_OPS = {"StiefelSGD": "stiefel_sgd", "CayleyAdam": "cayley_adam", "StiefelAdam": "stiefel_adam"}
 
 
 @pytest.mark.parametrize("device,backend", STEPS)
@@ -214,7 +193,7 @@ def test_fused_optimiser(device, backend, name, dtype):
             opt.step()
         return X
 
-    with run_on(device, backend):
+    with run_on(device, backend, f"{_STEP_OPS[name]}_step"):
         got = run(device, dtype, True)
     for x, r in zip(got, run("cpu", F64, False)):
         assert_rel(x.detach().cpu(), r.detach(), dtype, scale=10)

@@ -11,13 +11,13 @@ that are multilinear in their inputs the bound is the reference evaluated on |in
 gradients for |cotangent|): the classical rounding-error bound of a sum of products, which
 survives cancellation, where a plain relative error would fail on a lucky near-zero result.
 
-Each test forces one backend and checks, by wrapping the op's backend tables, that no other
-backend ran and that a non-torch one really ran, so no test id names a backend that did not run.
-Ops without a backend table (kron, zip_merge, zip_merge_lora, the Stiefel ops) run once.
+Each test forces one backend and checks, through the registry's last_backend, that every op it
+watches ran that backend and that a non-torch one really ran, so no test id names a backend that
+did not run. Ops with only a torch kernel or none (kron, zip_merge, zip_merge_lora, the Stiefel ops)
+run once.
 """
 import contextlib
 import functools
-import importlib
 import math
 import os
 
@@ -28,27 +28,28 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import specops
+from specops import _registry
+from specops._constants import ZIP_COS_EPS
 from specops import spectral as spectral_mod
 from specops import stiefel
 from specops import zip as zip_mod
 
-kron_mod = importlib.import_module("specops.kron")  # `specops.kron` is also the function kron
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16)
 LAYOUTS = ("contiguous", "transposed", "step2", "expanded")
 SIZES = (1, 2, 3, 5, 7)  # 1, primes, and (drawn per dim) non-square shapes
 BATCH = (1, 2, 3, 0)  # batch dims, 0 = an empty batch; 17 (more rows than a vector) but for Triton
 
-KRON_TABLES = (kron_mod._FWD, kron_mod._BWD)
-SMM_TABLES = (spectral_mod._SMM_FWD, spectral_mod._SMM_BWD)
+KRON_TABLES = ("kron_matmul", "kron_matmul_backward")
+SMM_TABLES = ("scaled_matmul", "scaled_matmul_backward")
 SPECTRAL_TABLES = KRON_TABLES + SMM_TABLES  # the spectral ops are scaled_matmul + kron_matmul
-ZIP_TABLES = (zip_mod._FWD, zip_mod._BWD)
-PENALTY_TABLES = (zip_mod._PFWD, zip_mod._PBWD)
+ZIP_TABLES = ("zip_lora_linear", "zip_lora_linear_backward")
+PENALTY_TABLES = ("merger_penalty", "merger_penalty_backward")
 
 
-def _implemented(tables):
-    """The CPU backends every table has a kernel for (a forced backend outside it would not run)."""
-    return [b for b in CPU_BACKENDS if all(b in t for t in tables)]
+def _implemented(ops):
+    """The CPU backends every op of `ops` declares (a forced backend outside them raises)."""
+    return [b for b in CPU_BACKENDS if all(b in _registry.OPS[o].kernels for o in ops)]
 
 
 def _examples(backend: str) -> int:
@@ -76,25 +77,15 @@ def _prop(backend, tables, cases, check):
 
 
 @contextlib.contextmanager
-def _forced(backend, tables):
-    """Force `backend`; fail when another backend of `tables` ran or, for a kernel backend, none did."""
-    ran = []
-    saved = [dict(t) for t in tables]
-
-    def spy(name, fn, *args):
-        ran.append(name)
-        return fn(*args)
-
-    for t in tables:
-        for name, fn in list(t.items()):
-            t[name] = functools.partial(spy, name, fn)
-    try:
-        with specops.backend(backend):
-            yield
-    finally:
-        for t, s in zip(tables, saved):
-            t.update(s)
-    assert set(ran) <= {backend}, f"forced {backend!r}, but {sorted(set(ran))} ran"
+def _forced(backend, ops):
+    """Force `backend`; fail when an op of `ops` last ran another backend or, for a kernel backend,
+    none of them ran."""
+    for name in ops:
+        _registry.OPS[name].last = None
+    with specops.backend(backend):
+        yield
+    ran = {specops.last_backend(name) for name in ops} - {None}
+    assert ran <= {backend}, f"forced {backend!r}, but {sorted(ran)} ran"
     assert backend == "torch" or ran, f"forced {backend!r}, but no kernel of it ran"
 
 
@@ -396,7 +387,7 @@ def _penalty_bound(kind, mc, ms, cot, outs64, grads64):
     bounds_c, bounds_s = [], []
     for a, b in zip(mc, ms):
         na, nb = a.detach().norm(), b.detach().norm()
-        den = (na * nb).clamp_min(zip_mod._COS_EPS)
+        den = (na * nb).clamp_min(ZIP_COS_EPS)
         bounds_c.append(g * (b.detach().abs() / den + a.detach().abs() / na.square().clamp_min(1e-300)))
         bounds_s.append(g * (a.detach().abs() / den + b.detach().abs() / nb.square().clamp_min(1e-300)))
     return outs64, bounds_c + bounds_s
@@ -440,7 +431,7 @@ def stiefel_cases(draw):
         "layouts": (draw(layouts), draw(layouts)),
         "grads": (draw(st.booleans()), draw(st.booleans())),
         "metric": draw(st.sampled_from(stiefel.METRICS)),
-        "method": draw(st.sampled_from(stiefel.METHODS)),
+        "method": draw(st.sampled_from(stiefel.RETRACTIONS)),
     }
 
 
@@ -582,7 +573,7 @@ def test_merger_penalty_empty_layer(backend, kind):
 
 def test_stiefel_empty_batch():
     """A batch of 0 matrices: empty results and empty gradients."""
-    for method in stiefel.METHODS:
+    for method in stiefel.RETRACTIONS:
         case = {"seed": 0, "dtype": torch.float32, "np": (5, 3), "batch_x": (0,), "batch_v": "same",
                 "layouts": ("contiguous", "contiguous"), "grads": (True, True), "metric": "euclidean", "method": method}
         check_stiefel(case)
