@@ -1,7 +1,9 @@
-"""PEFT adapters on specops ops: a frozen nn.Linear plus one method's trainable update.
+"""PEFT adapters on specops ops: a frozen nn.Linear (or, for LoRA, nn.Conv2d) plus one method's trainable update.
 
 An adapter wraps a base layer with weight W0 (out = m, in = n), y = x W0^T + b, and starts as the
-identity update (ZipLoRA starts as the plain sum of its two LoRAs, see `ZipLoRA`). Two kinds:
+identity update (ZipLoRA starts as the plain sum of its two LoRAs, see `ZipLoRA`). LoRA also wraps
+an nn.Conv2d (LoCon, LyCORIS's LoRA on convolutions; see `LoRA`); CONV_METHODS names the methods
+that take a conv layer. Two kinds:
 
   additive  (LoRA, LoHa, LoKr, ZipLoRA):  y = x W0^T + b + scale · x ΔW'^T,  ΔW = scale · ΔW'
   rebuild   (OFT, KOFT, SVDiff, SODA-SVD, SODA-LQ): the method gives the adapted weight W itself;
@@ -58,7 +60,7 @@ from .stiefel import cayley
 from .zip import _check_linear, _lora_parts, zip_lora_linear, zip_merge_lora
 
 __all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "OFT", "KOFT", "SVDiff", "SODASVD", "SODALQ", "ZipLoRA",
-           "ADAPTER_TYPES", "make_adapter"]
+           "ADAPTER_TYPES", "CONV_METHODS", "make_adapter"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -113,25 +115,39 @@ def _identity_factors(sizes: Sequence[int], dtype: torch.dtype, device) -> nn.Pa
 
 
 class Adapter(nn.Module):
-    """Wraps a frozen nn.Linear `base` (kept as self.base, weight/bias requires_grad False).
+    """Wraps a frozen nn.Linear `base` (kept as self.base, weight/bias requires_grad False), or an
+    nn.Conv2d for the methods whose `bases` include it (CONV_METHODS).
 
     forward: base(x) when fused or scale == 0, else the method's adapted layer (module docstring).
-    delta_weight(): ΔW (out, in) including scale, differentiable; fuse() adds it to base.weight and
-    unfuse() restores the original weight bit-exactly. `scale` may be changed at any time (block
-    weights); it is read at every forward.
+    delta_weight(): ΔW (out, in) — (out, in, kh, kw) on a conv — including scale, differentiable;
+    fuse() adds it to base.weight and unfuse() restores the original weight bit-exactly. `scale`
+    may be changed at any time (block weights); it is read at every forward.
     """
 
     method: ClassVar[str]
+    bases: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)  # the layer types this method wraps
 
     def __init__(self, base: nn.Linear, *, scale: float = 1.0):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, self.bases):
+            why = f"base: expected an nn.Linear, got {type(base).__name__}"
+            if nn.Conv2d in self.bases:
+                why += f" ({self.method} also takes an nn.Conv2d)"
+            elif isinstance(base, nn.Conv2d):
+                why += f"; the methods that take a conv layer are {CONV_METHODS}"
+            raise ValueError(why)
+        if isinstance(base, nn.Conv2d) and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise ValueError(f"base: a Conv2d with groups={base.groups}, padding_mode={base.padding_mode!r}; "
+                             "conv adapters take groups=1 and zero padding")
         base.requires_grad_(False)
         self.base = base
         self.scale = float(scale)
         self.fused = False
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.is_conv = isinstance(base, nn.Conv2d)
+        if self.is_conv:
+            self.in_features, self.out_features = base.in_channels, base.out_channels
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
         self._options: dict = {}  # resolved constructor options, for config()
         self.register_buffer("_unfused_weight", None, persistent=False)
 
@@ -148,7 +164,7 @@ class Adapter(nn.Module):
         return self._unfused_weight if self.fused else self.base.weight
 
     def delta_weight(self) -> Tensor:
-        """ΔW = W_adapted - W0 (out, in) in the base dtype, scale included; differentiable."""
+        """ΔW = W_adapted - W0 (W0's shape) in the base dtype, scale included; differentiable."""
         raise NotImplementedError
 
     def lora_factors(self) -> tuple[Tensor, Tensor] | None:
@@ -196,46 +212,128 @@ class LoRA(Adapter):
     init=(B, A) starts from given factors instead (copied, cast to the base dtype); rank is then
     theirs and alpha defaults to rank, so B A is exactly the update. rank=None means 4.
     Forward: base(x) + c·(x A^T) B^T, c = scale·alpha/rank; ΔW is never formed.
+
+    On an nn.Conv2d, W0 (out, in, kh, kw), this is LoCon with LyCORIS's rules (c as above, * a
+    convolution, "geometry" the base's stride, padding and dilation):
+      plain   A (rank, in, kh, kw) a conv with the base's geometry, B (out, rank) a 1x1 conv:
+              ΔW[o, i] = c Σ_r B[o, r] A[r, i],              y = base(x) + c · B * (A * x)
+      tucker  A (rank, in) a 1x1 conv, mid (rank, rank, kh, kw) a core with the base's geometry:
+              ΔW[o, i] = c Σ_{p,q} B[o, p] mid[p, q] A[q, i],  y = base(x) + c · B * (mid * (A * x))
+    A and mid start uniform(±1/sqrt(fan_in)) (kaiming_uniform with a = √5, as LyCORIS), B = 0.
+    A 1x1 conv counts as a Linear: rank / alpha, never Tucker. A larger kernel takes conv_rank /
+    conv_alpha when given (LyCORIS's conv_dim / conv_alpha), else rank / alpha, and tucker=True
+    (LyCORIS's use_tucker) picks the Tucker form; elsewhere conv_rank, conv_alpha and tucker do
+    nothing. init=(B, A), or (B, A, mid) for the Tucker form, in the shapes above.
     """
 
     method = "lora"
+    bases = (nn.Linear, nn.Conv2d)
 
-    def __init__(self, base: nn.Linear, *, rank: int | None = None, alpha: float | None = None, init=None,
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, rank: int | None = None, alpha: float | None = None,
+                 conv_rank: int | None = None, conv_alpha: float | None = None, tucker: bool = False, init=None,
                  scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
-        m, n = W0.shape
+        m, n = W0.shape[:2]
+        kernel = tuple(W0.shape[2:])  # () for a Linear
+        spatial = any(k != 1 for k in kernel)
+        rank_name = "rank"
+        if spatial:
+            if conv_rank is not None:
+                rank, rank_name = conv_rank, "conv_rank"
+            alpha = alpha if conv_alpha is None else conv_alpha
+        if not isinstance(tucker, bool):
+            raise ValueError(f"tucker: expected a bool, got {tucker!r}")
+        mid = None
         if init is None:
-            rank = _positive_int("rank", 4 if rank is None else rank)
-            A, B = _uniform(rank, n, W0), W0.new_zeros(m, rank)
+            rank = _positive_int(rank_name, 4 if rank is None else rank)
+            if tucker and spatial:
+                A = _uniform(rank, n, W0)
+                mid = _uniform(rank, rank * math.prod(kernel), W0).view(rank, rank, *kernel)
+            else:
+                A = _uniform(rank, n * math.prod(kernel), W0).view(rank, n, *kernel)
+            B = W0.new_zeros(m, rank)
         else:
-            if not isinstance(init, (tuple, list)) or len(init) != 2 or not all(isinstance(t, Tensor) for t in init):
-                raise ValueError(f"init: expected a (B, A) pair of tensors, got {type(init).__name__}")
-            B, A = (t.detach().to(W0).clone() for t in init)
-            r = A.shape[0] if A.dim() == 2 else -1
-            if A.dim() != 2 or A.shape[1] != n:
-                raise ValueError(f"init: A expected shape (r, in_features={n}), got {tuple(A.shape)}")
-            if B.shape != (m, r):
-                raise ValueError(f"init: B expected shape (out_features={m}, r={r}), got {tuple(B.shape)}")
+            B, A, mid = self._init_factors(init, W0, tucker)
+            r = A.shape[0]
             if rank is not None and rank != r:
-                raise ValueError(f"rank: {rank} differs from the rank {r} of the init factors")
+                raise ValueError(f"{rank_name}: {rank} differs from the rank {r} of the init factors")
             rank = r
         self.rank = rank
         self.alpha = float(rank if alpha is None else alpha)
         self.A = nn.Parameter(A)
         self.B = nn.Parameter(B)
+        self.register_parameter("mid", None if mid is None else nn.Parameter(mid))
         self._options = {"rank": rank, "alpha": self.alpha}
+        if self.is_conv:
+            self._options["tucker"] = mid is not None
+
+    @staticmethod
+    def _init_factors(init, W0: Tensor, tucker: bool):
+        """(B, A, mid or None) from init=(B, A) or (B, A, mid): shapes checked, copied in W0's dtype."""
+        m, n = W0.shape[:2]
+        kernel = tuple(W0.shape[2:])
+        spatial = any(k != 1 for k in kernel)
+        forms = "a (B, A) pair of tensors" + (" or a (B, A, mid) triple" if spatial else "")
+        if not isinstance(init, (tuple, list)) or len(init) not in (2, 3) or not all(isinstance(t, Tensor) for t in init):
+            raise ValueError(f"init: expected {forms}, got {type(init).__name__}")
+        if len(init) == 3 and not spatial:
+            raise ValueError(f"init: expected {forms}; a (B, A, mid) Tucker triple needs a conv kernel larger than 1x1")
+        if tucker and spatial and len(init) == 2:
+            raise ValueError("tucker: True, but init is a (B, A) pair; pass (B, A, mid) for the Tucker form")
+        B, A, *mid = (t.detach().to(W0).clone() for t in init)
+        mid = mid[0] if mid else None
+        if kernel:
+            want_a = (n,) if mid is not None else (n, *kernel)
+            a_form = f"(r, in_channels={n}{', 1x1' if mid is not None else ', kh, kw'}) = (r, {', '.join(map(str, want_a))})"
+            b_form = f"out_channels={m}"
+        else:
+            want_a, a_form, b_form = (n,), f"(r, in_features={n})", f"out_features={m}"
+        if A.dim() != 1 + len(want_a) or tuple(A.shape[1:]) != want_a:
+            raise ValueError(f"init: A expected shape {a_form}, got {tuple(A.shape)}")
+        r = A.shape[0]
+        if tuple(B.shape) != (m, r):
+            raise ValueError(f"init: B expected shape ({b_form}, r={r}), got {tuple(B.shape)}")
+        if mid is not None and tuple(mid.shape) != (r, r, *kernel):
+            raise ValueError(f"init: mid expected shape (r, r, kh, kw) = {(r, r, *kernel)}, got {tuple(mid.shape)}")
+        return B, A, mid
+
+    def _c(self) -> float:
+        return self.scale * self.alpha / self.rank
 
     def _forward(self, x):
-        return self.base(x) + F.linear(F.linear(x, self.A) * (self.scale * self.alpha / self.rank), self.B)
+        if not self.is_conv:
+            return self.base(x) + F.linear(F.linear(x, self.A) * self._c(), self.B)
+        conv = self.base
+        geometry = (conv.stride, conv.padding, conv.dilation)
+        if self.mid is None:
+            h = F.conv2d(x, self.A, None, *geometry)
+        else:  # zero padding commutes with the bias-free 1x1 A, so the core alone pads
+            h = F.conv2d(F.conv2d(x, self.A[:, :, None, None]), self.mid, None, *geometry)
+        return conv(x) + F.conv2d(h * self._c(), self.B[:, :, None, None])
 
     def lora_factors(self):
-        """(scale·alpha/rank·B, A)."""
-        return self.B * (self.scale * self.alpha / self.rank), self.A
+        """(scale·alpha/rank·B, A); None on a conv, whose ΔW is not a matrix (see conv_factors)."""
+        if self.is_conv:
+            return None
+        return self.B * self._c(), self.A
+
+    def conv_factors(self) -> tuple[Tensor, ...] | None:
+        """On a conv: (scale·alpha/rank·B, A) or, Tucker, (scale·alpha/rank·B, A, mid) — init's
+        form with every scale in B, so LoRA(base, init=conv_factors()) has this ΔW. None on a Linear."""
+        if not self.is_conv:
+            return None
+        B = self.B * self._c()
+        return (B, self.A) if self.mid is None else (B, self.A, self.mid)
 
     def delta_weight(self):
-        B, A = self.lora_factors()
-        return B @ A
+        if not self.is_conv:
+            B, A = self.lora_factors()
+            return B @ A
+        B = self.B * self._c()
+        if self.mid is None:
+            return (B @ self.A.flatten(1)).view(self.out_features, *self.A.shape[1:])
+        return torch.einsum("op,pqhw,qi->oihw", B, self.mid, self.A)
 
 
 class LoHa(Adapter):
@@ -579,6 +677,8 @@ class SODALQ(_Spectral):
 ADAPTER_TYPES: dict[str, type[Adapter]] = {
     cls.method: cls for cls in (LoRA, LoHa, LoKr, OFT, KOFT, SVDiff, SODASVD, SODALQ, ZipLoRA)
 }
+# The methods whose adapter also wraps an nn.Conv2d.
+CONV_METHODS: tuple[str, ...] = tuple(m for m, cls in ADAPTER_TYPES.items() if nn.Conv2d in cls.bases)
 
 
 def make_adapter(method: str, base: nn.Linear, **options) -> Adapter:
@@ -594,4 +694,4 @@ def make_adapter(method: str, base: nn.Linear, **options) -> Adapter:
     return cls(base, **options)
 
 
-ZipLoRALinear = ZipLoRA  # the name of specops' ZipLoRA layer in the zip API (issue 5)
+ZipLoRALinear = ZipLoRA  # the name of specops' ZipLoRA layer in the zip API
