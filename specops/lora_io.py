@@ -19,7 +19,9 @@ temp file in the target's directory, fsync it and os.replace it onto the target,
 always either the old file or the complete new one.
 
 LoRA convention (DESIGN.md layout): ΔW = B A, B (out, r), A (r, in); every scale is folded into B,
-so a file written here applies with scale 1 (diffusers: lora_alpha = r; kohya: alpha = r).
+so a file written here applies with scale 1 (diffusers: lora_alpha = r; kohya: alpha = r). Conv
+layers (LoCon) go by kohya / LyCORIS naming: lora_down, lora_up, lora_mid (Tucker) and alpha, ΔW as
+specops.adapters.LoRA on an nn.Conv2d (see load_lora).
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ _FINGERPRINT_RTOL = 1e-9
 _KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 _KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
                     "lora_te": "text_encoder"}
+# LyCORIS's create_lycoris(module) names every key "lycoris_<module, '.' -> '_'>" for the one module
+# it wrapped: the model's only component, or the UNet.
+_LYCORIS_PREFIX = "lycoris"
 _DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps its LoraConfig kwargs
 
 
@@ -306,14 +311,16 @@ def _fingerprint_mismatch(saved: dict, weight: Tensor) -> str | None:
     return None
 
 
-def _config_problem(config: dict, base: nn.Linear) -> str | None:
+def _config_problem(config: dict, base: nn.Module) -> str | None:
     """Why make_adapter(method, base, **config) should not even be tried, or None.
 
     Every integer option of a specops adapter (ranks, factor sizes and counts, block counts) is at
-    most max(out, in) for any adapter worth having; a larger one in a file would only make
-    make_adapter allocate (or recurse) without bound before the shape check could refuse it.
+    most max(out, in) for any adapter worth having (a conv: in·kh·kw for in, the columns of its
+    ΔW); a larger one in a file would only make make_adapter allocate (or recurse) without bound
+    before the shape check could refuse it.
     """
-    limit = max(base.in_features, base.out_features)
+    weight = base.weight
+    limit = max(weight.shape[0], weight[0].numel())
     stack = list(config.items())
     while stack:
         key, value = stack.pop()
@@ -376,9 +383,9 @@ def load_adapters(model, path) -> list[str]:
     """Load a save_adapters file into `model`: all or nothing; returns the module names, sorted.
 
     Every check runs before anything changes: the file is a readable specops adapter file; every
-    named module exists and is an nn.Linear or an unfused adapter of the same method; its base
+    named module exists and is an nn.Linear, an nn.Conv2d or an unfused adapter of the same method; its base
     weight matches the saved fingerprint; every tensor matches, in name, shape and dtype, the
-    adapter that make_adapter(method, base, **config) builds. Then plain Linears are replaced by new
+    adapter that make_adapter(method, base, **config) builds. Then plain layers are replaced by new
     adapters and existing adapters with the same config are loaded in place (so optimizers keep their
     parameters); an existing adapter with another config is replaced. The round trip is bitwise.
     """
@@ -458,10 +465,10 @@ def _plan_load(model, name: str, entry: dict, own: dict[str, Tensor], flags: dic
         if module.fused:
             raise ValueError(f"{where}: the adapter is fused; unfuse() it before loading")
         base = module.base
-    elif isinstance(module, nn.Linear):
+    elif isinstance(module, (nn.Linear, nn.Conv2d)):
         base = module
     else:
-        raise ValueError(f"{where}: is a {type(module).__name__}, expected an nn.Linear or a specops adapter")
+        raise ValueError(f"{where}: is a {type(module).__name__}, expected an nn.Linear, an nn.Conv2d or a specops adapter")
     why = _fingerprint_mismatch(entry["base"], base.weight)
     if why:
         raise ValueError(f"{where}: saved for another base model: {why}")
@@ -514,6 +521,39 @@ def _lora_of(adapter: nn.Module, rank: int | None) -> tuple[Tensor, Tensor, floa
         return B, A, (err / norm if norm > 0 else err)
 
 
+def _conv_lora_of(adapter: nn.Module, rank: int | None) -> tuple[dict[str, Tensor], float]:
+    """LoCon tensors {lora_down.weight, lora_up.weight[, lora_mid.weight]} of a conv adapter, every
+    scale folded into lora_up, and the relative error ||ΔW - ΔW_file||_F / ||ΔW||_F.
+
+    Exact factors when the adapter has them (LoRA.conv_factors) and they fit `rank`; else the
+    truncated SVD of ΔW as an (out, in·kh·kw) matrix in float64, split evenly, as a plain LoCon.
+    """
+    with torch.no_grad():
+        delta = adapter.delta_weight().detach()
+        factors = adapter.conv_factors() if hasattr(adapter, "conv_factors") else None
+        if factors is not None and (rank is None or factors[1].shape[0] <= rank):
+            B, A, *mid = (t.detach() for t in factors)
+        else:
+            U, S, Vh = torch.linalg.svd(delta.double().flatten(1), full_matrices=False)
+            r = S.numel() if rank is None else min(rank, S.numel())
+            root = S[:r].sqrt()
+            B = (U[:, :r] * root).to(delta.dtype)
+            A = (root[:, None] * Vh[:r]).view(r, *delta.shape[1:]).to(delta.dtype)
+            mid = []
+        B64, A64 = B.double(), A.double()
+        if mid:
+            rebuilt = torch.einsum("op,pqhw,qi->oihw", B64, mid[0].double(), A64)
+        else:
+            rebuilt = (B64 @ A64.flatten(1)).view(delta.shape)
+        d64 = delta.double()
+        norm = d64.norm().item()
+        err = (d64 - rebuilt).norm().item()
+        parts = {"lora_up.weight": B[:, :, None, None], "lora_down.weight": A[:, :, None, None] if mid else A}
+        if mid:
+            parts["lora_mid.weight"] = mid[0]
+        return parts, (err / norm if norm > 0 else err)
+
+
 def _is_flat_clip(root: nn.Module) -> bool:
     # transformers >= 5 builds CLIPTextModel without its .text_model level (CLIPTextModelWithProjection keeps it)
     return not hasattr(root, "text_model") and hasattr(root, "embeddings") and hasattr(root, "encoder")
@@ -532,11 +572,15 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         (B, (out, r)), components "unet", "text_encoder", "text_encoder_2"; diffusers' metadata says
         lora_alpha = r for every module, so diffusers/PEFT apply exactly B A.
     format "kohya": keys "lora_unet_<module, '.' -> '_'>.lora_down.weight" (A), ".lora_up.weight"
-        (B), ".alpha" (= r, scale 1); "lora_te1_" / "lora_te2_" for the two text encoders.
+        (B), ".alpha" (= r, scale 1); "lora_te1_" / "lora_te2_" for the two text encoders. A conv
+        adapter is written as LoCon (kohya / LyCORIS): lora_down (r, in, kh, kw) and lora_up
+        (out, r, 1, 1), or for a Tucker LoRA lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw) and
+        lora_up; "diffusers" refuses conv adapters.
     Text-encoder layers are written as "text_model.encoder.layers.{i}..." also from a transformers 5
     CLIPTextModel, whose own module names lack "text_model.".
     rank: None keeps LoRA factors as they are and exports other methods at full rank min(out, in)
-        (exact up to rounding); an int truncates every ΔW of higher rank by SVD.
+        (exact up to rounding); an int truncates every ΔW of higher rank by SVD (a conv's as the
+        (out, in·kh·kw) matrix, written as a plain LoCon).
     Report: {"format", "rank": {name: r}, "rel_error": {name: ||ΔW - B A||/||ΔW||}, "max_rel_error"},
     names as in `model` ("unet.<module>", ...).
     """
@@ -551,17 +595,25 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         if format == "kohya" and component not in _KOHYA_PREFIX:
             raise ValueError(f"format 'kohya': no kohya prefix for component {component!r}; "
                              f"expected one of {sorted(_KOHYA_PREFIX)}")
-        B, A, errors[name] = _lora_of(adapter, rank)
-        ranks[name] = A.shape[0]
+        if adapter.is_conv:
+            if format != "kohya":
+                raise ValueError(f"format {format!r}: {name} is a conv adapter; a conv LoRA (LoCon) is written "
+                                 "in kohya / LyCORIS naming only (format='kohya')")
+            parts, errors[name] = _conv_lora_of(adapter, rank)
+        else:
+            B, A, errors[name] = _lora_of(adapter, rank)
+            parts = {"lora_down.weight": A, "lora_up.weight": B}
+        ranks[name] = parts["lora_down.weight"].shape[0]
         module = _file_name(roots[component], module)
         file_ranks[(component, module)] = ranks[name]
         if format == "diffusers":
-            tensors[f"{component}.{module}.lora_A.weight"], tensors[f"{component}.{module}.lora_B.weight"] = A, B
+            tensors[f"{component}.{module}.lora_A.weight"] = parts["lora_down.weight"]
+            tensors[f"{component}.{module}.lora_B.weight"] = parts["lora_up.weight"]
         else:
             key = f"{_KOHYA_PREFIX[component]}_{module.replace('.', '_')}"
             if f"{key}.alpha" in tensors:
                 raise ValueError(f"format 'kohya': two modules map to the kohya name {key!r}")
-            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = A, B
+            tensors.update({f"{key}.{role}": t for role, t in parts.items()})
             tensors[f"{key}.alpha"] = torch.tensor(float(ranks[name]))
     if not ranks:
         raise ValueError(f"export_lora: no specops adapter found in {type(model).__name__}")
@@ -597,14 +649,16 @@ def _diffusers_config(ranks: dict[tuple[str, str], int]) -> dict:
 # ----------------------------------------------------------------------------- LoRA import
 
 # \Z, not $: "$" also matches before a final newline, so "<key>.alpha\n" would pass for "<key>.alpha"
-_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)\Z")
+_KOHYA_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\."
+                        r"(lora_down\.weight|lora_up\.weight|lora_mid\.weight|alpha)\Z")
 _PEFT_KEY = re.compile(r"^(.+)\.lora_([AB])(?:\.[^.]+)?\.weight\Z")          # lora_A.weight, lora_A.<adapter>.weight
 _OLD_KEY = re.compile(r"^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight\Z")  # LoRACompatibleLinear era
 _PROC_KEY = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight\Z")  # attn processors
 _OLD_TE_KEY = re.compile(r"^(.+\.self_attn)\.to_(q|k|v|out)_lora\.(down|up)\.weight\Z")  # their text-encoder twin
 _ALPHA_KEY = re.compile(r"^(.+)\.alpha\Z")
 _FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha", "A": "A", "B": "B", "down": "A", "up": "B"}
+_ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "lora_mid.weight": "mid", "alpha": "alpha", "A": "A", "B": "B",
+         "down": "A", "up": "B"}
 
 # Name segments of the SDXL attention and CLIP text-encoder Linear layers, for splitting kohya's
 # underscore names where no model is given. Longest match first, so "proj_in" beats "proj".
@@ -659,18 +713,18 @@ def _from_sgm(name: str) -> str:
     return name
 
 
-def _name_tables(model) -> dict[str, tuple[dict[str, str], dict[str, set[str]], dict[str, tuple[int, int]]]]:
+def _name_tables(model) -> dict[str, tuple[dict[str, str], dict[str, set[str]], dict[str, tuple[int, ...]]]]:
     """Per component: ({file name or module name: module name}, {that with '.' -> '_': {module names}},
-    {module name: (out, in)}) over the component's Linear layers and adapters (not the Linear inside
-    an adapter)."""
+    {module name: weight shape, (out, in) or a conv's (out, in, kh, kw)}) over the component's
+    Linear and Conv2d layers and adapters (not the layer inside an adapter)."""
     tables = {}
     for prefix, root in _components(model, "unet"):
         inner = {name + ".base" for name, m in root.named_modules() if isinstance(m, adapters.Adapter)}
         alias, shapes = {}, {}
         for name, m in root.named_modules():
-            if isinstance(m, (nn.Linear, adapters.Adapter)) and name not in inner:
+            if isinstance(m, (nn.Linear, nn.Conv2d, adapters.Adapter)) and name not in inner:
                 alias[name] = alias[_file_name(root, name)] = name
-                shapes[name] = (m.out_features, m.in_features)
+                shapes[name] = tuple((m.base if isinstance(m, adapters.Adapter) else m).weight.shape)
         under: dict[str, set[str]] = {}
         for key, name in alias.items():
             under.setdefault(key.replace(".", "_"), set()).add(name)
@@ -687,7 +741,7 @@ def _kohya_name(component: str, underscored: str, tables: dict, key: str, path) 
     if component in tables:
         found = tables[component][1].get(underscored, set())
         if len(found) != 1:
-            why = "no Linear layer of the model" if not found else f"ambiguous between {sorted(found)}"
+            why = "no Linear or Conv2d layer of the model" if not found else f"ambiguous between {sorted(found)}"
             raise ValueError(f"load_lora: {path}: key {key!r} maps to {why} ({component}: {underscored})")
         return next(iter(found))
     name = _split_words(underscored)
@@ -705,7 +759,10 @@ def _parse_key(key: str, tables: dict, path) -> tuple[str, str, str, bool]:
     """
     m = _KOHYA_KEY.match(key)
     if m:
-        component = _KOHYA_COMPONENT[m.group(1)]
+        if m.group(1) == _LYCORIS_PREFIX:
+            component = next(iter(tables)) if len(tables) == 1 else "unet"
+        else:
+            component = _KOHYA_COMPONENT[m.group(1)]
         return component, _kohya_name(component, m.group(2), tables, key, path), _ROLE[m.group(3)], True
     name = key.removeprefix("base_model.model.")
     for pattern in (_PEFT_KEY, _OLD_KEY, _PROC_KEY, _OLD_TE_KEY, _ALPHA_KEY):
@@ -713,8 +770,8 @@ def _parse_key(key: str, tables: dict, path) -> tuple[str, str, str, bool]:
         if m:
             break
     else:
-        raise ValueError(f"load_lora: {path}: key {key!r} is not a (linear) LoRA key this reader knows "
-                         "(lora_A/lora_B, lora.down/up, lora_down/lora_up/alpha)")
+        raise ValueError(f"load_lora: {path}: key {key!r} is not a LoRA key this reader knows "
+                         "(lora_A/lora_B, lora.down/up, lora_down/lora_up/lora_mid/alpha)")
     if pattern is _PROC_KEY:
         module, role = f"{m.group(1)}.{m.group(2)}" + (".0" if m.group(2) == "to_out" else ""), _ROLE[m.group(3)]
     elif pattern is _OLD_TE_KEY:
@@ -745,20 +802,27 @@ def _pattern_value(patterns: dict, module: str, default, where: str):
     return default
 
 
-def load_lora(path, model=None) -> dict[str, tuple[Tensor, Tensor]]:
+def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
     """Read a LoRA file into {"<component>.<module>": (B, A)} with ΔW = B A (every scale folded into B).
 
     Reads diffusers/PEFT keys (lora_A/lora_B, an optional "base_model.model." prefix, and diffusers'
     lora_alpha metadata), older diffusers keys (.lora.down/.lora.up, .processor.to_q_lora.down) and
     kohya keys (lora_unet_/lora_te1_/lora_te2_, lora_down/lora_up/alpha, scale alpha/r), including
-    kohya SDXL files with Stability's block names (input_blocks_4_1_... -> down_blocks.1.attentions.0...).
+    kohya SDXL files with Stability's block names (input_blocks_4_1_... -> down_blocks.1.attentions.0...)
+    and LyCORIS's create_lycoris files ("lycoris_" keys: the model's only component, else the UNet).
     Components: "unet", "text_encoder", "text_encoder_2" (unprefixed diffusers keys count as unet).
+    Conv layers (LoCon, kohya / LyCORIS naming only): lora_down (r, in, kh, kw), lora_up
+    (out, r, 1, 1), or Tucker lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw), lora_up; the entry
+    is specops.adapters.LoRA's init form, every scale folded into B (out, r):
+        (B, A)       A = lora_down (r, in, kh, kw):   ΔW[o, i] = Σ_r B[o, r] A[r, i]
+        (B, A, mid)  A = lora_down (r, in) as a matrix:  ΔW[o, i] = Σ_{p,q} B[o, p] mid[p, q] A[q, i]
     model: None, an nn.Module (the UNet) or a mapping {component: module}. Kohya's underscored names
-        are resolved by the model's module names for the components it has, else by the SDXL grammar
-        of attention and text-encoder layers; with a model, every name must exist in it.
-    A key that cannot be mapped, an incomplete pair, a conv (4-D) LoRA, factors that are not float16,
-    bfloat16, float32 or float64, or (with a model) factors of another shape than the layer raise
-    ValueError.
+        are resolved by the model's module names (Linear and Conv2d layers) for the components it
+        has, else by the SDXL grammar of attention and text-encoder layers; with a model, every
+        name must exist in it.
+    A key that cannot be mapped, an incomplete pair, a conv (4-D) LoRA in diffusers naming, factors
+    that are not float16, bfloat16, float32 or float64, or (with a model) factors of another shape
+    than the layer raise ValueError.
     """
     tensors, metadata = _read(path)
     tables = _name_tables(model) if model is not None else {}
@@ -780,12 +844,18 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, Tensor]]:
         where = f"load_lora: {path}: {component}.{module}"
         if "A" not in parts or "B" not in parts:
             raise ValueError(f"{where} lacks its {'A (down)' if 'A' not in parts else 'B (up)'} matrix")
-        A, B = parts["A"], parts["B"]
-        if A.dtype not in _FACTOR_DTYPES or B.dtype not in _FACTOR_DTYPES:
-            raise ValueError(f"{where}: A is {A.dtype}, B is {B.dtype}; LoRA factors are float16, bfloat16, "
-                             "float32 or float64")
-        if A.ndim != 2 or B.ndim != 2:
-            raise ValueError(f"{where}: A {tuple(A.shape)} / B {tuple(B.shape)} are not matrices (conv LoRA?)")
+        A, B, mid = parts["A"], parts["B"], parts.get("mid")
+        if any(t.dtype not in _FACTOR_DTYPES for t in (A, B) + (() if mid is None else (mid,))):
+            raise ValueError(f"{where}: A is {A.dtype}, B is {B.dtype}{'' if mid is None else f', mid is {mid.dtype}'}; "
+                             "LoRA factors are float16, bfloat16, float32 or float64")
+        conv = A.ndim == 4 or B.ndim == 4 or mid is not None
+        if conv and not is_kohya:
+            raise ValueError(f"{where}: A {tuple(A.shape)} / B {tuple(B.shape)} are not matrices; a conv LoRA is "
+                             "read in kohya / LyCORIS naming only")
+        if conv:
+            B, A, kernel = _conv_parts(where, A, B, mid)
+        elif A.ndim != 2 or B.ndim != 2:
+            raise ValueError(f"{where}: A {tuple(A.shape)} / B {tuple(B.shape)} are not matrices")
         r = A.shape[0]
         if B.shape[1] != r or r == 0:
             raise ValueError(f"{where}: A is {tuple(A.shape)} but B is {tuple(B.shape)}; ranks differ or are 0")
@@ -796,7 +866,10 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, Tensor]]:
                     raise ValueError(f"{where}: the model's {component} has no Linear layer {module!r}")
                 module = tables[component][0][module]
             shape = tables[component][2][module]
-            if (B.shape[0], A.shape[1]) != shape:
+            if conv and (B.shape[0], A.shape[1], *kernel) != shape:
+                raise ValueError(f"{where}: the conv LoRA's ΔW is (out, in, kh, kw) = {(B.shape[0], A.shape[1], *kernel)}, "
+                                 f"the model's {component}.{module} has weight shape {shape}")
+            if not conv and (B.shape[0], A.shape[1]) != shape:
                 raise ValueError(f"{where}: B A is {(B.shape[0], A.shape[1])}, the model's {component}.{module} "
                                  f"is (out, in) = {shape}")
         name = f"{component}.{module}"
@@ -805,8 +878,26 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, Tensor]]:
         B = _fold(B, scale)
         if not _finite(B):
             raise ValueError(f"{where}: B times its scale {scale:g} overflows {B.dtype}")
-        out[name] = (B, A)
+        out[name] = (B, A) if mid is None else (B, A, mid)
     return out
+
+
+def _conv_parts(where: str, A: Tensor, B: Tensor, mid: Tensor | None) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """(B as an (out, r) matrix, A in LoRA's init form, the kernel (kh, kw)) of a LoCon entry:
+    lora_down A (r, in, kh, kw) or, with a Tucker core mid (r, r, kh, kw), A (r, in, 1, 1);
+    lora_up B (out, r, 1, 1)."""
+    if B.ndim != 4 or tuple(B.shape[2:]) != (1, 1):
+        raise ValueError(f"{where}: lora_up is {tuple(B.shape)}; a conv LoRA's is (out, r, 1, 1)")
+    if A.ndim != 4:
+        raise ValueError(f"{where}: lora_down is {tuple(A.shape)}; a conv LoRA's is (r, in, kh, kw)")
+    if mid is None:
+        return B[:, :, 0, 0], A, tuple(A.shape[2:])
+    r = A.shape[0]
+    kernel = tuple(mid.shape[2:])
+    if tuple(A.shape[2:]) != (1, 1) or mid.ndim != 4 or tuple(mid.shape[:2]) != (r, r) or kernel == (1, 1):
+        raise ValueError(f"{where}: lora_down {tuple(A.shape)} / lora_mid {tuple(mid.shape)}; a Tucker conv LoRA "
+                         "has lora_down (r, in, 1, 1) and lora_mid (r, r, kh, kw), kh x kw not 1 x 1")
+    return B[:, :, 0, 0], A[:, :, 0, 0], kernel
 
 
 def _scale(where: str, parts: dict, r: int, peft_config: dict | None, component: str, module: str) -> float:

@@ -1,16 +1,19 @@
-"""Injection and its inverse: put specops adapters on the attention Linear layers of a UNet or CLIP encoder.
+"""Injection and its inverse: put specops adapters on the Linear and conv layers of a UNet or CLIP encoder.
 
-    inject(model, method, ...)       replace attention Linear layers by specops.adapters in place,
-                                     optionally block-wise (block_weights=: chosen UNet blocks, each weighted)
+    inject(model, method, ...)       replace a preset's layers (PRESETS, LyCORIS's names; default the
+                                     attention projections) or named targets by specops.adapters in
+                                     place, optionally block-wise (block_weights=: chosen UNet blocks, each weighted)
     remove / fuse / unfuse           take adapters out again, or fold their ΔW into the base weights
-    apply_lora(model, lora)          inject LoRA adapters holding given (B, A) factors
-    INJECT_METHODS                   the adapter types inject builds
+    apply_lora(model, lora)          inject LoRA adapters holding given factors (Linear and LoCon)
+    INJECT_METHODS, PRESETS          the adapter types inject builds, the layer sets it selects
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from torch import nn
 
@@ -18,9 +21,76 @@ from .. import adapters
 from ..lora_io import load_lora
 from .model import _is_text_encoder, _matches, _targets
 
-__all__ = ["INJECT_METHODS", "inject", "remove", "fuse", "unfuse", "apply_lora"]
+__all__ = ["INJECT_METHODS", "PRESETS", "inject", "remove", "fuse", "unfuse", "apply_lora"]
 
 INJECT_METHODS = ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd", "soda-lq")
+
+
+class _Preset(NamedTuple):
+    """Which layers a preset adapts: every Linear and 1x1 Conv2d inside a module of one of the
+    container classes (or named in `names`), and the larger-kernel Conv2d layers too when `conv`."""
+    unet: tuple[str, ...]   # container class names in a diffusers UNet
+    names: tuple[str, ...]  # UNet module names adapted wherever they are
+    text: tuple[str, ...]   # container class names in a transformers CLIP text encoder
+    conv: bool
+
+
+_CLIP_ATTENTION = ("CLIPAttention", "CLIPSdpaAttention")
+_TRANSFORMER = ("Transformer2DModel", "TimestepEmbedding")
+
+# LyCORIS 4.1.3's built-in presets (lycoris.config), restricted to the classes an SDXL UNet and its
+# CLIP encoders hold. attn-only is selected by name instead (UNET_TARGETS / TEXT_TARGETS: the same
+# layers as LyCORIS's attention classes, which it names by their original-SD class names). Like
+# LyCORIS, a 1x1 conv counts as a linear layer: full-lin adapts the resnets' 1x1 shortcuts too.
+# On the tiny UNet: attn-only 560, attn-mlp 726 (+ ff, proj_in/out, the time and add embeddings),
+# full-lin 754 (+ resnet time_emb_proj and conv_shortcut), full 794 (every Linear and Conv2d);
+# on each CLIP encoder 8 (attention) or 12 (+ mlp).
+PRESETS: dict[str, _Preset] = {
+    "attn-only": _Preset((), (), (), conv=False),
+    "attn-mlp": _Preset(_TRANSFORMER, (), _CLIP_ATTENTION + ("CLIPMLP",), conv=False),
+    "full-lin": _Preset(_TRANSFORMER + ("ResnetBlock2D",), ("time_embedding.linear_1", "time_embedding.linear_2"),
+                        _CLIP_ATTENTION + ("CLIPMLP",), conv=False),
+    "full": _Preset(_TRANSFORMER + ("ResnetBlock2D", "Downsample2D", "Upsample2D"),
+                    ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"),
+                    _CLIP_ATTENTION + ("CLIPMLP",), conv=True),
+}
+
+
+def _is_layer(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+def _is_spatial(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and any(k != 1 for k in module.kernel_size)
+
+
+def _layers(model: nn.Module):
+    """(name, module, layer) for every Linear and Conv2d of `model` in module order; an adapter
+    stands for the layer it wraps (module the adapter, layer its base), whose own name is skipped."""
+    inner = ()
+    for name, module in model.named_modules():
+        if inner and name.startswith(inner):
+            continue
+        if isinstance(module, adapters.Adapter):
+            inner = name + "."
+            yield name, module, module.base
+        elif _is_layer(module):
+            yield name, module, module
+
+
+def _select(model: nn.Module, targets, preset) -> list[str]:
+    """Names of the layers (or adapters) that `targets` (if given) or `preset` select, in module order."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {tuple(PRESETS)}, got {preset!r}")
+    if targets is not None or preset == "attn-only":
+        targets = _targets(model, targets)
+        return [n for n, _, _ in _layers(model) if _matches(n, targets)]
+    spec = PRESETS[preset]
+    text = _is_text_encoder(model)
+    classes, names = (spec.text, ()) if text else (spec.unet, spec.names)
+    inside = tuple(n + "." for n, m in model.named_modules() if type(m).__name__ in classes)
+    return [n for n, _, layer in _layers(model)
+            if (spec.conv or not _is_spatial(layer)) and (n in names or n.startswith(inside))]
 
 
 _BLOCK = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(?:\.attentions\.(\d+))?")
@@ -83,47 +153,63 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = None, block_weights=None,
-           **options) -> dict[str, adapters.Adapter]:
-    """Replace the matching Linear layers of `model` by `method` adapters, in place.
+def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = None, preset: str | None = None,
+           block_weights=None, **options) -> dict[str, adapters.Adapter]:
+    """Replace the selected Linear (and Conv2d) layers of `model` by `method` adapters, in place.
 
     method: one of INJECT_METHODS ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd",
         "soda-lq"); `options` go to the adapter class (specops.adapters, e.g. rank=8, side="basis",
-        or OFT's blocks=4: the number of diagonal rotation blocks, forwarded like any other option).
-    targets: module-name suffixes; default UNET_TARGETS (to_q, to_k, to_v, to_out.0) for a UNet and
-        TEXT_TARGETS (q_proj, k_proj, v_proj, out_proj) for a CLIP text encoder.
-    block_weights: None (every matching layer) or a block-wise selection (UNet only), e.g.
+        or OFT's blocks=4: the number of diagonal rotation blocks, forwarded like any other option;
+        LoRA's conv_rank / conv_alpha / tucker act on the convolutions, as LyCORIS's conv_dim /
+        conv_alpha / use_tucker).
+    preset: one of PRESETS, LyCORIS's preset names and layer sets: "attn-only" (the default: the
+        attention projections, UNET_TARGETS / TEXT_TARGETS), "attn-mlp" (+ feed-forward, proj_in /
+        proj_out and the time / add embeddings; + mlp on a text encoder), "full-lin" (+ the resnets'
+        time_emb_proj and 1x1 conv_shortcut), "full" (every Linear and Conv2d of an SDXL UNet: also
+        resnet, sampler and conv_in / conv_out convolutions). A preset with conv layers needs a
+        method of specops.adapters.CONV_METHODS.
+    targets: module-name suffixes, selecting the Linear and Conv2d layers they name; given, they win
+        over `preset`.
+    block_weights: None (every selected layer) or a block-wise selection (UNet only), e.g.
         {"down_blocks.1": 1.0, "up_blocks.0": [1.0, 0.5]} or diffusers' {"down": {"block_1": ...}}:
         layers outside the listed blocks, or with weight 0, are left alone; a listed weight w scales
-        that layer's update ΔW by w (adapter.scale). Unlike diffusers' set_adapters, unlisted blocks
-        are NOT adapted.
+        that layer's update ΔW by w (adapter.scale). A list weights the attention blocks j of that
+        UNet block only (its resnets and samplers need a single weight for the block). Unlike
+        diffusers' set_adapters, unlisted blocks are NOT adapted.
     Every other parameter of `model` is frozen (requires_grad False, as PEFT does), so a backward
     pass computes no weight gradient of the base model. Returns {module name: adapter}. Every
-    adapter starts as the identity update. Nothing is changed if building any adapter fails.
+    adapter starts as the identity update. Nothing is changed if building any adapter fails, or if
+    a selected layer is a Conv2d and `method` is not in CONV_METHODS (a ValueError names the layer).
     """
     if method not in INJECT_METHODS:
         raise ValueError(f"method: expected one of {INJECT_METHODS} (ZipLoRA comes from train_zip_mergers), got {method!r}")
-    targets = _targets(model, targets)
+    preset = "attn-only" if preset is None else preset
+    selected = _select(model, targets, preset)
+    what = f"targets={_targets(model, targets)}" if targets is not None else f"preset={preset!r}"
     weights = None
     if block_weights is not None:
         if _is_text_encoder(model):
             raise ValueError("block_weights: block-wise selection applies to a UNet, not a text encoder")
         weights = _parse_block_weights(block_weights)
+    modules = dict(model.named_modules())
     built: dict[str, adapters.Adapter] = {}
     with _restoring_grad_flags(model):
-        for name, module in model.named_modules():
-            if not _matches(name, targets):
-                continue
+        for name in selected:
+            module = modules[name]
             if isinstance(module, adapters.Adapter):
                 raise ValueError(f"inject: {name} already holds a {module.method!r} adapter; call remove() first")
-            if not isinstance(module, nn.Linear):
-                continue
             scale = 1.0 if weights is None else _weight_of(name, weights)
             if not scale:
                 continue
+            if isinstance(module, nn.Conv2d) and method not in adapters.CONV_METHODS:
+                raise ValueError(
+                    f"inject: {name} is a Conv2d ({module.kernel_size[0]}x{module.kernel_size[1]}); method {method!r} "
+                    f"adapts Linear layers only, the methods for conv layers are {adapters.CONV_METHODS} "
+                    "(or choose targets / a preset without conv layers)")
             built[name] = adapters.make_adapter(method, module, scale=scale, **options)
     if not built:
-        raise ValueError(f"inject: no Linear layer of {type(model).__name__} matches targets={targets} and block_weights={block_weights}")
+        raise ValueError(f"inject: no Linear or Conv2d layer of {type(model).__name__} matches {what} "
+                         f"and block_weights={block_weights}")
     return _install(model, built)
 
 
@@ -182,25 +268,35 @@ def _strip(lora: Mapping[str, tuple], prefix: str) -> dict[str, tuple]:
     return out
 
 
-def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str, *, prefix: str = "unet", scale: float = 1.0):
-    """Inject LoRA adapters holding given factors: lora = {name: (B, A)} (load_lora's output or a path).
+def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str | os.PathLike, *, prefix: str = "unet", scale: float = 1.0):
+    """Inject LoRA adapters holding given factors: lora = {name: factors} (load_lora's output or a path).
 
-    ΔW = scale · B A for every listed layer; keys may carry the "unet." / "text_encoder." prefix
-    (only `prefix`'s are used). Returns {name: adapter}; nothing changes if a name does not exist.
+    factors: (B, A) for a Linear, ΔW = scale · B A; for a Conv2d (LoCon) (B, A) with A
+    (r, in, kh, kw) or, Tucker, (B, A, mid) — specops.adapters.LoRA's init forms. A path may hold
+    diffusers, kohya or LyCORIS keys (load_lora). Keys may carry the "unet." / "text_encoder."
+    prefix (only `prefix`'s are used). Returns {name: adapter}; nothing changes if a name is not a
+    layer of the entry's kind or any factor does not fit its layer.
     """
-    if isinstance(lora, str):
+    if isinstance(lora, (str, os.PathLike)):
         lora = load_lora(lora, model={prefix: model})
     lora = _strip(lora, prefix)
     modules = dict(model.named_modules())
-    missing = [n for n in lora if not isinstance(modules.get(n), nn.Linear)]
+    missing = [n for n, f in lora.items() if not isinstance(modules.get(n), nn.Conv2d if _is_conv_entry(f) else nn.Linear)]
     if missing:
-        raise ValueError(f"lora: no Linear layer named {missing[:3]} in {type(model).__name__} ({len(missing)} missing)")
+        kinds = sorted({"Conv2d" if _is_conv_entry(lora[n]) else "Linear" for n in missing})
+        raise ValueError(f"lora: no {' / '.join(kinds)} layer named {missing[:3]} in {type(model).__name__} "
+                         f"({len(missing)} missing)")
     return _install(model, _lora_adapters(modules, lora, scale))
+
+
+def _is_conv_entry(factors) -> bool:
+    """A LoCon entry: a Tucker triple, or an A with the (r, in, kh, kw) shape of a conv."""
+    return len(factors) == 3 or (len(factors) == 2 and getattr(factors[1], "ndim", 2) == 4)
 
 
 def _lora_adapters(modules: dict, lora: Mapping[str, tuple], scale: float = 1.0) -> dict[str, adapters.Adapter]:
     with _restoring_grad_flags(*(modules[n] for n in lora)):
-        return {n: adapters.make_adapter("lora", modules[n], init=(B, A), scale=scale) for n, (B, A) in lora.items()}
+        return {n: adapters.make_adapter("lora", modules[n], init=tuple(f), scale=scale) for n, f in lora.items()}
 
 
 @contextlib.contextmanager
