@@ -549,3 +549,109 @@ def test_load_lora_other_namings_scales_and_errors(tmp_path):
         save_file({f"unet.{name}.to_z.lora_A.weight": A, f"unet.{name}.to_z.lora_B.weight": B},
                   tmp_path / "z.safetensors")
         lora_io.load_lora(tmp_path / "z.safetensors", model=sdxl.tiny_unet(0))
+
+
+# ----------------------------------------------------------------------------- LoRA on conv layers (LoCon)
+
+CONV_LAYERS = {  # layer -> what it exercises
+    "down_blocks.1.resnets.0.conv1": "3x3",
+    "down_blocks.1.resnets.0.conv_shortcut": "1x1, a Linear's rank",
+    "down_blocks.0.downsamplers.0.conv": "3x3, stride 2",
+}
+TUCKER_LAYER = "conv_in"  # 3x3 from 4 channels, Tucker
+
+
+def _inject_convs(unet, seed=0):
+    found = sdxl.inject(unet, "lora", targets=list(CONV_LAYERS), rank=2, conv_rank=3, conv_alpha=1.5)
+    found.update(sdxl.inject(unet, "lora", targets=[TUCKER_LAYER], conv_rank=3, alpha=2.0, tucker=True))
+    found[TUCKER_LAYER].scale = 0.5
+    _perturb(found, seed)
+    return found
+
+
+def test_conv_loras_round_trip_through_adapter_and_kohya_files(tmp_path):
+    src = sdxl.tiny_unet(0)
+    found = _inject_convs(src)
+    assert {n: a.rank for n, a in found.items()} == {**dict.fromkeys(CONV_LAYERS, 3), TUCKER_LAYER: 3,
+                                                    "down_blocks.1.resnets.0.conv_shortcut": 2}
+    path = tmp_path / "adapters.safetensors"
+    lora_io.save_adapters(src, path)
+    dst = sdxl.tiny_unet(0)
+    lora_io.load_adapters(dst, path)
+    s0, s1 = src.state_dict(), dst.state_dict()
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert dst.get_submodule(TUCKER_LAYER).config() == {"rank": 3, "alpha": 2.0, "tucker": True, "scale": 0.5}
+
+    kohya = tmp_path / "kohya.safetensors"
+    report = lora_io.export_lora(src, kohya, format="kohya")
+    assert report["max_rel_error"] <= 1e-6
+    raw = load_file(kohya)
+    assert raw["lora_unet_down_blocks_1_resnets_0_conv1.lora_down.weight"].shape == (3, 32, 3, 3)
+    assert raw["lora_unet_down_blocks_1_resnets_0_conv1.lora_up.weight"].shape == (64, 3, 1, 1)
+    assert raw["lora_unet_down_blocks_1_resnets_0_conv_shortcut.lora_down.weight"].shape == (2, 32, 1, 1)
+    assert raw["lora_unet_conv_in.lora_down.weight"].shape == (3, 4, 1, 1)
+    assert raw["lora_unet_conv_in.lora_mid.weight"].shape == (3, 3, 3, 3)
+    assert raw["lora_unet_conv_in.alpha"].item() == 3.0  # every scale folded into lora_up
+    with pytest.raises(ValueError, match="conv adapter.*kohya"):
+        lora_io.export_lora(src, tmp_path / "d.safetensors")
+
+    # kohya file -> load_lora -> apply_lora: the same ΔW, bit for bit, and the same UNet
+    fresh = sdxl.tiny_unet(0)
+    factors = lora_io.load_lora(kohya, model=fresh)
+    assert len(factors[f"unet.{TUCKER_LAYER}"]) == 3
+    applied = sdxl.apply_lora(fresh, factors)
+    for name, a in found.items():
+        assert torch.equal(applied[name].delta_weight(), a.delta_weight()), name
+    torch.testing.assert_close(_run(fresh), _run(src), rtol=1e-6, atol=1e-6)  # the scale now sits in B
+
+    # rank 2 keeps the rank-2 shortcut exact and truncates the others by the SVD of ΔW as (out, in·kh·kw)
+    report = lora_io.export_lora(src, kohya, format="kohya", rank=2)
+    for name, a in found.items():
+        s = torch.linalg.svdvals(a.delta_weight().detach().double().flatten(1))
+        want = 0.0 if a.rank == 2 else (s[2:].norm() / s.norm()).item()
+        assert report["rel_error"][f"unet.{name}"] == pytest.approx(want, rel=1e-5, abs=1e-7), name
+    assert "lora_unet_conv_in.lora_mid.weight" not in load_file(kohya)  # written as a plain LoCon
+
+
+def test_conv_lora_files_are_checked_before_anything_changes(tmp_path):
+    src = sdxl.tiny_unet(0)
+    _inject_convs(src)
+    good = tmp_path / "good.safetensors"
+    lora_io.export_lora(src, good, format="kohya")
+    # LyCORIS's create_lycoris(unet) names its keys "lycoris_<module>"
+    tensors = {k.replace("lora_unet_", "lycoris_", 1): v for k, v in load_file(good).items()}
+    assert sdxl.apply_lora(sdxl.tiny_unet(0), _save(tmp_path, tensors)).keys() == {*CONV_LAYERS, TUCKER_LAYER}
+
+    dst = sdxl.tiny_unet(0)
+    sdxl.inject(dst, "lora", targets=[LORA_LAYERS[0]])  # an unrelated adapter that must survive
+    before = _snapshot(dst)
+    conv1 = "lycoris_down_blocks_1_resnets_0_conv1"
+    bad = {
+        "maps to no Linear or Conv2d layer": {**tensors, "lycoris_down_blocks_1_resnets_0_conv9.lora_down.weight":
+                                              torch.ones(3, 32, 3, 3)},
+        r"\(out, in, kh, kw\) = \(64, 32, 1, 3\)": {**tensors, f"{conv1}.lora_down.weight": torch.ones(3, 32, 1, 3)},
+        "lora_up is": {**tensors, f"{conv1}.lora_up.weight": torch.ones(64, 3)},
+        "a Tucker conv LoRA has": {**tensors, "lycoris_conv_in.lora_mid.weight": torch.ones(3, 2, 3, 3)},
+        r"lacks its B \(up\)": {k: v for k, v in tensors.items() if k != f"{conv1}.lora_up.weight"},
+        "has weight shape": {**tensors, **{f"lycoris_{LORA_LAYERS[1].replace('.', '_')}.{role}": t for role, t in
+                                           (("lora_down.weight", torch.ones(2, 64, 1, 1)),
+                                            ("lora_up.weight", torch.ones(64, 2, 1, 1)))}},
+    }
+    for match, state in bad.items():
+        path = _save(tmp_path, state)
+        with pytest.raises(ValueError, match=match) as err:
+            sdxl.apply_lora(dst, str(path))
+        assert path.name in str(err.value)
+        _assert_unchanged(before, dst)
+    with pytest.raises(ValueError, match="pass model="):  # without a model only attention names resolve
+        lora_io.load_lora(_save(tmp_path, tensors))
+    conv_factors = lora_io.load_lora(good, model=src)
+    with pytest.raises(ValueError, match="no Conv2d layer named"):
+        sdxl.apply_lora(dst, {f"unet.{LORA_LAYERS[1]}": conv_factors[f"unet.{TUCKER_LAYER}"]})
+    _assert_unchanged(before, dst)
+
+
+def _save(tmp_path, tensors):
+    path = tmp_path / "case.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    return path

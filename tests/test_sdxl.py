@@ -17,6 +17,15 @@ LR = {"lora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "oft": 1e-2, "koft": 1e-2, "svdi
 TRAIN_BLOCKS = {"down_blocks.1": 1.0, "up_blocks.1": 1.0}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The layers here are tiny: one thread is much faster than two on shared, busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def encoders():
     return sdxl.tiny_text_encoders(0)
@@ -167,6 +176,132 @@ def test_blocks_is_the_oft_option_not_block_weights():
     assert {a.Q.shape[0] for a in injected.values()} == {2} and {a.scale for a in injected.values()} == {0.5}
     with pytest.raises(ValueError, match="block_weights: expected a mapping"):
         sdxl.inject(sdxl.tiny_unet(0), "lora", block_weights=[1.0])
+
+
+# ----------------------------------------------------------------------------- presets and LoRA on conv layers
+# (the same layer sets as LyCORIS's presets: tests/test_lycoris.py checks them against LyCORIS itself)
+
+_KINDS = (  # a layer name -> its kind in the breakdown of the "full" preset
+    ("attention", r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"), ("ff", r"\.ff\.net\.(0\.proj|2)$"),
+    ("proj_in/out", r"\.proj_(in|out)$"), ("resnet conv", r"\.resnets\.\d+\.(conv1|conv2|conv_shortcut)$"),
+    ("time_emb_proj", r"\.time_emb_proj$"), ("sampler conv", r"samplers\.0\.conv$"),
+    ("conv_in/out", r"^conv_(in|out)$"), ("embedding", r"^(time|add)_embedding\.linear_[12]$"),
+)
+
+
+def _kind(name):
+    import re
+
+    return next(kind for kind, pattern in _KINDS if re.search(pattern, name))
+
+
+def test_presets_select_lycoris_layer_sets():
+    import collections
+
+    from specops.sdxl.injection import PRESETS
+
+    counts = {}
+    for preset in PRESETS:
+        unet = sdxl.tiny_unet(0)
+        injected = sdxl.inject(unet, "lora", preset=preset, rank=1)
+        counts[preset] = collections.Counter(_kind(n) for n in injected)
+        for te in sdxl.tiny_text_encoders(0):
+            assert len(sdxl.inject(te, "lora", preset=preset, rank=1)) == (8 if preset == "attn-only" else 12)
+    assert {p: sum(c.values()) for p, c in counts.items()} == {"attn-only": 560, "attn-mlp": 726, "full-lin": 754, "full": 794}
+    assert counts["full"] == {"attention": 560, "ff": 140, "proj_in/out": 22, "resnet conv": 45, "time_emb_proj": 17,
+                              "sampler conv": 4, "conv_in/out": 2, "embedding": 4}
+    assert counts["full-lin"]["resnet conv"] == 11  # the 1x1 shortcuts: a 1x1 conv counts as linear
+    assert counts["attn-only"] == {"attention": 560}
+    # the default is attn-only; explicit targets win over a preset
+    unet = sdxl.tiny_unet(0)
+    assert list(sdxl.inject(unet, "lora")) == sdxl.attention_linears(sdxl.tiny_unet(0))
+    convs = sdxl.inject(sdxl.tiny_unet(0), "lora", targets=["conv1"], preset="attn-mlp")
+    assert len(convs) == 17 and all(a.is_conv for a in convs.values())
+    with pytest.raises(ValueError, match="preset: expected one of"):
+        sdxl.inject(sdxl.tiny_unet(0), "lora", preset="all")
+
+
+@pytest.mark.parametrize("method, preset, layer", [("loha", "full", "conv_in"),
+                                                    ("oft", "full-lin", "down_blocks.1.resnets.0.conv_shortcut")])
+def test_conv_layers_need_a_conv_method(method, preset, layer):
+    unet = sdxl.tiny_unet(0)
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+    with pytest.raises(ValueError, match=rf"{layer} is a Conv2d.*\('lora',\)"):
+        sdxl.inject(unet, method, preset=preset)
+    assert not any(isinstance(m, adapters.Adapter) for m in unet.modules())
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
+    with pytest.raises(ValueError, match="conv1 is a Conv2d"):
+        sdxl.inject(unet, method, targets=["conv1"])
+    assert len(sdxl.inject(unet, method, preset="attn-mlp")) == 726  # no conv layer there
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_fresh_full_preset_injection_is_the_identity(tucker, batch):
+    unet = sdxl.tiny_unet(0)
+    ref = _out(unet, batch)
+    injected = sdxl.inject(unet, "lora", preset="full", conv_rank=3, tucker=tucker)
+    convs = [a for a in injected.values() if a.is_conv]
+    assert len(convs) == 51 and sum(a.mid is not None for a in convs) == (40 if tucker else 0)
+    assert _rel(_out(unet, batch), ref) <= 1e-6
+    sdxl.remove(unet)
+    torch.testing.assert_close(_out(unet, batch), ref, rtol=0, atol=0)
+
+
+def test_twenty_steps_lower_the_loss_with_conv_layers(small_batch):
+    torch.manual_seed(0)
+    unet = sdxl.tiny_unet(0)
+    injected = sdxl.inject(unet, "lora", preset="full", rank=4, conv_rank=4)
+    opts, _ = _optimisers(unet, "lora")
+    losses = [sdxl.train_step(unet, small_batch, opts) for _ in range(20)]
+    last = sdxl.denoising_loss(unet, small_batch).item()
+    assert last < losses[0] * 0.99, (losses[0], last)
+    convs = [a for a in injected.values() if a.is_conv]
+    assert all(a.B.abs().max() > 0 for a in convs)  # the conv layers trained too
+
+
+@pytest.mark.parametrize("tucker", [False, True])
+def test_fuse_and_unfuse_are_exact_on_conv_layers(tucker, batch):
+    unet = sdxl.tiny_unet(0)
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    injected = sdxl.inject(unet, "lora", preset="full", conv_rank=3, tucker=tucker,
+                           block_weights={"down_blocks.1": 1.0, "mid_block": 0.5, "up_blocks.2": 1.0})
+    assert sum(a.is_conv for a in injected.values()) == 6 + 4 + 9  # resnet convs, shortcuts and samplers there
+    _perturb(unet)
+    adapted = _out(unet, batch)
+    assert sdxl.fuse(unet) == len(injected)
+    assert _rel(_out(unet, batch), adapted) <= 1e-5
+    for a in injected.values():
+        if a.is_conv:
+            torch.testing.assert_close(a.base.weight - a._unfused_weight, a.delta_weight(), rtol=1e-6, atol=1e-7)
+    sdxl.unfuse(unet)
+    assert _rel(_out(unet, batch), adapted) <= 1e-6
+    sdxl.remove(unet)
+    assert all(torch.equal(v, base[k]) for k, v in unet.state_dict().items())
+
+
+def test_block_weights_apply_to_conv_layers(batch):
+    weights = {"down_blocks.1": 1.0, "up_blocks.1": 0.5}
+    unet = sdxl.tiny_unet(0)
+    torch.manual_seed(0)
+    injected = sdxl.inject(unet, "lora", preset="full", conv_rank=3, block_weights=weights)
+    assert all(n.startswith(tuple(w + "." for w in weights)) for n in injected)
+    convs = {n for n, a in injected.items() if a.is_conv}
+    assert "down_blocks.1.resnets.0.conv_shortcut" in convs and "up_blocks.1.upsamplers.0.conv" in convs
+    assert {injected[n].scale for n in convs if n.startswith("up_blocks.1.")} == {0.5}
+    _perturb(unet)
+    full = sdxl.tiny_unet(0)
+    torch.manual_seed(0)
+    sdxl.inject(full, "lora", preset="full", conv_rank=3, block_weights={"down_blocks.1": 1.0, "up_blocks.1": 1.0})
+    _perturb(full)  # the same factors, at weight 1: weight 0.5 halves the update
+    for name, a in injected.items():
+        torch.testing.assert_close(a.delta_weight(), a.scale * full.get_submodule(name).delta_weight(), rtol=1e-6, atol=1e-7)
+    fresh = sdxl.tiny_unet(0)
+    for name, m in unet.named_modules():  # every other layer is the base layer, untouched
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not name.endswith(".base"):
+            assert name.rpartition(".")[0] not in injected and name not in injected
+            assert torch.equal(m.weight, fresh.get_submodule(name).weight)
+    # only the selected blocks change the output: the others see the base layers
+    assert _rel(_out(unet, batch), _out(fresh, batch)) > 1e-4
 
 
 def test_train_zip_mergers_returns_an_exact_rank_sum_lora(encoders):
