@@ -84,7 +84,7 @@ def _convert(op, args, device, dtype, grad):
     out = []
     for spec, a in zip(op.overload._schema.arguments, args):
         keep = spec.name in op.fixed_dtype
-        moved = [t.detach().to(device=device, dtype=t.dtype if keep else dtype).requires_grad_(grad and not keep)
+        moved = [t.detach().to(device=device, dtype=t.dtype if keep else dtype, copy=True).requires_grad_(grad and not keep)
                  for t in _leaves([a])]
         out.append(_rebuild([a], moved)[0])
     return tuple(out)
