@@ -238,8 +238,15 @@ def test_scaled_matmul_rows_and_columns(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in _registry.OPS["merger_penalty"].kernels])
 def test_merger_penalty_layers(backend, dtype):
     """Layers are the slots: the total is non-finite, every other layer's gradient is not."""
+    with specops.backend(backend):
+        _merger_penalty_layers(dtype)
+    assert specops.last_backend("merger_penalty_backward") == backend
+
+
+def _merger_penalty_layers(dtype):
     gen = torch.Generator().manual_seed(4)
     sizes = (5, 8, 3)
     mc = [_rand(gen, n, dtype=dtype) for n in sizes]
