@@ -240,6 +240,15 @@ def _contract_gather(s_src, s_stride, b_src, b_stride, part, red, n_p, n_q, c, n
 
 
 @triton.jit
+def _split_row(r, n_ac, c):
+    """Position r of the (m, a, c) contraction order -> (row m, a, c)."""
+    m = r // n_ac
+    rem = r - m * n_ac
+    ai = rem // c
+    return m, ai, rem - ai * c
+
+
+@triton.jit
 def _contract_dot(s_src, s_stride, b_src, b_stride, part, n_p, n_q, c, n_ac, n_rows):
     """_contract_modes for factors with both dims >= _DOT_K: part += S^T B as a GEMM over the
     (m, a, c) positions, with tl.dot on [p, r] x [r, q] register tiles."""
@@ -254,17 +263,11 @@ def _contract_dot(s_src, s_stride, b_src, b_stride, part, n_p, n_q, c, n_ac, n_r
             acc = tl.zeros([_DOT_J, _DOT_J], dtype=acc_ty)
             for r0 in tl.range(0, n_r, _DOT_K, num_stages=1):
                 r = r0 + rr[None, :]
-                m = r // n_ac
-                rem = r - m * n_ac
-                ai = rem // c
-                ci = rem - ai * c
+                m, ai, ci = _split_row(r, n_ac, c)
                 st = tl.load(s_src + (m * s_stride + ai * (n_p * c) + ci + pi * c), mask=(r < n_r) & (pi < n_p),
                              other=0.0)
                 r = r0 + rr[:, None]
-                m = r // n_ac
-                rem = r - m * n_ac
-                ai = rem // c
-                ci = rem - ai * c
+                m, ai, ci = _split_row(r, n_ac, c)
                 bv = tl.load(b_src + (m * b_stride + ai * (n_q * c) + ci + qi * c), mask=(r < n_r) & (qi < n_q),
                              other=0.0)
                 acc = tl.dot(st, bv, acc, input_precision="tf32")
