@@ -13,7 +13,7 @@ that take a conv layer. Two kinds:
     method      ΔW' or W                                            trainable
     lora        (alpha/r) B A                                       A (r, n), B (m, r) = 0
     loha        (alpha/r) (B1 A1) ⊙ (B2 A2)                         A1, B1 = 0, A2, B2
-    lokr        W1 ⊗ W2  (W2 = B2 A2 with a rank)                   W1 (m1, n1) = 0, W2 or B2, A2
+    lokr        c W1 ⊗ W2  (W_i dense or B_i A_i; c = alpha/r or 1)   W1 (m1, n1) or B1 = 0; W2 or B2, A2
     oft         W = W0 R, R = diag(cayley(Q_i - Q_i^T))             Q (b, n/b, n/b) = 0
     koft        W = W0 (R_1 ⊗ ... ⊗ R_r)                            R_i = I (Stiefel)
     svdiff      W = U diag(act(S + δ)) Vh                           δ (k,) = 0
@@ -368,17 +368,22 @@ class LoHa(Adapter):
 
 
 class LoKr(Adapter):
-    """ΔW = scale·W1 ⊗ W2, W1 (m1, n1) zero-initialised, W2 (m2, n2), m1·m2 = out, n1·n2 = in.
+    """ΔW = scale·c·W1 ⊗ W2, W1 (m1, n1), W2 (m2, n2), m1·m2 = out, n1·n2 = in (LyCORIS's LoKr).
 
     factor: m1 = n1 = factor, or an (m1, n1) pair; default the smaller of the balanced two-factor
-    splits of out and of in (specops.kron_factor_sizes; a prime width splits as 1 x width).
-    rank: W2 = B2 A2 with B2 (m2, rank), A2 (rank, n2); None keeps W2 dense.
-    Forward: base(x) + kron_matmul(x, [(scale·W1)^T, W2^T]), since (W1 ⊗ W2)^T = W1^T ⊗ W2^T.
+    splits of out and of in (specops.kron_factor_sizes; a prime width splits as 1 x width), which is
+    LyCORIS's factorization(dim, -1).
+    rank: W2 = B2 A2 with B2 (m2, rank), A2 (rank, n2); None keeps W2 dense (uniform init).
+    w1_rank: W1 = B1 A1 with B1 (m1, w1_rank) = 0, A1 (w1_rank, n1); None keeps W1 dense (= 0).
+    alpha and c follow LyCORIS: with both factors dense c = 1 and alpha must be None; otherwise
+    c = alpha / r, r = w1_rank if W1 is factored, else rank, and alpha defaults to r (c = 1).
+    Forward: base(x) + kron_matmul(x, [(scale·c·W1)^T, W2^T]), since (W1 ⊗ W2)^T = W1^T ⊗ W2^T.
     """
 
     method = "lokr"
 
-    def __init__(self, base: nn.Linear, *, factor=None, rank: int | None = None, scale: float = 1.0):
+    def __init__(self, base: nn.Linear, *, factor=None, rank: int | None = None, w1_rank: int | None = None,
+                 alpha: float | None = None, scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
         m, n = W0.shape
@@ -396,24 +401,39 @@ class LoKr(Adapter):
                 f"got (m1, n1) = ({m1}, {n1})"
             )
         m2, n2 = m // m1, n // n1
-        self.W1 = nn.Parameter(W0.new_zeros(m1, n1))
+        if w1_rank is None:
+            self.W1 = nn.Parameter(W0.new_zeros(m1, n1))
+        else:
+            w1_rank = _positive_int("w1_rank", w1_rank)
+            self.B1 = nn.Parameter(W0.new_zeros(m1, w1_rank))
+            self.A1 = nn.Parameter(_uniform(w1_rank, n1, W0))
         if rank is None:
             self.W2 = nn.Parameter(_uniform(m2, n2, W0))
         else:
             rank = _positive_int("rank", rank)
             self.B2 = nn.Parameter(_uniform(m2, rank, W0))
             self.A2 = nn.Parameter(_uniform(rank, n2, W0))
-        self.rank = rank
-        self._options = {"factor": [m1, n1], "rank": rank}
+        r = w1_rank if w1_rank is not None else rank
+        if r is None and alpha is not None:
+            raise ValueError(f"alpha: {alpha!r}, but with both Kronecker factors dense LoKr has no alpha "
+                             "(LyCORIS's scale is 1 there); give rank or w1_rank")
+        self.rank, self.w1_rank = rank, w1_rank
+        self.alpha = None if r is None else float(r if alpha is None else alpha)
+        self._coef = 1.0 if r is None else self.alpha / r
+        self._options = {"factor": [m1, n1], "rank": rank, "w1_rank": w1_rank, "alpha": self.alpha}
 
-    def _w2(self) -> Tensor:
-        return self.W2 if self.rank is None else self.B2 @ self.A2
+    def kron_factors(self) -> tuple[Tensor, Tensor]:
+        """(W1 with every scale folded in, W2): delta_weight() == kron(W1, W2)."""
+        W1 = self.W1 if self.w1_rank is None else self.B1 @ self.A1
+        W2 = self.W2 if self.rank is None else self.B2 @ self.A2
+        return W1 * (self.scale * self._coef), W2
 
     def _forward(self, x):
-        return self.base(x) + kron_matmul(x, [(self.W1 * self.scale).mT, self._w2().mT])
+        W1, W2 = self.kron_factors()
+        return self.base(x) + kron_matmul(x, [W1.mT, W2.mT])
 
     def delta_weight(self):
-        return kron([self.W1 * self.scale, self._w2()])
+        return kron(list(self.kron_factors()))
 
 
 class ZipLoRA(Adapter):

@@ -6,6 +6,8 @@
                                      in diffusers/PEFT or kohya key naming
     load_lora(path, model=None)      {"unet.<module>": (B, A), "text_encoder.<module>": ...} from a
                                      diffusers, PEFT, older-diffusers or kohya (also SGM-named) file
+    lycoris_adapters(path, model)    the adapters a kohya / LyCORIS file describes, in its own
+                                     algorithm (LoRA, LoHa, LoKr), built but not installed
 
 `model` is an nn.Module or a mapping of named modules, e.g. {"unet": unet, "text_encoder": te1,
 "text_encoder_2": te2}; with a mapping, names are prefixed by the mapping key. For the LoRA formats
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 
 from . import adapters
 
-__all__ = ["save_adapters", "load_adapters", "export_lora", "load_lora", "FORMAT_TAG", "FORMAT_VERSION"]
+__all__ = ["save_adapters", "load_adapters", "export_lora", "load_lora", "lycoris_adapters", "FORMAT_TAG", "FORMAT_VERSION"]
 
 FORMAT_TAG = "specops-adapters"
 FORMAT_VERSION = "1"
@@ -554,6 +556,39 @@ def _conv_lora_of(adapter: nn.Module, rank: int | None) -> tuple[dict[str, Tenso
         return parts, (err / norm if norm > 0 else err)
 
 
+def _lycoris_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float]:
+    """LyCORIS's own tensors for a LoHa / LoKr adapter on a Linear, every scale folded into the first
+    factor and alpha = r, so LyCORIS's alpha / r is 1 (it ignores alpha when both LoKr factors are
+    dense); and the relative error of the written ΔW. LoKr keeps a factored form only where
+    LyCORIS rebuilds it from the file (rank < max(factor dims) / 2, a factored first factor only with
+    a factored second one of the same rank); elsewhere it writes the dense product."""
+    with torch.no_grad():
+        delta = adapter.delta_weight().detach()
+        if adapter.method == "loha":
+            c = adapter.scale * adapter.alpha / adapter.rank
+            parts = {"hada_w1_a": adapter.B1 * c, "hada_w1_b": adapter.A1, "hada_w2_a": adapter.B2,
+                     "hada_w2_b": adapter.A2}
+            rebuilt = (parts["hada_w1_a"].double() @ adapter.A1.double()) * (adapter.B2.double() @ adapter.A2.double())
+            alpha = adapter.rank
+        else:
+            c = adapter.scale * adapter._coef
+            w2 = adapter.rank is not None and adapter.rank < max(adapter.B2.shape[0], adapter.A2.shape[1]) / 2
+            w1 = (w2 and adapter.w1_rank == adapter.rank
+                  and adapter.w1_rank < max(adapter.B1.shape[0], adapter.A1.shape[1]) / 2)
+            W1, W2 = adapter.kron_factors()
+            parts = {"lokr_w1_a": adapter.B1 * c, "lokr_w1_b": adapter.A1} if w1 else {"lokr_w1": W1}
+            parts.update({"lokr_w2_a": adapter.B2, "lokr_w2_b": adapter.A2} if w2 else {"lokr_w2": W2})
+            w1_64 = parts["lokr_w1_a"].double() @ adapter.A1.double() if w1 else W1.double()
+            w2_64 = adapter.B2.double() @ adapter.A2.double() if w2 else W2.double()
+            rebuilt = torch.kron(w1_64, w2_64)
+            alpha = adapter.rank if w2 else 1
+        parts = {k: v.detach().contiguous() for k, v in parts.items()}
+        d64 = delta.double()
+        norm = d64.norm().item()
+        err = (d64 - rebuilt).norm().item()
+        return {**parts, "alpha": alpha}, (err / norm if norm > 0 else err)
+
+
 def _is_flat_clip(root: nn.Module) -> bool:
     # transformers >= 5 builds CLIPTextModel without its .text_model level (CLIPTextModelWithProjection keeps it)
     return not hasattr(root, "text_model") and hasattr(root, "embeddings") and hasattr(root, "encoder")
@@ -576,6 +611,11 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         adapter is written as LoCon (kohya / LyCORIS): lora_down (r, in, kh, kw) and lora_up
         (out, r, 1, 1), or for a Tucker LoRA lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw) and
         lora_up; "diffusers" refuses conv adapters.
+    format "lycoris": kohya's, except that with rank None LoHa and LoKr adapters keep their own
+        algorithm in LyCORIS's keys (hada_w1_a, ..., lokr_w1, lokr_w2_a, ..., alpha; see
+        lycoris_adapters), every scale folded into the first factor; their report rank is the
+        alpha written (r, or 1 for a dense LoKr, whose scale LyCORIS fixes at 1). "kohya" writes
+        them as LoRA factors of their ΔW, which every kohya reader takes.
     Text-encoder layers are written as "text_model.encoder.layers.{i}..." also from a transformers 5
     CLIPTextModel, whose own module names lack "text_model.".
     rank: None keeps LoRA factors as they are and exports other methods at full rank min(out, in)
@@ -584,26 +624,29 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
     Report: {"format", "rank": {name: r}, "rel_error": {name: ||ΔW - B A||/||ΔW||}, "max_rel_error"},
     names as in `model` ("unet.<module>", ...).
     """
-    if format not in ("diffusers", "kohya"):
-        raise ValueError(f"format: expected 'diffusers' or 'kohya', got {format!r}")
+    if format not in ("diffusers", "kohya", "lycoris"):
+        raise ValueError(f"format: expected 'diffusers', 'kohya' or 'lycoris', got {format!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank: expected None or a positive int, got {rank!r}")
     roots = dict(_components(model, "unet"))
     tensors, ranks, errors, file_ranks = {}, {}, {}, {}
     for name, adapter in _named_adapters(model, "unet"):
         component, _, module = name.partition(".")
-        if format == "kohya" and component not in _KOHYA_PREFIX:
-            raise ValueError(f"format 'kohya': no kohya prefix for component {component!r}; "
+        if format != "diffusers" and component not in _KOHYA_PREFIX:
+            raise ValueError(f"format {format!r}: no kohya prefix for component {component!r}; "
                              f"expected one of {sorted(_KOHYA_PREFIX)}")
         if adapter.is_conv:
-            if format != "kohya":
+            if format == "diffusers":
                 raise ValueError(f"format {format!r}: {name} is a conv adapter; a conv LoRA (LoCon) is written "
                                  "in kohya / LyCORIS naming only (format='kohya')")
             parts, errors[name] = _conv_lora_of(adapter, rank)
+        elif format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
+            parts, errors[name] = _lycoris_parts(adapter)
         else:
             B, A, errors[name] = _lora_of(adapter, rank)
             parts = {"lora_down.weight": A, "lora_up.weight": B}
-        ranks[name] = parts["lora_down.weight"].shape[0]
+        alpha = parts.pop("alpha", None)
+        ranks[name] = parts["lora_down.weight"].shape[0] if alpha is None else int(alpha)
         module = _file_name(roots[component], module)
         file_ranks[(component, module)] = ranks[name]
         if format == "diffusers":
@@ -612,9 +655,9 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         else:
             key = f"{_KOHYA_PREFIX[component]}_{module.replace('.', '_')}"
             if f"{key}.alpha" in tensors:
-                raise ValueError(f"format 'kohya': two modules map to the kohya name {key!r}")
+                raise ValueError(f"format {format!r}: two modules map to the kohya name {key!r}")
             tensors.update({f"{key}.{role}": t for role, t in parts.items()})
-            tensors[f"{key}.alpha"] = torch.tensor(float(ranks[name]))
+            tensors[f"{key}.alpha"] = torch.tensor(float(ranks[name] if alpha is None else alpha))
     if not ranks:
         raise ValueError(f"export_lora: no specops adapter found in {type(model).__name__}")
     metadata = {"format": "pt", "specops.export": format}
@@ -770,6 +813,9 @@ def _parse_key(key: str, tables: dict, path) -> tuple[str, str, str, bool]:
         if m:
             break
     else:
+        if _LYCORIS_KEY.match(key):
+            raise ValueError(f"load_lora: {path}: key {key!r} is a LyCORIS LoHa / LoKr key, not a LoRA one; "
+                             "lycoris_adapters(path, model) builds those adapters")
         raise ValueError(f"load_lora: {path}: key {key!r} is not a LoRA key this reader knows "
                          "(lora_A/lora_B, lora.down/up, lora_down/lora_up/lora_mid/alpha)")
     if pattern is _PROC_KEY:
@@ -925,3 +971,145 @@ def _scale(where: str, parts: dict, r: int, peft_config: dict | None, component:
 def _fold(B: Tensor, scale: float) -> Tensor:
     # one rounding from the exact product, and none at all for scale 1 (round trips stay bitwise)
     return B if scale == 1.0 else (B.double() * scale).to(B.dtype)
+
+
+# ----------------------------------------------------------------------------- LyCORIS LoHa / LoKr files
+
+# LyCORIS's key families for its LoHa and LoKr modules (kohya or "lycoris_" prefixes, no ".weight"):
+# file role -> the specops adapter parameter it fills.
+_LOHA_ROLES = {"hada_w1_a": "B1", "hada_w1_b": "A1", "hada_w2_a": "B2", "hada_w2_b": "A2"}
+_LOKR_ROLES = {"lokr_w1": "W1", "lokr_w1_a": "B1", "lokr_w1_b": "A1", "lokr_w2": "W2", "lokr_w2_a": "B2", "lokr_w2_b": "A2"}
+_LYCORIS_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.(hada_\w+|lokr_\w+|dora_scale|alpha)\Z")
+
+
+def _is_lycoris_file(tensors: Mapping[str, Tensor]) -> bool:
+    return any((m := _LYCORIS_KEY.match(k)) and m.group(3).startswith(("hada_", "lokr_")) for k in tensors)
+
+
+def _file_alpha(where: str, parts: dict, r: int) -> float:
+    """LyCORIS's alpha: the stored number, or r (scale 1) when absent or 0."""
+    alpha = parts.get("alpha")
+    if alpha is None:
+        return float(r)
+    if alpha.numel() != 1 or alpha.dtype == torch.bool:
+        raise ValueError(f"{where}: alpha is {alpha.dtype} of shape {tuple(alpha.shape)}, expected a number")
+    value = alpha.double().item()
+    return float(r) if value == 0 else value
+
+
+def _lycoris_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tuple[str, dict, dict[str, Tensor]]:
+    """(method, make_adapter options, {parameter: tensor}) of one LoHa / LoKr module; ValueError
+    if its keys, shapes or dtypes do not make that adapter on `base` (an nn.Linear)."""
+    roles = set(parts) - {"alpha"}
+    method = "loha" if any(r.startswith("hada_") for r in roles) else "lokr"
+    known = _LOHA_ROLES if method == "loha" else _LOKR_ROLES
+    unknown = sorted(roles - set(known))
+    if unknown:
+        raise ValueError(f"{where}: keys {unknown} are not {method} keys specops reads ({sorted(known)}, alpha; "
+                         "Tucker and DoRA factors and conv layers are not supported)")
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"{where}: a {method} entry for a {type(base).__name__}; specops reads LoHa / LoKr files "
+                         "for nn.Linear layers only")
+    for role, t in parts.items():
+        if role != "alpha" and (t.dtype not in _FACTOR_DTYPES or t.ndim != 2):
+            raise ValueError(f"{where}: {role} is {t.dtype} of shape {tuple(t.shape)}; expected a float16, "
+                             "bfloat16, float32 or float64 matrix")
+    own = {known[role]: t for role, t in parts.items() if role != "alpha"}
+    out_f, in_f = base.weight.shape
+    if method == "loha":
+        if roles != set(known):
+            raise ValueError(f"{where}: lacks {sorted(set(known) - roles)}")
+        r = own["B1"].shape[1]
+        want = {"B1": (out_f, r), "A1": (r, in_f), "B2": (out_f, r), "A2": (r, in_f)}
+        options = {"rank": r, "alpha": _file_alpha(where, parts, r)}
+    else:
+        for dense, pair in (("W1", ("B1", "A1")), ("W2", ("B2", "A2"))):
+            has = [k for k in (dense, *pair) if k in own]
+            if has not in ([dense], list(pair)):
+                role = {v: k for k, v in known.items()}
+                raise ValueError(f"{where}: expected {role[dense]} or both {role[pair[0]]} and {role[pair[1]]}, "
+                                 f"got {[role[k] for k in has]}")
+        W1 = own.get("W1", None)
+        (m1, n1) = tuple(W1.shape) if W1 is not None else (own["B1"].shape[0], own["A1"].shape[1])
+        if m1 == 0 or n1 == 0 or out_f % m1 or in_f % n1:
+            raise ValueError(f"{where}: the first Kronecker factor is {(m1, n1)}, which does not divide the layer's "
+                             f"(out, in) = {(out_f, in_f)}")
+        m2, n2 = out_f // m1, in_f // n1
+        w1_rank = None if W1 is not None else own["B1"].shape[1]
+        rank = None if "W2" in own else own["B2"].shape[1]
+        want = {"W1": (m1, n1), "B1": (m1, w1_rank), "A1": (w1_rank, n1), "W2": (m2, n2), "B2": (m2, rank),
+                "A2": (rank, n2)}
+        r = w1_rank if w1_rank is not None else rank
+        alpha = None if r is None else _file_alpha(where, parts, r)  # both dense: LyCORIS's scale is 1
+        options = {"factor": [m1, n1], "rank": rank, "w1_rank": w1_rank, "alpha": alpha}
+    for key, t in own.items():
+        if tuple(t.shape) != want[key] or 0 in t.shape:
+            role = {v: k for k, v in known.items()}[key]
+            raise ValueError(f"{where}: {role} is {tuple(t.shape)}, expected {want[key]} for the layer's "
+                             f"(out, in) = {(out_f, in_f)}")
+    return method, options, own
+
+
+def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.Adapter]:
+    """Build the adapters a kohya / LyCORIS file describes, in the file's own algorithm; returns
+    {"<component>.<module>": adapter}. Nothing is installed: put each adapter in its layer's place.
+
+    LoHa keys hada_w1_a (out, r), hada_w1_b (r, in), hada_w2_a, hada_w2_b, alpha give
+    specops.adapters.LoHa (B1, A1, B2, A2; ΔW = (alpha/r) (B1 A1) ⊙ (B2 A2)). LoKr keys lokr_w1
+    (m1, n1) or lokr_w1_a (m1, r) / lokr_w1_b (r, n1), lokr_w2 (m2, n2) or lokr_w2_a / lokr_w2_b,
+    alpha give specops.adapters.LoKr with LyCORIS's scale: 1 when both factors are dense, else
+    alpha / r (r: the rank of the first factor if factored, else of the second). An alpha of 0 or
+    none means r. Files without hada_ / lokr_ keys are LoRA files: load_lora's entries become LoRA
+    adapters. Every key and shape is checked against `model` (an nn.Module, the UNet, or a mapping
+    {component: module}) before any adapter is built; a failure changes nothing.
+    """
+    tensors, _ = _read(path)
+    tables = _name_tables(model)
+    roots = dict(_components(model, "unet"))
+    plans = []
+    if not _is_lycoris_file(tensors):
+        for name, factors in load_lora(path, model).items():
+            plans.append((name, "lora", {"init": factors}, {}))
+    else:
+        groups: dict[tuple[str, str], dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            m = _LYCORIS_KEY.match(key)
+            if m is None:
+                raise ValueError(f"{path}: key {key!r} is not a LoHa / LoKr key (<prefix>_<module>.hada_* / "
+                                 ".lokr_* / .alpha); a file holds one algorithm")
+            if m.group(1) == _LYCORIS_PREFIX:
+                component = next(iter(tables)) if len(tables) == 1 else "unet"
+            else:
+                component = _KOHYA_COMPONENT[m.group(1)]
+            if component not in tables:
+                raise ValueError(f"{path}: key {key!r} is for the {component}, which `model` lacks")
+            module = _kohya_name(component, m.group(2), tables, key, path)
+            groups.setdefault((component, module), {})[m.group(3)] = value
+        for (component, module), parts in groups.items():
+            where = f"{path}: {component}.{module}"
+            if set(parts) == {"alpha"}:
+                raise ValueError(f"{where}: an alpha without factors")
+            layer = roots[component].get_submodule(module)
+            method, options, own = _lycoris_plan(where, parts, layer)
+            plans.append((f"{component}.{module}", method, options, own))
+    for name, *_ in plans:
+        component, _, module = name.partition(".")
+        layer = roots[component].get_submodule(module)
+        if isinstance(layer, adapters.Adapter):
+            raise ValueError(f"{path}: {name} already holds a {layer.method!r} adapter; remove it first")
+    flags = {p: p.requires_grad for name, *_ in plans
+             for p in roots[name.partition(".")[0]].get_submodule(name.partition(".")[2]).parameters()}
+    built = {}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # random inits are overwritten
+            for name, method, options, own in plans:
+                component, _, module = name.partition(".")
+                adapter = adapters.make_adapter(method, roots[component].get_submodule(module), scale=scale, **options)
+                for key, t in own.items():
+                    getattr(adapter, key).copy_(t)
+                built[name] = adapter
+    except BaseException:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        raise
+    return built

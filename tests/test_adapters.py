@@ -23,6 +23,7 @@ CASES = [
     ("loha", {"rank": 2}),
     ("lokr", {}),
     ("lokr", {"rank": 2, "factor": [2, 2]}),
+    ("lokr", {"rank": 2, "w1_rank": 1, "alpha": 3.0}),
     ("oft", {"blocks": 2}),
     ("koft", {}),
     ("svdiff", {}),
@@ -153,9 +154,11 @@ def _cayley_dense(S):
 def _reference_weight(adapter):
     """W0 + ΔW from the method's formula with dense matrices (torch.kron order, V = Vh^T)."""
     W0 = adapter.base.weight
-    if adapter.method == "lokr":
+    if adapter.method == "lokr":  # LyCORIS's scale: alpha / (W1's rank if factored, else W2's); 1 if both dense
+        W1 = adapter.W1 if adapter.w1_rank is None else adapter.B1 @ adapter.A1
         W2 = adapter.W2 if adapter.rank is None else adapter.B2 @ adapter.A2
-        return W0 + torch.kron(adapter.W1, W2)
+        r = adapter.w1_rank or adapter.rank
+        return W0 + adapter.scale * (1.0 if r is None else adapter.alpha / r) * torch.kron(W1, W2)
     if adapter.method == "oft":
         return W0 @ torch.block_diag(*_cayley_dense(adapter.Q - adapter.Q.mT))
     R = torch.kron(torch.kron(*adapter.factors[:2]), adapter.factors[2])
@@ -168,7 +171,8 @@ def _reference_weight(adapter):
     return left @ (right @ R.T if adapter.side == "input" else (right.T @ R).T)
 
 
-@pytest.mark.parametrize("case", [("lokr", {}), ("lokr", {"rank": 2, "factor": [2, 3]}), ("oft", {"blocks": 3}),
+@pytest.mark.parametrize("case", [("lokr", {}), ("lokr", {"rank": 2, "factor": [2, 3]}),
+                                  ("lokr", {"rank": 2, "w1_rank": 1, "alpha": 0.5}), ("oft", {"blocks": 3}),
                                   ("koft", {}), ("soda-svd", {"side": "input"}), ("soda-svd", {"side": "basis"}),
                                   ("soda-lq", {"side": "input"}), ("soda-lq", {"side": "basis"})], ids=_id)
 def test_dense_reference(case):
@@ -356,6 +360,8 @@ def test_bf16_base():
         ("soda-svd", {"side": "output"}, "side: expected one of"),
         ("svdiff", {"activation": "gelu"}, "activation: expected one of"),
         ("lokr", {"factor": 5}, r"factor: expected m1 dividing out_features=12"),
+        ("lokr", {"alpha": 2.0}, "alpha: 2.0, but with both Kronecker factors dense LoKr has no alpha"),
+        ("lokr", {"rank": 2, "w1_rank": 0}, "w1_rank: expected a positive integer"),
         ("ziplora", {"content": (torch.zeros(12, 2), torch.zeros(2, 17)),
                      "style": (torch.zeros(12, 1), torch.zeros(1, 18))}, r"A_c: expected shape \(r_c, in_features=18\)"),
     ],

@@ -158,3 +158,125 @@ def test_the_kohya_export_loads_into_lycoris(tmp_path, tucker):
     assert len(net.loras) == 794
     assert sum(getattr(lora, "tucker", False) for lora in net.loras) == (40 if tucker else 0)
     assert _rel(_run(fresh), mine) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- LoHa and LoKr on Linear layers
+
+
+def _linear_network(unet, algo: str, dim: int, alpha: float, std: float = 0.3, **options):
+    """LyCORIS's `algo` on the Linear layers of the UNet's transformer blocks (its own module walk, as
+    _lycoris_names), with random non-zero weights (every factor, also the zero-initialised ones)."""
+    LycorisNetwork.apply_preset({"enable_conv": False, "lora_prefix": "lycoris", "target_module": ["Transformer2DModel"],
+                                 "target_name": []})
+    net = LycorisNetwork(unet, lora_dim=dim, alpha=alpha, network_module=algo, warn_on_unmatched=False, **options)
+    net.apply_to()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(std * torch.randn(p.shape, generator=g))
+    return net
+
+
+def _install(unet, built):
+    """Put lycoris_adapters' {"unet.<module>": adapter} into the UNet."""
+    for name, adapter in built.items():
+        parent, _, child = name.partition(".")[2].rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, child, adapter)
+
+
+# LyCORIS picks LoKr's forms per layer; on a 64 x 64 projection (an 8 x 8 split) rank 4 >= 8/2 keeps
+# W2 dense (with W1 dense: scale 1, alpha unread), rank 3 factors W2 (alpha / 3), rank 2 with
+# decompose_both factors W1 too (alpha / 2); full_matrix keeps every factor dense (its weights are
+# drawn smaller: a ΔW that swamps W0 would only measure float32 rounding).
+LYCORIS_LINEAR = [("loha", 4, {}, None), ("lokr", 4, {}, "dense"), ("lokr", 3, {}, "w2"),
+                  ("lokr", 2, {"decompose_both": True}, "both"), ("lokr", 4, {"full_matrix": True, "std": 0.1}, "dense")]
+
+
+@pytest.mark.parametrize("algo, dim, options, form", LYCORIS_LINEAR)
+def test_a_lycoris_loha_lokr_file_applies_exactly(tmp_path, algo, dim, options, form):
+    unet = sdxl.tiny_unet(0)
+    base = _run(unet)
+    net = _linear_network(unet, algo, dim, 1.5, **options)  # std: the weights' scale
+    theirs = _run(unet)
+    assert _rel(theirs, base) > 1e-2  # the file changes the model
+    path = tmp_path / f"{algo}.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+
+    mine = sdxl.tiny_unet(0)
+    built = lora_io.lycoris_adapters(path, mine)
+    assert len(built) == len(net.loras) == 722
+    assert {a.method for a in built.values()} == {algo}
+    if algo == "lokr":  # the forms on a 64 x 64 projection
+        q = built["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+        assert (q.w1_rank, q.rank) == {"dense": (None, None), "w2": (None, 3), "both": (2, 2)}[form]
+        if options.get("full_matrix"):
+            assert all(a.w1_rank is None and a.rank is None for a in built.values())
+    _install(mine, built)
+    assert _rel(_run(mine), theirs) <= 1e-5
+
+
+@pytest.mark.parametrize("method, options", [
+    ("loha", {"rank": 3, "alpha": 1.5}),
+    ("lokr", {}),                                             # both dense: written dense, scale folded into W1
+    ("lokr", {"rank": 2, "alpha": 3.0}),                      # W2 factored
+    ("lokr", {"rank": 2, "w1_rank": 2, "alpha": 0.5}),        # both factored, as decompose_both
+    ("lokr", {"rank": 6, "w1_rank": 1}),                      # ranks LyCORIS would not rebuild: written dense
+])
+def test_the_lycoris_loha_lokr_export_loads_into_lycoris(tmp_path, method, options):
+    unet = sdxl.tiny_unet(0)
+    torch.manual_seed(0)
+    found = sdxl.inject(unet, method, preset="attn-mlp", **options)
+    g = torch.Generator().manual_seed(2)
+    std = 0.3 if method == "loha" else 0.1  # LoKr's dense W1 ⊗ W2 is larger: keep ΔW below W0
+    with torch.no_grad():
+        for a in found.values():
+            for p in a.parameters():
+                if p.requires_grad:
+                    p.copy_(std * torch.randn(p.shape, generator=g))
+        next(iter(found.values())).scale = 0.5  # a block-wise weight is part of the exported update
+    mine = _run(unet)
+    path = tmp_path / "kohya.safetensors"
+    report = lora_io.export_lora(unet, path, format="lycoris")
+    assert report["max_rel_error"] <= 1e-6
+
+    LycorisNetwork.apply_preset({"lora_prefix": "lora_unet"})  # kohya's key names
+    fresh = sdxl.tiny_unet(0)
+    net, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+    net.apply_to()
+    assert len(net.loras) == len(found) == 726
+    assert {type(lora).__name__ for lora in net.loras} == {"LohaModule" if method == "loha" else "LokrModule"}
+    assert _rel(_run(fresh), mine) <= 1e-5
+    # and specops reads its own file back into the same adapters
+    again = sdxl.tiny_unet(0)
+    _install(again, lora_io.lycoris_adapters(path, again))
+    assert _rel(_run(again), mine) <= 1e-5
+
+
+def test_lycoris_adapters_validates_before_building(tmp_path):
+    from safetensors.torch import save_file
+    unet = sdxl.tiny_unet(0)
+    net = _linear_network(unet, "loha", 2, 1.0)
+    path = tmp_path / "loha.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    good = lora_io._read(path)[0]
+    name = "lycoris_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    cases = [
+        ({**good, f"{name}.dora_scale": torch.ones(64, 1)}, r"dora_scale.*not loha keys specops reads"),
+        ({k: v for k, v in good.items() if k != f"{name}.hada_w2_b"}, r"lacks \['hada_w2_b'\]"),
+        ({**good, f"{name}.hada_w1_b": torch.zeros(2, 65)}, r"hada_w1_b is \(2, 65\), expected \(2, 64\)"),
+        ({**good, "lycoris_nope_to_q.hada_w1_a": torch.zeros(64, 2)}, "maps to no Linear or Conv2d layer"),
+        ({**good, f"{name}.lora_down.weight": torch.zeros(2, 64)}, "is not a LoHa / LoKr key"),
+        ({**good, "lycoris_conv_in.hada_w1_a": torch.zeros(32, 2)}, "a loha entry for a Conv2d"),
+        ({f"{name}.lokr_w1": torch.zeros(8, 8), f"{name}.lokr_w2_a": torch.zeros(8, 2)},
+         r"expected lokr_w2 or both lokr_w2_a and lokr_w2_b, got \['lokr_w2_a'\]"),
+        ({f"{name}.lokr_w1": torch.zeros(7, 8), f"{name}.lokr_w2": torch.zeros(8, 8)}, "does not divide"),
+    ]
+    target = sdxl.tiny_unet(0)
+    flags = {n: p.requires_grad for n, p in target.named_parameters()}
+    for tensors, match in cases:
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad))
+        with pytest.raises(ValueError, match=match):
+            lora_io.lycoris_adapters(bad, target)
+        assert {n: p.requires_grad for n, p in target.named_parameters()} == flags
+    assert not any(isinstance(m, lora_io.adapters.Adapter) for m in target.modules())
