@@ -85,6 +85,10 @@ def _skip_slow_triton(backend, out_f, in_f, r_c, r_s, batch, dtype):
         pytest.skip("too slow for the Triton interpreter (covered by the small shapes)")
     if backend == "triton" and tokens > 1024 and dtype != torch.float32:
         pytest.skip("many token blocks / splits: run once (float32) under the Triton interpreter")
+    if dtype == torch.bfloat16 and tokens * in_f * out_f > 4e9:
+        # CPUs without bf16 GEMM units take minutes here; the 640 x 640 x 4096-token case keeps the
+        # bf16 token depth and the 1280 x 2048 x 154-token case the bf16 width.
+        pytest.skip("bf16 at 1280 x 2048 x 4096 tokens: covered by the two cases beside it")
 
 
 @functools.cache
