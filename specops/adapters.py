@@ -1,9 +1,9 @@
-"""PEFT adapters on specops ops: a frozen nn.Linear (or, for LoRA, nn.Conv2d) plus one method's trainable update.
+"""PEFT adapters on specops ops: a frozen nn.Linear (or, for LoRA, LoHa, LoKr, nn.Conv2d) plus one method's trainable update.
 
 An adapter wraps a base layer with weight W0 (out = m, in = n), y = x W0^T + b, and starts as the
-identity update (ZipLoRA starts as the plain sum of its two LoRAs, see `ZipLoRA`). LoRA also wraps
-an nn.Conv2d (LoCon, LyCORIS's LoRA on convolutions; see `LoRA`); CONV_METHODS names the methods
-that take a conv layer. Two kinds:
+identity update (ZipLoRA starts as the plain sum of its two LoRAs, see `ZipLoRA`). LoRA, LoHa and
+LoKr also wrap an nn.Conv2d (LyCORIS's LoCon, LoHa and LoKr on convolutions; see each class);
+CONV_METHODS names the methods that take a conv layer. Two kinds:
 
   additive  (LoRA, LoHa, LoKr, ZipLoRA):  y = x W0^T + b + scale · x ΔW'^T,  ΔW = scale · ΔW'
   rebuild   (OFT, KOFT, SVDiff, SODA-SVD, SODA-LQ): the method gives the adapted weight W itself;
@@ -336,35 +336,86 @@ class LoRA(Adapter):
         return torch.einsum("op,pqhw,qi->oihw", B, self.mid, self.A)
 
 
+def _conv_geometry(conv: nn.Conv2d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation
+
+
+def _spatial(W0: Tensor) -> bool:
+    """A conv kernel larger than 1x1 (a 1x1 conv counts as a Linear, as in LyCORIS)."""
+    return any(k != 1 for k in W0.shape[2:])
+
+
+def _tucker_rebuild(B: Tensor, T: Tensor, A: Tensor) -> Tensor:
+    """Σ_{p,q} B[o, p] T[p, q, h, w] A[q, i]: B (out, r), T (r, r, kh, kw), A (r, in) -> (out, in, kh, kw)."""
+    return torch.einsum("op,pqhw,qi->oihw", B, T, A)
+
+
+def _adapted_layer(adapter: Adapter, x: Tensor) -> Tensor:
+    """The base layer run with W0 + ΔW (one Linear or one conv with the base's geometry)."""
+    base = adapter.base
+    W = base.weight + adapter.delta_weight()
+    if adapter.is_conv:
+        return F.conv2d(x, W, base.bias, *_conv_geometry(base))
+    return F.linear(x, W, base.bias)
+
+
 class LoHa(Adapter):
-    """ΔW = scale·(alpha/rank)·(B1 A1) ⊙ (B2 A2), all four (out, rank) / (rank, in).
+    """ΔW = scale·(alpha/rank)·(B1 A1) ⊙ (B2 A2), all four (out, rank) / (rank, in) (LyCORIS's LoHa).
 
     B1 = 0 (identity start), A1 uniform(±1/sqrt(in)), B2 ~ N(0, 1), A2 ~ N(0, 1/rank) so B2 A2 has
     O(1) entries. The Hadamard product has no cheap factored form: forward builds W0 + ΔW and runs
-    one Linear.
+    one Linear (or conv).
+
+    On an nn.Conv2d, W0 (out, in, kh, kw), as LyCORIS: A1, A2 are (rank, in·kh·kw) and ΔW is the
+    product above reshaped to (out, in, kh, kw); or, tucker=True on a kernel larger than 1x1, each
+    half is a Tucker product with a core T_i (rank, rank, kh, kw) and A_i (rank, in):
+        ΔW[o, i] = scale·(alpha/rank)·(Σ B1[o, p] T1[p, q] A1[q, i]) ⊙ (Σ B2[o, p] T2[p, q] A2[q, i]).
+    A kernel larger than 1x1 takes conv_rank / conv_alpha when given (LyCORIS's conv_dim /
+    conv_alpha), else rank / alpha; a 1x1 conv counts as a Linear.
     """
 
     method = "loha"
+    bases = (nn.Linear, nn.Conv2d)
 
-    def __init__(self, base: nn.Linear, *, rank: int = 4, alpha: float | None = None, scale: float = 1.0):
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, rank: int = 4, alpha: float | None = None,
+                 conv_rank: int | None = None, conv_alpha: float | None = None, tucker: bool = False,
+                 scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
-        m, n = W0.shape
-        self.rank = _positive_int("rank", rank)
+        m, n = W0.shape[:2]
+        kernel = tuple(W0.shape[2:])
+        rank_name = "rank"
+        if _spatial(W0):
+            if conv_rank is not None:
+                rank, rank_name = conv_rank, "conv_rank"
+            alpha = alpha if conv_alpha is None else conv_alpha
+        if not isinstance(tucker, bool):
+            raise ValueError(f"tucker: expected a bool, got {tucker!r}")
+        self.rank = _positive_int(rank_name, rank)
         self.alpha = float(rank if alpha is None else alpha)
+        cols = n if tucker and _spatial(W0) else n * math.prod(kernel)
         self.B1 = nn.Parameter(W0.new_zeros(m, rank))
-        self.A1 = nn.Parameter(_uniform(rank, n, W0))
+        self.A1 = nn.Parameter(_uniform(rank, cols, W0))
         self.B2 = nn.Parameter(torch.randn(m, rank, dtype=W0.dtype, device=W0.device))
-        self.A2 = nn.Parameter(torch.randn(rank, n, dtype=W0.dtype, device=W0.device) * rank**-0.5)
+        self.A2 = nn.Parameter(torch.randn(rank, cols, dtype=W0.dtype, device=W0.device) * rank**-0.5)
+        tucker = tucker and _spatial(W0)
+        for name in ("T1", "T2"):
+            core = _uniform(rank, rank * math.prod(kernel), W0).view(rank, rank, *kernel) if tucker else None
+            self.register_parameter(name, None if core is None else nn.Parameter(core))
         self._options = {"rank": rank, "alpha": self.alpha}
+        if self.is_conv:
+            self._options["tucker"] = tucker
 
     def _forward(self, x):
-        return F.linear(x, self.base.weight + self.delta_weight(), self.base.bias)
+        return _adapted_layer(self, x)
 
     def delta_weight(self):
         # The coefficient goes on the small B1, not on an (out, in) product.
         c = self.scale * self.alpha / self.rank
-        return ((self.B1 * c) @ self.A1) * (self.B2 @ self.A2)
+        if self.T1 is not None:
+            return _tucker_rebuild(self.B1 * c, self.T1, self.A1) * _tucker_rebuild(self.B2, self.T2, self.A2)
+        delta = ((self.B1 * c) @ self.A1) * (self.B2 @ self.A2)
+        return delta.reshape(self.base.weight.shape)
 
 
 class LoKr(Adapter):
@@ -378,15 +429,33 @@ class LoKr(Adapter):
     alpha and c follow LyCORIS: with both factors dense c = 1 and alpha must be None; otherwise
     c = alpha / r, r = w1_rank if W1 is factored, else rank, and alpha defaults to r (c = 1).
     Forward: base(x) + kron_matmul(x, [(scale·c·W1)^T, W2^T]), since (W1 ⊗ W2)^T = W1^T ⊗ W2^T.
+
+    On an nn.Conv2d, W0 (out, in, kh, kw), as LyCORIS: the Kronecker product is over the channels
+    and the kernel lies on the second factor, ΔW[(a, b), (p, q), h, w] = scale·c·W1[a, p] W2[b, q, h, w]:
+    W2 dense (m2, n2, kh, kw), or B2 (m2, rank) A2 (rank, n2·kh·kw) reshaped, or with tucker=True on
+    a kernel larger than 1x1 B2 (m2, rank), a core T2 (rank, rank, kh, kw), A2 (rank, n2):
+    W2[b, q, h, w] = Σ_{p,s} B2[b, p] T2[p, s, h, w] A2[s, q].
+    conv_rank / conv_alpha act on kernels larger than 1x1 (as LoRA). Forward builds W0 + ΔW and runs
+    one conv.
     """
 
     method = "lokr"
+    bases = (nn.Linear, nn.Conv2d)
 
-    def __init__(self, base: nn.Linear, *, factor=None, rank: int | None = None, w1_rank: int | None = None,
-                 alpha: float | None = None, scale: float = 1.0):
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, factor=None, rank: int | None = None,
+                 w1_rank: int | None = None, alpha: float | None = None, conv_rank: int | None = None,
+                 conv_alpha: float | None = None, tucker: bool = False, scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
-        m, n = W0.shape
+        m, n = W0.shape[:2]
+        kernel = tuple(W0.shape[2:])
+        rank_name = "rank"
+        if _spatial(W0):
+            if conv_rank is not None:
+                rank, rank_name = conv_rank, "conv_rank"
+            alpha = alpha if conv_alpha is None else conv_alpha
+        if not isinstance(tucker, bool):
+            raise ValueError(f"tucker: expected a bool, got {tucker!r}")
         if factor is None:
             m1, n1 = kron_factor_sizes(m, 2, allow_ones=True)[0], kron_factor_sizes(n, 2, allow_ones=True)[0]
         elif isinstance(factor, int):
@@ -395,9 +464,10 @@ class LoKr(Adapter):
             m1, n1 = (_positive_int("factor", f) for f in factor)
         else:
             raise ValueError(f"factor: expected None, an int or an (m1, n1) pair, got {factor!r}")
+        what = "channels" if self.is_conv else "features"
         if m % m1 or n % n1:
             raise ValueError(
-                f"factor: expected m1 dividing out_features={m} and n1 dividing in_features={n}, "
+                f"factor: expected m1 dividing out_{what}={m} and n1 dividing in_{what}={n}, "
                 f"got (m1, n1) = ({m1}, {n1})"
             )
         m2, n2 = m // m1, n // n1
@@ -407,12 +477,16 @@ class LoKr(Adapter):
             w1_rank = _positive_int("w1_rank", w1_rank)
             self.B1 = nn.Parameter(W0.new_zeros(m1, w1_rank))
             self.A1 = nn.Parameter(_uniform(w1_rank, n1, W0))
+        tucker = tucker and _spatial(W0) and rank is not None
+        self.register_parameter("T2", None)
         if rank is None:
-            self.W2 = nn.Parameter(_uniform(m2, n2, W0))
+            self.W2 = nn.Parameter(_uniform(m2, n2 * math.prod(kernel), W0).view(m2, n2, *kernel))
         else:
-            rank = _positive_int("rank", rank)
+            rank = _positive_int(rank_name, rank)
             self.B2 = nn.Parameter(_uniform(m2, rank, W0))
-            self.A2 = nn.Parameter(_uniform(rank, n2, W0))
+            self.A2 = nn.Parameter(_uniform(rank, n2 if tucker else n2 * math.prod(kernel), W0))
+            if tucker:
+                self.T2 = nn.Parameter(_uniform(rank, rank * math.prod(kernel), W0).view(rank, rank, *kernel))
         r = w1_rank if w1_rank is not None else rank
         if r is None and alpha is not None:
             raise ValueError(f"alpha: {alpha!r}, but with both Kronecker factors dense LoKr has no alpha "
@@ -421,19 +495,32 @@ class LoKr(Adapter):
         self.alpha = None if r is None else float(r if alpha is None else alpha)
         self._coef = 1.0 if r is None else self.alpha / r
         self._options = {"factor": [m1, n1], "rank": rank, "w1_rank": w1_rank, "alpha": self.alpha}
+        if self.is_conv:
+            self._options["tucker"] = tucker
 
     def kron_factors(self) -> tuple[Tensor, Tensor]:
-        """(W1 with every scale folded in, W2): delta_weight() == kron(W1, W2)."""
+        """(W1 with every scale folded in, W2): delta_weight() == kron(W1, W2), on a conv
+        torch.kron(W1[:, :, None, None], W2) with W2 (m2, n2, kh, kw)."""
         W1 = self.W1 if self.w1_rank is None else self.B1 @ self.A1
-        W2 = self.W2 if self.rank is None else self.B2 @ self.A2
+        if self.rank is None:
+            W2 = self.W2
+        elif self.T2 is not None:
+            W2 = _tucker_rebuild(self.B2, self.T2, self.A2)
+        else:
+            W2 = (self.B2 @ self.A2).view(self.B2.shape[0], -1, *self.base.weight.shape[2:])
         return W1 * (self.scale * self._coef), W2
 
     def _forward(self, x):
+        if self.is_conv:
+            return _adapted_layer(self, x)
         W1, W2 = self.kron_factors()
         return self.base(x) + kron_matmul(x, [W1.mT, W2.mT])
 
     def delta_weight(self):
-        return kron(list(self.kron_factors()))
+        W1, W2 = self.kron_factors()
+        if self.is_conv:
+            return torch.kron(W1[:, :, None, None], W2.contiguous())
+        return kron([W1, W2])
 
 
 class ZipLoRA(Adapter):

@@ -557,30 +557,58 @@ def _conv_lora_of(adapter: nn.Module, rank: int | None) -> tuple[dict[str, Tenso
 
 
 def _lycoris_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float]:
-    """LyCORIS's own tensors for a LoHa / LoKr adapter on a Linear, every scale folded into the first
-    factor and alpha = r, so LyCORIS's alpha / r is 1 (it ignores alpha when both LoKr factors are
-    dense); and the relative error of the written ΔW. LoKr keeps a factored form only where
-    LyCORIS rebuilds it from the file (rank < max(factor dims) / 2, a factored first factor only with
-    a factored second one of the same rank); elsewhere it writes the dense product."""
+    """LyCORIS's own tensors for a LoHa / LoKr adapter (Linear or conv), every scale folded into the
+    first factor and alpha = r, so LyCORIS's alpha / r is 1 (it ignores alpha when both LoKr factors
+    are dense); and the relative error of the written ΔW, rebuilt in float64 by LyCORIS's formulas.
+    LoKr keeps a factored form only where LyCORIS rebuilds it from the file (a Linear's W2 with
+    rank < max(m2, n2) / 2; a factored W1 only with such a W2 of the same rank, rank < max(m1, n1) / 2);
+    elsewhere, and on every conv, it writes the dense products. Tucker files hold the out factors
+    as (r, out)."""
     with torch.no_grad():
         delta = adapter.delta_weight().detach()
+        shape = tuple(delta.shape)
+        kernel = shape[2:]
         if adapter.method == "loha":
             c = adapter.scale * adapter.alpha / adapter.rank
-            parts = {"hada_w1_a": adapter.B1 * c, "hada_w1_b": adapter.A1, "hada_w2_a": adapter.B2,
-                     "hada_w2_b": adapter.A2}
-            rebuilt = (parts["hada_w1_a"].double() @ adapter.A1.double()) * (adapter.B2.double() @ adapter.A2.double())
+            tucker = adapter.T1 is not None
+            B1 = adapter.B1 * c
+            parts = {"hada_w1_a": B1.mT if tucker else B1, "hada_w1_b": adapter.A1,
+                     "hada_w2_a": adapter.B2.mT if tucker else adapter.B2, "hada_w2_b": adapter.A2}
+            d = {k: v.double() for k, v in parts.items()}
+            if tucker:
+                parts.update(hada_t1=adapter.T1, hada_t2=adapter.T2)
+                halves = [torch.einsum("pqhw,po,qi->oihw", t.double(), d[f"hada_w{j}_a"], d[f"hada_w{j}_b"])
+                          for j, t in ((1, adapter.T1), (2, adapter.T2))]
+            else:
+                halves = [(d[f"hada_w{j}_a"] @ d[f"hada_w{j}_b"]).reshape(shape) for j in (1, 2)]
+            rebuilt = halves[0] * halves[1]
             alpha = adapter.rank
         else:
             c = adapter.scale * adapter._coef
-            w2 = adapter.rank is not None and adapter.rank < max(adapter.B2.shape[0], adapter.A2.shape[1]) / 2
-            w1 = (w2 and adapter.w1_rank == adapter.rank
-                  and adapter.w1_rank < max(adapter.B1.shape[0], adapter.A1.shape[1]) / 2)
             W1, W2 = adapter.kron_factors()
+            m2, n2 = W2.shape[:2]
+            m1, n1 = W1.shape
+            # LyCORIS 4.1.3 infers a conv's split from lokr_w2_b's flattened (r, n2·kh·kw) width (or, for
+            # Tucker, from lokr_w2_a's (r, m2)) and cannot rebuild factored conv files, not even its own
+            w2 = not adapter.is_conv and adapter.rank is not None and adapter.rank < max(m2, n2) / 2
+            w1 = w2 and adapter.w1_rank == adapter.rank and adapter.w1_rank < max(m1, n1) / 2
             parts = {"lokr_w1_a": adapter.B1 * c, "lokr_w1_b": adapter.A1} if w1 else {"lokr_w1": W1}
-            parts.update({"lokr_w2_a": adapter.B2, "lokr_w2_b": adapter.A2} if w2 else {"lokr_w2": W2})
-            w1_64 = parts["lokr_w1_a"].double() @ adapter.A1.double() if w1 else W1.double()
-            w2_64 = adapter.B2.double() @ adapter.A2.double() if w2 else W2.double()
-            rebuilt = torch.kron(w1_64, w2_64)
+            tucker = w2 and adapter.T2 is not None
+            if tucker:
+                parts.update(lokr_w2_a=adapter.B2.mT, lokr_w2_b=adapter.A2, lokr_t2=adapter.T2)
+            elif w2:
+                parts.update(lokr_w2_a=adapter.B2, lokr_w2_b=adapter.A2)
+            else:
+                parts["lokr_w2"] = W2
+            d = {k: v.double() for k, v in parts.items()}
+            w1_64 = d["lokr_w1_a"] @ d["lokr_w1_b"] if w1 else d["lokr_w1"]
+            if tucker:
+                w2_64 = torch.einsum("pqhw,pb,qd->bdhw", d["lokr_t2"], d["lokr_w2_a"], d["lokr_w2_b"])
+            elif w2:
+                w2_64 = (d["lokr_w2_a"] @ d["lokr_w2_b"]).reshape(m2, n2, *kernel)
+            else:
+                w2_64 = d["lokr_w2"]
+            rebuilt = torch.kron(w1_64.reshape(m1, n1, *(1,) * len(kernel)), w2_64.contiguous())
             alpha = adapter.rank if w2 else 1
         parts = {k: v.detach().contiguous() for k, v in parts.items()}
         d64 = delta.double()
@@ -635,13 +663,13 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         if format != "diffusers" and component not in _KOHYA_PREFIX:
             raise ValueError(f"format {format!r}: no kohya prefix for component {component!r}; "
                              f"expected one of {sorted(_KOHYA_PREFIX)}")
-        if adapter.is_conv:
+        if format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
+            parts, errors[name] = _lycoris_parts(adapter)
+        elif adapter.is_conv:
             if format == "diffusers":
                 raise ValueError(f"format {format!r}: {name} is a conv adapter; a conv LoRA (LoCon) is written "
                                  "in kohya / LyCORIS naming only (format='kohya')")
             parts, errors[name] = _conv_lora_of(adapter, rank)
-        elif format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
-            parts, errors[name] = _lycoris_parts(adapter)
         else:
             B, A, errors[name] = _lora_of(adapter, rank)
             parts = {"lora_down.weight": A, "lora_up.weight": B}
@@ -977,8 +1005,10 @@ def _fold(B: Tensor, scale: float) -> Tensor:
 
 # LyCORIS's key families for its LoHa and LoKr modules (kohya or "lycoris_" prefixes, no ".weight"):
 # file role -> the specops adapter parameter it fills.
-_LOHA_ROLES = {"hada_w1_a": "B1", "hada_w1_b": "A1", "hada_w2_a": "B2", "hada_w2_b": "A2"}
-_LOKR_ROLES = {"lokr_w1": "W1", "lokr_w1_a": "B1", "lokr_w1_b": "A1", "lokr_w2": "W2", "lokr_w2_a": "B2", "lokr_w2_b": "A2"}
+_LOHA_ROLES = {"hada_w1_a": "B1", "hada_w1_b": "A1", "hada_w2_a": "B2", "hada_w2_b": "A2", "hada_t1": "T1",
+               "hada_t2": "T2"}
+_LOKR_ROLES = {"lokr_w1": "W1", "lokr_w1_a": "B1", "lokr_w1_b": "A1", "lokr_w2": "W2", "lokr_w2_a": "B2", "lokr_w2_b": "A2",
+               "lokr_t2": "T2"}
 _LYCORIS_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.(hada_\w+|lokr_\w+|dora_scale|alpha)\Z")
 
 
@@ -999,54 +1029,76 @@ def _file_alpha(where: str, parts: dict, r: int) -> float:
 
 def _lycoris_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tuple[str, dict, dict[str, Tensor]]:
     """(method, make_adapter options, {parameter: tensor}) of one LoHa / LoKr module; ValueError
-    if its keys, shapes or dtypes do not make that adapter on `base` (an nn.Linear)."""
+    if its keys, shapes or dtypes do not make that adapter on `base` (an nn.Linear or nn.Conv2d)."""
     roles = set(parts) - {"alpha"}
     method = "loha" if any(r.startswith("hada_") for r in roles) else "lokr"
     known = _LOHA_ROLES if method == "loha" else _LOKR_ROLES
     unknown = sorted(roles - set(known))
     if unknown:
         raise ValueError(f"{where}: keys {unknown} are not {method} keys specops reads ({sorted(known)}, alpha; "
-                         "Tucker and DoRA factors and conv layers are not supported)")
-    if not isinstance(base, nn.Linear):
-        raise ValueError(f"{where}: a {method} entry for a {type(base).__name__}; specops reads LoHa / LoKr files "
-                         "for nn.Linear layers only")
-    for role, t in parts.items():
-        if role != "alpha" and (t.dtype not in _FACTOR_DTYPES or t.ndim != 2):
-            raise ValueError(f"{where}: {role} is {t.dtype} of shape {tuple(t.shape)}; expected a float16, "
-                             "bfloat16, float32 or float64 matrix")
-    own = {known[role]: t for role, t in parts.items() if role != "alpha"}
-    out_f, in_f = base.weight.shape
+                         "DoRA's dora_scale is not supported)")
+    if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"{where}: a {method} entry for a {type(base).__name__}; expected an nn.Linear or nn.Conv2d")
+    for role in roles:
+        t = parts[role]
+        if t.dtype not in _FACTOR_DTYPES or t.ndim not in (2, 4) or 0 in t.shape:
+            raise ValueError(f"{where}: {role} is {t.dtype} of shape {tuple(t.shape)}; expected a non-empty float16, "
+                             "bfloat16, float32 or float64 matrix (or a 4-D conv factor)")
+    out_f, in_f, *kernel = base.weight.shape
+    kernel = tuple(kernel)
+    k = math.prod(kernel)
+    spatial = any(s != 1 for s in kernel)
+    conv = isinstance(base, nn.Conv2d)
+    tucker = bool(roles & {"hada_t1", "hada_t2", "lokr_t2"})
+    if tucker and not spatial:
+        raise ValueError(f"{where}: Tucker cores ({sorted(roles & {'hada_t1', 'hada_t2', 'lokr_t2'})}) need a conv "
+                         f"kernel larger than 1x1; the layer's weight is {tuple(base.weight.shape)}")
     if method == "loha":
-        if roles != set(known):
-            raise ValueError(f"{where}: lacks {sorted(set(known) - roles)}")
-        r = own["B1"].shape[1]
-        want = {"B1": (out_f, r), "A1": (r, in_f), "B2": (out_f, r), "A2": (r, in_f)}
+        need = set(known) if tucker else set(known) - {"hada_t1", "hada_t2"}
+        if roles != need:
+            raise ValueError(f"{where}: lacks {sorted(need - roles)}")
+        r = parts["hada_w1_b"].shape[0]
+        if tucker:  # LyCORIS keeps the out factor as (r, out) next to a core
+            want = {"hada_w1_a": (r, out_f), "hada_w1_b": (r, in_f), "hada_t1": (r, r, *kernel)}
+        else:
+            want = {"hada_w1_a": (out_f, r), "hada_w1_b": (r, in_f * k)}
+        want.update({key.replace("1", "2"): shape for key, shape in want.items()})
         options = {"rank": r, "alpha": _file_alpha(where, parts, r)}
     else:
+        role = {v: k for k, v in known.items()}
         for dense, pair in (("W1", ("B1", "A1")), ("W2", ("B2", "A2"))):
-            has = [k for k in (dense, *pair) if k in own]
+            has = [key for key in (dense, *pair) if role[key] in roles]
             if has not in ([dense], list(pair)):
-                role = {v: k for k, v in known.items()}
                 raise ValueError(f"{where}: expected {role[dense]} or both {role[pair[0]]} and {role[pair[1]]}, "
-                                 f"got {[role[k] for k in has]}")
-        W1 = own.get("W1", None)
-        (m1, n1) = tuple(W1.shape) if W1 is not None else (own["B1"].shape[0], own["A1"].shape[1])
-        if m1 == 0 or n1 == 0 or out_f % m1 or in_f % n1:
+                                 f"got {[role[key] for key in has]}")
+        if tucker and "lokr_w2" in roles:
+            raise ValueError(f"{where}: lokr_t2 is the core of a factored lokr_w2_a / lokr_w2_b, not of lokr_w2")
+        W1 = parts.get("lokr_w1")
+        m1, n1 = tuple(W1.shape[:2]) if W1 is not None else (parts["lokr_w1_a"].shape[0], parts["lokr_w1_b"].shape[-1])
+        if out_f % m1 or in_f % n1:
             raise ValueError(f"{where}: the first Kronecker factor is {(m1, n1)}, which does not divide the layer's "
                              f"(out, in) = {(out_f, in_f)}")
         m2, n2 = out_f // m1, in_f // n1
-        w1_rank = None if W1 is not None else own["B1"].shape[1]
-        rank = None if "W2" in own else own["B2"].shape[1]
-        want = {"W1": (m1, n1), "B1": (m1, w1_rank), "A1": (w1_rank, n1), "W2": (m2, n2), "B2": (m2, rank),
-                "A2": (rank, n2)}
+        w1_rank = None if W1 is not None else parts["lokr_w1_a"].shape[1]
+        rank = None if "lokr_w2" in roles else parts["lokr_w2_b"].shape[0]
+        want = {"lokr_w1": (m1, n1), "lokr_w1_a": (m1, w1_rank), "lokr_w1_b": (w1_rank, n1),
+                "lokr_w2": (m2, n2, *kernel)}
+        if tucker:
+            want.update({"lokr_w2_a": (rank, m2), "lokr_w2_b": (rank, n2), "lokr_t2": (rank, rank, *kernel)})
+        else:
+            want.update({"lokr_w2_a": (m2, rank), "lokr_w2_b": (rank, n2 * k)})
         r = w1_rank if w1_rank is not None else rank
         alpha = None if r is None else _file_alpha(where, parts, r)  # both dense: LyCORIS's scale is 1
         options = {"factor": [m1, n1], "rank": rank, "w1_rank": w1_rank, "alpha": alpha}
-    for key, t in own.items():
-        if tuple(t.shape) != want[key] or 0 in t.shape:
-            role = {v: k for k, v in known.items()}[key]
-            raise ValueError(f"{where}: {role} is {tuple(t.shape)}, expected {want[key]} for the layer's "
-                             f"(out, in) = {(out_f, in_f)}")
+    if conv:
+        options["tucker"] = tucker
+    for key in roles:
+        if tuple(parts[key].shape) != want[key]:
+            raise ValueError(f"{where}: {key} is {tuple(parts[key].shape)}, expected {want[key]} for the layer's "
+                             f"weight {tuple(base.weight.shape)}")
+    # Tucker files hold the out factors as (r, out): the adapters' B is (out, r)
+    own = {known[key]: (t.mT if tucker and key.endswith("_a") and not key.startswith("lokr_w1") else t)
+           for key, t in parts.items() if key != "alpha"}
     return method, options, own
 
 
@@ -1055,11 +1107,13 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
     {"<component>.<module>": adapter}. Nothing is installed: put each adapter in its layer's place.
 
     LoHa keys hada_w1_a (out, r), hada_w1_b (r, in), hada_w2_a, hada_w2_b, alpha give
-    specops.adapters.LoHa (B1, A1, B2, A2; ΔW = (alpha/r) (B1 A1) ⊙ (B2 A2)). LoKr keys lokr_w1
-    (m1, n1) or lokr_w1_a (m1, r) / lokr_w1_b (r, n1), lokr_w2 (m2, n2) or lokr_w2_a / lokr_w2_b,
-    alpha give specops.adapters.LoKr with LyCORIS's scale: 1 when both factors are dense, else
-    alpha / r (r: the rank of the first factor if factored, else of the second). An alpha of 0 or
-    none means r. Files without hada_ / lokr_ keys are LoRA files: load_lora's entries become LoRA
+    specops.adapters.LoHa (B1, A1, B2, A2; ΔW = (alpha/r) (B1 A1) ⊙ (B2 A2)); on a conv hada_w*_b
+    is (r, in·kh·kw), or in the Tucker form hada_t1 / hada_t2 (r, r, kh, kw) with hada_w*_a
+    (r, out) and hada_w*_b (r, in). LoKr keys lokr_w1 (m1, n1) or lokr_w1_a (m1, r) / lokr_w1_b
+    (r, n1), lokr_w2 (m2, n2[, kh, kw]) or lokr_w2_a (m2, r) / lokr_w2_b (r, n2[·kh·kw]), or Tucker
+    lokr_t2 (r, r, kh, kw) with lokr_w2_a (r, m2) / lokr_w2_b (r, n2), and alpha give
+    specops.adapters.LoKr with LyCORIS's scale: 1 when both factors are dense, else alpha / r (r:
+    the rank of the first factor if factored, else of the second). An alpha of 0 or none means r. Files without hada_ / lokr_ keys are LoRA files: load_lora's entries become LoRA
     adapters. Every key and shape is checked against `model` (an nn.Module, the UNet, or a mapping
     {component: module}) before any adapter is built; a failure changes nothing.
     """

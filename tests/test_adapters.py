@@ -377,3 +377,46 @@ def test_base_must_be_linear():
         with pytest.raises(ValueError, match="base: expected an nn.Linear, got Conv1d"):
             extra = {"content": (torch.zeros(4, 1), torch.zeros(1, 3))} if method == "ziplora" else {}
             make_adapter(method, conv, **extra, **({"style": extra["content"]} if extra else {}))
+
+
+@pytest.mark.parametrize("case", [("loha", {"rank": 2}), ("loha", {"rank": 2, "conv_rank": 3, "tucker": True}),
+                                  ("lokr", {}), ("lokr", {"rank": 2, "w1_rank": 1, "alpha": 3.0}),
+                                  ("lokr", {"rank": 2, "tucker": True})], ids=_id)
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_loha_lokr_on_a_conv(case, kernel):
+    """LoHa / LoKr on an nn.Conv2d (LyCORIS's forms): identity start; forward = conv with W0 + ΔW and
+    the base's geometry; ΔW from the dense formulas (LoHa's Hadamard product reshaped or Tucker,
+    LoKr's channel Kronecker product with the kernel on W2)."""
+    method, options = case
+    conv = nn.Conv2d(8, 12, kernel, stride=2, padding=kernel // 2, dilation=1).to(F64)
+    adapter = make_adapter(method, conv, **options)
+    x = torch.randn(2, 8, 9, 9, dtype=F64)
+    assert torch.equal(adapter(x), conv(x))
+    spatial_tucker = options.get("tucker", False) and kernel > 1
+    assert adapter.config()["tucker"] == spatial_tucker
+    with torch.no_grad():
+        _randomise(adapter)
+        ref = F.conv2d(x, conv.weight + adapter.delta_weight(), conv.bias, conv.stride, conv.padding)
+        if method == "loha":
+            c = adapter.scale * adapter.alpha / adapter.rank
+            assert adapter.rank == (3 if "conv_rank" in options and kernel > 1 else 2)
+            if spatial_tucker:
+                h1, h2 = (torch.einsum("op,pqhw,qi->oihw", B, T, A) for B, T, A in
+                          ((adapter.B1, adapter.T1, adapter.A1), (adapter.B2, adapter.T2, adapter.A2)))
+            else:
+                h1, h2 = ((B @ A).view(conv.weight.shape) for B, A in ((adapter.B1, adapter.A1), (adapter.B2, adapter.A2)))
+            dense = c * h1 * h2
+        else:  # LyCORIS's scale: alpha / (W1's rank if factored, else W2's); 1 if both dense
+            r = adapter.w1_rank or adapter.rank
+            c = adapter.scale * (1.0 if r is None else adapter.alpha / r)
+            W1 = adapter.W1 if adapter.w1_rank is None else adapter.B1 @ adapter.A1
+            if adapter.rank is None:
+                W2 = adapter.W2
+            elif spatial_tucker:
+                W2 = torch.einsum("op,pqhw,qi->oihw", adapter.B2, adapter.T2, adapter.A2)
+            else:
+                W2 = (adapter.B2 @ adapter.A2).view(adapter.B2.shape[0], -1, kernel, kernel)
+            dense = c * torch.einsum("ap,bqhw->abpqhw", W1, W2).reshape(12, 8, kernel, kernel)
+    assert_rel(adapter.delta_weight(), dense, F64)
+    assert_rel(adapter(x), ref, F64)
+    assert adapters.CONV_METHODS == ("lora", "loha", "lokr")

@@ -266,7 +266,9 @@ def test_lycoris_adapters_validates_before_building(tmp_path):
         ({**good, f"{name}.hada_w1_b": torch.zeros(2, 65)}, r"hada_w1_b is \(2, 65\), expected \(2, 64\)"),
         ({**good, "lycoris_nope_to_q.hada_w1_a": torch.zeros(64, 2)}, "maps to no Linear or Conv2d layer"),
         ({**good, f"{name}.lora_down.weight": torch.zeros(2, 64)}, "is not a LoHa / LoKr key"),
-        ({**good, "lycoris_conv_in.hada_w1_a": torch.zeros(32, 2)}, "a loha entry for a Conv2d"),
+        ({**good, f"{name}.hada_t1": torch.zeros(2, 2, 3, 3), f"{name}.hada_t2": torch.zeros(2, 2, 3, 3)},
+         r"Tucker cores .* need a conv kernel larger than 1x1"),
+        ({**good, "lycoris_conv_in.hada_w1_a": torch.zeros(32, 2)}, r"unet.conv_in: lacks \['hada_w1_b'"),
         ({f"{name}.lokr_w1": torch.zeros(8, 8), f"{name}.lokr_w2_a": torch.zeros(8, 2)},
          r"expected lokr_w2 or both lokr_w2_a and lokr_w2_b, got \['lokr_w2_a'\]"),
         ({f"{name}.lokr_w1": torch.zeros(7, 8), f"{name}.lokr_w2": torch.zeros(8, 8)}, "does not divide"),
@@ -280,3 +282,51 @@ def test_lycoris_adapters_validates_before_building(tmp_path):
             lora_io.lycoris_adapters(bad, target)
         assert {n: p.requires_grad for n, p in target.named_parameters()} == flags
     assert not any(isinstance(m, lora_io.adapters.Adapter) for m in target.modules())
+
+
+# ----------------------------------------------------------------------------- LoHa and LoKr on convolutions
+
+# create_lycoris(preset="full"): every Linear and Conv2d; 51 convs, 40 of them 3x3 (Tucker where asked).
+# LyCORIS 4.1.3 cannot reload its own factored conv LoKr files (it infers the Kronecker split from
+# lokr_w2_b's flattened width), so specops writes conv LoKr factors dense; they load back exactly.
+LYCORIS_CONV = [("loha", 4, {}), ("loha", 4, {"use_tucker": True}), ("lokr", 3, {}), ("lokr", 3, {"use_tucker": True}),
+                ("lokr", 2, {"decompose_both": True, "use_tucker": True})]
+
+
+@pytest.mark.parametrize("algo, dim, options", LYCORIS_CONV)
+def test_lycoris_conv_loha_lokr_files_both_ways(tmp_path, algo, dim, options):
+    unet = sdxl.tiny_unet(0)
+    base = _run(unet)
+    net = create_lycoris(unet, 1.0, dim, 1.5, conv_dim=dim, conv_alpha=0.5, algo=algo, preset="full",
+                         warn_on_unmatched=False, **options)
+    net.apply_to()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    theirs = _run(unet)
+    assert _rel(theirs, base) > 0.1
+    path = tmp_path / f"{algo}.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+
+    mine = sdxl.tiny_unet(0)
+    built = lora_io.lycoris_adapters(path, mine)
+    assert len(built) == 794 and {a.method for a in built.values()} == {algo}
+    convs = [a for a in built.values() if a.is_conv]
+    tucker = options.get("use_tucker", False)
+    assert len(convs) == 51 and sum(a.config()["tucker"] for a in convs) == (40 if tucker else 0)
+    _install(mine, built)
+    assert _rel(_run(mine), theirs) <= 1e-5
+
+    for a in convs[:5]:
+        a.scale = 0.5  # a block-wise weight is part of the exported update
+    weighted = _run(mine)
+    out = tmp_path / "specops.safetensors"
+    assert lora_io.export_lora(mine, out, format="lycoris")["max_rel_error"] <= 1e-6
+    LycorisNetwork.apply_preset({"lora_prefix": "lora_unet"})  # kohya's key names
+    fresh = sdxl.tiny_unet(0)
+    net, _ = create_lycoris_from_weights(1.0, str(out), fresh)
+    net.apply_to()
+    assert len(net.loras) == 794
+    assert sum(getattr(lora, "tucker", False) for lora in net.loras) == (40 if tucker and algo == "loha" else 0)
+    assert _rel(_run(fresh), weighted) <= 1e-5

@@ -18,7 +18,7 @@ from typing import NamedTuple
 from torch import nn
 
 from .. import adapters
-from ..lora_io import load_lora
+from ..lora_io import lycoris_adapters
 from .model import _is_text_encoder, _matches, _targets
 
 __all__ = ["INJECT_METHODS", "PRESETS", "inject", "remove", "fuse", "unfuse", "apply_lora"]
@@ -269,7 +269,8 @@ def _strip(lora: Mapping[str, tuple], prefix: str) -> dict[str, tuple]:
 
 
 def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str | os.PathLike, *, prefix: str = "unet", scale: float = 1.0):
-    """Inject LoRA adapters holding given factors: lora = {name: factors} (load_lora's output or a path).
+    """Inject the adapters of a file (a path: LoRA/LoCon, LoHa or LoKr, in the file's own algorithm,
+    lora_io.lycoris_adapters) or LoRA adapters holding given factors (lora = {name: factors}, load_lora's output).
 
     factors: (B, A) for a Linear, ΔW = scale · B A; for a Conv2d (LoCon) (B, A) with A
     (r, in, kh, kw) or, Tucker, (B, A, mid) — specops.adapters.LoRA's init forms. A path may hold
@@ -277,8 +278,9 @@ def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str | os.PathLike, 
     prefix (only `prefix`'s are used). Returns {name: adapter}; nothing changes if a name is not a
     layer of the entry's kind or any factor does not fit its layer.
     """
-    if isinstance(lora, (str, os.PathLike)):
-        lora = load_lora(lora, model={prefix: model})
+    if isinstance(lora, (str, os.PathLike)):  # the file's own algorithm: LoRA/LoCon, LoHa or LoKr
+        built = lycoris_adapters(lora, {prefix: model}, scale=scale)
+        return _install(model, {n.partition(".")[2]: a for n, a in built.items() if n.partition(".")[0] == prefix})
     lora = _strip(lora, prefix)
     modules = dict(model.named_modules())
     missing = [n for n, f in lora.items() if not isinstance(modules.get(n), nn.Conv2d if _is_conv_entry(f) else nn.Linear)]
