@@ -114,6 +114,17 @@ def _identity_factors(sizes: Sequence[int], dtype: torch.dtype, device) -> nn.Pa
 # ----------------------------------------------------------------------------- base class
 
 
+def _conv_options(W0: Tensor, rank, alpha, conv_rank, conv_alpha, tucker):
+    """(rank, alpha, the rank option's name): a kernel above 1x1 takes conv_rank / conv_alpha when
+    given (LyCORIS's conv_dim / conv_alpha); a Linear or 1x1 conv keeps rank / alpha."""
+    if not isinstance(tucker, bool):
+        raise ValueError(f"tucker: expected a bool, got {tucker!r}")
+    if not _spatial(W0):
+        return rank, alpha, "rank"
+    alpha = alpha if conv_alpha is None else conv_alpha
+    return (rank, alpha, "rank") if conv_rank is None else (conv_rank, alpha, "conv_rank")
+
+
 class Adapter(nn.Module):
     """Wraps a frozen nn.Linear `base` (kept as self.base, weight/bias requires_grad False), or an
     nn.Conv2d for the methods whose `bases` include it (CONV_METHODS).
@@ -236,14 +247,8 @@ class LoRA(Adapter):
         W0 = base.weight
         m, n = W0.shape[:2]
         kernel = tuple(W0.shape[2:])  # () for a Linear
-        spatial = any(k != 1 for k in kernel)
-        rank_name = "rank"
-        if spatial:
-            if conv_rank is not None:
-                rank, rank_name = conv_rank, "conv_rank"
-            alpha = alpha if conv_alpha is None else conv_alpha
-        if not isinstance(tucker, bool):
-            raise ValueError(f"tucker: expected a bool, got {tucker!r}")
+        spatial = _spatial(W0)
+        rank, alpha, rank_name = _conv_options(W0, rank, alpha, conv_rank, conv_alpha, tucker)
         mid = None
         if init is None:
             rank = _positive_int(rank_name, 4 if rank is None else rank)
@@ -384,13 +389,7 @@ class LoHa(Adapter):
         W0 = base.weight
         m, n = W0.shape[:2]
         kernel = tuple(W0.shape[2:])
-        rank_name = "rank"
-        if _spatial(W0):
-            if conv_rank is not None:
-                rank, rank_name = conv_rank, "conv_rank"
-            alpha = alpha if conv_alpha is None else conv_alpha
-        if not isinstance(tucker, bool):
-            raise ValueError(f"tucker: expected a bool, got {tucker!r}")
+        rank, alpha, rank_name = _conv_options(W0, rank, alpha, conv_rank, conv_alpha, tucker)
         self.rank = _positive_int(rank_name, rank)
         self.alpha = float(rank if alpha is None else alpha)
         cols = n if tucker and _spatial(W0) else n * math.prod(kernel)
@@ -449,13 +448,7 @@ class LoKr(Adapter):
         W0 = base.weight
         m, n = W0.shape[:2]
         kernel = tuple(W0.shape[2:])
-        rank_name = "rank"
-        if _spatial(W0):
-            if conv_rank is not None:
-                rank, rank_name = conv_rank, "conv_rank"
-            alpha = alpha if conv_alpha is None else conv_alpha
-        if not isinstance(tucker, bool):
-            raise ValueError(f"tucker: expected a bool, got {tucker!r}")
+        rank, alpha, rank_name = _conv_options(W0, rank, alpha, conv_rank, conv_alpha, tucker)
         if factor is None:
             m1, n1 = kron_factor_sizes(m, 2, allow_ones=True)[0], kron_factor_sizes(n, 2, allow_ones=True)[0]
         elif isinstance(factor, int):
