@@ -27,6 +27,16 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module of small ops: on a loaded 2-core machine their GEMMs stall in
+    OpenMP barriers (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ import torch
 from helpers import CPU_BACKENDS
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_stiefel import _one_thread  # noqa: F401  (autouse: single-threaded torch, as there)
 
 import specops
 from specops import _registry, stiefel
@@ -22,7 +21,7 @@ from specops.optim import CayleyAdam, StiefelAdam, StiefelSGD
 
 POISONS = (float("nan"), float("inf"), float("-inf"))
 # The Triton interpreter's numpy warns about the poisoned program's NaN arithmetic.
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::RuntimeWarning"), pytest.mark.usefixtures("one_thread")]
 DTYPES = (torch.float64, torch.float32)
 
 

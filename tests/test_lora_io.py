@@ -38,13 +38,7 @@ OTHER_LAYERS = {  # one layer per remaining method, for the save/load round trip
 TE_LAYERS = ["layers.0.self_attn.q_proj", "layers.1.self_attn.out_proj"]  # suffixes: flat or not, CLIP's names
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The layers here are tiny: one thread is faster than two, and far faster on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
 
 
 def _unet_inputs():

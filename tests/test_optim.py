@@ -27,14 +27,7 @@ MIXED = [(7, 3), (7, 3), (16, 16), (1, 1), (2, 2), (2, 2), (64, 64), (100, 20), 
 MIXED_TRITON = [(7, 3), (7, 3), (2, 4, 4)]  # tall, stacked; square, batched (per-parameter step)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: on a loaded 2-core machine, OpenMP barriers make every small torch
-    GEMM of the per-parameter path take milliseconds. test_cpp_threads_agree covers threading."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
 
 
 def _params(shapes, dtype=torch.float32, seed=1):

@@ -17,13 +17,7 @@ LR = {"lora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "oft": 1e-2, "koft": 1e-2, "svdi
 TRAIN_BLOCKS = {"down_blocks.1": 1.0, "up_blocks.1": 1.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The layers here are tiny: one thread is much faster than two on shared, busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ BATCHES = [(), (3,), (2, 1)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: small GEMMs on a loaded 2-core machine stall in OpenMP barriers."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
 
 
 def _point(shape, batch=(), dtype=torch.float64):
