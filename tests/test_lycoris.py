@@ -34,12 +34,7 @@ def _lycoris_state(monkeypatch):
                 monkeypatch.setattr(cls, name, getattr(cls, name))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny layers: one thread is faster, and the cores are shared
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
 
 
 def _lycoris_names(model, preset: str, text: bool) -> set[str]:
@@ -106,6 +101,15 @@ def _run(unet):
         return unet(**_inputs()).sample
 
 
+def _lycoris_from_file(path):
+    """LyCORIS's network rebuilt from a file in kohya key names, applied to a fresh tiny UNet: (net, output)."""
+    LycorisNetwork.apply_preset({"lora_prefix": "lora_unet"})
+    fresh = sdxl.tiny_unet(0)
+    net, _ = create_lycoris_from_weights(1.0, str(path), fresh)
+    net.apply_to()
+    return net, _run(fresh)
+
+
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
@@ -151,13 +155,10 @@ def test_the_kohya_export_loads_into_lycoris(tmp_path, tucker):
     report = lora_io.export_lora(unet, path, format="kohya")
     assert report["max_rel_error"] <= 1e-6
 
-    LycorisNetwork.apply_preset({"lora_prefix": "lora_unet"})  # kohya's key names
-    fresh = sdxl.tiny_unet(0)
-    net, _ = create_lycoris_from_weights(1.0, str(path), fresh)
-    net.apply_to()
+    net, theirs = _lycoris_from_file(path)
     assert len(net.loras) == 794
     assert sum(getattr(lora, "tucker", False) for lora in net.loras) == (40 if tucker else 0)
-    assert _rel(_run(fresh), mine) <= 1e-5
+    assert _rel(theirs, mine) <= 1e-5
 
 
 # ----------------------------------------------------------------------------- LoHa and LoKr on Linear layers
@@ -239,13 +240,10 @@ def test_the_lycoris_loha_lokr_export_loads_into_lycoris(tmp_path, method, optio
     report = lora_io.export_lora(unet, path, format="lycoris")
     assert report["max_rel_error"] <= 1e-6
 
-    LycorisNetwork.apply_preset({"lora_prefix": "lora_unet"})  # kohya's key names
-    fresh = sdxl.tiny_unet(0)
-    net, _ = create_lycoris_from_weights(1.0, str(path), fresh)
-    net.apply_to()
+    net, theirs = _lycoris_from_file(path)
     assert len(net.loras) == len(found) == 726
     assert {type(lora).__name__ for lora in net.loras} == {"LohaModule" if method == "loha" else "LokrModule"}
-    assert _rel(_run(fresh), mine) <= 1e-5
+    assert _rel(theirs, mine) <= 1e-5
     # and specops reads its own file back into the same adapters
     again = sdxl.tiny_unet(0)
     _install(again, lora_io.lycoris_adapters(path, again))
@@ -323,10 +321,7 @@ def test_lycoris_conv_loha_lokr_files_both_ways(tmp_path, algo, dim, options):
     weighted = _run(mine)
     out = tmp_path / "specops.safetensors"
     assert lora_io.export_lora(mine, out, format="lycoris")["max_rel_error"] <= 1e-6
-    LycorisNetwork.apply_preset({"lora_prefix": "lora_unet"})  # kohya's key names
-    fresh = sdxl.tiny_unet(0)
-    net, _ = create_lycoris_from_weights(1.0, str(out), fresh)
-    net.apply_to()
+    net, theirs = _lycoris_from_file(out)
     assert len(net.loras) == 794
     assert sum(getattr(lora, "tucker", False) for lora in net.loras) == (40 if tucker and algo == "loha" else 0)
-    assert _rel(_run(fresh), weighted) <= 1e-5
+    assert _rel(theirs, weighted) <= 1e-5
