@@ -60,6 +60,7 @@ _KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2":
 # LyCORIS's create_lycoris(module) names every key "lycoris_<module, '.' -> '_'>" for the one module
 # it wrapped: the model's only component, or the UNet.
 _LYCORIS_PREFIX = "lycoris"
+_KOHYA_MODULE = {"kohya": "networks.lora", "lycoris": "lycoris.kohya"}  # ss_network_module by export format
 _DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps its LoraConfig kwargs
 
 
@@ -628,7 +629,7 @@ def _file_name(root: nn.Module, name: str) -> str:
     return f"text_model.{name}" if _is_flat_clip(root) else name
 
 
-def export_lora(model, path, format: str = "diffusers", rank: int | None = None) -> dict:
+def export_lora(model, path, format: str = "diffusers", rank: int | None = None, names: str = "diffusers") -> dict:
     """Write the ΔW of every adapter in `model` as a LoRA file; returns an error report.
 
     format "diffusers": keys "<component>.<module>.lora_A.weight" (A, (r, in)) and ".lora_B.weight"
@@ -638,14 +639,21 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         (B), ".alpha" (= r, scale 1); "lora_te1_" / "lora_te2_" for the two text encoders. A conv
         adapter is written as LoCon (kohya / LyCORIS): lora_down (r, in, kh, kw) and lora_up
         (out, r, 1, 1), or for a Tucker LoRA lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw) and
-        lora_up; "diffusers" refuses conv adapters.
+        lora_up; "diffusers" writes a plain LoCon as PEFT's conv LoRA (lora_A (r, in, kh, kw),
+        lora_B (out, r, 1, 1)) and refuses a Tucker one.
     format "lycoris": kohya's, except that with rank None LoHa and LoKr adapters keep their own
         algorithm in LyCORIS's keys (hada_w1_a, ..., lokr_w1, lokr_w2_a, ..., alpha; see
         lycoris_adapters), every scale folded into the first factor; their report rank is the
         alpha written (r, or 1 for a dense LoKr, whose scale LyCORIS fixes at 1). "kohya" writes
         them as LoRA factors of their ΔW, which every kohya reader takes.
     Text-encoder layers are written as "text_model.encoder.layers.{i}..." also from a transformers 5
-    CLIPTextModel, whose own module names lack "text_model.".
+    CLIPTextModel, whose own module names lack "text_model.". kohya and lycoris files carry kohya's
+    metadata: ss_network_module ("networks.lora", or "lycoris.kohya" for a lycoris file) and
+    ss_network_args, a JSON object with "algo" (LyCORIS's name of the algorithm written, several
+    joined by "+" when the file holds more than one).
+    names: "diffusers" (UNet modules as diffusers names them) or "sgm": Stability's block names
+        that kohya's SDXL trainer writes (input_blocks_4_1_..., middle_block_0_in_layers_2, out_2;
+        kohya and lycoris formats only). load_lora / lycoris_adapters read both.
     rank: None keeps LoRA factors as they are and exports other methods at full rank min(out, in)
         (exact up to rounding); an int truncates every ΔW of higher rank by SVD (a conv's as the
         (out, in·kh·kw) matrix, written as a plain LoCon).
@@ -656,8 +664,11 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         raise ValueError(f"format: expected 'diffusers', 'kohya' or 'lycoris', got {format!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank: expected None or a positive int, got {rank!r}")
+    if names not in ("diffusers", "sgm") or (names == "sgm" and format == "diffusers"):
+        raise ValueError(f"names: expected 'diffusers', or 'sgm' with format 'kohya' / 'lycoris', got {names!r} "
+                         f"with format {format!r}")
     roots = dict(_components(model, "unet"))
-    tensors, ranks, errors, file_ranks = {}, {}, {}, {}
+    tensors, ranks, errors, file_ranks, algos = {}, {}, {}, {}, set()
     for name, adapter in _named_adapters(model, "unet"):
         component, _, module = name.partition(".")
         if format != "diffusers" and component not in _KOHYA_PREFIX:
@@ -665,14 +676,17 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
                              f"expected one of {sorted(_KOHYA_PREFIX)}")
         if format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
             parts, errors[name] = _lycoris_parts(adapter)
+            algos.add(adapter.method)
         elif adapter.is_conv:
-            if format == "diffusers":
-                raise ValueError(f"format {format!r}: {name} is a conv adapter; a conv LoRA (LoCon) is written "
-                                 "in kohya / LyCORIS naming only (format='kohya')")
             parts, errors[name] = _conv_lora_of(adapter, rank)
+            if format == "diffusers" and "lora_mid.weight" in parts:
+                raise ValueError(f"format {format!r}: {name} is a Tucker LoCon, which PEFT / diffusers cannot hold; "
+                                 "write it with format='kohya', or as a plain LoCon with rank=")
         else:
             B, A, errors[name] = _lora_of(adapter, rank)
             parts = {"lora_down.weight": A, "lora_up.weight": B}
+        if "lora_down.weight" in parts:
+            algos.add("lora")
         alpha = parts.pop("alpha", None)
         ranks[name] = parts["lora_down.weight"].shape[0] if alpha is None else int(alpha)
         module = _file_name(roots[component], module)
@@ -681,7 +695,8 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
             tensors[f"{component}.{module}.lora_A.weight"] = parts["lora_down.weight"]
             tensors[f"{component}.{module}.lora_B.weight"] = parts["lora_up.weight"]
         else:
-            key = f"{_KOHYA_PREFIX[component]}_{module.replace('.', '_')}"
+            underscored = _to_sgm(module, roots[component]) if names == "sgm" and component == "unet" else module.replace(".", "_")
+            key = f"{_KOHYA_PREFIX[component]}_{underscored}"
             if f"{key}.alpha" in tensors:
                 raise ValueError(f"format {format!r}: two modules map to the kohya name {key!r}")
             tensors.update({f"{key}.{role}": t for role, t in parts.items()})
@@ -691,6 +706,9 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
     metadata = {"format": "pt", "specops.export": format}
     if format == "diffusers":
         metadata[_DIFFUSERS_METADATA_KEY] = json.dumps(_diffusers_config(file_ranks), sort_keys=True)
+    else:  # kohya's trainers record the network module and its arguments; "algo" is LyCORIS's
+        metadata["ss_network_module"] = _KOHYA_MODULE[format]
+        metadata["ss_network_args"] = json.dumps({"algo": "+".join(sorted(algos))})
     _write(path, tensors, metadata)
     return {"format": format, "rank": ranks, "rel_error": errors, "max_rel_error": max(errors.values())}
 
@@ -735,19 +753,55 @@ _ROLE = {"lora_down.weight": "A", "lora_up.weight": "B", "lora_mid.weight": "mid
 # underscore names where no model is given. Longest match first, so "proj_in" beats "proj".
 _WORDS = sorted(["down_blocks", "up_blocks", "mid_block", "attentions", "transformer_blocks", "attn1", "attn2",
                  "to_q", "to_k", "to_v", "to_out", "ff", "net", "proj", "proj_in", "proj_out",
+                 "resnets", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers", "upsamplers", "conv",
+                 "conv_in", "conv_out", "time_embedding", "add_embedding", "linear_1", "linear_2",
                  "text_model", "encoder", "layers", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj",
                  "mlp", "fc1", "fc2", "text_projection"], key=len, reverse=True)
+# Every Linear and Conv2d of an SDXL UNet (LyCORIS's "full" set), and of a CLIP text encoder
 _UNET_NAME = re.compile(r"(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.attentions\.\d+\.(proj_in|proj_out|"
-                        r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))")
+                        r"transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.0\.proj|ff\.net\.2))"
+                        r"|(down_blocks\.\d+|mid_block|up_blocks\.\d+)\.resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)"
+                        r"|down_blocks\.\d+\.downsamplers\.0\.conv|up_blocks\.\d+\.upsamplers\.0\.conv"
+                        r"|conv_in|conv_out|(time_embedding|add_embedding)\.linear_[12]")
 _TEXT_NAME = re.compile(r"text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])|text_projection")
 
-# Stability's (SGM) UNet block names that kohya SDXL files use, layers_per_block = 2: input block
-# 3i + j + 1 holds down_blocks.i's j-th layer (3i + 3 is a downsampler, 0 the input conv), output
-# block 3i + j holds up_blocks.i's j-th; sub-module 1 of a block is its transformer (0 the resnet).
-_SGM = [  # (SGM block, its diffusers block, layers per block, block number -> (i, j))
-    ("input_blocks", "down_blocks", 2, lambda n: divmod(n - 1, 3)),
-    ("output_blocks", "up_blocks", 3, lambda n: divmod(n, 3)),
+# Stability's (SGM) UNet names, which kohya SDXL files use (layers_per_block = 2). Input block
+# 3i + j + 1 holds down_blocks.i's j-th resnet (sub-module 0) and transformer (1), 3i + 3 its
+# downsampler ("0.op"), 0 the input conv; output block 3i + j holds up_blocks.i's j-th resnet (0)
+# and transformer (1), and the last of each up block its upsampler (sub-module 2, or 1 in a block
+# without transformers); the middle block is resnet 0, transformer, resnet 1. block_of() numbers
+# the same blocks for block-weight lists.
+_SGM = [  # (SGM block, its diffusers block, layers per block, block number -> (i, j), (i, j) -> number)
+    ("input_blocks", "down_blocks", 2, lambda n: divmod(n - 1, 3), lambda i, j: 3 * i + j + 1),
+    ("output_blocks", "up_blocks", 3, lambda n: divmod(n, 3), lambda i, j: 3 * i + j),
 ]
+_SGM_TOP = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+            "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+            "label_emb_0_2": "add_embedding_linear_2"}
+_SGM_RESNET = {"in_layers_2": "conv1", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj",
+               "skip_connection": "conv_shortcut"}
+_SGM_KEY = re.compile(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)\Z")
+_SGM_MIDDLE = re.compile(r"^middle_block_(\d+)_(.+)\Z")
+_DIFFUSERS_BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(?:(?:resnets|attentions)\.(\d+)|downsamplers|upsamplers)"
+                              r"|mid_block|conv_in")
+
+
+def block_of(name: str) -> str | None:
+    """The SGM block holding a diffusers UNet module, numbered as SDXL block-weight lists do:
+    "IN00" (conv_in) .. "IN08", "M00", "OUT00" .. "OUT08"; None outside them (the time and add
+    embeddings, conv_out)."""
+    m = _DIFFUSERS_BLOCK.match(name)
+    if m is None or name[m.end():m.end() + 1] not in ("", "."):
+        return None
+    if m.group(0) == "conv_in":
+        return "IN00"
+    if m.group(0) == "mid_block":
+        return "M00"
+    side, i = m.group(1), int(m.group(2))
+    _, _, layers, _, join = next(t for t in _SGM if t[1] == side)
+    # a sampler closes its block: the input side's own slot after the layers, the output side's last layer
+    j = int(m.group(3)) if m.group(3) is not None else (layers if side == "down_blocks" else layers - 1)
+    return f"{'IN' if side == 'down_blocks' else 'OUT'}{join(i, j):02d}"
 
 
 _NUMBER = re.compile(r"\d+(?=_|\Z)")
@@ -769,19 +823,69 @@ def _split_words(underscored: str) -> str | None:
     return ".".join(parts) if pos == end + 1 else None  # not "" nor a trailing "_"
 
 
-def _from_sgm(name: str) -> str:
-    """kohya SGM block names -> diffusers block names (still underscored); other names unchanged."""
-    m = re.match(r"^middle_block_1_(.+)\Z", name)
+def _sgm_resnet(prefix: str, part: str) -> str:
+    if part not in _SGM_RESNET:
+        raise ValueError(f"{part!r} is not a resnet layer (expected one of {sorted(_SGM_RESNET)})")
+    return f"{prefix}_{_SGM_RESNET[part]}"
+
+
+def _to_sgm(name: str, root: nn.Module) -> str:
+    """A diffusers UNet module name -> its SGM name, underscored (_from_sgm's inverse); ValueError
+    for a name outside SDXL's UNet layout."""
+    top = {v.replace("_linear", ".linear"): k for k, v in _SGM_TOP.items()}
+    if name in top:
+        return top[name]
+    resnet = {v: k for k, v in _SGM_RESNET.items()}
+    m = re.fullmatch(r"mid_block\.(?:attentions\.0\.(.+)|resnets\.([01])\.(\w+))", name)
+    if m and (m.group(1) or m.group(3) in resnet):
+        rest = m.group(1).replace(".", "_") if m.group(1) else f"{2 * int(m.group(2))}_{resnet[m.group(3)]}"
+        return f"middle_block_1_{rest}" if m.group(1) else f"middle_block_{rest}"
+    m = re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(?:(resnets|attentions)\.(\d+)\.(.+)|(downsamplers|upsamplers)\.0\.conv)", name)
     if m:
-        return f"mid_block_attentions_0_{m.group(1)}"
-    for sgm, block, layers, split in _SGM:
-        m = re.match(rf"^{sgm}_(\d+)_1_(.+)\Z", name)
-        if m:
-            i, j = split(int(m.group(1)))
-            if i < 0 or j >= layers:
-                raise ValueError(f"SGM block {sgm}_{m.group(1)} holds no transformer")
-            return f"{block}_{i}_attentions_{j}_{m.group(2)}"
-    return name
+        sgm, _, layers, _, join = next(t for t in _SGM if t[1] == m.group(1))
+        i = int(m.group(2))
+        if m.group(6) == "downsamplers":
+            return f"{sgm}_{join(i, layers)}_0_op"
+        if m.group(6) == "upsamplers":  # sub-module 2 after a transformer, else 1
+            return f"{sgm}_{join(i, layers - 1)}_{2 if hasattr(root.get_submodule(f'{m.group(1)}.{i}'), 'attentions') else 1}_conv"
+        j, rest = int(m.group(4)), m.group(5)
+        if m.group(3) == "attentions":
+            return f"{sgm}_{join(i, j)}_1_{rest.replace('.', '_')}"
+        if rest in resnet:
+            return f"{sgm}_{join(i, j)}_0_{resnet[rest]}"
+    raise ValueError(f"{name} has no SGM name: not a layer of an SDXL UNet's blocks, embeddings or in/out convs")
+
+
+def _from_sgm(name: str) -> str:
+    """kohya SGM UNet names -> diffusers names (still underscored); other names unchanged."""
+    if name in _SGM_TOP:
+        return _SGM_TOP[name]
+    m = _SGM_MIDDLE.match(name)
+    if m:
+        n, rest = int(m.group(1)), m.group(2)
+        if n > 2:
+            raise ValueError(f"SGM block middle_block_{n} does not exist (0 and 2 are resnets, 1 the transformer)")
+        return f"mid_block_attentions_0_{rest}" if n == 1 else _sgm_resnet(f"mid_block_resnets_{n // 2}", rest)
+    m = _SGM_KEY.match(name)
+    if m is None:
+        return name
+    sgm, n, sub, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    block, layers, split = next((b, k, f) for s, b, k, f, _ in _SGM if s == sgm)
+    i, j = split(n)
+    sampler = "downsamplers" if sgm == "input_blocks" else "upsamplers"
+    if i < 0:
+        raise ValueError(f"SGM block {sgm}_{n}_{sub} is not a layer block")
+    if sgm == "input_blocks" and j == layers:  # the downsampler slot
+        if sub == 0 and rest == "op":
+            return f"{block}_{i}_{sampler}_0_conv"
+        raise ValueError(f"SGM block {sgm}_{n} holds no transformer or resnet, only the downsampler {sgm}_{n}_0_op")
+    if sub == 0:
+        return _sgm_resnet(f"{block}_{i}_resnets_{j}", rest)
+    if rest == "conv" and sgm == "output_blocks" and j == layers - 1 and sub in (1, 2):
+        return f"{block}_{i}_{sampler}_0_conv"
+    if sub == 1:
+        return f"{block}_{i}_attentions_{j}_{rest}"
+    raise ValueError(f"SGM block {sgm}_{n}_{sub} is not a resnet, transformer or sampler")
 
 
 def _name_tables(model) -> dict[str, tuple[dict[str, str], dict[str, set[str]], dict[str, tuple[int, ...]]]]:
@@ -818,7 +922,7 @@ def _kohya_name(component: str, underscored: str, tables: dict, key: str, path) 
     name = _split_words(underscored)
     grammar = _UNET_NAME if component == "unet" else _TEXT_NAME
     if name is None or not grammar.fullmatch(name):
-        raise ValueError(f"load_lora: {path}: key {key!r} is not an SDXL attention/text-encoder layer name; "
+        raise ValueError(f"load_lora: {path}: key {key!r} is not an SDXL UNet / text-encoder layer name; "
                          "pass model= to resolve it by the model's module names")
     return name
 
@@ -885,8 +989,9 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
     kohya SDXL files with Stability's block names (input_blocks_4_1_... -> down_blocks.1.attentions.0...)
     and LyCORIS's create_lycoris files ("lycoris_" keys: the model's only component, else the UNet).
     Components: "unet", "text_encoder", "text_encoder_2" (unprefixed diffusers keys count as unet).
-    Conv layers (LoCon, kohya / LyCORIS naming only): lora_down (r, in, kh, kw), lora_up
-    (out, r, 1, 1), or Tucker lora_down (r, in, 1, 1), lora_mid (r, r, kh, kw), lora_up; the entry
+    Conv layers (LoCon): lora_down (r, in, kh, kw), lora_up (out, r, 1, 1) — PEFT / diffusers name
+    them lora_A / lora_B —, or, kohya / LyCORIS only, Tucker lora_down (r, in, 1, 1), lora_mid
+    (r, r, kh, kw), lora_up; the entry
     is specops.adapters.LoRA's init form, every scale folded into B (out, r):
         (B, A)       A = lora_down (r, in, kh, kw):   ΔW[o, i] = Σ_r B[o, r] A[r, i]
         (B, A, mid)  A = lora_down (r, in) as a matrix:  ΔW[o, i] = Σ_{p,q} B[o, p] mid[p, q] A[q, i]
@@ -894,7 +999,7 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
         are resolved by the model's module names (Linear and Conv2d layers) for the components it
         has, else by the SDXL grammar of attention and text-encoder layers; with a model, every
         name must exist in it.
-    A key that cannot be mapped, an incomplete pair, a conv (4-D) LoRA in diffusers naming, factors
+    A key that cannot be mapped, an incomplete pair, factors
     that are not float16, bfloat16, float32 or float64, or (with a model) factors of another shape
     than the layer raise ValueError.
     """
@@ -923,9 +1028,6 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
             raise ValueError(f"{where}: A is {A.dtype}, B is {B.dtype}{'' if mid is None else f', mid is {mid.dtype}'}; "
                              "LoRA factors are float16, bfloat16, float32 or float64")
         conv = A.ndim == 4 or B.ndim == 4 or mid is not None
-        if conv and not is_kohya:
-            raise ValueError(f"{where}: A {tuple(A.shape)} / B {tuple(B.shape)} are not matrices; a conv LoRA is "
-                             "read in kohya / LyCORIS naming only")
         if conv:
             B, A, kernel = _conv_parts(where, A, B, mid)
         elif A.ndim != 2 or B.ndim != 2:
@@ -937,7 +1039,7 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
         if component in tables:
             if not is_kohya:
                 if module not in tables[component][0]:
-                    raise ValueError(f"{where}: the model's {component} has no Linear layer {module!r}")
+                    raise ValueError(f"{where}: the model's {component} has no Linear or Conv2d layer {module!r}")
                 module = tables[component][0][module]
             shape = tables[component][2][module]
             if conv and (B.shape[0], A.shape[1], *kernel) != shape:

@@ -496,10 +496,44 @@ def test_sgm_kohya_keys_import_to_diffusers_names(tmp_path):
     assert all(torch.equal(converted[n][1], factors[n][1]) for n in factors)
 
 
+def test_sgm_names_cover_the_whole_unet(tmp_path):
+    """Every Linear and Conv2d of the UNet (preset "full") written in SGM names (names="sgm") reads
+    back to its diffusers name with and without the model, agrees with diffusers' own SGM mapping,
+    and reproduces the adapted UNet."""
+    from diffusers import StableDiffusionXLPipeline
+
+    src = sdxl.tiny_unet(0)
+    injected = sdxl.inject(src, "lora", preset="full", rank=2)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for adapter in injected.values():
+            adapter.B.copy_(torch.randn(adapter.B.shape, generator=g) * 0.05)
+    path = tmp_path / "sgm.safetensors"
+    lora_io.export_lora(src, path, format="kohya", names="sgm")
+    keys = {k.rsplit(".", 2)[0] for k in load_file(path)}
+    assert len(keys) == 794 and not any(b in k for k in keys for b in ("down_blocks", "mid_block", "up_blocks"))
+    assert {"lora_unet_input_blocks_0_0", "lora_unet_out_2", "lora_unet_input_blocks_3_0_op",
+            "lora_unet_output_blocks_5_2_conv", "lora_unet_middle_block_2_emb_layers_1",
+            "lora_unet_label_emb_0_2"} <= keys
+    want = {f"unet.{name}" for name in injected}
+    assert lora_io.load_lora(path).keys() == want
+    assert lora_io.load_lora(path, model=sdxl.tiny_unet(0)).keys() == want
+    state, _ = StableDiffusionXLPipeline.lora_state_dict(str(path), unet_config=src.config)
+    save_file(state, tmp_path / "converted.safetensors")
+    assert lora_io.load_lora(tmp_path / "converted.safetensors").keys() == want
+    dst = sdxl.tiny_unet(0)
+    sdxl.apply_lora(dst, path)
+    expected = _run(src)
+    assert ((_run(dst) - expected).norm() / expected.norm()).item() < 1e-5
+    with pytest.raises(ValueError, match="names: expected"):
+        lora_io.export_lora(src, path, format="diffusers", names="sgm")
+
+
 @pytest.mark.parametrize("key, match", [
     ("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q", "holds no transformer"),  # a downsampler slot
-    ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_z", "not an SDXL attention"),
-    ("lora_unet_down_blocks_0_resnets_0_conv1", "not an SDXL attention"),
+    ("lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_z", "not an SDXL UNet"),
+    ("lora_unet_down_blocks_0_resnets_0_norm1", "not an SDXL UNet"),
+    ("lora_unet_middle_block_2_in_layers_0", "not a resnet layer"),
     ("unet.down_blocks.1.attentions.0.proj_in.lora_magnitude_vector", "not a .*LoRA key"),
 ])
 def test_unmappable_keys_raise_naming_the_key(tmp_path, key, match):
@@ -561,6 +595,28 @@ def _inject_convs(unet, seed=0):
     found[TUCKER_LAYER].scale = 0.5
     _perturb(found, seed)
     return found
+
+
+def test_conv_loras_in_peft_naming_both_ways(tmp_path):
+    """A plain LoCon written as diffusers / PEFT keys (lora_A (r, in, kh, kw), lora_B (out, r, 1, 1))
+    loads through diffusers and back through specops with the same UNet output; Tucker is refused."""
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    tucker = sdxl.tiny_unet(0)
+    _inject_convs(tucker)
+    with pytest.raises(ValueError, match="Tucker LoCon"):
+        lora_io.export_lora(tucker, path)
+    src = sdxl.tiny_unet(0)
+    found = sdxl.inject(src, "lora", targets=list(CONV_LAYERS), rank=2, conv_rank=3, conv_alpha=1.5)
+    _perturb(found)
+    assert lora_io.export_lora(src, path)["max_rel_error"] < 1e-6
+    assert load_file(path)[f"unet.{next(iter(CONV_LAYERS))}.lora_B.weight"].shape == (64, 3, 1, 1)
+    expected = _run(src)
+    unet = sdxl.tiny_unet(0)
+    unet.load_lora_adapter(str(tmp_path), weight_name=path.name, prefix="unet", adapter_name="x")
+    assert ((_run(unet) - expected).norm() / expected.norm()).item() < 1e-5
+    dst = sdxl.tiny_unet(0)
+    sdxl.apply_lora(dst, path)
+    assert ((_run(dst) - expected).norm() / expected.norm()).item() < 1e-5
 
 
 def test_conv_loras_round_trip_through_adapter_and_kohya_files(tmp_path):
@@ -637,9 +693,11 @@ def test_conv_lora_files_are_checked_before_anything_changes(tmp_path):
             sdxl.apply_lora(dst, str(path))
         assert path.name in str(err.value)
         _assert_unchanged(before, dst)
-    with pytest.raises(ValueError, match="pass model="):  # without a model only attention names resolve
-        lora_io.load_lora(_save(tmp_path, tensors))
     conv_factors = lora_io.load_lora(good, model=src)
+    # without a model, SDXL's own layer names resolve (the UNet grammar), others need model=
+    assert lora_io.load_lora(good).keys() == conv_factors.keys()
+    with pytest.raises(ValueError, match="pass model="):
+        lora_io.load_lora(_save(tmp_path, {"lora_unet_down_blocks_1_resnets_0_conv9.lora_down.weight": torch.ones(3, 32, 3, 3)}))
     with pytest.raises(ValueError, match="no Conv2d layer named"):
         sdxl.apply_lora(dst, {f"unet.{LORA_LAYERS[1]}": conv_factors[f"unet.{TUCKER_LAYER}"]})
     _assert_unchanged(before, dst)
