@@ -515,6 +515,9 @@ def test_sgm_names_cover_the_whole_unet(tmp_path):
     assert {"lora_unet_input_blocks_0_0", "lora_unet_out_2", "lora_unet_input_blocks_3_0_op",
             "lora_unet_output_blocks_5_2_conv", "lora_unet_middle_block_2_emb_layers_1",
             "lora_unet_label_emb_0_2"} <= keys
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "networks.lora" and json.loads(meta["ss_network_args"]) == {"algo": "lora"}
     want = {f"unet.{name}" for name in injected}
     assert lora_io.load_lora(path).keys() == want
     assert lora_io.load_lora(path, model=sdxl.tiny_unet(0)).keys() == want

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from specops import adapters, sdxl, stiefel  # noqa: E402
+from specops import adapters, lora_io, sdxl, stiefel  # noqa: E402
 from specops.optim import StiefelAdam  # noqa: E402
 
 ORTHO_METHODS = ("koft", "soda-svd", "soda-lq")
@@ -168,8 +168,36 @@ def test_blocks_is_the_oft_option_not_block_weights():
     injected = sdxl.inject(sdxl.tiny_unet(0), "oft", blocks=2, block_weights={"mid": 0.5})
     assert injected and all(n.startswith("mid_block.") for n in injected)
     assert {a.Q.shape[0] for a in injected.values()} == {2} and {a.scale for a in injected.values()} == {0.5}
-    with pytest.raises(ValueError, match="block_weights: expected a mapping"):
+    with pytest.raises(ValueError, match="a list holds"):
         sdxl.inject(sdxl.tiny_unet(0), "lora", block_weights=[1.0])
+    with pytest.raises(ValueError, match="block_weights: expected a mapping"):
+        sdxl.inject(sdxl.tiny_unet(0), "lora", block_weights=1.0)
+
+
+def test_block_weight_lists_number_the_sgm_blocks():
+    """The 20-weight list (BASE, IN00..IN08, M00, OUT00..OUT08) on every layer ("full"); the
+    12-weight list adapts the attention-holding blocks only; set_block_weights re-weights a model."""
+    unet = sdxl.tiny_unet(0)
+    weights = [0.5] + [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8] + [0.9] + [1.0 + i / 10 for i in range(9)]
+    injected = sdxl.inject(unet, "lora", preset="full", block_weights=weights, rank=1)
+    scale = {n: a.scale for n, a in injected.items()}
+    assert "conv_in" not in scale  # IN00 = 0: not adapted
+    assert len(scale) == 793
+    assert scale["down_blocks.0.resnets.0.conv1"] == 0.1 and scale["down_blocks.0.downsamplers.0.conv"] == 0.3
+    assert scale["down_blocks.1.attentions.1.proj_in"] == 0.5 and scale["down_blocks.2.resnets.0.conv2"] == 0.7
+    assert scale["mid_block.resnets.1.time_emb_proj"] == 0.9
+    assert scale["up_blocks.0.resnets.0.conv1"] == 1.0 and scale["up_blocks.0.upsamplers.0.conv"] == 1.2
+    assert scale["up_blocks.1.attentions.2.proj_out"] == pytest.approx(1.5) and scale["up_blocks.2.resnets.2.conv2"] == pytest.approx(1.8)
+    assert scale["time_embedding.linear_1"] == scale["conv_out"] == 0.5  # outside every block: BASE
+    assert set(sdxl.BLOCK_LISTS[20]) == {lora_io.block_of(n) or "BASE" for n in dict(unet.named_modules())
+                                         if isinstance(unet.get_submodule(n), (torch.nn.Linear, torch.nn.Conv2d))}
+    short = sdxl.inject(sdxl.tiny_unet(0), "lora", preset="full", block_weights=[1.0] * 5 + [0.0] + [1.0] * 6, rank=1)
+    assert {lora_io.block_of(n) for n in short} == {"IN04", "IN05", "IN07", "IN08", *(f"OUT{i:02d}" for i in range(6)), None}
+    te = sdxl.tiny_text_encoders(0)[0]
+    assert {a.scale for a in sdxl.inject(te, "lora", block_weights=weights).values()} == {0.5}
+    scales = sdxl.set_block_weights(unet, {"mid_block": 2.0})
+    assert scales["mid_block.resnets.1.time_emb_proj"] == 2.0 and scales["down_blocks.1.attentions.1.proj_in"] == 0.0
+    assert unet.get_submodule("down_blocks.1.attentions.1.proj_in").scale == 0.0
 
 
 # ----------------------------------------------------------------------------- presets and LoRA on conv layers

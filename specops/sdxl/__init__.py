@@ -3,8 +3,8 @@
     specops.sdxl.model    tiny_unet / tiny_text_encoders (random-init models with SDXL-base's exact
                           structure, built offline), encode_prompt, synthetic_batch, attention_linears,
                           UNET_TARGETS / TEXT_TARGETS
-    specops.sdxl.injection  inject (LyCORIS presets, optionally block-wise), remove, fuse, unfuse, apply_lora,
-                          INJECT_METHODS, PRESETS
+    specops.sdxl.injection  inject (LyCORIS presets, optionally block-wise), set_block_weights, remove, fuse,
+                          unfuse, apply_lora, INJECT_METHODS, PRESETS, BLOCK_LISTS
     specops.sdxl.train    denoising_loss, train_step, param_groups / ParamGroups, train_zip_mergers
                           (ZipLoRA: train the column mergers of two frozen LoRAs)
 
@@ -14,12 +14,12 @@ Real SDXL weights load into the same structure (UNet2DConditionModel.from_pretra
 has them; nothing here downloads anything, and diffusers / transformers are imported only when a
 tiny model is built.
 """
-from .injection import INJECT_METHODS, PRESETS, apply_lora, fuse, inject, remove, unfuse
+from .injection import BLOCK_LISTS, INJECT_METHODS, PRESETS, apply_lora, fuse, inject, remove, set_block_weights, unfuse
 from .model import TEXT_TARGETS, UNET_TARGETS, attention_linears, encode_prompt, synthetic_batch, tiny_text_encoders, tiny_unet
 from .train import ParamGroups, denoising_loss, param_groups, train_step, train_zip_mergers
 
 __all__ = [
     "UNET_TARGETS", "TEXT_TARGETS", "tiny_unet", "tiny_text_encoders", "attention_linears", "encode_prompt",
-    "synthetic_batch", "INJECT_METHODS", "PRESETS", "inject", "remove", "fuse", "unfuse", "apply_lora", "denoising_loss",
+    "synthetic_batch", "INJECT_METHODS", "PRESETS", "BLOCK_LISTS", "inject", "set_block_weights", "remove", "fuse", "unfuse", "apply_lora", "denoising_loss",
     "train_step", "ParamGroups", "param_groups", "train_zip_mergers",
 ]

@@ -18,10 +18,11 @@ from typing import NamedTuple
 from torch import nn
 
 from .. import adapters
-from ..lora_io import lycoris_adapters
+from ..lora_io import block_of, lycoris_adapters
 from .model import _is_text_encoder, _matches, _targets
 
-__all__ = ["INJECT_METHODS", "PRESETS", "inject", "remove", "fuse", "unfuse", "apply_lora"]
+__all__ = ["INJECT_METHODS", "PRESETS", "BLOCK_LISTS", "inject", "set_block_weights", "remove", "fuse", "unfuse",
+           "apply_lora"]
 
 INJECT_METHODS = ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd", "soda-lq")
 
@@ -95,16 +96,48 @@ def _select(model: nn.Module, targets, preset) -> list[str]:
 
 _BLOCK = re.compile(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+)(?:\.attentions\.(\d+))?")
 
+# The SDXL weight lists of block-weight tools (a "lbw=" list): BASE, then SGM blocks (lora_io.block_of).
+# The 12-weight form lists the blocks holding attention, the 20-weight form every block.
+BLOCK_LISTS = {
+    12: ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6))),
+    20: ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9))),
+}
+
+
+def _block_rule(block_weights, text: bool):
+    """block_weights -> a function: module name -> its weight, or None when it is not selected."""
+    if isinstance(block_weights, (list, tuple)):
+        if len(block_weights) not in BLOCK_LISTS:
+            raise ValueError(f"block_weights: a list holds {sorted(BLOCK_LISTS)} weights (SDXL's block-weight "
+                             f"orders, BLOCK_LISTS), got {len(block_weights)}")
+        for i, w in enumerate(block_weights):
+            _check_weight(f"block_weights[{i}]", w)
+        weights = dict(zip(BLOCK_LISTS[len(block_weights)], map(float, block_weights)))
+        if text:
+            return lambda name: weights["BASE"]
+        return lambda name: weights.get(block_of(name) or "BASE")
+    if text:
+        raise ValueError("block_weights: a mapping of UNet blocks applies to a UNet; a text encoder takes a "
+                         "block-weight list, whose BASE weight it uses")
+    weights = _parse_block_weights(block_weights)
+    return lambda name: _weight_of(name, weights)
+
+
+def _check_weight(where: str, w) -> None:
+    if not isinstance(w, (int, float)) or isinstance(w, bool):
+        raise ValueError(f"{where}: expected a float weight, got {w!r}")
+
 
 def _parse_block_weights(block_weights) -> dict[str, float]:
-    """Normalise `block_weights` to {prefix: weight}; prefix "down_blocks.1" or "down_blocks.1.attentions.0".
+    """Normalise a mapping `block_weights` to {prefix: weight}; prefix "down_blocks.1" or "down_blocks.1.attentions.0".
 
     Accepts {"down_blocks.1": 1.0, "mid_block": 0.0, "up_blocks.0": [1.0, 0.5, 0.0]} (a list gives one
     weight per attention block j of that UNet block) and diffusers' set_adapters form
     {"down": {"block_1": [..]}, "mid": 1.0, "up": {"block_0": 0.5}} (also "down": 0.5 for every down block).
     """
     if not isinstance(block_weights, Mapping):
-        raise ValueError(f"block_weights: expected a mapping of UNet blocks to weights, got {type(block_weights).__name__}")
+        raise ValueError(f"block_weights: expected a mapping of UNet blocks to weights or a list of "
+                         f"{' or '.join(map(str, BLOCK_LISTS))} weights, got {type(block_weights).__name__}")
     out: dict[str, float] = {}
 
     def put(prefix, w):
@@ -112,8 +145,7 @@ def _parse_block_weights(block_weights) -> dict[str, float]:
             for j, wj in enumerate(w):
                 put(f"{prefix}.attentions.{j}", wj)
             return
-        if not isinstance(w, (int, float)) or isinstance(w, bool):
-            raise ValueError(f"block_weights[{prefix!r}]: expected a float weight or a list of them, got {w!r}")
+        _check_weight(f"block_weights[{prefix!r}] (a float weight or a list of them)", w)
         if not _BLOCK.fullmatch(prefix):
             raise ValueError(
                 f"block_weights: unknown UNet block {prefix!r}; expected down_blocks.i, mid_block, up_blocks.i "
@@ -148,6 +180,17 @@ def _weight_of(name: str, weights: dict[str, float]) -> float | None:
     return weights.get(m.group(1))
 
 
+def set_block_weights(model: nn.Module, block_weights) -> dict[str, float]:
+    """Set every adapter's scale from `block_weights` (inject's forms): unselected adapters get 0,
+    which switches them off; e.g. after apply_lora, as block-weight tools weight a file's blocks.
+    Returns {module name: scale}."""
+    rule = _block_rule(block_weights, _is_text_encoder(model))
+    scales = {}
+    for name, adapter in _adapters(model).items():
+        adapter.scale = scales[name] = float(rule(name) or 0.0)
+    return scales
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -170,12 +213,19 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
         method of specops.adapters.CONV_METHODS.
     targets: module-name suffixes, selecting the Linear and Conv2d layers they name; given, they win
         over `preset`.
-    block_weights: None (every selected layer) or a block-wise selection (UNet only), e.g.
+    block_weights: None (every selected layer) or a block-wise selection, e.g. (UNet only)
         {"down_blocks.1": 1.0, "up_blocks.0": [1.0, 0.5]} or diffusers' {"down": {"block_1": ...}}:
         layers outside the listed blocks, or with weight 0, are left alone; a listed weight w scales
         that layer's update ΔW by w (adapter.scale). A list weights the attention blocks j of that
         UNet block only (its resnets and samplers need a single weight for the block). Unlike
-        diffusers' set_adapters, unlisted blocks are NOT adapted.
+        diffusers' set_adapters, unlisted blocks are NOT adapted. Or a block-weight tool's SDXL
+        list (BLOCK_LISTS) of 12 weights — BASE, IN04, IN05, IN07, IN08, M00, OUT00..OUT05 — or of
+        20 — BASE, IN00..IN08, M00, OUT00..OUT08 —, numbering Stability's (SGM) UNet blocks:
+        IN00 conv_in, IN{3i+j+1} down_blocks.i's j-th resnet and transformer, IN{3i+3} its
+        downsampler, M00 the mid block, OUT{3i+j} up_blocks.i's j-th resnet and transformer (the
+        last also its upsampler). BASE weights a text encoder's layers and the UNet layers no block
+        holds (time / add embeddings, conv_out); blocks the 12-weight form omits hold no attention
+        and are not adapted.
     Every other parameter of `model` is frozen (requires_grad False, as PEFT does), so a backward
     pass computes no weight gradient of the base model. Returns {module name: adapter}. Every
     adapter starts as the identity update. Nothing is changed if building any adapter fails, or if
@@ -186,11 +236,7 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
     preset = "attn-only" if preset is None else preset
     selected = _select(model, targets, preset)
     what = f"targets={_targets(model, targets)}" if targets is not None else f"preset={preset!r}"
-    weights = None
-    if block_weights is not None:
-        if _is_text_encoder(model):
-            raise ValueError("block_weights: block-wise selection applies to a UNet, not a text encoder")
-        weights = _parse_block_weights(block_weights)
+    rule = None if block_weights is None else _block_rule(block_weights, _is_text_encoder(model))
     modules = dict(model.named_modules())
     built: dict[str, adapters.Adapter] = {}
     with _restoring_grad_flags(model):
@@ -198,7 +244,7 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
             module = modules[name]
             if isinstance(module, adapters.Adapter):
                 raise ValueError(f"inject: {name} already holds a {module.method!r} adapter; call remove() first")
-            scale = 1.0 if weights is None else _weight_of(name, weights)
+            scale = 1.0 if rule is None else rule(name)
             if not scale:
                 continue
             if isinstance(module, nn.Conv2d) and method not in adapters.CONV_METHODS:
