@@ -21,6 +21,9 @@ CONV_METHODS names the methods that take a conv layer. Two kinds:
     soda-lq     W = (L + diag(δ)) Qh, rotated likewise              δ, R_i = I (Stiefel)
     ziplora     s_c B_c A_c diag(m_c) + s_s B_s A_s diag(m_s)       m_c, m_s (n,)
 
+LoRA, LoHa and LoKr take dora=True (LyCORIS's weight decomposition, DoRA; see `Adapter`): a
+trainable magnitude rescales W0 + ΔW' per output row (or per input column) instead of adding ΔW'.
+
 Spectral adapters decompose W0 once, in float64, with canonical signs (specops.decompose: the
 largest-|.| entry of every u_i positive; diag(L) >= 0), so a saved "basis" rotation means the same
 on any LAPACK build. The factors are recomputable from W0, hence non-persistent buffers; a
@@ -125,6 +128,26 @@ def _conv_options(W0: Tensor, rank, alpha, conv_rank, conv_alpha, tucker):
     return (rank, alpha, "rank") if conv_rank is None else (conv_rank, alpha, "conv_rank")
 
 
+def _axis_shape(W: Tensor, on_out: bool) -> tuple[int, ...]:
+    """The shape of one norm per output row (on_out) or per input column, broadcastable to W."""
+    shape = [1] * W.dim()
+    shape[0 if on_out else 1] = W.shape[0 if on_out else 1]
+    return tuple(shape)
+
+
+def _axis_norm(W: Tensor, on_out: bool) -> Tensor:
+    """L2 norm of each output row (on_out) or input column of W, over every other dim, kept as dims."""
+    dims = tuple(d for d in range(W.dim()) if d != (0 if on_out else 1))
+    return torch.linalg.vector_norm(W, dim=dims, keepdim=True)
+
+
+def _run_layer(base: nn.Module, x: Tensor, W: Tensor) -> Tensor:
+    """The base layer run with weight W: one Linear, or one conv with the base's geometry."""
+    if isinstance(base, nn.Conv2d):
+        return F.conv2d(x, W, base.bias, base.stride, base.padding, base.dilation)
+    return F.linear(x, W, base.bias)
+
+
 class Adapter(nn.Module):
     """Wraps a frozen nn.Linear `base` (kept as self.base, weight/bias requires_grad False), or an
     nn.Conv2d for the methods whose `bases` include it (CONV_METHODS).
@@ -133,6 +156,20 @@ class Adapter(nn.Module):
     delta_weight(): ΔW (out, in) — (out, in, kh, kw) on a conv — including scale, differentiable;
     fuse() adds it to base.weight and unfuse() restores the original weight bit-exactly. `scale`
     may be changed at any time (block weights); it is read at every forward.
+
+    DoRA (dora=True on LoRA, LoHa, LoKr; LyCORIS 4.1.3's weight_decompose): with ΔW' the method's
+    update at scale 1 (alpha/rank included), W = W0 + ΔW' and a trainable magnitude m,
+        W' = W ⊙ (1 + s·(m / (‖W‖ + eps) − 1)),    s = scale, eps = finfo(m.dtype).eps,
+    ‖W‖ the L2 norm of each output row over (in, kh, kw) (wd_on_out=True, LyCORIS's default), or of
+    each input column over (out, kh, kw) (wd_on_out=False); m is (out,) or (in,), initialised to
+    that norm of W0, so a fresh adapter is W0 up to the eps. At s = 1 this is m ⊙ W / ‖W‖. The
+    scale follows LyCORIS's multiplier rule: it blends the rescaling, not ΔW', so at s = 0 the
+    layer runs W0 + ΔW' (not W0) and a DoRA adapter has no scale at which it is off. The norm is
+    not detached (gradients flow through it, as in LyCORIS; PEFT's use_dora detaches it and has no
+    eps, which changes the gradients of the factors but not the forward values). m and the norm
+    are float32 on float16 / bfloat16 bases. Forward builds W' and runs one Linear / conv;
+    delta_weight() = W' − W0, so fuse() gives the same output. LyCORIS files hold m as dora_scale,
+    (out, 1) / (out, 1, 1, 1), or (1, in) / (1, in, 1, 1) for wd_on_out=False.
     """
 
     method: ClassVar[str]
@@ -161,11 +198,43 @@ class Adapter(nn.Module):
             self.in_features, self.out_features = base.in_features, base.out_features
         self._options: dict = {}  # resolved constructor options, for config()
         self.register_buffer("_unfused_weight", None, persistent=False)
+        self.register_parameter("magnitude", None)  # DoRA's m; see _init_dora
+        self.wd_on_out = True
+
+    def _init_dora(self, dora, wd_on_out) -> None:
+        """DoRA's magnitude m = the norm of W0 along the wd_on_out axis (class docstring)."""
+        if not isinstance(dora, bool) or not isinstance(wd_on_out, bool):
+            raise ValueError(f"dora, wd_on_out: expected bools, got {dora!r}, {wd_on_out!r}")
+        if not dora:
+            return
+        W0 = self.base.weight.detach().to(acc_dtype(self.base.weight.dtype))
+        self.wd_on_out = wd_on_out
+        self.magnitude = nn.Parameter(_axis_norm(W0, wd_on_out).flatten())
+        self._options.update(dora=True, wd_on_out=wd_on_out)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused or self.scale == 0.0:
+        if self.fused:
+            return self.base(x)
+        if self.magnitude is not None:  # no scale turns DoRA off (class docstring)
+            return _run_layer(self.base, x, self.dora_weight().to(self.base.weight.dtype))
+        if self.scale == 0.0:
             return self.base(x)
         return self._forward(x)
+
+    def _delta(self, scale: float) -> Tensor:
+        """The method's additive ΔW at `scale` (delta_weight() without DoRA)."""
+        raise NotImplementedError
+
+    def dora_weight(self) -> Tensor:
+        """DoRA's W' (W0's shape, in m's dtype); differentiable. Only with dora=True."""
+        if self.magnitude is None:
+            raise RuntimeError(f"dora_weight: this {self.method!r} adapter was built without dora=True")
+        m = self.magnitude
+        W = self._w0().to(m.dtype) + self._delta(1.0).to(m.dtype)
+        ratio = m.view(_axis_shape(W, self.wd_on_out)) / (_axis_norm(W, self.wd_on_out) + torch.finfo(m.dtype).eps)
+        if self.scale != 1.0:
+            ratio = self.scale * (ratio - 1) + 1
+        return W * ratio
 
     def _forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -176,7 +245,10 @@ class Adapter(nn.Module):
 
     def delta_weight(self) -> Tensor:
         """ΔW = W_adapted - W0 (W0's shape) in the base dtype, scale included; differentiable."""
-        raise NotImplementedError
+        if self.magnitude is None:
+            return self._delta(self.scale)
+        W0 = self._w0()
+        return (self.dora_weight() - W0.to(self.magnitude.dtype)).to(W0.dtype)
 
     def lora_factors(self) -> tuple[Tensor, Tensor] | None:
         """(B, A) with B @ A == delta_weight() exactly, or None when ΔW is not exactly low rank."""
@@ -235,6 +307,8 @@ class LoRA(Adapter):
     conv_alpha when given (LyCORIS's conv_dim / conv_alpha), else rank / alpha, and tucker=True
     (LyCORIS's use_tucker) picks the Tucker form; elsewhere conv_rank, conv_alpha and tucker do
     nothing. init=(B, A), or (B, A, mid) for the Tucker form, in the shapes above.
+    dora=True: DoRA on that update (see `Adapter`), m (out,) or (in,) for wd_on_out=False;
+    lora_factors() and conv_factors() are then None (W' − W0 is not low rank).
     """
 
     method = "lora"
@@ -242,7 +316,7 @@ class LoRA(Adapter):
 
     def __init__(self, base: nn.Linear | nn.Conv2d, *, rank: int | None = None, alpha: float | None = None,
                  conv_rank: int | None = None, conv_alpha: float | None = None, tucker: bool = False, init=None,
-                 scale: float = 1.0):
+                 dora: bool = False, wd_on_out: bool = True, scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
         m, n = W0.shape[:2]
@@ -272,6 +346,7 @@ class LoRA(Adapter):
         self._options = {"rank": rank, "alpha": self.alpha}
         if self.is_conv:
             self._options["tucker"] = mid is not None
+        self._init_dora(dora, wd_on_out)
 
     @staticmethod
     def _init_factors(init, W0: Tensor, tucker: bool):
@@ -303,8 +378,8 @@ class LoRA(Adapter):
             raise ValueError(f"init: mid expected shape (r, r, kh, kw) = {(r, r, *kernel)}, got {tuple(mid.shape)}")
         return B, A, mid
 
-    def _c(self) -> float:
-        return self.scale * self.alpha / self.rank
+    def _c(self, scale: float | None = None) -> float:
+        return (self.scale if scale is None else scale) * self.alpha / self.rank
 
     def _forward(self, x):
         if not self.is_conv:
@@ -318,24 +393,24 @@ class LoRA(Adapter):
         return conv(x) + F.conv2d(h * self._c(), self.B[:, :, None, None])
 
     def lora_factors(self):
-        """(scale·alpha/rank·B, A); None on a conv, whose ΔW is not a matrix (see conv_factors)."""
-        if self.is_conv:
+        """(scale·alpha/rank·B, A); None on a conv, whose ΔW is not a matrix (see conv_factors), or with DoRA."""
+        if self.is_conv or self.magnitude is not None:
             return None
         return self.B * self._c(), self.A
 
     def conv_factors(self) -> tuple[Tensor, ...] | None:
         """On a conv: (scale·alpha/rank·B, A) or, Tucker, (scale·alpha/rank·B, A, mid) — init's
-        form with every scale in B, so LoRA(base, init=conv_factors()) has this ΔW. None on a Linear."""
-        if not self.is_conv:
+        form with every scale in B, so LoRA(base, init=conv_factors()) has this ΔW. None on a Linear
+        or with DoRA."""
+        if not self.is_conv or self.magnitude is not None:
             return None
         B = self.B * self._c()
         return (B, self.A) if self.mid is None else (B, self.A, self.mid)
 
-    def delta_weight(self):
+    def _delta(self, scale):
+        B = self.B * self._c(scale)
         if not self.is_conv:
-            B, A = self.lora_factors()
-            return B @ A
-        B = self.B * self._c()
+            return B @ self.A
         if self.mid is None:
             return (B @ self.A.flatten(1)).view(self.out_features, *self.A.shape[1:])
         return torch.einsum("op,pqhw,qi->oihw", B, self.mid, self.A)
@@ -376,7 +451,8 @@ class LoHa(Adapter):
     half is a Tucker product with a core T_i (rank, rank, kh, kw) and A_i (rank, in):
         ΔW[o, i] = scale·(alpha/rank)·(Σ B1[o, p] T1[p, q] A1[q, i]) ⊙ (Σ B2[o, p] T2[p, q] A2[q, i]).
     A kernel larger than 1x1 takes conv_rank / conv_alpha when given (LyCORIS's conv_dim /
-    conv_alpha), else rank / alpha; a 1x1 conv counts as a Linear.
+    conv_alpha), else rank / alpha; a 1x1 conv counts as a Linear. dora=True: DoRA on that update
+    (see `Adapter`).
     """
 
     method = "loha"
@@ -384,7 +460,7 @@ class LoHa(Adapter):
 
     def __init__(self, base: nn.Linear | nn.Conv2d, *, rank: int = 4, alpha: float | None = None,
                  conv_rank: int | None = None, conv_alpha: float | None = None, tucker: bool = False,
-                 scale: float = 1.0):
+                 dora: bool = False, wd_on_out: bool = True, scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
         m, n = W0.shape[:2]
@@ -404,13 +480,14 @@ class LoHa(Adapter):
         self._options = {"rank": rank, "alpha": self.alpha}
         if self.is_conv:
             self._options["tucker"] = tucker
+        self._init_dora(dora, wd_on_out)
 
     def _forward(self, x):
         return _adapted_layer(self, x)
 
-    def delta_weight(self):
+    def _delta(self, scale):
         # The coefficient goes on the small B1, not on an (out, in) product.
-        c = self.scale * self.alpha / self.rank
+        c = scale * self.alpha / self.rank
         if self.T1 is not None:
             return _tucker_rebuild(self.B1 * c, self.T1, self.A1) * _tucker_rebuild(self.B2, self.T2, self.A2)
         delta = ((self.B1 * c) @ self.A1) * (self.B2 @ self.A2)
@@ -435,7 +512,7 @@ class LoKr(Adapter):
     a kernel larger than 1x1 B2 (m2, rank), a core T2 (rank, rank, kh, kw), A2 (rank, n2):
     W2[b, q, h, w] = Σ_{p,s} B2[b, p] T2[p, s, h, w] A2[s, q].
     conv_rank / conv_alpha act on kernels larger than 1x1 (as LoRA). Forward builds W0 + ΔW and runs
-    one conv.
+    one conv. dora=True: DoRA on that update (see `Adapter`).
     """
 
     method = "lokr"
@@ -443,7 +520,8 @@ class LoKr(Adapter):
 
     def __init__(self, base: nn.Linear | nn.Conv2d, *, factor=None, rank: int | None = None,
                  w1_rank: int | None = None, alpha: float | None = None, conv_rank: int | None = None,
-                 conv_alpha: float | None = None, tucker: bool = False, scale: float = 1.0):
+                 conv_alpha: float | None = None, tucker: bool = False, dora: bool = False, wd_on_out: bool = True,
+                 scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
         m, n = W0.shape[:2]
@@ -490,10 +568,11 @@ class LoKr(Adapter):
         self._options = {"factor": [m1, n1], "rank": rank, "w1_rank": w1_rank, "alpha": self.alpha}
         if self.is_conv:
             self._options["tucker"] = tucker
+        self._init_dora(dora, wd_on_out)
 
-    def kron_factors(self) -> tuple[Tensor, Tensor]:
-        """(W1 with every scale folded in, W2): delta_weight() == kron(W1, W2), on a conv
-        torch.kron(W1[:, :, None, None], W2) with W2 (m2, n2, kh, kw)."""
+    def kron_factors(self, scale: float | None = None) -> tuple[Tensor, Tensor]:
+        """(W1 with every scale folded in, W2): without DoRA delta_weight() == kron(W1, W2), on a conv
+        torch.kron(W1[:, :, None, None], W2) with W2 (m2, n2, kh, kw). scale: None means self.scale."""
         W1 = self.W1 if self.w1_rank is None else self.B1 @ self.A1
         if self.rank is None:
             W2 = self.W2
@@ -501,7 +580,7 @@ class LoKr(Adapter):
             W2 = _tucker_rebuild(self.B2, self.T2, self.A2)
         else:
             W2 = (self.B2 @ self.A2).view(self.B2.shape[0], -1, *self.base.weight.shape[2:])
-        return W1 * (self.scale * self._coef), W2
+        return W1 * ((self.scale if scale is None else scale) * self._coef), W2
 
     def _forward(self, x):
         if self.is_conv:
@@ -509,8 +588,8 @@ class LoKr(Adapter):
         W1, W2 = self.kron_factors()
         return self.base(x) + kron_matmul(x, [W1.mT, W2.mT])
 
-    def delta_weight(self):
-        W1, W2 = self.kron_factors()
+    def _delta(self, scale):
+        W1, W2 = self.kron_factors(scale)
         if self.is_conv:
             return torch.kron(W1[:, :, None, None], W2.contiguous())
         return kron([W1, W2])

@@ -566,7 +566,7 @@ def _lycoris_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float]:
     elsewhere, and on every conv, it writes the dense products. Tucker files hold the out factors
     as (r, out)."""
     with torch.no_grad():
-        delta = adapter.delta_weight().detach()
+        delta = adapter._delta(adapter.scale).detach()  # with DoRA: ΔW' at scale 1 (export checks the scale)
         shape = tuple(delta.shape)
         kernel = shape[2:]
         if adapter.method == "loha":
@@ -615,7 +615,38 @@ def _lycoris_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float]:
         d64 = delta.double()
         norm = d64.norm().item()
         err = (d64 - rebuilt).norm().item()
-        return {**parts, "alpha": alpha}, (err / norm if norm > 0 else err)
+        return {**parts, **_dora_scale(adapter), "alpha": alpha}, (err / norm if norm > 0 else err)
+
+
+def _dora_scale(adapter: nn.Module) -> dict[str, Tensor]:
+    """{"dora_scale": m in LyCORIS's (out, 1[, 1, 1]) or (1, in[, 1, 1]) shape}, or {} without DoRA."""
+    m = adapter.magnitude
+    if m is None:
+        return {}
+    return {"dora_scale": m.detach().reshape(adapters._axis_shape(adapter.base.weight, adapter.wd_on_out)).contiguous()}
+
+
+def _dora_lora_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float]:
+    """LoCon tensors of a DoRA LoRA: its own factors with alpha/rank folded into lora_up (scale 1),
+    dora_scale; and the relative error of the written ΔW' against the adapter's, in float64."""
+    with torch.no_grad():
+        delta = adapter._delta(1.0).detach()
+        B, A, mid = adapter.B * (adapter.alpha / adapter.rank), adapter.A.detach(), adapter.mid
+        if adapter.is_conv:
+            parts = {"lora_up.weight": B[:, :, None, None], "lora_down.weight": A[:, :, None, None] if mid is not None else A}
+            if mid is not None:
+                parts["lora_mid.weight"] = mid.detach()
+                rebuilt = torch.einsum("op,pqhw,qi->oihw", B.double(), mid.double(), A.double())
+            else:
+                rebuilt = (B.double() @ A.double().flatten(1)).view(delta.shape)
+        else:
+            parts = {"lora_down.weight": A, "lora_up.weight": B}
+            rebuilt = B.double() @ A.double()
+        d64 = delta.double()
+        norm = d64.norm().item()
+        err = (d64 - rebuilt).norm().item()
+        parts = {k: v.detach().contiguous() for k, v in parts.items()}
+        return {**parts, **_dora_scale(adapter)}, (err / norm if norm > 0 else err)
 
 
 def _is_flat_clip(root: nn.Module) -> bool:
@@ -646,6 +677,12 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
         lycoris_adapters), every scale folded into the first factor; their report rank is the
         alpha written (r, or 1 for a dense LoKr, whose scale LyCORIS fixes at 1). "kohya" writes
         them as LoRA factors of their ΔW, which every kohya reader takes.
+    DoRA adapters (dora=True; see specops.adapters.Adapter): "lycoris" (LoRA, LoHa, LoKr) and
+        "kohya" (LoRA) write the factors of ΔW' and the magnitude as dora_scale, which LyCORIS
+        reloads as its weight_decompose (it reads (out, 1[, 1, 1]), the default wd_on_out=True,
+        only); such an adapter must be at scale 1, since a file's DoRA scale is the reader's
+        multiplier. Otherwise (diffusers, LoHa / LoKr in kohya, or an int rank) W' − W0 is written
+        as plain LoRA factors, like any other ΔW.
     Text-encoder layers are written as "text_model.encoder.layers.{i}..." also from a transformers 5
     CLIPTextModel, whose own module names lack "text_model.". kohya and lycoris files carry kohya's
     metadata: ss_network_module ("networks.lora", or "lycoris.kohya" for a lycoris file) and
@@ -674,7 +711,15 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
         if format != "diffusers" and component not in _KOHYA_PREFIX:
             raise ValueError(f"format {format!r}: no kohya prefix for component {component!r}; "
                              f"expected one of {sorted(_KOHYA_PREFIX)}")
-        if format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
+        dora = adapter.magnitude is not None and rank is None and (
+            format == "lycoris" or (format == "kohya" and adapter.method == "lora"))
+        if dora and adapter.scale != 1.0:
+            raise ValueError(f"format {format!r}: {name} is a DoRA adapter at scale {adapter.scale:g}; a file holds "
+                             "DoRA at scale 1 (its multiplier is the reader's): set scale = 1.0, or pass rank= to "
+                             "write W' - W0 as plain LoRA factors")
+        if dora and adapter.method == "lora":
+            parts, errors[name] = _dora_lora_parts(adapter)
+        elif format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
             parts, errors[name] = _lycoris_parts(adapter)
             algos.add(adapter.method)
         elif adapter.is_conv:
@@ -1001,9 +1046,20 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
         name must exist in it.
     A key that cannot be mapped, an incomplete pair, factors
     that are not float16, bfloat16, float32 or float64, or (with a model) factors of another shape
-    than the layer raise ValueError.
+    than the layer raise ValueError, and so does a DoRA magnitude (dora_scale), which plain factors
+    cannot hold: sdxl.apply_lora(model, path) and lycoris_adapters(path, model) read those files.
     """
     tensors, metadata = _read(path)
+    dora = [k for k in tensors if _is_dora_key(k)]
+    if dora:
+        raise ValueError(f"load_lora: {path}: key {dora[0]!r} is a DoRA magnitude (dora_scale), which plain (B, A) "
+                         "factors cannot hold; read the file with sdxl.apply_lora(model, path) or "
+                         "lora_io.lycoris_adapters(path, model), which build DoRA adapters")
+    return _lora_entries(tensors, metadata, path, model)
+
+
+def _lora_entries(tensors: dict[str, Tensor], metadata: dict[str, str], path, model) -> dict[str, tuple[Tensor, ...]]:
+    """load_lora on a file's tensors and metadata."""
     tables = _name_tables(model) if model is not None else {}
     what = f"load_lora: {path}: metadata {_DIFFUSERS_METADATA_KEY!r}"
     peft_config = _json(metadata.get(_DIFFUSERS_METADATA_KEY) or "{}", what)
@@ -1118,6 +1174,26 @@ def _is_lycoris_file(tensors: Mapping[str, Tensor]) -> bool:
     return any((m := _LYCORIS_KEY.match(k)) and m.group(3).startswith(("hada_", "lokr_")) for k in tensors)
 
 
+def _is_dora_key(key: str) -> bool:
+    return (m := _LYCORIS_KEY.match(key)) is not None and m.group(3) == "dora_scale"
+
+
+def _dora_plan(where: str, t: Tensor, base: nn.Module) -> tuple[dict, Tensor]:
+    """({"dora": True, "wd_on_out": ...}, the magnitude as a vector) of one dora_scale: LyCORIS's
+    (out, 1[, 1, 1]) is a norm per output row, (1, in[, 1, 1]) per input column (wd_on_out=False)."""
+    if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"{where}: a dora_scale for a {type(base).__name__}; expected an nn.Linear or nn.Conv2d")
+    out_f, in_f, *kernel = base.weight.shape
+    tail = (1,) * len(kernel)
+    on_out, on_in = (out_f, 1, *tail), (1, in_f, *tail)
+    if t.dtype not in _FACTOR_DTYPES or tuple(t.shape) not in (on_out, on_in):
+        raise ValueError(f"{where}: dora_scale is {t.dtype} of shape {tuple(t.shape)}; expected float16, bfloat16, "
+                         f"float32 or float64 of shape {on_out} (a norm per output row) or {on_in} (per input column) "
+                         f"for the layer's weight {tuple(base.weight.shape)}")
+    wd_on_out = tuple(t.shape) == on_out
+    return {"dora": True, "wd_on_out": wd_on_out}, t.flatten()
+
+
 def _file_alpha(where: str, parts: dict, r: int) -> float:
     """LyCORIS's alpha: the stored number, or r (scale 1) when absent or 0."""
     alpha = parts.get("alpha")
@@ -1135,10 +1211,11 @@ def _lycoris_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tupl
     roles = set(parts) - {"alpha"}
     method = "loha" if any(r.startswith("hada_") for r in roles) else "lokr"
     known = _LOHA_ROLES if method == "loha" else _LOKR_ROLES
+    roles.discard("dora_scale")
     unknown = sorted(roles - set(known))
     if unknown:
-        raise ValueError(f"{where}: keys {unknown} are not {method} keys specops reads ({sorted(known)}, alpha; "
-                         "DoRA's dora_scale is not supported)")
+        raise ValueError(f"{where}: keys {unknown} are not {method} keys specops reads ({sorted(known)}, alpha, "
+                         "dora_scale)")
     if not isinstance(base, (nn.Linear, nn.Conv2d)):
         raise ValueError(f"{where}: a {method} entry for a {type(base).__name__}; expected an nn.Linear or nn.Conv2d")
     for role in roles:
@@ -1200,8 +1277,23 @@ def _lycoris_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tupl
                              f"weight {tuple(base.weight.shape)}")
     # Tucker files hold the out factors as (r, out): the adapters' B is (out, r)
     own = {known[key]: (t.mT if tucker and key.endswith("_a") and not key.startswith("lokr_w1") else t)
-           for key, t in parts.items() if key != "alpha"}
+           for key, t in parts.items() if key not in ("alpha", "dora_scale")}
+    if "dora_scale" in parts:
+        dora, own["magnitude"] = _dora_plan(where, parts["dora_scale"], base)
+        options.update(dora)
     return method, options, own
+
+
+def _lycoris_module(key: str, tables: dict, path) -> str:
+    """"<component>.<module>" of a LyCORIS-style key (_LYCORIS_KEY), the module resolved in `tables`."""
+    m = _LYCORIS_KEY.match(key)
+    if m.group(1) == _LYCORIS_PREFIX:
+        component = next(iter(tables)) if len(tables) == 1 else "unet"
+    else:
+        component = _KOHYA_COMPONENT[m.group(1)]
+    if component not in tables:
+        raise ValueError(f"{path}: key {key!r} is for the {component}, which `model` lacks")
+    return f"{component}.{_kohya_name(component, m.group(2), tables, key, path)}"
 
 
 def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.Adapter]:
@@ -1215,36 +1307,45 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
     (r, n1), lokr_w2 (m2, n2[, kh, kw]) or lokr_w2_a (m2, r) / lokr_w2_b (r, n2[·kh·kw]), or Tucker
     lokr_t2 (r, r, kh, kw) with lokr_w2_a (r, m2) / lokr_w2_b (r, n2), and alpha give
     specops.adapters.LoKr with LyCORIS's scale: 1 when both factors are dense, else alpha / r (r:
-    the rank of the first factor if factored, else of the second). An alpha of 0 or none means r. Files without hada_ / lokr_ keys are LoRA files: load_lora's entries become LoRA
-    adapters. Every key and shape is checked against `model` (an nn.Module, the UNet, or a mapping
+    the rank of the first factor if factored, else of the second). An alpha of 0 or none means r.
+    Files without hada_ / lokr_ keys are LoRA files: load_lora's entries become LoRA adapters.
+    A module's dora_scale (LyCORIS's DoRA, any of the three) makes its adapter dora=True with that
+    magnitude: shape (out, 1) / (out, 1, 1, 1) is LyCORIS's norm per output row, (1, in) /
+    (1, in, 1, 1) wd_on_out=False (specops.adapters.Adapter has the formula).
+    Every key and shape is checked against `model` (an nn.Module, the UNet, or a mapping
     {component: module}) before any adapter is built; a failure changes nothing.
     """
-    tensors, _ = _read(path)
+    tensors, metadata = _read(path)
     tables = _name_tables(model)
     roots = dict(_components(model, "unet"))
     plans = []
     if not _is_lycoris_file(tensors):
-        for name, factors in load_lora(path, model).items():
-            plans.append((name, "lora", {"init": factors}, {}))
+        magnitudes = {_lycoris_module(key, tables, path): t for key, t in tensors.items() if _is_dora_key(key)}
+        if len(magnitudes) == len(tensors) > 0:
+            raise ValueError(f"{path}: {next(iter(magnitudes))}: a dora_scale without factors")
+        entries = _lora_entries({k: t for k, t in tensors.items() if not _is_dora_key(k)}, metadata, path, model)
+        for name, factors in entries.items():
+            options, own = {"init": factors}, {}
+            if name in magnitudes:
+                component, _, module = name.partition(".")
+                dora, own["magnitude"] = _dora_plan(f"{path}: {name}", magnitudes.pop(name),
+                                                    roots[component].get_submodule(module))
+                options.update(dora)
+            plans.append((name, "lora", options, own))
+        if magnitudes:
+            raise ValueError(f"{path}: {next(iter(magnitudes))}: a dora_scale without lora_down / lora_up factors")
     else:
         groups: dict[tuple[str, str], dict[str, Tensor]] = {}
         for key, value in tensors.items():
-            m = _LYCORIS_KEY.match(key)
-            if m is None:
+            if _LYCORIS_KEY.match(key) is None:
                 raise ValueError(f"{path}: key {key!r} is not a LoHa / LoKr key (<prefix>_<module>.hada_* / "
-                                 ".lokr_* / .alpha); a file holds one algorithm")
-            if m.group(1) == _LYCORIS_PREFIX:
-                component = next(iter(tables)) if len(tables) == 1 else "unet"
-            else:
-                component = _KOHYA_COMPONENT[m.group(1)]
-            if component not in tables:
-                raise ValueError(f"{path}: key {key!r} is for the {component}, which `model` lacks")
-            module = _kohya_name(component, m.group(2), tables, key, path)
-            groups.setdefault((component, module), {})[m.group(3)] = value
+                                 ".lokr_* / .alpha / .dora_scale); a file holds one algorithm")
+            component, _, module = _lycoris_module(key, tables, path).partition(".")
+            groups.setdefault((component, module), {})[_LYCORIS_KEY.match(key).group(3)] = value
         for (component, module), parts in groups.items():
             where = f"{path}: {component}.{module}"
-            if set(parts) == {"alpha"}:
-                raise ValueError(f"{where}: an alpha without factors")
+            if set(parts) <= {"alpha", "dora_scale"}:
+                raise ValueError(f"{where}: {' and '.join(sorted(parts))} without factors")
             layer = roots[component].get_submodule(module)
             method, options, own = _lycoris_plan(where, parts, layer)
             plans.append((f"{component}.{module}", method, options, own))

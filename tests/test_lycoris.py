@@ -259,7 +259,8 @@ def test_lycoris_adapters_validates_before_building(tmp_path):
     good = lora_io._read(path)[0]
     name = "lycoris_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     cases = [
-        ({**good, f"{name}.dora_scale": torch.ones(64, 1)}, r"dora_scale.*not loha keys specops reads"),
+        ({**good, f"{name}.dora_scale": torch.ones(65, 1)}, r"dora_scale is torch.float32 of shape \(65, 1\)"),
+        ({**good, f"{name}.hada_w3_a": torch.ones(2, 2)}, r"hada_w3_a.*not loha keys specops reads"),
         ({k: v for k, v in good.items() if k != f"{name}.hada_w2_b"}, r"lacks \['hada_w2_b'\]"),
         ({**good, f"{name}.hada_w1_b": torch.zeros(2, 65)}, r"hada_w1_b is \(2, 65\), expected \(2, 64\)"),
         ({**good, "lycoris_nope_to_q.hada_w1_a": torch.zeros(64, 2)}, "maps to no Linear or Conv2d layer"),
