@@ -687,7 +687,7 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
     CLIPTextModel, whose own module names lack "text_model.". kohya and lycoris files carry kohya's
     metadata: ss_network_module ("networks.lora", or "lycoris.kohya" for a lycoris file) and
     ss_network_args, a JSON object with "algo" (LyCORIS's name of the algorithm written, several
-    joined by "+" when the file holds more than one).
+    joined by "+" when the file holds more than one) and "dora_wd": "True" when it holds DoRA.
     names: "diffusers" (UNet modules as diffusers names them) or "sgm": Stability's block names
         that kohya's SDXL trainer writes (input_blocks_4_1_..., middle_block_0_in_layers_2, out_2;
         kohya and lycoris formats only). load_lora / lycoris_adapters read both.
@@ -705,7 +705,7 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
         raise ValueError(f"names: expected 'diffusers', or 'sgm' with format 'kohya' / 'lycoris', got {names!r} "
                          f"with format {format!r}")
     roots = dict(_components(model, "unet"))
-    tensors, ranks, errors, file_ranks, algos = {}, {}, {}, {}, set()
+    tensors, ranks, errors, file_ranks, algos, wrote_dora = {}, {}, {}, {}, set(), False
     for name, adapter in _named_adapters(model, "unet"):
         component, _, module = name.partition(".")
         if format != "diffusers" and component not in _KOHYA_PREFIX:
@@ -732,6 +732,7 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
             parts = {"lora_down.weight": A, "lora_up.weight": B}
         if "lora_down.weight" in parts:
             algos.add("lora")
+        wrote_dora = wrote_dora or "dora_scale" in parts
         alpha = parts.pop("alpha", None)
         ranks[name] = parts["lora_down.weight"].shape[0] if alpha is None else int(alpha)
         module = _file_name(roots[component], module)
@@ -753,7 +754,7 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
         metadata[_DIFFUSERS_METADATA_KEY] = json.dumps(_diffusers_config(file_ranks), sort_keys=True)
     else:  # kohya's trainers record the network module and its arguments; "algo" is LyCORIS's
         metadata["ss_network_module"] = _KOHYA_MODULE[format]
-        metadata["ss_network_args"] = json.dumps({"algo": "+".join(sorted(algos))})
+        metadata["ss_network_args"] = json.dumps({"algo": "+".join(sorted(algos)), **({"dora_wd": "True"} if wrote_dora else {})})
     _write(path, tensors, metadata)
     return {"format": format, "rank": ranks, "rel_error": errors, "max_rel_error": max(errors.values())}
 

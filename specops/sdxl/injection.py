@@ -182,8 +182,9 @@ def _weight_of(name: str, weights: dict[str, float]) -> float | None:
 
 def set_block_weights(model: nn.Module, block_weights) -> dict[str, float]:
     """Set every adapter's scale from `block_weights` (inject's forms): unselected adapters get 0,
-    which switches them off; e.g. after apply_lora, as block-weight tools weight a file's blocks.
-    Returns {module name: scale}."""
+    which switches them off (except DoRA's rescaling: LyCORIS's multiplier rule keeps W0 + ΔW' at
+    0, see specops.adapters.Adapter); e.g. after apply_lora, as block-weight tools weight a file's
+    blocks. Returns {module name: scale}."""
     rule = _block_rule(block_weights, _is_text_encoder(model))
     scales = {}
     for name, adapter in _adapters(model).items():
