@@ -159,15 +159,17 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
 
     method: one of INJECT_METHODS ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd",
         "soda-lq"); `options` go to the adapter class (specops.adapters, e.g. rank=8, side="basis",
-        or OFT's blocks=4: the number of diagonal rotation blocks, forwarded like any other option;
+        or OFT's blocks=4: the number of diagonal rotation blocks, which must divide every adapted
+        layer's rotated dimension (in, a conv's in·kh·kw, or out with side="output");
         LoRA's conv_rank / conv_alpha / tucker act on the convolutions, as LyCORIS's conv_dim /
         conv_alpha / use_tucker).
     preset: one of PRESETS, LyCORIS's preset names and layer sets: "attn-only" (the default: the
         attention projections, UNET_TARGETS / TEXT_TARGETS), "attn-mlp" (+ feed-forward, proj_in /
         proj_out and the time / add embeddings; + mlp on a text encoder), "full-lin" (+ the resnets'
         time_emb_proj and 1x1 conv_shortcut), "full" (every Linear and Conv2d of an SDXL UNet: also
-        resnet, sampler and conv_in / conv_out convolutions). A preset with conv layers needs a
-        method of specops.adapters.CONV_METHODS.
+        resnet, sampler and conv_in / conv_out convolutions). Every method here takes conv layers
+        (specops.adapters.CONV_METHODS): LoRA, LoHa and LoKr in LyCORIS's conv forms, the rebuild
+        methods (OFT, KOFT, SVDiff, SODA) on the kernel as the (out, in·kh·kw) matrix.
     targets: module-name suffixes, selecting the Linear and Conv2d layers they name; given, they win
         over `preset`.
     block_weights: None (every selected layer) or a block-wise selection (UNet only), e.g.
