@@ -7,7 +7,7 @@
     load_lora(path, model=None)      {"unet.<module>": (B, A), "text_encoder.<module>": ...} from a
                                      diffusers, PEFT, older-diffusers or kohya (also SGM-named) file
     lycoris_adapters(path, model)    the adapters a kohya / LyCORIS file describes, in its own
-                                     algorithm (LoRA, LoHa, LoKr), built but not installed
+                                     algorithm (LoRA, LoHa, LoKr, diag-OFT), built but not installed
 
 `model` is an nn.Module or a mapping of named modules, e.g. {"unet": unet, "text_encoder": te1,
 "text_encoder_2": te2}; with a mapping, names are prefixed by the mapping key. For the LoRA formats
@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import adapters
+from .stiefel import cayley_reference
 
 __all__ = ["save_adapters", "load_adapters", "export_lora", "load_lora", "lycoris_adapters", "FORMAT_TAG", "FORMAT_VERSION"]
 
@@ -617,6 +618,38 @@ def _lycoris_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float]:
         return {**parts, "alpha": alpha}, (err / norm if norm > 0 else err)
 
 
+def _lycoris_oft_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float] | None:
+    """LyCORIS's diag-oft tensors for an OFT adapter (Linear or conv), or None where LyCORIS cannot
+    hold it: side "input", scale ≠ 1 (s (W - W0) is not a rotation), or blocks of size p with
+    p² > out (LyCORIS rebuilds a file's blocks from p by factorization(out, p), which puts the
+    smaller factor on the block size). oft_blocks = -Q/2 (exact), rescale g as (out, 1[, 1, 1]),
+    alpha the constraint; and the relative error of the written ΔW, rebuilt in float64 by
+    LyCORIS's formula W = diag(g) R^T W0, R = (I + q)(I - q)^-1, q = B - B^T norm-clipped."""
+    b, p, _ = adapter.Q.shape
+    if adapter.side != "output" or adapter.scale != 1.0 or p * p > adapter.out_features:
+        return None
+    with torch.no_grad():
+        delta = adapter.delta_weight().detach()
+        W0 = adapter._w0().double()
+        blocks = (adapter.Q.detach() * -0.5).contiguous()
+        parts = {"oft_blocks": blocks}
+        g = adapter.g
+        if g is not None:
+            parts["rescale"] = g.detach().reshape(-1, *(1,) * (W0.dim() - 1)).clone()
+        q = blocks.double() - blocks.double().mT
+        bound = adapter.constraint * adapter.out_features
+        q_norm = q.norm() + 1e-8
+        if bound > 0 and q_norm > bound:
+            q = q * bound / q_norm
+        Rt = cayley_reference(-2.0 * q)  # R^T = (I + q)^-1 (I - q), solved one block at a time
+        W = torch.einsum("bij,bjc->bic", Rt, W0.flatten(1).unflatten(0, (b, p))).reshape(W0.shape)
+        if g is not None:
+            W = parts["rescale"].double() * W
+        err = (delta.double() - (W - W0)).norm().item()
+        norm = delta.double().norm().item()
+        return {**parts, "alpha": adapter.constraint}, (err / norm if norm > 0 else err)
+
+
 def _is_flat_clip(root: nn.Module) -> bool:
     # transformers >= 5 builds CLIPTextModel without its .text_model level (CLIPTextModelWithProjection keeps it)
     return not hasattr(root, "text_model") and hasattr(root, "embeddings") and hasattr(root, "encoder")
@@ -643,7 +676,10 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         algorithm in LyCORIS's keys (hada_w1_a, ..., lokr_w1, lokr_w2_a, ..., alpha; see
         lycoris_adapters), every scale folded into the first factor; their report rank is the
         alpha written (r, or 1 for a dense LoKr, whose scale LyCORIS fixes at 1). "kohya" writes
-        them as LoRA factors of their ΔW, which every kohya reader takes.
+        them as LoRA factors of their ΔW, which every kohya reader takes. An OFT adapter with
+        side="output" at scale 1 whose block size p has p² <= out (the files LyCORIS rebuilds)
+        keeps LyCORIS's diag-oft keys (oft_blocks = -Q/2, rescale, alpha = constraint; see
+        lycoris_adapters), its report rank the block count; any other OFT is written as LoRA factors.
     Text-encoder layers are written as "text_model.encoder.layers.{i}..." also from a transformers 5
     CLIPTextModel, whose own module names lack "text_model.".
     rank: None keeps LoRA factors as they are and exports other methods at full rank min(out, in)
@@ -663,7 +699,10 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
         if format != "diffusers" and component not in _KOHYA_PREFIX:
             raise ValueError(f"format {format!r}: no kohya prefix for component {component!r}; "
                              f"expected one of {sorted(_KOHYA_PREFIX)}")
-        if format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
+        oft = _lycoris_oft_parts(adapter) if format == "lycoris" and rank is None and adapter.method == "oft" else None
+        if oft is not None:
+            parts, errors[name] = oft
+        elif format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
             parts, errors[name] = _lycoris_parts(adapter)
         elif adapter.is_conv:
             if format == "diffusers":
@@ -674,7 +713,10 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None)
             B, A, errors[name] = _lora_of(adapter, rank)
             parts = {"lora_down.weight": A, "lora_up.weight": B}
         alpha = parts.pop("alpha", None)
-        ranks[name] = parts["lora_down.weight"].shape[0] if alpha is None else int(alpha)
+        if oft is not None:  # OFT's alpha is its constraint; report the block count
+            ranks[name] = parts["oft_blocks"].shape[0]
+        else:
+            ranks[name] = parts["lora_down.weight"].shape[0] if alpha is None else int(alpha)
         module = _file_name(roots[component], module)
         file_ranks[(component, module)] = ranks[name]
         if format == "diffusers":
@@ -841,8 +883,8 @@ def _parse_key(key: str, tables: dict, path) -> tuple[str, str, str, bool]:
         if m:
             break
     else:
-        if _LYCORIS_KEY.match(key):
-            raise ValueError(f"load_lora: {path}: key {key!r} is a LyCORIS LoHa / LoKr key, not a LoRA one; "
+        if _lycoris_match(key):
+            raise ValueError(f"load_lora: {path}: key {key!r} is a LyCORIS LoHa / LoKr / diag-OFT key, not a LoRA one; "
                              "lycoris_adapters(path, model) builds those adapters")
         raise ValueError(f"load_lora: {path}: key {key!r} is not a LoRA key this reader knows "
                          "(lora_A/lora_B, lora.down/up, lora_down/lora_up/lora_mid/alpha)")
@@ -1013,7 +1055,8 @@ _LYCORIS_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]
 
 
 def _is_lycoris_file(tensors: Mapping[str, Tensor]) -> bool:
-    return any((m := _LYCORIS_KEY.match(k)) and m.group(3).startswith(("hada_", "lokr_")) for k in tensors)
+    return any((m := _LYCORIS_KEY.match(k)) and m.group(3).startswith(("hada_", "lokr_")) for k in tensors) or \
+        any((m := _OFT_KEY.match(k)) and m.group(3) == "oft_blocks" for k in tensors)
 
 
 def _file_alpha(where: str, parts: dict, r: int) -> float:
@@ -1102,6 +1145,48 @@ def _lycoris_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tupl
     return method, options, own
 
 
+# LyCORIS's diag-oft keys: oft_blocks (blocks, p, p), rescale (out, 1[, 1, 1]) and alpha (its constraint).
+_OFT_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.(oft_blocks|rescale)\Z")
+
+
+def _lycoris_match(key: str):
+    return _LYCORIS_KEY.match(key) or _OFT_KEY.match(key)
+
+
+def _oft_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tuple[str, dict, dict[str, Tensor]]:
+    """("oft", make_adapter options, {parameter: tensor}) of one LyCORIS diag-oft module: OFT with
+    side "output", blocks = oft_blocks' count, Q = -2 oft_blocks, g = rescale, constraint = alpha
+    (specops.adapters.OFT shows why these give LyCORIS's W); ValueError if they do not fit `base`."""
+    unknown = sorted(set(parts) - {"oft_blocks", "rescale", "alpha"})
+    if unknown:
+        raise ValueError(f"{where}: keys {unknown} are not diag-oft keys specops reads (oft_blocks, rescale, alpha)")
+    if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"{where}: a diag-oft entry for a {type(base).__name__}; expected an nn.Linear or nn.Conv2d")
+    out_f = base.weight.shape[0]
+    blocks, rescale = parts.get("oft_blocks"), parts.get("rescale")
+    if blocks is None:
+        raise ValueError(f"{where}: lacks ['oft_blocks']")
+    if blocks.dtype not in _FACTOR_DTYPES or blocks.ndim != 3 or blocks.shape[1] != blocks.shape[2] \
+            or blocks.shape[0] * blocks.shape[1] != out_f:
+        raise ValueError(f"{where}: oft_blocks is {blocks.dtype} of shape {tuple(blocks.shape)}; expected float "
+                         f"(blocks, p, p) with blocks·p = out = {out_f} (a 4-D one is BOFT, which specops "
+                         "does not read)")
+    want = (out_f, *(1,) * (base.weight.dim() - 1))
+    if rescale is not None and (rescale.dtype not in _FACTOR_DTYPES or tuple(rescale.shape) != want):
+        raise ValueError(f"{where}: rescale is {rescale.dtype} of shape {tuple(rescale.shape)}, expected float {want}")
+    alpha = parts.get("alpha")
+    if alpha is not None and (alpha.numel() != 1 or alpha.dtype == torch.bool):
+        raise ValueError(f"{where}: alpha is {alpha.dtype} of shape {tuple(alpha.shape)}, expected a number")
+    constraint = 0.0 if alpha is None else alpha.double().item()
+    if not constraint >= 0:
+        raise ValueError(f"{where}: alpha (diag-oft's constraint) is {constraint}, expected a number >= 0")
+    options = {"blocks": blocks.shape[0], "side": "output", "rescale": rescale is not None, "constraint": constraint}
+    own = {"Q": blocks * -2.0}
+    if rescale is not None:
+        own["g"] = rescale.flatten()
+    return "oft", options, own
+
+
 def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.Adapter]:
     """Build the adapters a kohya / LyCORIS file describes, in the file's own algorithm; returns
     {"<component>.<module>": adapter}. Nothing is installed: put each adapter in its layer's place.
@@ -1113,7 +1198,13 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
     (r, n1), lokr_w2 (m2, n2[, kh, kw]) or lokr_w2_a (m2, r) / lokr_w2_b (r, n2[·kh·kw]), or Tucker
     lokr_t2 (r, r, kh, kw) with lokr_w2_a (r, m2) / lokr_w2_b (r, n2), and alpha give
     specops.adapters.LoKr with LyCORIS's scale: 1 when both factors are dense, else alpha / r (r:
-    the rank of the first factor if factored, else of the second). An alpha of 0 or none means r. Files without hada_ / lokr_ keys are LoRA files: load_lora's entries become LoRA
+    the rank of the first factor if factored, else of the second). An alpha of 0 or none means r.
+    diag-OFT keys oft_blocks B (blocks, p, p), blocks·p = out, optional rescale g (out, 1[, 1, 1])
+    and alpha κ (its constraint; 0 or none: unconstrained) give specops.adapters.OFT with
+    side="output", Q = -2 B, g and constraint κ: LyCORIS's W = diag(g) R^T W0 (R = (I + q)(I - q)^-1,
+    q = B - B^T, norm-clipped to κ·out), on a conv over the out channels. At scale ≠ 1 the OFT's
+    ΔW is scale·(W - W0), LyCORIS's multiplier leaves g unscaled: they agree where g = 1.
+    Files without hada_ / lokr_ / oft_blocks keys are LoRA files: load_lora's entries become LoRA
     adapters. Every key and shape is checked against `model` (an nn.Module, the UNet, or a mapping
     {component: module}) before any adapter is built; a failure changes nothing.
     """
@@ -1127,10 +1218,11 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
     else:
         groups: dict[tuple[str, str], dict[str, Tensor]] = {}
         for key, value in tensors.items():
-            m = _LYCORIS_KEY.match(key)
+            m = _lycoris_match(key)
             if m is None:
                 raise ValueError(f"{path}: key {key!r} is not a LoHa / LoKr key (<prefix>_<module>.hada_* / "
-                                 ".lokr_* / .alpha); a file holds one algorithm")
+                                 ".lokr_* / .alpha) nor a diag-OFT one (.oft_blocks / .rescale); "
+                                 "a file holds one algorithm")
             if m.group(1) == _LYCORIS_PREFIX:
                 component = next(iter(tables)) if len(tables) == 1 else "unet"
             else:
@@ -1144,7 +1236,8 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
             if set(parts) == {"alpha"}:
                 raise ValueError(f"{where}: an alpha without factors")
             layer = roots[component].get_submodule(module)
-            method, options, own = _lycoris_plan(where, parts, layer)
+            plan = _oft_plan if "oft_blocks" in parts or "rescale" in parts else _lycoris_plan
+            method, options, own = plan(where, parts, layer)
             plans.append((f"{component}.{module}", method, options, own))
     for name, *_ in plans:
         component, _, module = name.partition(".")
