@@ -657,8 +657,8 @@ class OFT(_Rotation):
 
     LyCORIS's diag-oft file (oft_blocks B, rescale, alpha = κ) is side "output" with Q = -2 B:
     its R_ly = (I + q)(I - q)^-1, q = B - B^T, acts as W_ly = diag(g) R_ly^T W0, and R_ly^T =
-    cayley(-2q). At multiplier s ≠ 1 LyCORIS computes diag(g) (W0 + s (R W0 - W0)) - W0; specops's
-    scale gives s (W - W0), the same when g = 1.
+    cayley(-2q). At multiplier s ≠ 1 LyCORIS's ΔW is diag(g) (W0 + s (R W0 - W0)) - W0 (this R);
+    specops's scale gives s (W - W0), the same when g = 1.
     """
 
     method = "oft"

@@ -941,6 +941,11 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
     than the layer raise ValueError.
     """
     tensors, metadata = _read(path)
+    return _lora_entries(path, tensors, metadata, model)
+
+
+def _lora_entries(path, tensors: dict[str, Tensor], metadata: dict, model) -> dict[str, tuple[Tensor, ...]]:
+    """load_lora on the tensors and metadata of a file already read."""
     tables = _name_tables(model) if model is not None else {}
     what = f"load_lora: {path}: metadata {_DIFFUSERS_METADATA_KEY!r}"
     peft_config = _json(metadata.get(_DIFFUSERS_METADATA_KEY) or "{}", what)
@@ -1205,7 +1210,8 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
     q = B - B^T, norm-clipped to κ·out), on a conv over the out channels. At scale ≠ 1 the OFT's
     ΔW is scale·(W - W0), LyCORIS's multiplier leaves g unscaled: they agree where g = 1.
     Files without hada_ / lokr_ / oft_blocks keys are LoRA files: load_lora's entries become LoRA
-    adapters. Every key and shape is checked against `model` (an nn.Module, the UNet, or a mapping
+    adapters; so do the LoRA / LoCon modules of a file that also holds LyCORIS ones (export_lora
+    writes an OFT that LyCORIS cannot hold so). Every key and shape is checked against `model` (an nn.Module, the UNet, or a mapping
     {component: module}) before any adapter is built; a failure changes nothing.
     """
     tensors, _ = _read(path)
@@ -1216,8 +1222,16 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
         for name, factors in load_lora(path, model).items():
             plans.append((name, "lora", {"init": factors}, {}))
     else:
+        # LoRA / LoCon modules next to LyCORIS ones (export_lora writes the OFTs LyCORIS cannot hold so)
+        lycoris = {k.partition(".")[0] for k in tensors if (m := _lycoris_match(k)) and m.group(3) != "alpha"}
+        locon = {k.partition(".")[0] for k in tensors if _KOHYA_KEY.match(k) and not k.endswith(".alpha")} - lycoris
+        if locon:
+            entries = _lora_entries(path, {k: v for k, v in tensors.items() if k.partition(".")[0] in locon}, {}, model)
+            plans += [(name, "lora", {"init": factors}, {}) for name, factors in entries.items()]
         groups: dict[tuple[str, str], dict[str, Tensor]] = {}
         for key, value in tensors.items():
+            if key.partition(".")[0] in locon:
+                continue
             m = _lycoris_match(key)
             if m is None:
                 raise ValueError(f"{path}: key {key!r} is not a LoHa / LoKr key (<prefix>_<module>.hada_* / "

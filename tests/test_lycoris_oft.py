@@ -73,7 +73,8 @@ def test_lycoris_diag_oft_files_both_ways(tmp_path, options):
 
 def test_oft_adapters_lycoris_cannot_hold_are_exported_as_locon(tmp_path):
     """Output-side OFT at scale 1 goes out as diag-oft; an input-side OFT, a scaled one and blocks
-    LyCORIS would rebuild at another size (p² > out) go out as exact LoRA factors of their ΔW."""
+    LyCORIS would rebuild at another size (p² > out) go out as exact LoRA factors of their ΔW;
+    LyCORIS and specops both read the mixed file."""
     unet = sdxl.tiny_unet(0)
     torch.manual_seed(0)
     found = sdxl.inject(unet, "oft", targets=RESNET_LAYERS, blocks=16, side="output", rescale=True, constraint=0.01)
@@ -102,6 +103,12 @@ def test_oft_adapters_lycoris_cannot_hold_are_exported_as_locon(tmp_path):
     kinds = [type(lora).__name__ for lora in net.loras]
     assert len(kinds) == 62 and kinds.count("LoConModule") == 3 and kinds.count("DiagOFTModule") == 59
     assert _rel(theirs, mine) <= 1e-5
+    # and specops reads the mixed file back: diag-oft modules as OFT, the others as LoRA
+    again = sdxl.tiny_unet(0)
+    built = lora_io.lycoris_adapters(out, again)
+    assert sorted(a.method for a in built.values()).count("lora") == 3 and len(built) == 62
+    _install(again, built)
+    assert _rel(_run(again), mine) <= 1e-5
 
 
 def test_diag_oft_entries_are_checked_before_building(tmp_path):
