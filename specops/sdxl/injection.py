@@ -271,8 +271,9 @@ def _strip(lora: Mapping[str, tuple], prefix: str) -> dict[str, tuple]:
 
 
 def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str | os.PathLike, *, prefix: str = "unet", scale: float = 1.0):
-    """Inject the adapters of a file (a path: LoRA/LoCon, LoHa or LoKr, in the file's own algorithm,
-    lora_io.lycoris_adapters) or LoRA adapters holding given factors (lora = {name: factors}, load_lora's output).
+    """Inject the adapters of a file (a path: LoRA/LoCon, LoHa, LoKr or diag-OFT, in the file's own
+    algorithm, lora_io.lycoris_adapters) or LoRA adapters holding given factors (lora = {name: factors},
+    load_lora's output).
 
     factors: (B, A) for a Linear, ΔW = scale · B A; for a Conv2d (LoCon) (B, A) with A
     (r, in, kh, kw) or, Tucker, (B, A, mid) — specops.adapters.LoRA's init forms. A path may hold
@@ -280,7 +281,7 @@ def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str | os.PathLike, 
     prefix (only `prefix`'s are used). Returns {name: adapter}; nothing changes if a name is not a
     layer of the entry's kind or any factor does not fit its layer.
     """
-    if isinstance(lora, (str, os.PathLike)):  # the file's own algorithm: LoRA/LoCon, LoHa or LoKr
+    if isinstance(lora, (str, os.PathLike)):  # the file's own algorithm: LoRA/LoCon, LoHa, LoKr or diag-OFT
         built = lycoris_adapters(lora, {prefix: model}, scale=scale)
         return _install(model, {n.partition(".")[2]: a for n, a in built.items() if n.partition(".")[0] == prefix})
     lora = _strip(lora, prefix)
