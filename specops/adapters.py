@@ -1,9 +1,13 @@
-"""PEFT adapters on specops ops: a frozen nn.Linear (or, for LoRA, LoHa, LoKr, nn.Conv2d) plus one method's trainable update.
+"""PEFT adapters on specops ops: a frozen nn.Linear or nn.Conv2d (ZipLoRA: nn.Linear only) plus one method's trainable update.
 
 An adapter wraps a base layer with weight W0 (out = m, in = n), y = x W0^T + b, and starts as the
-identity update (ZipLoRA starts as the plain sum of its two LoRAs, see `ZipLoRA`). LoRA, LoHa and
-LoKr also wrap an nn.Conv2d (LyCORIS's LoCon, LoHa and LoKr on convolutions; see each class);
-CONV_METHODS names the methods that take a conv layer. Two kinds:
+identity update (ZipLoRA starts as the plain sum of its two LoRAs, see `ZipLoRA`). Every method but
+ZipLoRA also wraps an nn.Conv2d (groups=1, zero padding); CONV_METHODS names them. LoRA, LoHa and
+LoKr take LyCORIS's conv forms (LoCon, LoHa, LoKr; see each class). The rebuild methods work on
+the kernel as the matrix W0 (out, in·kh·kw), flattened in F.unfold's column order: the method gives
+the adapted matrix W, reshaped back to (out, in, kh, kw) and run as one conv with the base's stride,
+padding and dilation. An input-side rotation then acts on in·kh·kw, and n below reads in·kh·kw.
+Two kinds:
 
   additive  (LoRA, LoHa, LoKr, ZipLoRA):  y = x W0^T + b + scale · x ΔW'^T,  ΔW = scale · ΔW'
   rebuild   (OFT, KOFT, SVDiff, SODA-SVD, SODA-LQ): the method gives the adapted weight W itself;
@@ -15,6 +19,8 @@ CONV_METHODS names the methods that take a conv layer. Two kinds:
     loha        (alpha/r) (B1 A1) ⊙ (B2 A2)                         A1, B1 = 0, A2, B2
     lokr        c W1 ⊗ W2  (W_i dense or B_i A_i; c = alpha/r or 1)   W1 (m1, n1) or B1 = 0; W2 or B2, A2
     oft         W = W0 R, R = diag(cayley(Q_i - Q_i^T))             Q (b, n/b, n/b) = 0
+                (side "output": W = R W0, R over m; optional
+                 rescale W = diag(g) ..., LyCORIS's diag-oft)        g (m,) = 1
     koft        W = W0 (R_1 ⊗ ... ⊗ R_r)                            R_i = I (Stiefel)
     svdiff      W = U diag(act(S + δ)) Vh                           δ (k,) = 0
     soda-svd    svdiff rotated by R_1 ⊗ ... ⊗ R_r (side "input" or "basis")   δ, R_i = I (Stiefel)
@@ -30,9 +36,11 @@ on any LAPACK build. The factors are recomputable from W0, hence non-persistent 
 state_dict holds the base layer and the trainable parameters only.
 
 Precision: parameters are kept in the base weight's dtype, except for bf16/fp16 bases where
-  - the spectral factors, δ and every Stiefel factor are float32: a bf16 U diag(S) Vh reproduces W0
-    only to ~1e-2, and an orthogonal matrix or a small δ cannot be held in 8 mantissa bits;
-  - spectral layers and rotations compute in float32 (the input is cast up and the output down).
+  - the spectral factors, δ, OFT's rescale g and every Stiefel factor are float32: a bf16
+    U diag(S) Vh reproduces W0 only to ~1e-2, and an orthogonal matrix, a small δ or a g near 1
+    cannot be held in 8 mantissa bits;
+  - spectral layers and rotations compute in float32 (the input is cast up and the output down);
+    so do the rebuilt conv layers, and OFT's output side.
 Cast a model to its final dtype before injecting adapters.
 """
 from __future__ import annotations
@@ -63,7 +71,7 @@ from .stiefel import cayley
 from .zip import _check_linear, _lora_parts, zip_lora_linear, zip_merge_lora
 
 __all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "OFT", "KOFT", "SVDiff", "SODASVD", "SODALQ", "ZipLoRA",
-           "ADAPTER_TYPES", "CONV_METHODS", "make_adapter"]
+           "ADAPTER_TYPES", "CONV_METHODS", "OFT_SIDES", "make_adapter"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -640,28 +648,61 @@ class ZipLoRA(Adapter):
 
 
 class _Rebuild(Adapter):
-    """Methods that give the adapted weight W: ΔW = scale·(W - W0)."""
+    """Methods that give the adapted weight W: ΔW = scale·(W - W0).
+
+    On an nn.Conv2d they see the kernel as the matrix W0 (out, in·kh·kw) (F.unfold's column order):
+    `cols` is in_features or in_channels·kh·kw, and the conv runs with W reshaped back."""
+
+    bases = (nn.Linear, nn.Conv2d)
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, scale: float):
+        super().__init__(base, scale=scale)
+        self.cols = base.weight[0].numel()
+        self._cols_name = "in_channels·kh·kw" if self.is_conv else "in_features"
+        self._rows_name = "out_channels" if self.is_conv else "out_features"
+
+    def _w0_matrix(self) -> Tensor:
+        """W0 as an (out, cols) matrix (a view of the conv kernel)."""
+        return self._w0().flatten(1)
 
     def adapted_weight(self) -> Tensor:
-        """The adapted weight W (out, in), in the adapter's compute dtype; differentiable."""
+        """The adapted weight W (out, in) — on a conv the (out, in·kh·kw) matrix — in the adapter's
+        compute dtype; differentiable."""
         raise NotImplementedError
 
     def delta_weight(self):
         W, W0 = self.adapted_weight(), self._w0()
-        return (self.scale * (W - W0.to(W.dtype))).to(W0.dtype)
+        return (self.scale * (W - W0.flatten(1).to(W.dtype))).to(W0.dtype).view(W0.shape)
+
+    def _dense_forward(self, x: Tensor) -> Tensor:
+        """One Linear or conv (the base's geometry) with W, in W's compute dtype; at scale s with
+        W0 + s (W - W0), which is base(x) + s (x W^T - x W0^T) since the layer is affine in its weight."""
+        base = self.base
+        W = self.adapted_weight()
+        if self.scale != 1.0:
+            W = torch.lerp(base.weight.flatten(1).to(W.dtype), W, self.scale)
+        bias = None if base.bias is None else base.bias.to(W.dtype)
+        if self.is_conv:
+            y = F.conv2d(x.to(W.dtype), W.view(base.weight.shape), bias, *_conv_geometry(base))
+        else:
+            y = F.linear(x.to(W.dtype), W, bias)
+        return y.to(x.dtype)
 
 
 class _Rotation(_Rebuild):
-    """W = W0 R: y = base(x R^T). At scale s, base(x + s (x R^T - x)), which equals
-    base(x) + s (x W^T - x W0^T) because base is affine: still one Linear."""
+    """W = W0 R over the input side. On a Linear y = base(x R^T); at scale s, base(x + s (x R^T - x)),
+    which equals base(x) + s (x W^T - x W0^T) because base is affine: still one Linear. A conv
+    cannot rotate its unfolded input cheaply, so there forward builds W and runs one conv."""
 
     _cd: torch.dtype  # compute dtype of the rotation
 
     def _rotate(self, t: Tensor, transpose: bool) -> Tensor:
-        """t R^T if transpose else t R, over the last dim of t (length in_features)."""
+        """t R^T if transpose else t R, over the last dim of t (length cols)."""
         raise NotImplementedError
 
     def _forward(self, x):
+        if self.is_conv:
+            return self._dense_forward(x)
         xc = x.to(self._cd)
         xr = self._rotate(xc, transpose=True)
         if self.scale != 1.0:
@@ -669,28 +710,61 @@ class _Rotation(_Rebuild):
         return self.base(xr.to(x.dtype))
 
     def adapted_weight(self):
-        return self._rotate(self._w0().to(self._cd), transpose=False)
+        return self._rotate(self._w0_matrix().to(self._cd), transpose=False)
+
+
+OFT_SIDES = ("input", "output")
 
 
 class OFT(_Rotation):
-    """W = W0 R, R = diag(R_1, ..., R_b), R_i = cayley(Q_i - Q_i^T) = (I - S_i/2)^-1 (I + S_i/2).
+    """Block-diagonal orthogonal fine-tuning, R = diag(R_1, ..., R_b), R_i = cayley(S_i) =
+    (I - S_i/2)^-1 (I + S_i/2), S_i = Q_i - Q_i^T:
 
-    Q (blocks, in/blocks, in/blocks) is unconstrained and zero-initialised (R = I); any Q gives an
-    orthogonal R, so Q trains with a Euclidean optimiser. The blocks act on the input in place:
-    x R^T is x viewed as (..., blocks, in/blocks), block i times R_i^T.
+        side "input"  (default):  W = diag(g) W0 R,  R over the n = in (conv: in·kh·kw) columns
+        side "output":            W = diag(g) R W0,  R over the m = out rows (LyCORIS's diag-oft)
+
+    Q (blocks, d/blocks, d/blocks) is unconstrained and zero-initialised (R = I), d the rotated
+    dimension; any Q gives an orthogonal R, so Q trains with a Euclidean optimiser.
+    rescale: False keeps g = 1; True makes g (m,) a trainable per-output scale, initialised to 1
+        (LyCORIS's rescaled=True).
+    constraint κ >= 0 (LyCORIS's constraint): κ > 0 shrinks all blocks together so that
+        ||S||_F / 2 <= κ d: S <- S · κd / max(||S||_F / 2, κd) (LyCORIS divides by that norm plus
+        1e-8: a relative difference below 1e-8 / (κd)). 0 leaves S as it is.
+    Forward: a Linear input side without rescale rotates x in place (x viewed as (..., blocks, n/blocks),
+    block i times R_i^T) and runs base; otherwise (output side, rescale, a conv) it builds W
+    and runs one Linear or conv.
+
+    LyCORIS's diag-oft file (oft_blocks B, rescale, alpha = κ) is side "output" with Q = -2 B:
+    its R_ly = (I + q)(I - q)^-1, q = B - B^T, acts as W_ly = diag(g) R_ly^T W0, and R_ly^T =
+    cayley(-2q). At multiplier s ≠ 1 LyCORIS's ΔW is diag(g) (W0 + s (R W0 - W0)) - W0 (this R);
+    specops's scale gives s (W - W0), the same when g = 1.
     """
 
     method = "oft"
 
-    def __init__(self, base: nn.Linear, *, blocks: int = 4, scale: float = 1.0):
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, blocks: int = 4, side: str = "input", rescale: bool = False,
+                 constraint: float = 0.0, scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
-        n = W0.shape[1]
+        self.side = _choice("side", side, OFT_SIDES)
+        if not isinstance(rescale, bool):
+            raise ValueError(f"rescale: expected a bool, got {rescale!r}")
+        if isinstance(constraint, bool) or not isinstance(constraint, (int, float)) or not constraint >= 0:
+            raise ValueError(f"constraint: expected a number >= 0, got {constraint!r}")
         blocks = _positive_int("blocks", blocks)
-        if n % blocks:
-            raise ValueError(f"blocks: expected a divisor of in_features={n}, got {blocks}")
-        self.Q = nn.Parameter(W0.new_zeros(blocks, n // blocks, n // blocks))
-        self._options = {"blocks": blocks}
+        if side == "output":
+            d, what = self.out_features, f"{self._rows_name}={self.out_features}"
+        elif self.is_conv:
+            d, what = self.cols, f"{self._cols_name} = {self.cols}"
+        else:
+            d, what = self.cols, f"{self._cols_name}={self.cols}"
+        if d % blocks:
+            raise ValueError(f"blocks: expected a divisor of {what}, got {blocks}")
+        self.Q = nn.Parameter(W0.new_zeros(blocks, d // blocks, d // blocks))
+        g = torch.ones(self.out_features, dtype=acc_dtype(W0.dtype), device=W0.device)
+        self.register_parameter("g", nn.Parameter(g) if rescale else None)
+        self.constraint = float(constraint)
+        self._options = {"blocks": blocks, "side": side, "rescale": rescale, "constraint": self.constraint}
 
     @property
     def _cd(self):
@@ -699,6 +773,9 @@ class OFT(_Rotation):
     def rotation_blocks(self) -> Tensor:
         """(blocks, p, p): the orthogonal blocks R_i, in the compute dtype."""
         S = (self.Q - self.Q.mT).to(self._cd)
+        if self.constraint > 0:
+            bound = self.constraint * self.Q.shape[0] * self.Q.shape[1]
+            S = S * (bound / torch.maximum(torch.linalg.vector_norm(S) / 2, S.new_tensor(bound)))
         return cayley(S)
 
     def _rotate(self, t, transpose):
@@ -708,22 +785,36 @@ class OFT(_Rotation):
         b, p, _ = R.shape
         return torch.einsum("...ik,ikj->...ij", t.unflatten(-1, (b, p)), R).flatten(-2)
 
+    def _forward(self, x):
+        if self.side == "input" and self.g is None:
+            return super()._forward(x)
+        return self._dense_forward(x)
+
+    def adapted_weight(self):
+        W0 = self._w0_matrix().to(self._cd)
+        if self.side == "input":
+            W = self._rotate(W0, transpose=False)
+        else:
+            R = self.rotation_blocks()
+            W = torch.einsum("bij,bjc->bic", R, W0.unflatten(0, R.shape[:2])).flatten(0, 1)
+        return W if self.g is None else self.g[:, None].to(self._cd) * W
+
 
 class KOFT(_Rotation):
     """W = W0 R, R = R_1 ⊗ ... ⊗ R_r (torch.kron order), R_i square orthogonal, identity at start.
 
-    sizes: the factor sizes (product in_features); default the balanced
-    specops.kron_factor_sizes(in_features, factors). factors=None means len(sizes), or 3.
-    The R_i are Stiefel parameters (orthogonal_parameters()). Forward: base(kron_matmul(x, [R_i^T])),
-    since x R^T = x (R_1^T ⊗ ... ⊗ R_r^T).
+    sizes: the factor sizes (product n = in_features, on a conv in_channels·kh·kw); default the
+    balanced specops.kron_factor_sizes(n, factors). factors=None means len(sizes), or 3.
+    The R_i are Stiefel parameters (orthogonal_parameters()). Forward on a Linear:
+    base(kron_matmul(x, [R_i^T])), since x R^T = x (R_1^T ⊗ ... ⊗ R_r^T); on a conv one conv with W.
     """
 
     method = "koft"
 
-    def __init__(self, base: nn.Linear, *, factors: int | None = None, sizes=None, scale: float = 1.0):
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, factors: int | None = None, sizes=None, scale: float = 1.0):
         super().__init__(base, scale=scale)
         W0 = base.weight
-        sizes = _kron_sizes(W0.shape[1], "in_features", factors, sizes)
+        sizes = _kron_sizes(self.cols, self._cols_name, factors, sizes)
         self.factors = _identity_factors(sizes, acc_dtype(W0.dtype), W0.device)
         self._options = {"factors": len(sizes), "sizes": list(sizes)}
 
@@ -740,9 +831,11 @@ class KOFT(_Rotation):
 
 class _Spectral(_Rebuild):
     """Shared by SVDiff, SODA-SVD, SODA-LQ: the spectral layer run in the compute dtype of δ, and
-    SODA's optional Kronecker rotation (none for SVDiff)."""
+    SODA's optional Kronecker rotation (none for SVDiff). On a conv the decomposition is of the
+    (out, in·kh·kw) matrix and forward builds W (spectral_linear's factored form rotates and
+    projects x, which a conv cannot do cheaply) and runs one conv."""
 
-    def __init__(self, base: nn.Linear, *, scale: float):
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, scale: float):
         super().__init__(base, scale=scale)
         self.side = "input"
         self.factors = nn.ParameterList()
@@ -754,12 +847,12 @@ class _Spectral(_Rebuild):
             self.register_buffer(name, t.to(cd), persistent=False)
 
     def _init_rotation(self, side, factors, sizes) -> None:
-        """SODA: identity-initialised R_1 ⊗ ... ⊗ R_r over the input (side "input", product in) or
-        over the k right singular / Qh directions (side "basis", product k = min(out, in)); sizes
+        """SODA: identity-initialised R_1 ⊗ ... ⊗ R_r over the input (side "input", product cols) or
+        over the k right singular / Qh directions (side "basis", product k = min(out, cols)); sizes
         default to SODA_TABLE's published ones, else balanced."""
         self.side = _choice("side", side, SIDES)
-        dim, what = (self.in_features, "in_features") if side == "input" else (
-            self.delta.shape[0], "k = min(out_features, in_features)")
+        dim, what = (self.cols, self._cols_name) if side == "input" else (
+            self.delta.shape[0], f"k = min({self._rows_name}, {self._cols_name})")
         sizes = _kron_sizes(dim, what, factors, sizes, table=SODA_TABLE)
         self.factors = _identity_factors(sizes, self.delta.dtype, self.delta.device)
         self._options.update(side=side, factors=len(sizes), sizes=list(sizes))
@@ -775,6 +868,8 @@ class _Spectral(_Rebuild):
         raise NotImplementedError
 
     def _forward(self, x):
+        if self.is_conv:
+            return self._dense_forward(x)
         bias = self.base.bias
         cd = self.delta.dtype
         with torch.autocast(x.device.type, enabled=False):  # the spectral ops take one dtype: cd
@@ -783,19 +878,20 @@ class _Spectral(_Rebuild):
 
 
 class SVDiff(_Spectral):
-    """W = U diag(act(S + δ)) Vh from the thin SVD W0 = U diag(S) Vh, δ (k,) zero-initialised.
+    """W = U diag(act(S + δ)) Vh from the thin SVD W0 = U diag(S) Vh, δ (k,) zero-initialised
+    (on a conv, of the (out, in·kh·kw) matrix, as the SVDiff paper reshapes conv kernels).
 
     activation relu (default), softplus or none. For softplus the buffer S holds softplus^-1 of the
     singular values (clamped at the dtype's tiny), so that the fresh adapter is W0, not
-    U diag(softplus(S)) Vh. Forward: specops.spectral_linear.
+    U diag(softplus(S)) Vh. Forward: specops.spectral_linear (a conv: one conv with W).
     """
 
     method = "svdiff"
 
-    def __init__(self, base: nn.Linear, *, activation: str = "relu", scale: float = 1.0):
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, activation: str = "relu", scale: float = 1.0):
         super().__init__(base, scale=scale)
         self.activation = _choice("activation", activation, ACTIVATIONS)
-        U, S, Vh, _ = decompose(base.weight, "svd", dtype=torch.float64)
+        U, S, Vh, _ = decompose(base.weight.flatten(1), "svd", dtype=torch.float64)
         if activation == "softplus":  # softplus^-1(s) = s + log(1 - exp(-s))
             S = S.clamp_min(torch.finfo(acc_dtype(base.weight.dtype)).tiny)
             S = S + torch.log(-torch.expm1(-S))
@@ -815,31 +911,32 @@ class SVDiff(_Spectral):
 class SODASVD(SVDiff):
     """SODA-SVD: SVDiff with a Kronecker rotation R = R_1 ⊗ ... ⊗ R_r (Stiefel factors, R = I at start).
 
-    side="input": W = U diag(s) Vh R^T (the SODA authors' code), ∏ sizes = in_features;
-    side="basis": W = U diag(s) (V R)^T (the paper's eq. 5), ∏ sizes = k = min(out, in).
+    side="input": W = U diag(s) Vh R^T (the SODA authors' code), ∏ sizes = in_features (a conv:
+    in_channels·kh·kw); side="basis": W = U diag(s) (V R)^T (the paper's eq. 5), ∏ sizes =
+    k = min(out, in) (a conv: min(out, in·kh·kw)).
     sizes default: specops.SODA_TABLE's entry for that dimension, else balanced kron_factor_sizes;
     factors=None means len(sizes), or 3.
     """
 
     method = "soda-svd"
 
-    def __init__(self, base: nn.Linear, *, side: str = "input", activation: str = "relu", factors: int | None = None,
-                 sizes=None, scale: float = 1.0):
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, side: str = "input", activation: str = "relu",
+                 factors: int | None = None, sizes=None, scale: float = 1.0):
         super().__init__(base, activation=activation, scale=scale)
         self._init_rotation(side, factors, sizes)
 
 
 class SODALQ(_Spectral):
     """SODA-LQ: W = (L + diag(δ)) Qh from W0 = L Qh (L (out, k) lower-trapezoidal, diag(L) >= 0, Qh
-    (k, in) orthonormal rows), rotated like SODASVD (side "basis": W = (L + diag δ) (Qh^T R)^T).
-    Forward: specops.spectral_linear_lq."""
+    (k, in) orthonormal rows; a conv's (out, in·kh·kw) matrix), rotated like SODASVD (side "basis":
+    W = (L + diag δ) (Qh^T R)^T). Forward: specops.spectral_linear_lq (a conv: one conv with W)."""
 
     method = "soda-lq"
 
-    def __init__(self, base: nn.Linear, *, side: str = "input", factors: int | None = None, sizes=None,
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, side: str = "input", factors: int | None = None, sizes=None,
                  scale: float = 1.0):
         super().__init__(base, scale=scale)
-        L, Qh, _ = decompose(base.weight, "lq", dtype=torch.float64)
+        L, Qh, _ = decompose(base.weight.flatten(1), "lq", dtype=torch.float64)
         self._register_factors(L=L, Qh=Qh)
         self.delta = nn.Parameter(self.L.new_zeros(self.L.shape[1]))
         self._init_rotation(side, factors, sizes)
@@ -856,12 +953,13 @@ class SODALQ(_Spectral):
 ADAPTER_TYPES: dict[str, type[Adapter]] = {
     cls.method: cls for cls in (LoRA, LoHa, LoKr, OFT, KOFT, SVDiff, SODASVD, SODALQ, ZipLoRA)
 }
-# The methods whose adapter also wraps an nn.Conv2d.
+# The methods whose adapter also wraps an nn.Conv2d: all but ZipLoRA.
 CONV_METHODS: tuple[str, ...] = tuple(m for m, cls in ADAPTER_TYPES.items() if nn.Conv2d in cls.bases)
 
 
-def make_adapter(method: str, base: nn.Linear, **options) -> Adapter:
-    """ADAPTER_TYPES[method](base, **options); ValueError on an unknown method or option."""
+def make_adapter(method: str, base: nn.Linear | nn.Conv2d, **options) -> Adapter:
+    """ADAPTER_TYPES[method](base, **options); base an nn.Linear, or an nn.Conv2d for a method of
+    CONV_METHODS. ValueError on an unknown method or option."""
     if method not in ADAPTER_TYPES:
         raise ValueError(f"method: expected one of {tuple(ADAPTER_TYPES)}, got {method!r}")
     cls = ADAPTER_TYPES[method]

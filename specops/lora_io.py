@@ -7,7 +7,7 @@
     load_lora(path, model=None)      {"unet.<module>": (B, A), "text_encoder.<module>": ...} from a
                                      diffusers, PEFT, older-diffusers or kohya (also SGM-named) file
     lycoris_adapters(path, model)    the adapters a kohya / LyCORIS file describes, in its own
-                                     algorithm (LoRA, LoHa, LoKr), built but not installed
+                                     algorithm (LoRA, LoHa, LoKr, diag-OFT), built but not installed
 
 `model` is an nn.Module or a mapping of named modules, e.g. {"unet": unet, "text_encoder": te1,
 "text_encoder_2": te2}; with a mapping, names are prefixed by the mapping key. For the LoRA formats
@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import adapters
+from .stiefel import cayley_reference
 
 __all__ = ["save_adapters", "load_adapters", "export_lora", "load_lora", "lycoris_adapters", "FORMAT_TAG", "FORMAT_VERSION"]
 
@@ -649,6 +650,38 @@ def _dora_lora_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float]:
         return {**parts, **_dora_scale(adapter)}, (err / norm if norm > 0 else err)
 
 
+def _lycoris_oft_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float] | None:
+    """LyCORIS's diag-oft tensors for an OFT adapter (Linear or conv), or None where LyCORIS cannot
+    hold it: side "input", scale ≠ 1 (s (W - W0) is not a rotation), or blocks of size p with
+    p² > out (LyCORIS rebuilds a file's blocks from p by factorization(out, p), which puts the
+    smaller factor on the block size). oft_blocks = -Q/2 (exact), rescale g as (out, 1[, 1, 1]),
+    alpha the constraint; and the relative error of the written ΔW, rebuilt in float64 by
+    LyCORIS's formula W = diag(g) R^T W0, R = (I + q)(I - q)^-1, q = B - B^T norm-clipped."""
+    b, p, _ = adapter.Q.shape
+    if adapter.side != "output" or adapter.scale != 1.0 or p * p > adapter.out_features:
+        return None
+    with torch.no_grad():
+        delta = adapter.delta_weight().detach()
+        W0 = adapter._w0().double()
+        blocks = (adapter.Q.detach() * -0.5).contiguous()
+        parts = {"oft_blocks": blocks}
+        g = adapter.g
+        if g is not None:
+            parts["rescale"] = g.detach().reshape(-1, *(1,) * (W0.dim() - 1)).clone()
+        q = blocks.double() - blocks.double().mT
+        bound = adapter.constraint * adapter.out_features
+        q_norm = q.norm() + 1e-8
+        if bound > 0 and q_norm > bound:
+            q = q * bound / q_norm
+        Rt = cayley_reference(-2.0 * q)  # R^T = (I + q)^-1 (I - q), solved one block at a time
+        W = torch.einsum("bij,bjc->bic", Rt, W0.flatten(1).unflatten(0, (b, p))).reshape(W0.shape)
+        if g is not None:
+            W = parts["rescale"].double() * W
+        err = (delta.double() - (W - W0)).norm().item()
+        norm = delta.double().norm().item()
+        return {**parts, "alpha": adapter.constraint}, (err / norm if norm > 0 else err)
+
+
 def _is_flat_clip(root: nn.Module) -> bool:
     # transformers >= 5 builds CLIPTextModel without its .text_model level (CLIPTextModelWithProjection keeps it)
     return not hasattr(root, "text_model") and hasattr(root, "embeddings") and hasattr(root, "encoder")
@@ -676,7 +709,10 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
         algorithm in LyCORIS's keys (hada_w1_a, ..., lokr_w1, lokr_w2_a, ..., alpha; see
         lycoris_adapters), every scale folded into the first factor; their report rank is the
         alpha written (r, or 1 for a dense LoKr, whose scale LyCORIS fixes at 1). "kohya" writes
-        them as LoRA factors of their ΔW, which every kohya reader takes.
+        them as LoRA factors of their ΔW, which every kohya reader takes. An OFT adapter with
+        side="output" at scale 1 whose block size p has p² <= out (the files LyCORIS rebuilds)
+        keeps LyCORIS's diag-oft keys (oft_blocks = -Q/2, rescale, alpha = constraint; see
+        lycoris_adapters), its report rank the block count; any other OFT is written as LoRA factors.
     DoRA adapters (dora=True; see specops.adapters.Adapter): "lycoris" (LoRA, LoHa, LoKr) and
         "kohya" (LoRA) write the factors of ΔW' and the magnitude as dora_scale, which LyCORIS
         reloads as its weight_decompose (it reads (out, 1[, 1, 1]), the default wd_on_out=True,
@@ -717,8 +753,12 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
             raise ValueError(f"format {format!r}: {name} is a DoRA adapter at scale {adapter.scale:g}; a file holds "
                              "DoRA at scale 1 (its multiplier is the reader's): set scale = 1.0, or pass rank= to "
                              "write W' - W0 as plain LoRA factors")
+        oft = _lycoris_oft_parts(adapter) if format == "lycoris" and rank is None and adapter.method == "oft" else None
         if dora and adapter.method == "lora":
             parts, errors[name] = _dora_lora_parts(adapter)
+        elif oft is not None:
+            parts, errors[name] = oft
+            algos.add("diag-oft")
         elif format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
             parts, errors[name] = _lycoris_parts(adapter)
             algos.add(adapter.method)
@@ -734,7 +774,10 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
             algos.add("lora")
         wrote_dora = wrote_dora or "dora_scale" in parts
         alpha = parts.pop("alpha", None)
-        ranks[name] = parts["lora_down.weight"].shape[0] if alpha is None else int(alpha)
+        if oft is not None:  # OFT's alpha is its constraint; report the block count
+            ranks[name] = parts["oft_blocks"].shape[0]
+        else:
+            ranks[name] = parts["lora_down.weight"].shape[0] if alpha is None else int(alpha)
         module = _file_name(roots[component], module)
         file_ranks[(component, module)] = ranks[name]
         if format == "diffusers":
@@ -991,8 +1034,8 @@ def _parse_key(key: str, tables: dict, path) -> tuple[str, str, str, bool]:
         if m:
             break
     else:
-        if _LYCORIS_KEY.match(key):
-            raise ValueError(f"load_lora: {path}: key {key!r} is a LyCORIS LoHa / LoKr key, not a LoRA one; "
+        if _lycoris_match(key):
+            raise ValueError(f"load_lora: {path}: key {key!r} is a LyCORIS LoHa / LoKr / diag-OFT key, not a LoRA one; "
                              "lycoris_adapters(path, model) builds those adapters")
         raise ValueError(f"load_lora: {path}: key {key!r} is not a LoRA key this reader knows "
                          "(lora_A/lora_B, lora.down/up, lora_down/lora_up/lora_mid/alpha)")
@@ -1059,9 +1102,11 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
     return _lora_entries(tensors, metadata, path, model)
 
 
-def _lora_entries(tensors: dict[str, Tensor], metadata: dict[str, str], path, model) -> dict[str, tuple[Tensor, ...]]:
-    """load_lora on a file's tensors and metadata."""
-    tables = _name_tables(model) if model is not None else {}
+def _lora_entries(tensors: dict[str, Tensor], metadata: dict[str, str], path, model,
+                  tables: dict | None = None) -> dict[str, tuple[Tensor, ...]]:
+    """load_lora on a file's tensors and metadata (`tables`: the model's _name_tables, if known)."""
+    if tables is None:
+        tables = _name_tables(model) if model is not None else {}
     what = f"load_lora: {path}: metadata {_DIFFUSERS_METADATA_KEY!r}"
     peft_config = _json(metadata.get(_DIFFUSERS_METADATA_KEY) or "{}", what)
     if not isinstance(peft_config, dict):
@@ -1169,10 +1214,6 @@ _LOHA_ROLES = {"hada_w1_a": "B1", "hada_w1_b": "A1", "hada_w2_a": "B2", "hada_w2
 _LOKR_ROLES = {"lokr_w1": "W1", "lokr_w1_a": "B1", "lokr_w1_b": "A1", "lokr_w2": "W2", "lokr_w2_a": "B2", "lokr_w2_b": "A2",
                "lokr_t2": "T2"}
 _LYCORIS_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.(hada_\w+|lokr_\w+|dora_scale|alpha)\Z")
-
-
-def _is_lycoris_file(tensors: Mapping[str, Tensor]) -> bool:
-    return any((m := _LYCORIS_KEY.match(k)) and m.group(3).startswith(("hada_", "lokr_")) for k in tensors)
 
 
 def _is_dora_key(key: str) -> bool:
@@ -1285,9 +1326,51 @@ def _lycoris_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tupl
     return method, options, own
 
 
+# LyCORIS's diag-oft keys: oft_blocks (blocks, p, p), rescale (out, 1[, 1, 1]) and alpha (its constraint).
+_OFT_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.(oft_blocks|rescale)\Z")
+
+
+def _lycoris_match(key: str):
+    return _LYCORIS_KEY.match(key) or _OFT_KEY.match(key)
+
+
+def _oft_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tuple[str, dict, dict[str, Tensor]]:
+    """("oft", make_adapter options, {parameter: tensor}) of one LyCORIS diag-oft module: OFT with
+    side "output", blocks = oft_blocks' count, Q = -2 oft_blocks, g = rescale, constraint = alpha
+    (specops.adapters.OFT shows why these give LyCORIS's W); ValueError if they do not fit `base`."""
+    unknown = sorted(set(parts) - {"oft_blocks", "rescale", "alpha"})
+    if unknown:
+        raise ValueError(f"{where}: keys {unknown} are not diag-oft keys specops reads (oft_blocks, rescale, alpha)")
+    if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"{where}: a diag-oft entry for a {type(base).__name__}; expected an nn.Linear or nn.Conv2d")
+    out_f = base.weight.shape[0]
+    blocks, rescale = parts.get("oft_blocks"), parts.get("rescale")
+    if blocks is None:
+        raise ValueError(f"{where}: lacks ['oft_blocks']")
+    if blocks.dtype not in _FACTOR_DTYPES or blocks.ndim != 3 or blocks.shape[1] != blocks.shape[2] \
+            or blocks.shape[0] * blocks.shape[1] != out_f:
+        raise ValueError(f"{where}: oft_blocks is {blocks.dtype} of shape {tuple(blocks.shape)}; expected float "
+                         f"(blocks, p, p) with blocks·p = out = {out_f} (a 4-D one is BOFT, which specops "
+                         "does not read)")
+    want = (out_f, *(1,) * (base.weight.dim() - 1))
+    if rescale is not None and (rescale.dtype not in _FACTOR_DTYPES or tuple(rescale.shape) != want):
+        raise ValueError(f"{where}: rescale is {rescale.dtype} of shape {tuple(rescale.shape)}, expected float {want}")
+    alpha = parts.get("alpha")
+    if alpha is not None and (alpha.numel() != 1 or alpha.dtype == torch.bool):
+        raise ValueError(f"{where}: alpha is {alpha.dtype} of shape {tuple(alpha.shape)}, expected a number")
+    constraint = 0.0 if alpha is None else alpha.double().item()
+    if not constraint >= 0:
+        raise ValueError(f"{where}: alpha (diag-oft's constraint) is {constraint}, expected a number >= 0")
+    options = {"blocks": blocks.shape[0], "side": "output", "rescale": rescale is not None, "constraint": constraint}
+    own = {"Q": blocks * -2.0}
+    if rescale is not None:
+        own["g"] = rescale.flatten()
+    return "oft", options, own
+
+
 def _lycoris_module(key: str, tables: dict, path) -> str:
-    """"<component>.<module>" of a LyCORIS-style key (_LYCORIS_KEY), the module resolved in `tables`."""
-    m = _LYCORIS_KEY.match(key)
+    """"<component>.<module>" of a LyCORIS-style key (_lycoris_match), the module resolved in `tables`."""
+    m = _lycoris_match(key)
     if m.group(1) == _LYCORIS_PREFIX:
         component = next(iter(tables)) if len(tables) == 1 else "unet"
     else:
@@ -1297,7 +1380,14 @@ def _lycoris_module(key: str, tables: dict, path) -> str:
     return f"{component}.{_kohya_name(component, m.group(2), tables, key, path)}"
 
 
-def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.Adapter]:
+class Adapters(dict):
+    """{"<component>.<module>": adapter}, and in `skipped` {key or module: why} of what a non-strict
+    read left out."""
+
+    skipped: dict[str, str]
+
+
+def lycoris_adapters(path, model, *, scale: float = 1.0, strict: bool = True) -> Adapters:
     """Build the adapters a kohya / LyCORIS file describes, in the file's own algorithm; returns
     {"<component>.<module>": adapter}. Nothing is installed: put each adapter in its layer's place.
 
@@ -1309,47 +1399,86 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
     lokr_t2 (r, r, kh, kw) with lokr_w2_a (r, m2) / lokr_w2_b (r, n2), and alpha give
     specops.adapters.LoKr with LyCORIS's scale: 1 when both factors are dense, else alpha / r (r:
     the rank of the first factor if factored, else of the second). An alpha of 0 or none means r.
-    Files without hada_ / lokr_ keys are LoRA files: load_lora's entries become LoRA adapters.
-    A module's dora_scale (LyCORIS's DoRA, any of the three) makes its adapter dora=True with that
-    magnitude: shape (out, 1) / (out, 1, 1, 1) is LyCORIS's norm per output row, (1, in) /
-    (1, in, 1, 1) wd_on_out=False (specops.adapters.Adapter has the formula).
+    diag-OFT keys oft_blocks B (blocks, p, p), blocks·p = out, optional rescale g (out, 1[, 1, 1])
+    and alpha κ (its constraint; 0 or none: unconstrained) give specops.adapters.OFT with
+    side="output", Q = -2 B, g and constraint κ: LyCORIS's W = diag(g) R^T W0 (R = (I + q)(I - q)^-1,
+    q = B - B^T, norm-clipped to κ·out), on a conv over the out channels. At scale ≠ 1 the OFT's
+    ΔW is scale·(W - W0), LyCORIS's multiplier leaves g unscaled: they agree where g = 1.
+    Every other module is LoRA / LoCon (any naming load_lora reads). A module's dora_scale
+    (LyCORIS's DoRA, on LoRA, LoHa or LoKr) makes its adapter dora=True with that magnitude: shape
+    (out, 1) / (out, 1, 1, 1) is LyCORIS's norm per output row, (1, in) / (1, in, 1, 1)
+    wd_on_out=False (specops.adapters.Adapter has the formula).
     Every key and shape is checked against `model` (an nn.Module, the UNet, or a mapping
-    {component: module}) before any adapter is built; a failure changes nothing.
+    {component: module}) before any adapter is built; a failure changes nothing. strict=False
+    skips the keys and modules that fail instead (the result's `skipped` says why); a file that is
+    not a readable safetensors file raises either way.
     """
     tensors, metadata = _read(path)
     tables = _name_tables(model)
     roots = dict(_components(model, "unet"))
+    skipped: dict[str, str] = {}
+
+    def attempt(what: str, fn, *args):
+        """fn(*args), or None with `what` recorded as skipped when not strict."""
+        try:
+            return fn(*args)
+        except ValueError as e:
+            if strict:
+                raise
+            skipped[what] = str(e)
+            return None
+
+    # A module is LyCORIS's (LoHa, LoKr, diag-OFT) when a key names one of its factors; the others
+    # are LoRA / LoCon. DoRA magnitudes and alphas go with their module either way.
+    roles: dict[str, set] = {}
+    for k in tensors:
+        roles.setdefault(k.partition(".")[0], set()).add((m := _lycoris_match(k)) and m.group(3))
+    lycoris = {head for head, r in roles.items()  # (a magnitude with no factor at all is reported there)
+               if r - {None, "alpha", "dora_scale"} or (None not in r and "dora_scale" in r)}
+    groups: dict[str, dict[str, Tensor]] = {}
+    magnitudes: dict[str, tuple[str, Tensor]] = {}
+    lora: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        head = key.partition(".")[0]
+        if head in lycoris:
+            m = _lycoris_match(key)
+            if m is None:
+                attempt(key, _refuse, f"{path}: key {key!r} is not a LoHa / LoKr key (.hada_* / .lokr_* / .alpha / "
+                                      ".dora_scale) nor a diag-OFT one (.oft_blocks / .rescale)")
+            elif (name := attempt(key, _lycoris_module, key, tables, path)) is not None:
+                groups.setdefault(name, {})[m.group(3)] = value
+        elif _is_dora_key(key):
+            if (name := attempt(key, _lycoris_module, key, tables, path)) is not None:
+                magnitudes[name] = (key, value)
+        elif (parsed := attempt(key, _parse_key, key, tables, path)) is not None:
+            lora.setdefault(f"{parsed[0]}.{parsed[1]}", {})[key] = value
     plans = []
-    if not _is_lycoris_file(tensors):
-        magnitudes = {_lycoris_module(key, tables, path): t for key, t in tensors.items() if _is_dora_key(key)}
-        if len(magnitudes) == len(tensors) > 0:
-            raise ValueError(f"{path}: {next(iter(magnitudes))}: a dora_scale without factors")
-        entries = _lora_entries({k: t for k, t in tensors.items() if not _is_dora_key(k)}, metadata, path, model)
-        for name, factors in entries.items():
-            options, own = {"init": factors}, {}
-            if name in magnitudes:
-                component, _, module = name.partition(".")
-                dora, own["magnitude"] = _dora_plan(f"{path}: {name}", magnitudes.pop(name),
-                                                    roots[component].get_submodule(module))
-                options.update(dora)
-            plans.append((name, "lora", options, own))
-        if magnitudes:
-            raise ValueError(f"{path}: {next(iter(magnitudes))}: a dora_scale without lora_down / lora_up factors")
-    else:
-        groups: dict[tuple[str, str], dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if _LYCORIS_KEY.match(key) is None:
-                raise ValueError(f"{path}: key {key!r} is not a LoHa / LoKr key (<prefix>_<module>.hada_* / "
-                                 ".lokr_* / .alpha / .dora_scale); a file holds one algorithm")
-            component, _, module = _lycoris_module(key, tables, path).partition(".")
-            groups.setdefault((component, module), {})[_LYCORIS_KEY.match(key).group(3)] = value
-        for (component, module), parts in groups.items():
-            where = f"{path}: {component}.{module}"
-            if set(parts) <= {"alpha", "dora_scale"}:
-                raise ValueError(f"{where}: {' and '.join(sorted(parts))} without factors")
-            layer = roots[component].get_submodule(module)
-            method, options, own = _lycoris_plan(where, parts, layer)
-            plans.append((f"{component}.{module}", method, options, own))
+    for name, own_keys in lora.items():  # load_lora's checks, one module at a time
+        entries = attempt(name, _lora_entries, own_keys, metadata, path, model, tables)
+        if entries:
+            plans += [(n, "lora", {"init": f}, {}) for n, f in entries.items()]
+    for name, parts in groups.items():
+        where = f"{path}: {name}"
+        if set(parts) <= {"alpha", "dora_scale"}:
+            attempt(name, _refuse, f"{where}: {' and '.join(sorted(parts))} without factors")
+            continue
+        component, _, module = name.partition(".")
+        layer = roots[component].get_submodule(module)
+        plan = _oft_plan if "oft_blocks" in parts or "rescale" in parts else _lycoris_plan
+        found = attempt(name, plan, where, parts, layer)
+        if found is not None:
+            plans.append((name, *found))
+    for i, (name, method, options, own) in enumerate(plans):  # LoRA modules take their magnitude here
+        if name in magnitudes and method == "lora":
+            component, _, module = name.partition(".")
+            found = attempt(name, _dora_plan, f"{path}: {name}", magnitudes.pop(name)[1],
+                            roots[component].get_submodule(module))
+            plans[i] = (name, method, {**options, **found[0]}, {**own, "magnitude": found[1]}) if found else None
+    plans = [p for p in plans if p is not None]
+    for name, (key, _) in magnitudes.items():
+        attempt(key, _refuse, f"{path}: {name}: a dora_scale without factors (lora_down / lora_up)")
+    if not plans and strict:
+        raise ValueError(f"{path}: holds no adapter")
     for name, *_ in plans:
         component, _, module = name.partition(".")
         layer = roots[component].get_submodule(module)
@@ -1370,4 +1499,10 @@ def lycoris_adapters(path, model, *, scale: float = 1.0) -> dict[str, adapters.A
         for p, flag in flags.items():
             p.requires_grad_(flag)
         raise
+    built = Adapters(built)
+    built.skipped = skipped
     return built
+
+
+def _refuse(message: str):
+    raise ValueError(message)

@@ -25,6 +25,7 @@ CASES = [
     ("lokr", {"rank": 2, "factor": [2, 2]}),
     ("lokr", {"rank": 2, "w1_rank": 1, "alpha": 3.0}),
     ("oft", {"blocks": 2}),
+    ("oft", {"blocks": 4, "side": "output", "rescale": True, "constraint": 0.05}),
     ("koft", {}),
     ("svdiff", {}),
     ("svdiff", {"activation": "softplus"}),
@@ -160,7 +161,13 @@ def _reference_weight(adapter):
         r = adapter.w1_rank or adapter.rank
         return W0 + adapter.scale * (1.0 if r is None else adapter.alpha / r) * torch.kron(W1, W2)
     if adapter.method == "oft":
-        return W0 @ torch.block_diag(*_cayley_dense(adapter.Q - adapter.Q.mT))
+        S = adapter.Q - adapter.Q.mT
+        bound = adapter.constraint * S.shape[0] * S.shape[1]  # κ times the rotated dimension
+        if bound and S.norm() / 2 > bound:
+            S = S * bound / (S.norm() / 2)
+        R = torch.block_diag(*_cayley_dense(S))
+        W = W0 @ R if adapter.side == "input" else R @ W0
+        return W if adapter.g is None else adapter.g[:, None] * W
     R = torch.kron(torch.kron(*adapter.factors[:2]), adapter.factors[2])
     if adapter.method == "koft":
         return W0 @ R
@@ -173,12 +180,16 @@ def _reference_weight(adapter):
 
 @pytest.mark.parametrize("case", [("lokr", {}), ("lokr", {"rank": 2, "factor": [2, 3]}),
                                   ("lokr", {"rank": 2, "w1_rank": 1, "alpha": 0.5}), ("oft", {"blocks": 3}),
+                                  ("oft", {"blocks": 3, "side": "output", "rescale": True}),
+                                  ("oft", {"blocks": 2, "side": "output", "constraint": 0.05}),
                                   ("koft", {}), ("soda-svd", {"side": "input"}), ("soda-svd", {"side": "basis"}),
                                   ("soda-lq", {"side": "input"}), ("soda-lq", {"side": "basis"})], ids=_id)
 def test_dense_reference(case):
     """The Kronecker / block / side conventions against dense matrices (wide 12 x 18: the input
     side rotates 18 = 2·3·3 features, the basis side k = 12 = 2·2·3 directions)."""
     adapter = _randomise(_make(case, _base(SHAPES[0])))
+    if case[1].get("constraint"):  # the constraint clips this Q (||S||/2 > κ·12)
+        assert (adapter.Q - adapter.Q.mT).norm() / 2 > case[1]["constraint"] * 12
     with torch.no_grad():
         ref = _reference_weight(adapter)
     assert_rel(adapter.base.weight + adapter.delta_weight(), ref, F64)
@@ -332,7 +343,7 @@ def test_bf16_base():
         adapter = _make(case, base, **({"init": 0.0} if case[0] == "ziplora" else {}))
         params = _trainable(adapter)
         for name, p in params.items():
-            high = case[0] in SPECTRAL or case[0] == "koft"
+            high = case[0] in SPECTRAL or case[0] == "koft" or name == "g"  # OFT's rescale
             assert p.dtype == (torch.float32 if high else torch.bfloat16), (case, name)
         assert adapter(x).dtype == torch.bfloat16 and adapter.delta_weight().dtype == torch.bfloat16
         assert_rel(adapter(x), base(x), torch.bfloat16)
@@ -419,4 +430,4 @@ def test_loha_lokr_on_a_conv(case, kernel):
             dense = c * torch.einsum("ap,bqhw->abpqhw", W1, W2).reshape(12, 8, kernel, kernel)
     assert_rel(adapter.delta_weight(), dense, F64)
     assert_rel(adapter(x), ref, F64)
-    assert adapters.CONV_METHODS == ("lora", "loha", "lokr")
+    assert adapters.CONV_METHODS == ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd", "soda-lq")

@@ -574,9 +574,12 @@ def test_load_lora_other_namings_scales_and_errors(tmp_path):
     with pytest.raises(ValueError, match="ranks differ"):
         read({f"unet.{name}.to_q.lora_A.weight": A, f"unet.{name}.to_q.lora_B.weight": B[:, :1].contiguous()})
     with pytest.raises(ValueError, match="not matrices"):
-        read({f"unet.{name}.to_q.lora_A.weight": A[:, :, None, None].contiguous(),
-              f"unet.{name}.to_q.lora_B.weight": B[:, :, None, None].contiguous()})
-    with pytest.raises(ValueError, match="no Linear layer"):
+        read({f"unet.{name}.to_q.lora_A.weight": A[:, :, None].contiguous(), f"unet.{name}.to_q.lora_B.weight": B})
+    # 4-D factors in PEFT naming are PEFT's conv LoRA: (B, A) with A (r, in, 1, 1)
+    conv = read({f"unet.{name}.to_q.lora_A.weight": A[:, :, None, None].contiguous(),
+                 f"unet.{name}.to_q.lora_B.weight": B[:, :, None, None].contiguous()})[f"unet.{name}.to_q"]
+    assert torch.equal(conv[0], B) and torch.equal(conv[1], A[:, :, None, None])
+    with pytest.raises(ValueError, match="no Linear or Conv2d layer"):
         save_file({f"unet.{name}.to_z.lora_A.weight": A, f"unet.{name}.to_z.lora_B.weight": B},
                   tmp_path / "z.safetensors")
         lora_io.load_lora(tmp_path / "z.safetensors", model=sdxl.tiny_unet(0))
@@ -645,7 +648,7 @@ def test_conv_loras_round_trip_through_adapter_and_kohya_files(tmp_path):
     assert raw["lora_unet_conv_in.lora_down.weight"].shape == (3, 4, 1, 1)
     assert raw["lora_unet_conv_in.lora_mid.weight"].shape == (3, 3, 3, 3)
     assert raw["lora_unet_conv_in.alpha"].item() == 3.0  # every scale folded into lora_up
-    with pytest.raises(ValueError, match="conv adapter.*kohya"):
+    with pytest.raises(ValueError, match="Tucker LoCon.*kohya"):
         lora_io.export_lora(src, tmp_path / "d.safetensors")
 
     # kohya file -> load_lora -> apply_lora: the same ΔW, bit for bit, and the same UNet
@@ -703,6 +706,49 @@ def test_conv_lora_files_are_checked_before_anything_changes(tmp_path):
         lora_io.load_lora(_save(tmp_path, {"lora_unet_down_blocks_1_resnets_0_conv9.lora_down.weight": torch.ones(3, 32, 3, 3)}))
     with pytest.raises(ValueError, match="no Conv2d layer named"):
         sdxl.apply_lora(dst, {f"unet.{LORA_LAYERS[1]}": conv_factors[f"unet.{TUCKER_LAYER}"]})
+    _assert_unchanged(before, dst)
+
+
+def test_partly_unknown_foreign_and_truncated_files(tmp_path):
+    """strict (the default) refuses a file with any unknown key or misfit module and changes
+    nothing; strict=False installs what fits and reports the rest; an unreadable file raises."""
+    src = sdxl.tiny_unet(0)
+    _inject_convs(src)
+    good = tmp_path / "good.safetensors"
+    lora_io.export_lora(src, good, format="kohya")
+    tensors = load_file(good)
+    conv1 = "lora_unet_down_blocks_1_resnets_0_conv1"
+    extra = {
+        "lora_unet_down_blocks_1_resnets_0_conv9.lora_down.weight": torch.ones(3, 32, 3, 3),  # no such layer
+        "lora_unet_conv_in.hada_w1_a": torch.ones(3, 2),  # a LoHa module lacking its other factors
+        "model.diffusion_model.input_blocks.0.0.weight": torch.ones(2, 2),  # a checkpoint's key
+    }
+    partly = {**{k: v for k, v in tensors.items() if not k.startswith("lora_unet_conv_in.")}, **extra,
+              f"{conv1}.lora_up.weight": torch.ones(64, 5, 1, 1)}  # ranks differ from its lora_down
+    foreign = {"model.diffusion_model.out.2.weight": torch.ones(4, 4), "first_stage_model.x": torch.ones(3)}
+    dst = sdxl.tiny_unet(0)
+    before = _snapshot(dst)
+    for state in (partly, foreign):
+        path = _save(tmp_path, state)
+        with pytest.raises(ValueError):
+            sdxl.apply_lora(dst, path)
+        _assert_unchanged(before, dst)
+    got = sdxl.apply_lora(dst, _save(tmp_path, partly), strict=False)
+    assert set(got) == set(CONV_LAYERS) - {"down_blocks.1.resnets.0.conv1"}
+    assert set(got.skipped) == {*list(extra)[::2], "unet.conv_in", "unet.down_blocks.1.resnets.0.conv1"}
+    assert "maps to no Linear or Conv2d layer" in got.skipped[list(extra)[0]]
+    assert "ranks differ" in got.skipped["unet.down_blocks.1.resnets.0.conv1"]
+    for name in got:
+        torch.testing.assert_close(got[name].delta_weight(), src.get_submodule(name).delta_weight(), rtol=0, atol=0)
+    dst = sdxl.tiny_unet(0)
+    nothing = sdxl.apply_lora(dst, _save(tmp_path, foreign), strict=False)
+    assert not nothing and set(nothing.skipped) == set(foreign)
+    _assert_unchanged(before, dst)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            sdxl.apply_lora(dst, cut, strict=strict)
     _assert_unchanged(before, dst)
 
 

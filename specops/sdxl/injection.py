@@ -18,7 +18,7 @@ from typing import NamedTuple
 from torch import nn
 
 from .. import adapters
-from ..lora_io import block_of, lycoris_adapters
+from ..lora_io import Adapters, block_of, lycoris_adapters
 from .model import _is_text_encoder, _matches, _targets
 
 __all__ = ["INJECT_METHODS", "PRESETS", "BLOCK_LISTS", "inject", "set_block_weights", "remove", "fuse", "unfuse",
@@ -203,15 +203,17 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
 
     method: one of INJECT_METHODS ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd",
         "soda-lq"); `options` go to the adapter class (specops.adapters, e.g. rank=8, side="basis",
-        or OFT's blocks=4: the number of diagonal rotation blocks, forwarded like any other option;
+        or OFT's blocks=4: the number of diagonal rotation blocks, which must divide every adapted
+        layer's rotated dimension (in, a conv's in·kh·kw, or out with side="output");
         LoRA's conv_rank / conv_alpha / tucker act on the convolutions, as LyCORIS's conv_dim /
         conv_alpha / use_tucker).
     preset: one of PRESETS, LyCORIS's preset names and layer sets: "attn-only" (the default: the
         attention projections, UNET_TARGETS / TEXT_TARGETS), "attn-mlp" (+ feed-forward, proj_in /
         proj_out and the time / add embeddings; + mlp on a text encoder), "full-lin" (+ the resnets'
         time_emb_proj and 1x1 conv_shortcut), "full" (every Linear and Conv2d of an SDXL UNet: also
-        resnet, sampler and conv_in / conv_out convolutions). A preset with conv layers needs a
-        method of specops.adapters.CONV_METHODS.
+        resnet, sampler and conv_in / conv_out convolutions). Every method here takes conv layers
+        (specops.adapters.CONV_METHODS): LoRA, LoHa and LoKr in LyCORIS's conv forms, the rebuild
+        methods (OFT, KOFT, SVDiff, SODA) on the kernel as the (out, in·kh·kw) matrix.
     targets: module-name suffixes, selecting the Linear and Conv2d layers they name; given, they win
         over `preset`.
     block_weights: None (every selected layer) or a block-wise selection, e.g. (UNet only)
@@ -261,7 +263,10 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
 
 
 def _install(model: nn.Module, built: dict[str, adapters.Adapter]) -> dict[str, adapters.Adapter]:
-    """Freeze the model's own parameters, then put the (trainable) adapters in place."""
+    """Freeze the model's own parameters, then put the (trainable) adapters in place; no adapter,
+    no change."""
+    if not built:
+        return built
     for p in model.parameters():
         p.requires_grad_(False)
     for name, adapter in built.items():
@@ -315,19 +320,26 @@ def _strip(lora: Mapping[str, tuple], prefix: str) -> dict[str, tuple]:
     return out
 
 
-def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str | os.PathLike, *, prefix: str = "unet", scale: float = 1.0):
-    """Inject the adapters of a file (a path: LoRA/LoCon, LoHa or LoKr, in the file's own algorithm,
-    lora_io.lycoris_adapters) or LoRA adapters holding given factors (lora = {name: factors}, load_lora's output).
+def apply_lora(model: nn.Module, lora: Mapping[str, tuple] | str | os.PathLike, *, prefix: str = "unet",
+               scale: float = 1.0, strict: bool = True):
+    """Inject the adapters of a file (a path: LoRA/LoCon, LoHa, LoKr or diag-OFT, in the file's own
+    algorithm, lora_io.lycoris_adapters) or LoRA adapters holding given factors (lora = {name: factors},
+    load_lora's output).
 
     factors: (B, A) for a Linear, ΔW = scale · B A; for a Conv2d (LoCon) (B, A) with A
     (r, in, kh, kw) or, Tucker, (B, A, mid) — specops.adapters.LoRA's init forms. A path may hold
     diffusers, kohya or LyCORIS keys (load_lora). Keys may carry the "unet." / "text_encoder."
     prefix (only `prefix`'s are used). Returns {name: adapter}; nothing changes if a name is not a
-    layer of the entry's kind or any factor does not fit its layer.
+    layer of the entry's kind or any factor does not fit its layer. strict=False (a path only)
+    installs what fits and skips the rest: the result's `skipped` maps each key or module left out
+    to why (lora_io.Adapters); an unreadable file still raises.
     """
-    if isinstance(lora, (str, os.PathLike)):  # the file's own algorithm: LoRA/LoCon, LoHa or LoKr
-        built = lycoris_adapters(lora, {prefix: model}, scale=scale)
-        return _install(model, {n.partition(".")[2]: a for n, a in built.items() if n.partition(".")[0] == prefix})
+    if isinstance(lora, (str, os.PathLike)):  # the file's own algorithm: LoRA/LoCon, LoHa, LoKr or diag-OFT
+        built = lycoris_adapters(lora, {prefix: model}, scale=scale, strict=strict)
+        installed = Adapters(_install(model, {n.partition(".")[2]: a for n, a in built.items()
+                                              if n.partition(".")[0] == prefix}))
+        installed.skipped = built.skipped
+        return installed
     lora = _strip(lora, prefix)
     modules = dict(model.named_modules())
     missing = [n for n, f in lora.items() if not isinstance(modules.get(n), nn.Conv2d if _is_conv_entry(f) else nn.Linear)]
