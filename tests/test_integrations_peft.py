@@ -68,8 +68,17 @@ def _assert_close(got, want, skip=()):
             torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6 * want[k].abs().max().item(), msg=k)
 
 
+def _peft_forward_forbidden(monkeypatch, model):
+    """Make PEFT's own forward raise on the model's tuner layer classes: the patched path must not fall back."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("PEFT's forward ran")
+
+    for m in (model.base_model.model.lin, model.base_model.model.conv):
+        monkeypatch.setattr(type(m), "forward", forbidden)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_apply_matches_peft(case):
+def test_apply_matches_peft(case, monkeypatch):
     model = _model(CASES[case]())
     x, z = _inputs()
     torch.manual_seed(5)
@@ -79,7 +88,9 @@ def test_apply_matches_peft(case):
     assert report["patched"] == ["base_model.model.lin", "base_model.model.conv"] and report["skipped"] == {}
     assert list(report["notes"]) == (["base_model.model.conv"] if case == "loha-tucker" else [])
     torch.manual_seed(5)
-    got = _step(model, x, z)
+    with monkeypatch.context() as mp:
+        _peft_forward_forbidden(mp, model)
+        got = _step(model, x, z)
     assert torch.equal(torch.get_rng_state(), rng)  # PEFT's module-dropout draws are made
     _assert_close(got, want, skip=PEFT_WRONG if case == "loha-tucker" else ())
     if case == "loha-tucker":  # PEFT's two wrong gradients (the note says so; gradcheck checks ours)
@@ -258,3 +269,30 @@ def test_unsupported_peft_version_warns_and_changes_nothing(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(sp.apply(model)["patched"]) == 2
+
+
+@pytest.mark.parametrize("case", ["lokr", "loha"])
+def test_low_precision_base_and_autocast(case, monkeypatch):
+    """A bf16 base with PEFT's float32 adapters: LoKr's Linear adds in float32 as PEFT does; the fused
+    layers, whose dtypes differ, run PEFT's own forward (bit-equal). Under autocast every patched path runs."""
+    torch.manual_seed(0)
+    ref, model = (peft.get_peft_model(_Net().to(torch.bfloat16), CASES[case]()) for _ in range(2))
+    model.load_state_dict(ref.state_dict())
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # PEFT's upcast
+    sp.apply(model)
+    x, z = (t.detach().to(torch.bfloat16) for t in _inputs())
+    with torch.no_grad():
+        got, want = model(x, z), ref(x, z)
+        assert all(g.dtype == torch.bfloat16 for g in got)
+        lin_tol = {"rtol": 1e-2, "atol": 1e-2} if case == "lokr" else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(got[0], want[0], **lin_tol)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+        for m in (ref, model):
+            m.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = ref(x.float(), z.float())
+            _peft_forward_forbidden(monkeypatch, model)
+            got = model(x.float(), z.float())
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g.float(), w.float(), rtol=3e-2, atol=3e-2 * w.abs().max().item())

@@ -137,7 +137,6 @@ def _fused(delta_fn):
             return F.conv2d(x, W, base.bias, base.stride, base.padding, base.dilation, base.groups)
         return F.linear(x, W, base.bias)
 
-    run.__doc__ = f"y = base layer with W0 + Σ_a ΔW_a, ΔW from {delta_fn.__name__} ({delta_fn.__doc__.split(':')[0]})."
     return run
 
 
@@ -189,11 +188,19 @@ def _is_patched(module: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- apply / revert
 
 
+_UNCOVERED = {  # PEFT tuner package -> why specops has nothing to offer it
+    "peft.tuners.lora": " (PEFT's LoRA already runs two skinny GEMMs; specops has no faster form)",
+    "peft.tuners.oft": (" (PEFT's OFT defaults to a Neumann-series Cayley, not specops' exact one, and already "
+                        "rotates the input before one GEMM)"),
+}
+
+
 def _why_not(layer, table) -> str | None:
     """Why this PEFT layer stays on PEFT's path, or None when it can be patched."""
     cls = type(layer)
     if cls not in table:
-        return f"{cls.__module__}.{cls.__qualname__}: no specops path for this layer type"
+        why = f"{cls.__module__}.{cls.__qualname__}: no specops path for this layer type"
+        return why + _UNCOVERED.get(cls.__module__.rpartition(".")[0], "")
     if "forward" in layer.__dict__:
         return "its forward is already replaced on the instance (e.g. by accelerate hooks)"
     base = layer.get_base_layer()
@@ -202,7 +209,8 @@ def _why_not(layer, table) -> str | None:
     if table[cls][1]:
         kind = nn.Conv2d if isinstance(base, nn.Conv2d) else nn.Linear
         if type(base) is not kind or "forward" in base.__dict__:
-            return f"base layer is a {type(base).__name__}, not a plain {kind.__name__} (the fused path runs its weight)"
+            return (f"base layer is a {type(base).__name__}, not a plain {kind.__name__} "
+                    "(the fused path runs its weight)")
         if base._forward_hooks or base._forward_pre_hooks:
             return "base layer has forward hooks, which the fused path would not run"
         if kind is nn.Conv2d and base.padding_mode != "zeros":
