@@ -4,11 +4,13 @@
     ...                      # train / infer / save exactly as before
     revert(model)            # PEFT's own forward again
 
-apply() gives each covered PEFT layer an instance attribute `forward` (a bound method) that
+apply() gives each covered PEFT layer an instance attribute `forward` (a callable bound to it) that
 computes the same function as PEFT's forward from the layer's own parameters, read at every call:
 nothing is copied or re-parametrised, so state_dict keys and values, save_pretrained files and
 optimizers holding the parameters are unchanged, and gradients land on the same tensors. revert()
-deletes the attribute, so the class's forward (PEFT's) runs again. apply() twice is idempotent.
+deletes the attribute, so the class's forward (PEFT's) runs again. apply() twice is idempotent;
+adapters added later to patched layers are covered at once, layers made later need apply() again.
+copy.deepcopy and torch.save / torch.load of the whole model keep the patch.
 
 With s_a = layer.scaling[a] and the sum over the layer's active adapters a (PEFT's
 active_adapters that exist on the layer), W0 and b the base weight and bias:
@@ -51,7 +53,6 @@ other version warns and leaves the model untouched.
 from __future__ import annotations
 
 import functools
-import types
 import warnings
 
 import torch
@@ -180,9 +181,27 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     return run(self, x, adapters).to(x.dtype)
 
 
+class _PatchedForward:
+    """The instance attribute `forward` of a patched layer: _forward bound to it. A class rather than
+    a bound method so that copy.deepcopy and torch.save of the whole model carry the patch along."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return _forward(self.layer, x, *args, **kwargs)
+
+    def __getstate__(self):
+        return self.layer
+
+    def __setstate__(self, layer):
+        self.layer = layer
+
+
 def _is_patched(module: nn.Module) -> bool:
-    f = module.__dict__.get("forward")
-    return isinstance(f, types.MethodType) and f.__func__ is _forward
+    return isinstance(module.__dict__.get("forward"), _PatchedForward)
 
 
 # ----------------------------------------------------------------------------- apply / revert
@@ -246,7 +265,7 @@ def apply(model: nn.Module) -> dict:
         if why is not None:
             report["skipped"][name] = why
             continue
-        layer.forward = types.MethodType(_forward, layer)
+        layer.forward = _PatchedForward(layer)
         report["patched"].append(name)
         notes = []
         dropped = [a for a in layer._available_adapters if layer.module_dropout[a] or layer.rank_dropout[a]]
