@@ -103,6 +103,30 @@ def test_apply_matches_peft(case, monkeypatch):
         torch.testing.assert_close(model(x, z)[1], want["y_conv"], rtol=1e-6, atol=1e-6)
 
 
+class _GeomNet(nn.Module):
+    """Widths with a prime factor, no bias, a strided, dilated, grouped conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(21, 35, bias=False)
+        self.conv = nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2)
+
+    def forward(self, x, z):
+        return self.lin(x), self.conv(z)
+
+
+@pytest.mark.parametrize("method", ["lokr", "loha"])
+def test_apply_matches_peft_on_odd_geometry(method, monkeypatch):
+    config = getattr(peft, {"lokr": "LoKrConfig", "loha": "LoHaConfig"}[method])
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_GeomNet(), config(r=2, alpha=3.0, target_modules=TARGETS, init_weights=False))
+    x, z = torch.randn(3, 21, requires_grad=True), torch.randn(2, 6, 9, 9, requires_grad=True)
+    want = _step(model, x, z)
+    assert len(sp.apply(model)["patched"]) == 2
+    _peft_forward_forbidden(monkeypatch, model)
+    _assert_close(_step(model, x, z), want)
+
+
 @pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker"])
 def test_patched_gradcheck_float64(case):
     model = _model(CASES[case]()).double()
