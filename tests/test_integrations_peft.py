@@ -330,12 +330,13 @@ def test_low_precision_base_and_autocast(case, monkeypatch):
         lin_tol = {"rtol": 1e-2, "atol": 1e-2} if case == "lokr" else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(got[0], want[0], **lin_tol)
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
-        for m in (ref, model):
-            m.float()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            want = ref(x.float(), z.float())
-            _peft_forward_forbidden(monkeypatch, model)
-            got = model(x.float(), z.float())
-        for g, w in zip(got, want):
-            assert g.dtype == w.dtype
-            torch.testing.assert_close(g.float(), w.float(), rtol=3e-2, atol=3e-2 * w.abs().max().item())
+    for m in (ref, model):
+        m.float()
+    x, z = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # outputs and gradients, to bf16 precision
+        want = _step(ref, x, z)
+        _peft_forward_forbidden(monkeypatch, model)
+        got = _step(model, x, z)
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype, k
+        torch.testing.assert_close(got[k].float(), w.float(), rtol=3e-2, atol=3e-2 * w.abs().max().item(), msg=k)

@@ -25,6 +25,8 @@ LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
 each half a core contracted with its two factors). kron_matmul never forms the (out, in) ΔW, and
 the fused layers save PEFT's second GEMM / conv in the forward and its extra ones in the backward.
+Activation memory is PEFT's or less: LoKr's Linear keeps no ΔW, the fused layers keep the one W
+(LoHa's halves are rebuilt in the backward rather than kept).
 
 The patched forward hands the call to PEFT's own forward whenever it would not compute the same
 thing: adapters merged or disabled, extra forward arguments, module_dropout or rank_dropout > 0 on
@@ -58,6 +60,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ..kron import kron_matmul
 
@@ -125,15 +128,22 @@ def _loha_delta(layer, a: str) -> Tensor:
     return delta.reshape(layer.get_base_layer().weight.shape)
 
 
-def _fused(delta_fn):
+def _fused(delta_fn, recompute: bool):
     """The fused forward for a layer type whose ΔW is delta_fn(layer, a): the base layer run once
-    with W0 + Σ_a ΔW_a (F.linear or F.conv2d with the base's stride, padding, dilation, groups)."""
+    with W0 + Σ_a ΔW_a (F.linear or F.conv2d with the base's stride, padding, dilation, groups).
+
+    recompute: build ΔW under activation checkpointing, so autograd keeps only the small factors and
+    rebuilds ΔW's intermediates in the backward. LoHa's two (out, in) halves would otherwise be
+    saved on top of the W the layer saves (three weight-sized tensors a layer where PEFT keeps one)."""
 
     def run(layer, x: Tensor, adapters: list[str]) -> Tensor:
         base = layer.get_base_layer()
         W = base.weight
         for a in adapters:
-            W = W + delta_fn(layer, a)
+            if recompute and torch.is_grad_enabled():
+                W = W + checkpoint(delta_fn, layer, a, use_reentrant=False, preserve_rng_state=False)
+            else:
+                W = W + delta_fn(layer, a)
         if isinstance(base, nn.Conv2d):
             return F.conv2d(x, W, base.bias, base.stride, base.padding, base.dilation, base.groups)
         return F.linear(x, W, base.bias)
@@ -141,8 +151,8 @@ def _fused(delta_fn):
     return run
 
 
-_loha_fused = _fused(_loha_delta)
-_lokr_fused = _fused(_lokr_delta)
+_loha_fused = _fused(_loha_delta, recompute=True)
+_lokr_fused = _fused(_lokr_delta, recompute=False)  # torch.kron keeps only the factors
 
 
 @functools.cache
