@@ -340,3 +340,28 @@ def test_low_precision_base_and_autocast(case, monkeypatch):
     for k, w in want.items():
         assert got[k].dtype == w.dtype, k
         torch.testing.assert_close(got[k].float(), w.float(), rtol=3e-2, atol=3e-2 * w.abs().max().item(), msg=k)
+
+
+def _saved_for_backward(model, x, z):
+    """Bytes autograd keeps for the backward of model(x, z), parameters and inputs excluded."""
+    own = {t.untyped_storage().data_ptr() for t in [x, z, *model.parameters()]}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, z)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("case", ["lokr", "loha", "loha-tucker"])
+def test_activation_memory_at_most_peft(case):
+    model = _model(CASES[case]())
+    x, z = _inputs()
+    peft_bytes = _saved_for_backward(model, x, z)
+    sp.apply(model)
+    assert 0 < _saved_for_backward(model, x, z) <= peft_bytes
