@@ -35,14 +35,14 @@ and, for the fused layers, dtypes that differ between the input, the base weight
 outside torch.autocast (PEFT then adds results of two dtypes). In training mode it draws PEFT's
 module-dropout number (torch.rand(1)) for every active adapter, as PEFT does even at dropout 0, so
 the global RNG stream, and with it every later dropout mask, stays PEFT's. Input casting follows
-PEFT (layer._cast_input_dtype, the output cast back to the input's dtype).
+PEFT (layer._cast_input_dtype, the output cast back to the input's dtype). Under torch.autocast,
+LoKr's kron_matmul (an op without an autocast rule) gets its inputs cast to the autocast dtype, as
+F.linear would cast them.
 
 Gradients are autograd's through the ops above, equal to PEFT's except on LoHa Tucker convs
 (use_effective_conv2d): PEFT 0.21's hand-written backward there returns wrong gradients for
 hada_w1_a and hada_w2_a (it reuses the other half's rebuild); the patched layer gives the true
-ones and says so in report["notes"]. Under torch.autocast,
-LoKr's kron_matmul (an op without an autocast rule) gets its inputs cast to the autocast dtype, as
-F.linear would cast them.
+ones and says so in report["notes"].
 
 Not covered, left on PEFT's path and listed in report["skipped"] with the reason: every other
 tuner layer type (LoRA, OFT, BOFT, Conv1d, quantized layers, ...), layers whose forward is
