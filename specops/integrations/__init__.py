@@ -1,0 +1,6 @@
+"""Integrations with other libraries. Each lives in its own submodule, imported on demand, so that
+`import specops` never imports them:
+
+    specops.integrations.peft   apply(model) / revert(model): run an existing HF PEFT model's LoKr and
+                                LoHa layers through specops ops, in place, outputs unchanged.
+"""

@@ -1,0 +1,300 @@
+"""Run an existing HF PEFT model's LoKr and LoHa layers through specops ops, in place.
+
+    report = apply(model)    # model: a PeftModel, or any nn.Module with PEFT layers injected
+    ...                      # train / infer / save exactly as before
+    revert(model)            # PEFT's own forward again
+
+apply() gives each covered PEFT layer an instance attribute `forward` (a callable bound to it) that
+computes the same function as PEFT's forward from the layer's own parameters, read at every call:
+nothing is copied or re-parametrised, so state_dict keys and values, save_pretrained files and
+optimizers holding the parameters are unchanged, and gradients land on the same tensors. revert()
+deletes the attribute, so the class's forward (PEFT's) runs again. apply() twice is idempotent;
+adapters added later to patched layers are covered at once, layers made later need apply() again.
+copy.deepcopy and torch.save / torch.load of the whole model keep the patch.
+
+With s_a = layer.scaling[a] and the sum over the layer's active adapters a (PEFT's
+active_adapters that exist on the layer), W0 and b the base weight and bias:
+
+    PEFT layer      PEFT computes                         patched forward
+    lokr.Linear     base(x) + Σ_a x (s_a W1 ⊗ W2)^T        base(x) + Σ_a kron_matmul(x, [(s_a W1)^T, W2^T])
+    loha.Linear     base(x) + Σ_a x ΔW_a^T                 F.linear(x, W0 + Σ_a ΔW_a, b): one GEMM
+    lokr.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
+    loha.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
+
+LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
+lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
+each half a core contracted with its two factors). kron_matmul never forms the (out, in) ΔW, and
+the fused layers save PEFT's second GEMM / conv in the forward and its extra ones in the backward.
+Activation memory is PEFT's or less: LoKr's Linear keeps no ΔW, the fused layers keep the one W
+(LoHa's halves are rebuilt in the backward rather than kept).
+
+The patched forward hands the call to PEFT's own forward whenever it would not compute the same
+thing: adapters merged or disabled, extra forward arguments, module_dropout or rank_dropout > 0 on
+an active adapter in training mode (random masks: PEFT's own path, reported in report["notes"]),
+and, for the fused layers, dtypes that differ between the input, the base weight and the adapters
+outside torch.autocast (PEFT then adds results of two dtypes). In training mode it draws PEFT's
+module-dropout number (torch.rand(1)) for every active adapter, as PEFT does even at dropout 0, so
+the global RNG stream, and with it every later dropout mask, stays PEFT's. Input casting follows
+PEFT (layer._cast_input_dtype, the output cast back to the input's dtype). Under torch.autocast,
+LoKr's kron_matmul (an op without an autocast rule) gets its inputs cast to the autocast dtype, as
+F.linear would cast them.
+
+Gradients are autograd's through the ops above, equal to PEFT's except on LoHa Tucker convs
+(use_effective_conv2d): PEFT 0.21's hand-written backward there returns wrong gradients for
+hada_w1_a and hada_w2_a (it reuses the other half's rebuild); the patched layer gives the true
+ones and says so in report["notes"].
+
+Not covered, left on PEFT's path and listed in report["skipped"] with the reason: every other
+tuner layer type (LoRA, OFT, BOFT, Conv1d, quantized layers, ...), layers whose forward is
+already replaced on the instance (e.g. accelerate hooks), nested tuner layers, fused layers whose
+base layer is not a plain nn.Linear / nn.Conv2d, has hooks, or (conv) pads other than with zeros.
+
+Supported PEFT versions: SUPPORTED_PEFT (0.21.x, whose layer attributes this module reads). Any
+other version warns and leaves the model untouched.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..kron import kron_matmul
+
+__all__ = ["apply", "revert", "SUPPORTED_PEFT"]
+
+SUPPORTED_PEFT = ((0, 21), (0, 22))  # [min, max): the PEFT versions whose layer internals this module reads
+
+
+def _version_ok(version: str) -> bool:
+    from packaging.version import Version
+
+    v = Version(version).release[:2]
+    return SUPPORTED_PEFT[0] <= v < SUPPORTED_PEFT[1]
+
+
+# ----------------------------------------------------------------------------- the patched forwards
+
+
+def _lokr_factors(layer, a: str) -> tuple[Tensor, Tensor]:
+    """LoKr's (W1, W2) for adapter a, W2 (m2, n2) on a Linear, (m2, n2, kh, kw) on a conv."""
+    W1 = layer.lokr_w1[a] if a in layer.lokr_w1 else layer.lokr_w1_a[a] @ layer.lokr_w1_b[a]
+    if a in layer.lokr_w2:
+        W2 = layer.lokr_w2[a]
+    elif a in layer.lokr_t2:  # W2[b, q, h, w] = Σ_{i,j} t2[i, j, h, w] w2_a[i, b] w2_b[j, q]
+        W2 = torch.einsum("ijhw,ib,jq->bqhw", layer.lokr_t2[a], layer.lokr_w2_a[a], layer.lokr_w2_b[a])
+    else:
+        W2 = layer.lokr_w2_a[a] @ layer.lokr_w2_b[a]
+    return W1, W2
+
+
+def _lokr_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
+    """y = base(x) + Σ_a kron_matmul(x, [(s_a W1)^T, W2^T]), since x (W1 ⊗ W2)^T = x (W1^T ⊗ W2^T)."""
+    out = layer.base_layer(x)
+    for a in adapters:
+        W1, W2 = _lokr_factors(layer, a)
+        W1 = W1 * layer.scaling[a]
+        xa = layer._cast_input_dtype(x, W1.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
+        out = out + kron_matmul(xa, [W1.mT, W2.mT])
+    return out
+
+
+def _lokr_delta(layer, a: str) -> Tensor:
+    """LoKr's ΔW = s W1 ⊗ W2 in the base weight's shape; on a conv the kernel rides on W2."""
+    W1, W2 = _lokr_factors(layer, a)
+    W1 = W1 * layer.scaling[a]
+    shape = layer.get_base_layer().weight.shape
+    if len(shape) == 4:
+        W2 = W2.reshape(W2.shape[0], -1, *shape[2:])
+        return torch.kron(W1[:, :, None, None], W2.contiguous())
+    return torch.kron(W1, W2)
+
+
+def _loha_delta(layer, a: str) -> Tensor:
+    """LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) in the base weight's shape; Tucker (hada_t1 present):
+    each half is Σ_{i,j} t[i, j, h, w] w_a[i, o] w_b[j, c] (o out, c in channels). s goes on a factor."""
+    s = layer.scaling[a]
+    if a in layer.hada_t1:
+        h1 = torch.einsum("ijhw,io,jc->ochw", layer.hada_t1[a], layer.hada_w1_a[a] * s, layer.hada_w1_b[a])
+        h2 = torch.einsum("ijhw,io,jc->ochw", layer.hada_t2[a], layer.hada_w2_a[a], layer.hada_w2_b[a])
+        return h1 * h2
+    delta = ((layer.hada_w1_a[a] * s) @ layer.hada_w1_b[a]) * (layer.hada_w2_a[a] @ layer.hada_w2_b[a])
+    return delta.reshape(layer.get_base_layer().weight.shape)
+
+
+def _fused(delta_fn, recompute: bool):
+    """The fused forward for a layer type whose ΔW is delta_fn(layer, a): the base layer run once
+    with W0 + Σ_a ΔW_a (F.linear or F.conv2d with the base's stride, padding, dilation, groups).
+
+    recompute: build ΔW under activation checkpointing, so autograd keeps only the small factors and
+    rebuilds ΔW's intermediates in the backward. LoHa's two (out, in) halves would otherwise be
+    saved on top of the W the layer saves (three weight-sized tensors a layer where PEFT keeps one)."""
+
+    def run(layer, x: Tensor, adapters: list[str]) -> Tensor:
+        base = layer.get_base_layer()
+        W = base.weight
+        for a in adapters:
+            if recompute and torch.is_grad_enabled():
+                W = W + checkpoint(delta_fn, layer, a, use_reentrant=False, preserve_rng_state=False)
+            else:
+                W = W + delta_fn(layer, a)
+        if isinstance(base, nn.Conv2d):
+            return F.conv2d(x, W, base.bias, base.stride, base.padding, base.dilation, base.groups)
+        return F.linear(x, W, base.bias)
+
+    return run
+
+
+_loha_fused = _fused(_loha_delta, recompute=True)
+_lokr_fused = _fused(_lokr_delta, recompute=False)  # torch.kron keeps only the factors
+
+
+@functools.cache
+def _table() -> dict[type, tuple]:
+    """PEFT layer class -> (patched computation, whether it fuses into the base layer's weight)."""
+    from peft.tuners import loha, lokr
+
+    return {
+        lokr.Linear: (_lokr_linear, False),
+        loha.Linear: (_loha_fused, True),
+        lokr.Conv2d: (_lokr_fused, True),
+        loha.Conv2d: (_loha_fused, True),
+    }
+
+
+def _adapter_params(layer, a: str):
+    return [d[a] for d in (getattr(layer, n) for n in layer.adapter_layer_names) if a in d]
+
+
+def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    """The patched forward (module docstring); PEFT's own forward where it would differ."""
+    peft_forward = type(self).forward
+    if args or kwargs or self.disable_adapters or self.merged:
+        return peft_forward(self, x, *args, **kwargs)
+    run, fuses = _table()[type(self)]
+    adapters = [a for a in self.active_adapters if a in self._available_adapters]
+    if self.training and any(self.module_dropout[a] or self.rank_dropout[a] for a in adapters):
+        return peft_forward(self, x, *args, **kwargs)
+    if fuses and not torch.is_autocast_enabled(x.device.type):
+        dtypes = {x.dtype, self.get_base_layer().weight.dtype}
+        dtypes.update(p.dtype for a in adapters for p in _adapter_params(self, a))
+        if len(dtypes) > 1:
+            return peft_forward(self, x, *args, **kwargs)
+    if self.training:  # PEFT's module-dropout draw, made even at dropout 0 (module docstring)
+        adapters = [a for a in adapters if torch.rand(1) > self.module_dropout[a]]
+    return run(self, x, adapters).to(x.dtype)
+
+
+class _PatchedForward:
+    """The instance attribute `forward` of a patched layer: _forward bound to it. A class rather than
+    a bound method so that copy.deepcopy and torch.save of the whole model carry the patch along."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return _forward(self.layer, x, *args, **kwargs)
+
+    def __getstate__(self):
+        return self.layer
+
+    def __setstate__(self, layer):
+        self.layer = layer
+
+
+def _is_patched(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), _PatchedForward)
+
+
+# ----------------------------------------------------------------------------- apply / revert
+
+
+_UNCOVERED = {  # PEFT tuner package -> why specops has nothing to offer it
+    "peft.tuners.lora": " (PEFT's LoRA already runs two skinny GEMMs; specops has no faster form)",
+    "peft.tuners.oft": (" (PEFT's OFT defaults to a Neumann-series Cayley, not specops' exact one, and already "
+                        "rotates the input before one GEMM)"),
+}
+
+
+def _why_not(layer, table) -> str | None:
+    """Why this PEFT layer stays on PEFT's path, or None when it can be patched."""
+    cls = type(layer)
+    if cls not in table:
+        why = f"{cls.__module__}.{cls.__qualname__}: no specops path for this layer type"
+        return why + _UNCOVERED.get(cls.__module__.rpartition(".")[0], "")
+    if "forward" in layer.__dict__:
+        return "its forward is already replaced on the instance (e.g. by accelerate hooks)"
+    base = layer.get_base_layer()
+    if layer.base_layer is not base:
+        return "nested tuner layers (its base_layer is itself a tuner layer)"
+    if table[cls][1]:
+        kind = nn.Conv2d if isinstance(base, nn.Conv2d) else nn.Linear
+        if type(base) is not kind or "forward" in base.__dict__:
+            return (f"base layer is a {type(base).__name__}, not a plain {kind.__name__} "
+                    "(the fused path runs its weight)")
+        if base._forward_hooks or base._forward_pre_hooks:
+            return "base layer has forward hooks, which the fused path would not run"
+        if kind is nn.Conv2d and base.padding_mode != "zeros":
+            return f"conv padding_mode={base.padding_mode!r}: PEFT pads ΔW's conv with zeros, the base's differently"
+    return None
+
+
+def apply(model: nn.Module) -> dict:
+    """Patch every covered PEFT layer of `model` in place (module docstring). Idempotent.
+
+    Returns {"patched": [names], "skipped": {name: why}, "notes": {name: note}}: the PEFT tuner
+    layers now on specops' path, those left on PEFT's with the reason, and patched layers that run
+    PEFT's path in training mode (dropout). With a PEFT version outside SUPPORTED_PEFT it warns,
+    patches nothing and reports every tuner layer as skipped.
+    """
+    import peft
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    report: dict = {"patched": [], "skipped": {}, "notes": {}}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    if not _version_ok(peft.__version__):
+        lo, hi = (".".join(map(str, v)) for v in SUPPORTED_PEFT)
+        why = f"peft {peft.__version__} is outside the supported range >={lo},<{hi}"
+        warnings.warn(f"specops.integrations.peft.apply: {why}; the model is left untouched", stacklevel=2)
+        report["skipped"] = {n: why for n, _ in layers}
+        return report
+    table = _table()
+    for name, layer in layers:
+        if _is_patched(layer):
+            report["patched"].append(name)
+            continue
+        why = _why_not(layer, table)
+        if why is not None:
+            report["skipped"][name] = why
+            continue
+        layer.forward = _PatchedForward(layer)
+        report["patched"].append(name)
+        notes = []
+        dropped = [a for a in layer._available_adapters if layer.module_dropout[a] or layer.rank_dropout[a]]
+        if dropped:
+            notes.append(f"adapters {sorted(dropped)} have module/rank dropout > 0: in training mode this layer "
+                         "runs PEFT's forward while they are active")
+        if getattr(layer, "hada_t1", None):
+            notes.append("PEFT 0.21's Tucker LoHa backward (HadaWeightCP) returns wrong gradients for hada_w1_a and "
+                         "hada_w2_a; this path gives the true (autograd) ones, so training here differs from PEFT's")
+        if notes:
+            report["notes"][name] = "; ".join(notes)
+    return report
+
+
+def revert(model: nn.Module) -> list[str]:
+    """Undo apply(): every patched layer runs PEFT's own forward again. Returns the reverted names."""
+    names = []
+    for name, module in model.named_modules():
+        if _is_patched(module):
+            del module.forward
+            names.append(name)
+    return names
