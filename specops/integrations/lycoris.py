@@ -243,7 +243,9 @@ def _lycoris_modules(network: nn.Module):
     from lycoris.modules.base import LycorisBaseModule
 
     seen = set()
-    for name, m in network.named_modules():
+    # a LycorisNetwork registers its modules as submodules only in apply_to(); network.loras has them all
+    found = [*network.named_modules(), *(("", m) for m in getattr(network, "loras", ()))]
+    for name, m in found:
         if isinstance(m, LycorisBaseModule) and id(m) not in seen:
             seen.add(id(m))
             yield getattr(m, "lora_name", None) or name, m
