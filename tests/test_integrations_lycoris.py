@@ -1,4 +1,4 @@
-"""specops.integrations.lycoris: apply() runs a LyCORIS network's LoKr / LoHa modules through specops
+"""specops.integrations.lycoris: apply() runs a LyCORIS network's LoKr / LoHa / diag-OFT modules through specops
 with LyCORIS's outputs and gradients, state and files unchanged; revert() gives LyCORIS's forward back.
 LyCORIS keeps its configuration in class attributes, which every test here restores."""
 import copy
@@ -12,6 +12,7 @@ from torch import nn
 lycoris = pytest.importorskip("lycoris")
 
 from lycoris import LycorisNetwork, create_lycoris  # noqa: E402
+from lycoris.modules.diag_oft import DiagOFTModule  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
@@ -58,6 +59,8 @@ CASES = {  # id: create_lycoris keyword arguments; dim 2 < half the factor sizes
     "loha": dict(algo="loha"),
     "loha-tucker-scalar": dict(algo="loha", use_tucker=True, use_scalar=True),
     "loha-bypass": dict(algo="loha", bypass_mode=True),
+    "oft": dict(algo="diag-oft", linear_dim=4, conv_dim=4),
+    "oft-rescaled-constraint": dict(algo="diag-oft", linear_dim=4, conv_dim=4, rescaled=True, constraint=0.01),
 }
 NAMES = ["lycoris_lin", "lycoris_conv"]
 
@@ -102,11 +105,11 @@ def _assert_close(got, want):
 
 
 def _lycoris_forward_forbidden(monkeypatch):
-    """Make LyCORIS's own LoKr / LoHa forward raise: the patched path must not fall back."""
+    """Make LyCORIS's own LoKr / LoHa / diag-OFT forward raise: the patched path must not fall back."""
     def forbidden(*args, **kwargs):
         raise AssertionError("LyCORIS's forward ran")
 
-    for cls in (LokrModule, LohaModule):
+    for cls in (LokrModule, LohaModule, DiagOFTModule):
         monkeypatch.setattr(cls, "forward", forbidden)
 
 
@@ -124,7 +127,7 @@ def test_apply_matches_lycoris(case, monkeypatch):
     _assert_close(got, want)
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha-bypass"])
+@pytest.mark.parametrize("case", ["lokr", "loha-bypass", "oft"])
 def test_apply_matches_lycoris_on_odd_geometry(case, monkeypatch):
     net, network = _network(case, _GeomNet)
     x, z = _inputs(_GeomNet)
@@ -144,7 +147,7 @@ def test_multiplier_is_read_at_every_call():
     _assert_close(_step(net, network, x, z), _step(ref, ref_network, x, z))
 
 
-@pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker-scalar"])
+@pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker-scalar", "oft-rescaled-constraint"])
 def test_patched_gradcheck_float64(case, monkeypatch):
     """Fast-mode gradcheck of the patched modules w.r.t. the input and every adapter parameter."""
     net, network = _network(case)
@@ -245,7 +248,8 @@ def test_dropout_modules_run_lycoris_in_training_and_are_noted():
 
 @pytest.mark.parametrize("case, why", [
     (dict(algo="lora"), "lycoris.modules.locon.LoConModule: no specops path"),
-    (dict(algo="diag-oft"), "lycoris.modules.diag_oft.DiagOFTModule: no specops path"),
+    (dict(algo="full"), "lycoris.modules.full.FullModule: no specops path"),
+    (dict(algo="diag-oft", bypass_mode=True), "diag-OFT in bypass_mode"),
     (dict(algo="lokr", dora_wd=True), "weight decomposition (dora_wd) is not covered"),
 ])
 def test_uncovered_modules_are_reported_and_untouched(case, why):

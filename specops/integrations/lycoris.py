@@ -1,4 +1,4 @@
-"""Run an existing LyCORIS network's LoKr and LoHa modules through specops ops, in place.
+"""Run an existing LyCORIS network's LoKr, LoHa and diag-OFT modules through specops ops, in place.
 
     network = create_lycoris(model, ...); network.apply_to()
     report = apply(network)    # network: a LycorisNetwork (or any nn.Module holding LyCORIS modules)
@@ -22,17 +22,26 @@ weight and bias, c = m σ s:
     LoKr, Conv2d      base(x) + conv(x, c W1 ⊗ W2)           conv(x, W0 + c W1 ⊗ W2, b): one conv
     LoHa, Linear      base(x) + x (c ΔH)^T                   F.linear(x, W0 + c ΔH, b): one GEMM
     LoHa, Conv2d      base(x) + conv(x, c ΔH)                conv(x, W0 + c ΔH, b): one conv
+    diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
+    diag-OFT, Conv2d  base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
 
 LoKr's W1 is lokr_w1 or lokr_w1_a @ lokr_w1_b, W2 is lokr_w2, lokr_w2_a @ lokr_w2_b, or (Tucker
 conv) W2[p, q, h, w] = Σ_{i,j} lokr_t2[i, j, h, w] lokr_w2_a[i, p] lokr_w2_b[j, q]; on a conv the
 kernel window rides on W2. LoHa's ΔH = (hada_w1_a hada_w1_b) ⊙ (hada_w2_a hada_w2_b) in the weight's
 shape (Tucker: each half Σ_{i,j} t[i, j, h, w] w_a[i, o] w_b[j, c]). LyCORIS adds its ΔW term as
-conv(x, (W0 + c ΔW) - W0), which differs from the above by rounding only. The same holds in
-bypass_mode, where LyCORIS computes base(x) + drop(x-side ΔW term): with dropout off (or in eval)
-it is the same value. kron_matmul never forms the (out, in) ΔW; the fused layers save LyCORIS's
-second GEMM / conv in the forward and its extra ones in the backward, and LoHa's two halves are
-rebuilt in the backward rather than kept (activation checkpointing), so a patched module keeps no
-more for backward than LyCORIS's.
+conv(x, (W0 + c ΔW) - W0), which differs from the above by rounding only. The same holds for LoKr
+and LoHa in bypass_mode, where LyCORIS computes base(x) + drop(x-side ΔW term): with dropout off
+(or in eval) it is the same value. kron_matmul never forms the (out, in) ΔW; the fused layers save
+LyCORIS's second GEMM / conv in the forward and its extra ones in the backward, and LoHa's two
+halves are rebuilt in the backward rather than kept (activation checkpointing).
+
+diag-OFT (oft_blocks B of shape (k, p, p), k p = out, rescale g, constraint κ = alpha): LyCORIS's
+R_i = (I + q_i)(I - q_i)^-1, q = B - B^T (scaled by κ out / (||q|| + 1e-8) once ||q|| passes κ out),
+acts on W0's rows block by block as R_i^T = cayley(-2 q_i) (specops' exact Cayley, the
+correspondence Q = -2 B of specops.adapters.OFT), so W' = diag(g) blockdiag(m R_i^T + (1 - m) I) W0.
+LyCORIS's base weight is not detached inside W', so W0's gradient gets base(x)'s term on top of
+W''s; the patched forward adds W0 - W0.detach() (zero) to W' to give the same gradient. LyCORIS's
+bypass_mode diag-OFT rotates base(x), bias included: another function, left to LyCORIS.
 
 The patched forward hands the call to LyCORIS's own forward whenever it would not compute the same
 thing: extra forward arguments, training mode with dropout, rank_dropout or module_dropout > 0
@@ -40,10 +49,10 @@ thing: extra forward arguments, training mode with dropout, rank_dropout or modu
 dtypes that differ between the input, the layer's weight and the adapter parameters.
 
 Not covered, left on LyCORIS's path and listed in report["skipped"] with the reason: every other
-LyCORIS module type (LoCon, diag-OFT, BOFT, GLoRA, full, norms, ...), LoKr / LoHa on Conv1d / Conv3d,
-weight decomposition (dora_wd), quantized / fp8 / PEFT-wrapped / non-plain base layers, base
-layers with forward hooks or padding_mode other than zeros, and modules whose layer does not call
-them directly (apply_to() not run, or another wrapper stacked on top).
+LyCORIS module type (LoCon, BOFT, GLoRA, full, norms, ...), these three on Conv1d / Conv3d, weight
+decomposition (dora_wd), diag-OFT in bypass_mode, quantized / fp8 / PEFT-wrapped / non-plain base
+layers, base layers with forward hooks or padding_mode other than zeros, and modules whose layer
+does not call them directly (apply_to() not run, or another wrapper stacked on top).
 
 Supported LyCORIS versions: SUPPORTED_LYCORIS (lycoris-lora 4.1.x, whose module attributes this
 module reads). Any other version warns and leaves the network untouched.
@@ -59,6 +68,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..kron import kron_matmul
+from ..stiefel import cayley
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -150,9 +160,37 @@ _loha_fused = _fused(_loha_delta, recompute=True)
 _lokr_fused = _fused(_lokr_delta, recompute=False)  # torch.kron keeps only the factors
 
 
+def _oft_weight(mod) -> Tensor:
+    """diag-OFT's adapted weight W' = diag(g) blockdiag(m R_i^T + (1 - m) I) W0, R_i^T = cayley(-2 q_i)
+    with q = oft_blocks - oft_blocks^T (module docstring)."""
+    q = mod.oft_blocks - mod.oft_blocks.mT
+    if mod.constraint > 0:  # LyCORIS's bound: q <- q κd / (||q|| + 1e-8) once that norm passes κd
+        q = q * (mod.constraint / torch.clamp(torch.linalg.vector_norm(q) + 1e-8, min=mod.constraint))
+    Rt = cayley(-2.0 * q)
+    m = mod.multiplier
+    if m != 1:
+        Rt = m * Rt + (1 - m) * torch.eye(Rt.shape[-1], dtype=Rt.dtype, device=Rt.device)
+    W0 = mod.org_module[0].weight
+    W = torch.einsum("kij,kjc->kic", Rt, W0.reshape(*Rt.shape[:2], -1)).reshape(W0.shape)
+    if mod.rescaled:
+        W = mod.rescale * W
+    if W0.requires_grad:  # LyCORIS subtracts a detached W0 from W' and adds base(x): W0's gradient counts twice
+        W = W + (W0 - W0.detach())
+    return W
+
+
+def _oft_fused(mod, x: Tensor) -> Tensor:
+    """y = layer(x) run once with W' (_oft_weight) in place of W0."""
+    layer, W = mod.org_module[0], _oft_weight(mod)
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, W, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, W, layer.bias)
+
+
 @functools.cache
 def _table() -> dict[tuple[type, str], tuple]:
     """(LyCORIS module class, module_type) -> (patched computation, whether it fuses into the weight)."""
+    from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
@@ -161,6 +199,8 @@ def _table() -> dict[tuple[type, str], tuple]:
         (LokrModule, "conv2d"): (_lokr_fused, True),
         (LohaModule, "linear"): (_loha_fused, True),
         (LohaModule, "conv2d"): (_loha_fused, True),
+        (DiagOFTModule, "linear"): (_oft_fused, True),
+        (DiagOFTModule, "conv2d"): (_oft_fused, True),
     }
 
 
@@ -219,6 +259,8 @@ def _why_not(mod, table) -> str | None:
         return f"{cls.__module__}.{cls.__qualname__}: no specops path for this module type"
     if getattr(mod, "wd", False):
         return "weight decomposition (dora_wd) is not covered"
+    if cls.__name__ == "DiagOFTModule" and mod.bypass_mode:
+        return "diag-OFT in bypass_mode rotates the layer's output, bias included: a different function, not covered"
     if "forward" in mod.__dict__:
         return "its forward is already replaced on the instance"
     layer = mod.org_module[0]
@@ -235,7 +277,8 @@ def _why_not(mod, table) -> str | None:
         if layer._forward_hooks or layer._forward_pre_hooks:
             return "base layer has forward hooks, which the fused path would not run"
         if kind is nn.Conv2d and layer.padding_mode != "zeros":
-            return f"conv padding_mode={layer.padding_mode!r}: LyCORIS pads ΔW's conv with zeros, the base's differently"
+            return (f"conv padding_mode={layer.padding_mode!r}: LyCORIS pads ΔW's conv with zeros, "
+                    "the base's differently")
     return None
 
 
