@@ -298,3 +298,29 @@ def test_unsupported_lycoris_version_warns_and_changes_nothing(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sl.apply(network)["patched"] == NAMES
+
+
+def _saved_for_backward(net, network, x, z):
+    """Bytes autograd keeps for the backward of net(x, z), parameters and inputs excluded."""
+    own = {t.untyped_storage().data_ptr() for t in [x, z, *net.parameters(), *network.parameters()]}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x, z)
+    return sum(kept.values())
+
+
+@pytest.mark.parametrize("case", ["lokr", "loha", "loha-tucker-scalar", "oft"])
+def test_activation_memory_at_most_lycoris(case):
+    net, network = _network(case)
+    net.requires_grad_(False)  # a frozen base, as LyCORIS trains
+    x, z = _inputs()
+    lycoris_bytes = _saved_for_backward(net, network, x, z)
+    sl.apply(network)
+    assert 0 < _saved_for_backward(net, network, x, z) <= lycoris_bytes

@@ -3,4 +3,6 @@
 
     specops.integrations.peft   apply(model) / revert(model): run an existing HF PEFT model's LoKr and
                                 LoHa layers through specops ops, in place, outputs unchanged.
+    specops.integrations.lycoris  apply(network) / revert(network): the same for an existing LyCORIS
+                                network's LoKr, LoHa and diag-OFT modules.
 """
