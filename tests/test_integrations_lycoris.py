@@ -324,3 +324,19 @@ def test_activation_memory_at_most_lycoris(case):
     lycoris_bytes = _saved_for_backward(net, network, x, z)
     sl.apply(network)
     assert 0 < _saved_for_backward(net, network, x, z) <= lycoris_bytes
+
+
+@pytest.mark.parametrize("case", ["lokr", "loha", "oft"])
+def test_autocast_matches_lycoris(case, monkeypatch):
+    """Under bf16 autocast every patched path runs; outputs and gradients agree to bf16 precision."""
+    net, network = _network(case)
+    ref, ref_network = _network(case)
+    sl.apply(network)
+    x, z = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = _step(ref, ref_network, x, z)
+        _lycoris_forward_forbidden(monkeypatch)
+        got = _step(net, network, x, z)
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype, k
+        torch.testing.assert_close(got[k].float(), w.float(), rtol=3e-2, atol=3e-2 * w.abs().max().item(), msg=k)

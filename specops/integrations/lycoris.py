@@ -45,8 +45,11 @@ bypass_mode diag-OFT rotates base(x), bias included: another function, left to L
 
 The patched forward hands the call to LyCORIS's own forward whenever it would not compute the same
 thing: extra forward arguments, training mode with dropout, rank_dropout or module_dropout > 0
-(random masks and LyCORIS's torch.rand draws: listed in report["notes"]), torch.autocast, and
-dtypes that differ between the input, the layer's weight and the adapter parameters.
+(random masks and LyCORIS's torch.rand draws: listed in report["notes"]), and dtypes that differ
+between the input, the layer's weight and the adapter parameters. Under torch.autocast the patched
+paths run (F.linear / conv cast as usual, kron_matmul's inputs cast to the autocast dtype); they
+round differently from LyCORIS's own mix of autocast and float32 ops, to the autocast dtype's
+precision.
 
 Not covered, left on LyCORIS's path and listed in report["skipped"] with the reason: every other
 LyCORIS module type (LoCon, BOFT, GLoRA, full, norms, ...), these three on Conv1d / Conv3d, weight
@@ -111,9 +114,15 @@ def _lokr_factors(mod) -> tuple[Tensor, Tensor]:
 
 
 def _lokr_linear(mod, x: Tensor) -> Tensor:
-    """y = base(x) + kron_matmul(x, [(c W1)^T, W2^T]), since x (W1 ⊗ W2)^T = x (W1^T ⊗ W2^T)."""
+    """y = base(x) + kron_matmul(x, [(c W1)^T, W2^T]), since x (W1 ⊗ W2)^T = x (W1^T ⊗ W2^T).
+    Under torch.autocast kron_matmul (an op without an autocast rule) gets its inputs in the autocast
+    dtype, as F.linear would."""
     W1, W2 = _lokr_factors(mod)
-    return mod.org_forward(x) + kron_matmul(x, [(W1 * _coef(mod)).mT, W2.mT])
+    xa, W1 = x, W1 * _coef(mod)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
+    return mod.org_forward(x) + kron_matmul(xa, [W1.mT, W2.mT])
 
 
 def _lokr_delta(mod) -> Tensor:
@@ -207,7 +216,7 @@ def _table() -> dict[tuple[type, str], tuple]:
 def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     """The patched forward (module docstring); LyCORIS's own forward where it would differ."""
     own = type(self).forward
-    if args or kwargs or torch.is_autocast_enabled(x.device.type):
+    if args or kwargs:
         return own(self, x, *args, **kwargs)
     if self.training and (self.dropout or self.rank_dropout or self.module_dropout):
         return own(self, x)
