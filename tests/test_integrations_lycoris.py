@@ -59,6 +59,8 @@ CASES = {  # id: create_lycoris keyword arguments; dim 2 < half the factor sizes
     "loha": dict(algo="loha"),
     "loha-tucker-scalar": dict(algo="loha", use_tucker=True, use_scalar=True),
     "loha-bypass": dict(algo="loha", bypass_mode=True),
+    "lokr-dora": dict(algo="lokr", dora_wd=True),
+    "loha-dora-tucker-in": dict(algo="loha", dora_wd=True, wd_on_output=False, use_tucker=True),
     "oft": dict(algo="diag-oft", linear_dim=4, conv_dim=4),
     "oft-rescaled-constraint": dict(algo="diag-oft", linear_dim=4, conv_dim=4, rescaled=True, constraint=0.01),
 }
@@ -127,7 +129,7 @@ def test_apply_matches_lycoris(case, monkeypatch):
     _assert_close(got, want)
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha-bypass", "oft"])
+@pytest.mark.parametrize("case", ["lokr", "loha-bypass", "lokr-dora", "oft"])
 def test_apply_matches_lycoris_on_odd_geometry(case, monkeypatch):
     net, network = _network(case, _GeomNet)
     x, z = _inputs(_GeomNet)
@@ -147,7 +149,8 @@ def test_multiplier_is_read_at_every_call():
     _assert_close(_step(net, network, x, z), _step(ref, ref_network, x, z))
 
 
-@pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker-scalar", "oft-rescaled-constraint"])
+@pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker-scalar", "loha-dora-tucker-in",
+                                  "oft-rescaled-constraint"])
 def test_patched_gradcheck_float64(case, monkeypatch):
     """Fast-mode gradcheck of the patched modules w.r.t. the input and every adapter parameter."""
     net, network = _network(case)
@@ -250,7 +253,7 @@ def test_dropout_modules_run_lycoris_in_training_and_are_noted():
     (dict(algo="lora"), "lycoris.modules.locon.LoConModule: no specops path"),
     (dict(algo="full"), "lycoris.modules.full.FullModule: no specops path"),
     (dict(algo="diag-oft", bypass_mode=True), "diag-OFT in bypass_mode"),
-    (dict(algo="lokr", dora_wd=True), "weight decomposition (dora_wd) is not covered"),
+    (dict(algo="lokr", dora_wd=True, bypass_mode=True), "dora_wd in bypass_mode"),
 ])
 def test_uncovered_modules_are_reported_and_untouched(case, why):
     torch.manual_seed(0)

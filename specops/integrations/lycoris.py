@@ -24,6 +24,8 @@ weight and bias, c = m σ s:
     LoHa, Conv2d      base(x) + conv(x, c ΔH)                conv(x, W0 + c ΔH, b): one conv
     diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
     diag-OFT, Conv2d  base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
+    LoKr / LoHa with dora_wd (not in bypass_mode): one GEMM / conv with LyCORIS's decomposed weight
+    (_dora's docstring).
 
 LoKr's W1 is lokr_w1 or lokr_w1_a @ lokr_w1_b, W2 is lokr_w2, lokr_w2_a @ lokr_w2_b, or (Tucker
 conv) W2[p, q, h, w] = Σ_{i,j} lokr_t2[i, j, h, w] lokr_w2_a[i, p] lokr_w2_b[j, q]; on a conv the
@@ -52,9 +54,9 @@ round differently from LyCORIS's own mix of autocast and float32 ops, to the aut
 precision.
 
 Not covered, left on LyCORIS's path and listed in report["skipped"] with the reason: every other
-LyCORIS module type (LoCon, BOFT, GLoRA, full, norms, ...), these three on Conv1d / Conv3d, weight
-decomposition (dora_wd), diag-OFT in bypass_mode, quantized / fp8 / PEFT-wrapped / non-plain base
-layers, base layers with forward hooks or padding_mode other than zeros, and modules whose layer
+LyCORIS module type (LoCon, BOFT, GLoRA, full, norms, ...), these three on Conv1d / Conv3d,
+dora_wd in bypass_mode (where LyCORIS leaves the decomposition out), diag-OFT in bypass_mode,
+quantized / fp8 / PEFT-wrapped / non-plain base layers, base layers with forward hooks or padding_mode other than zeros, and modules whose layer
 does not call them directly (apply_to() not run, or another wrapper stacked on top).
 
 Supported LyCORIS versions: SUPPORTED_LYCORIS (lycoris-lora 4.1.x, whose module attributes this
@@ -94,9 +96,9 @@ def _version_ok(version: str) -> bool:
 # ----------------------------------------------------------------------------- the patched forwards
 
 
-def _coef(mod) -> Tensor:
-    """c = m σ s: the multiplier, the (possibly trained) scalar and alpha / rank, as one factor."""
-    return mod.scalar * (mod.multiplier * mod.scale)
+def _coef(mod, m: float) -> Tensor:
+    """c = m σ s: the multiplier m, the (possibly trained) scalar and alpha / rank, as one factor."""
+    return mod.scalar * (m * mod.scale)
 
 
 def _lokr_factors(mod) -> tuple[Tensor, Tensor]:
@@ -118,25 +120,25 @@ def _lokr_linear(mod, x: Tensor) -> Tensor:
     Under torch.autocast kron_matmul (an op without an autocast rule) gets its inputs in the autocast
     dtype, as F.linear would."""
     W1, W2 = _lokr_factors(mod)
-    xa, W1 = x, W1 * _coef(mod)
+    xa, W1 = x, W1 * _coef(mod, mod.multiplier)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
     return mod.org_forward(x) + kron_matmul(xa, [W1.mT, W2.mT])
 
 
-def _lokr_delta(mod) -> Tensor:
-    """c W1 ⊗ W2 in the layer weight's shape."""
+def _lokr_delta(mod, m: float) -> Tensor:
+    """c W1 ⊗ W2 in the layer weight's shape (c with multiplier m)."""
     W1, W2 = _lokr_factors(mod)
-    W1 = W1 * _coef(mod)
+    W1 = W1 * _coef(mod, m)
     if mod.module_type == "conv2d":
         return torch.kron(W1[:, :, None, None], W2.contiguous())
     return torch.kron(W1, W2)
 
 
-def _loha_delta(mod) -> Tensor:
-    """c ΔH in the layer weight's shape, c on the first factor (module docstring)."""
-    c = _coef(mod)
+def _loha_delta(mod, m: float) -> Tensor:
+    """c ΔH in the layer weight's shape (c with multiplier m), c on the first factor."""
+    c = _coef(mod, m)
     if mod.tucker:
         h1 = torch.einsum("ijhw,io,jq->oqhw", mod.hada_t1, mod.hada_w1_a * c, mod.hada_w1_b)
         h2 = torch.einsum("ijhw,io,jq->oqhw", mod.hada_t2, mod.hada_w2_a, mod.hada_w2_b)
@@ -145,28 +147,66 @@ def _loha_delta(mod) -> Tensor:
     return delta.reshape(mod.shape)
 
 
-def _fused(delta_fn, recompute: bool):
-    """The forward that runs the layer once with W0 + ΔW, ΔW = delta_fn(mod).
+def _run_layer(layer, x: Tensor, W: Tensor) -> Tensor:
+    """The base layer's own op (F.linear, or F.conv2d with its geometry) with weight W."""
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, W, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, W, layer.bias)
 
-    recompute: build ΔW under activation checkpointing, so autograd keeps only the small factors
-    and rebuilds ΔW's intermediates in the backward (LoHa's two weight-sized halves)."""
+
+def _delta(delta_fn, recompute: bool, mod, m: float) -> Tensor:
+    """delta_fn(mod, m); recompute: under activation checkpointing, so autograd keeps only the small
+    factors and rebuilds ΔW's intermediates in the backward (LoHa's two weight-sized halves)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(delta_fn, mod, m, use_reentrant=False, preserve_rng_state=False)
+    return delta_fn(mod, m)
+
+
+def _fused(delta_fn, recompute: bool):
+    """The forward that runs the layer once with W0 + ΔW, ΔW = delta_fn(mod, multiplier)."""
 
     def run(mod, x: Tensor) -> Tensor:
         layer = mod.org_module[0]
-        if recompute and torch.is_grad_enabled():
-            delta = checkpoint(delta_fn, mod, use_reentrant=False, preserve_rng_state=False)
+        return _run_layer(layer, x, layer.weight + _delta(delta_fn, recompute, mod, mod.multiplier))
+
+    return run
+
+
+def _dora(delta_fn, recompute: bool):
+    """The weight-decomposed (dora_wd) forward, the layer run once with LyCORIS's W':
+
+        V = sg(W0) + σ s ΔW,  n = ||V|| per output row (wd_on_out) or per input column, + eps,
+        W' = V (m (dora_scale / n - 1) + 1)
+
+    (sg: W0 detached, as LyCORIS's; the multiplier m acts on the rescale, not on ΔW). W0's gradient
+    is base(x)'s alone in LyCORIS, which adds base(x) + x (W' - sg(W0))^T: the patched forward adds
+    W0 - sg(W0) (zero) to W' for it."""
+
+    def run(mod, x: Tensor) -> Tensor:
+        layer = mod.org_module[0]
+        W0 = layer.weight
+        V = W0.detach() + _delta(delta_fn, recompute, mod, 1.0)
+        if mod.wd_on_out:
+            n = torch.linalg.vector_norm(V.reshape(V.shape[0], -1), dim=1).reshape(-1, *[1] * (V.dim() - 1))
         else:
-            delta = delta_fn(mod)
-        W = layer.weight + delta
-        if isinstance(layer, nn.Conv2d):
-            return F.conv2d(x, W, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-        return F.linear(x, W, layer.bias)
+            n = torch.linalg.vector_norm(V.transpose(0, 1).reshape(V.shape[1], -1), dim=1)
+            n = n.reshape(1, -1, *[1] * (V.dim() - 2))
+        scale = mod.dora_scale / (n + torch.finfo(V.dtype).eps)
+        m = mod.multiplier
+        if m != 1:
+            scale = m * (scale - 1) + 1
+        W = V * scale
+        if W0.requires_grad:
+            W = W + (W0 - W0.detach())
+        return _run_layer(layer, x, W)
 
     return run
 
 
 _loha_fused = _fused(_loha_delta, recompute=True)
 _lokr_fused = _fused(_lokr_delta, recompute=False)  # torch.kron keeps only the factors
+_loha_dora = _dora(_loha_delta, recompute=True)
+_lokr_dora = _dora(_lokr_delta, recompute=False)
 
 
 def _oft_weight(mod) -> Tensor:
@@ -190,26 +230,25 @@ def _oft_weight(mod) -> Tensor:
 
 def _oft_fused(mod, x: Tensor) -> Tensor:
     """y = layer(x) run once with W' (_oft_weight) in place of W0."""
-    layer, W = mod.org_module[0], _oft_weight(mod)
-    if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x, W, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return F.linear(x, W, layer.bias)
+    layer = mod.org_module[0]
+    return _run_layer(layer, x, _oft_weight(mod))
 
 
 @functools.cache
 def _table() -> dict[tuple[type, str], tuple]:
-    """(LyCORIS module class, module_type) -> (patched computation, whether it fuses into the weight)."""
+    """(LyCORIS module class, module_type) -> (patched computation, whether it fuses into the weight,
+    the computation with dora_wd or None)."""
     from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
     return {
-        (LokrModule, "linear"): (_lokr_linear, False),
-        (LokrModule, "conv2d"): (_lokr_fused, True),
-        (LohaModule, "linear"): (_loha_fused, True),
-        (LohaModule, "conv2d"): (_loha_fused, True),
-        (DiagOFTModule, "linear"): (_oft_fused, True),
-        (DiagOFTModule, "conv2d"): (_oft_fused, True),
+        (LokrModule, "linear"): (_lokr_linear, False, _lokr_dora),
+        (LokrModule, "conv2d"): (_lokr_fused, True, _lokr_dora),
+        (LohaModule, "linear"): (_loha_fused, True, _loha_dora),
+        (LohaModule, "conv2d"): (_loha_fused, True, _loha_dora),
+        (DiagOFTModule, "linear"): (_oft_fused, True, None),
+        (DiagOFTModule, "conv2d"): (_oft_fused, True, None),
     }
 
 
@@ -224,8 +263,8 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     dtypes.update(p.dtype for p in self.parameters())
     if len(dtypes) > 1:
         return own(self, x)
-    run, _ = _table()[type(self), self.module_type]
-    return run(self, x)
+    run, _, dora = _table()[type(self), self.module_type]
+    return (dora if getattr(self, "wd", False) else run)(self, x)
 
 
 class _PatchedForward:
@@ -266,8 +305,9 @@ def _why_not(mod, table) -> str | None:
         if any(c is cls for c, _ in table):
             return f"{cls.__name__} on a {mod.module_type} layer: no specops path (Linear and Conv2d are covered)"
         return f"{cls.__module__}.{cls.__qualname__}: no specops path for this module type"
-    if getattr(mod, "wd", False):
-        return "weight decomposition (dora_wd) is not covered"
+    wd = getattr(mod, "wd", False)
+    if wd and mod.bypass_mode:
+        return "dora_wd in bypass_mode: LyCORIS's bypass forward leaves the weight decomposition out, not covered"
     if cls.__name__ == "DiagOFTModule" and mod.bypass_mode:
         return "diag-OFT in bypass_mode rotates the layer's output, bias included: a different function, not covered"
     if "forward" in mod.__dict__:
@@ -280,7 +320,7 @@ def _why_not(mod, table) -> str | None:
     kind = nn.Conv2d if mod.module_type == "conv2d" else nn.Linear
     if type(layer) is not kind:
         return f"base layer is a {type(layer).__name__}, not a plain {kind.__name__}"
-    if table[cls, mod.module_type][1]:
+    if table[cls, mod.module_type][1] or wd:
         if not _calls_own_forward(mod.org_forward, layer):
             return "its base forward is not the layer's own (stacked LyCORIS modules); the fused path runs the weight"
         if layer._forward_hooks or layer._forward_pre_hooks:
