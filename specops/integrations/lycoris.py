@@ -56,8 +56,9 @@ precision.
 Not covered, left on LyCORIS's path and listed in report["skipped"] with the reason: every other
 LyCORIS module type (LoCon, BOFT, GLoRA, full, norms, ...), these three on Conv1d / Conv3d,
 dora_wd in bypass_mode (where LyCORIS leaves the decomposition out), diag-OFT in bypass_mode,
-quantized / fp8 / PEFT-wrapped / non-plain base layers, base layers with forward hooks or padding_mode other than zeros, and modules whose layer
-does not call them directly (apply_to() not run, or another wrapper stacked on top).
+quantized / fp8 / PEFT-wrapped / non-plain base layers, base layers with forward hooks or
+padding_mode other than zeros, and modules whose layer does not call them directly (apply_to() not
+run, or another wrapper stacked on top).
 
 Supported LyCORIS versions: SUPPORTED_LYCORIS (lycoris-lora 4.1.x, whose module attributes this
 module reads). Any other version warns and leaves the network untouched.
