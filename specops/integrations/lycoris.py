@@ -1,0 +1,392 @@
+"""Run an existing LyCORIS network's LoKr, LoHa and diag-OFT modules through specops ops, in place.
+
+    network = create_lycoris(model, ...); network.apply_to()
+    report = apply(network)    # network: a LycorisNetwork (or any nn.Module holding LyCORIS modules)
+    ...                        # train / infer / save_weights exactly as before
+    revert(network)            # LyCORIS's own forward again
+
+LyCORIS's apply_to() points the adapted layer's `forward` at the LyCORIS module's bound forward.
+apply() gives each covered LyCORIS module an instance attribute `forward` (a callable bound to it)
+and points the adapted layer's `forward` at that callable. It computes the same function as
+LyCORIS's forward from the module's own parameters, read at every call: nothing is copied, so
+state_dict, save_weights files and optimizers holding the parameters are unchanged and gradients
+land on the same tensors. revert() deletes the attribute and points the layer back at LyCORIS's
+bound forward. apply() twice is idempotent.
+
+With m the network multiplier (module.multiplier), s = module.scale (alpha / rank, or / sqrt(rank)
+with rs_lora), σ = module.scalar (1, or a trained scalar with use_scalar), W0 and b the layer's
+weight and bias, c = m σ s:
+
+    LyCORIS module    LyCORIS computes                      patched forward
+    LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              base(x) + kron_matmul(x, [(c W1)^T, W2^T])
+    LoKr, Conv2d      base(x) + conv(x, c W1 ⊗ W2)           conv(x, W0 + c W1 ⊗ W2, b): one conv
+    LoHa, Linear      base(x) + x (c ΔH)^T                   F.linear(x, W0 + c ΔH, b): one GEMM
+    LoHa, Conv2d      base(x) + conv(x, c ΔH)                conv(x, W0 + c ΔH, b): one conv
+    diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
+    diag-OFT, Conv2d  base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
+    LoKr / LoHa with dora_wd (not in bypass_mode): one GEMM / conv with LyCORIS's decomposed weight
+    (_dora's docstring).
+
+LoKr's W1 is lokr_w1 or lokr_w1_a @ lokr_w1_b, W2 is lokr_w2, lokr_w2_a @ lokr_w2_b, or (Tucker
+conv) W2[p, q, h, w] = Σ_{i,j} lokr_t2[i, j, h, w] lokr_w2_a[i, p] lokr_w2_b[j, q]; on a conv the
+kernel window rides on W2. LoHa's ΔH = (hada_w1_a hada_w1_b) ⊙ (hada_w2_a hada_w2_b) in the weight's
+shape (Tucker: each half Σ_{i,j} t[i, j, h, w] w_a[i, o] w_b[j, c]). LyCORIS adds its ΔW term as
+conv(x, (W0 + c ΔW) - W0), which differs from the above by rounding only. The same holds for LoKr
+and LoHa in bypass_mode, where LyCORIS computes base(x) + drop(x-side ΔW term): with dropout off
+(or in eval) it is the same value. kron_matmul never forms the (out, in) ΔW; the fused layers save
+LyCORIS's second GEMM / conv in the forward and its extra ones in the backward, and LoHa's two
+halves are rebuilt in the backward rather than kept (activation checkpointing).
+
+diag-OFT (oft_blocks B of shape (k, p, p), k p = out, rescale g, constraint κ = alpha): LyCORIS's
+R_i = (I + q_i)(I - q_i)^-1, q = B - B^T (scaled by κ out / (||q|| + 1e-8) once ||q|| passes κ out),
+acts on W0's rows block by block as R_i^T = cayley(-2 q_i) (specops' exact Cayley, the
+correspondence Q = -2 B of specops.adapters.OFT), so W' = diag(g) blockdiag(m R_i^T + (1 - m) I) W0.
+LyCORIS's base weight is not detached inside W', so W0's gradient gets base(x)'s term on top of
+W''s; the patched forward adds W0 - W0.detach() (zero) to W' to give the same gradient. LyCORIS's
+bypass_mode diag-OFT rotates base(x), bias included: another function, left to LyCORIS.
+
+The patched forward hands the call to LyCORIS's own forward whenever it would not compute the same
+thing: extra forward arguments, training mode with dropout, rank_dropout or module_dropout > 0
+(random masks and LyCORIS's torch.rand draws: listed in report["notes"]), and dtypes that differ
+between the input, the layer's weight and the adapter parameters. Under torch.autocast the patched
+paths run (F.linear / conv cast as usual, kron_matmul's inputs cast to the autocast dtype); they
+round differently from LyCORIS's own mix of autocast and float32 ops, to the autocast dtype's
+precision.
+
+Not covered, left on LyCORIS's path and listed in report["skipped"] with the reason: every other
+LyCORIS module type (LoCon, BOFT, GLoRA, full, norms, ...), these three on Conv1d / Conv3d,
+dora_wd in bypass_mode (where LyCORIS leaves the decomposition out), diag-OFT in bypass_mode,
+quantized / fp8 / PEFT-wrapped / non-plain base layers, base layers with forward hooks or
+padding_mode other than zeros, and modules whose layer does not call them directly (apply_to() not
+run, or another wrapper stacked on top).
+
+Supported LyCORIS versions: SUPPORTED_LYCORIS (lycoris-lora 4.1.x, whose module attributes this
+module reads). Any other version warns and leaves the network untouched.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..kron import kron_matmul
+from ..stiefel import cayley
+
+__all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
+
+SUPPORTED_LYCORIS = ((4, 1), (4, 2))  # [min, max): the lycoris-lora versions whose module internals this reads
+
+
+def _installed_version() -> str:
+    from importlib.metadata import version
+
+    return version("lycoris-lora")
+
+
+def _version_ok(version: str) -> bool:
+    from packaging.version import Version
+
+    v = Version(version).release[:2]
+    return SUPPORTED_LYCORIS[0] <= v < SUPPORTED_LYCORIS[1]
+
+
+# ----------------------------------------------------------------------------- the patched forwards
+
+
+def _coef(mod, m: float) -> Tensor:
+    """c = m σ s: the multiplier m, the (possibly trained) scalar and alpha / rank, as one factor."""
+    return mod.scalar * (m * mod.scale)
+
+
+def _lokr_factors(mod) -> tuple[Tensor, Tensor]:
+    """LoKr's (W1, W2), W2 (b, d) on a Linear, (b, d, kh, kw) on a conv (the kernel rides on W2)."""
+    W1 = mod.lokr_w1 if mod.use_w1 else mod.lokr_w1_a @ mod.lokr_w1_b
+    if mod.use_w2:
+        W2 = mod.lokr_w2
+    elif mod.tucker:
+        W2 = torch.einsum("ijhw,ip,jq->pqhw", mod.lokr_t2, mod.lokr_w2_a, mod.lokr_w2_b)
+    else:
+        W2 = mod.lokr_w2_a @ mod.lokr_w2_b
+    if mod.module_type == "conv2d":
+        W2 = W2.reshape(W2.shape[0], -1, *mod.shape[2:])
+    return W1, W2
+
+
+def _lokr_linear(mod, x: Tensor) -> Tensor:
+    """y = base(x) + kron_matmul(x, [(c W1)^T, W2^T]), since x (W1 ⊗ W2)^T = x (W1^T ⊗ W2^T).
+    Under torch.autocast kron_matmul (an op without an autocast rule) gets its inputs in the autocast
+    dtype, as F.linear would."""
+    W1, W2 = _lokr_factors(mod)
+    xa, W1 = x, W1 * _coef(mod, mod.multiplier)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
+    return mod.org_forward(x) + kron_matmul(xa, [W1.mT, W2.mT])
+
+
+def _lokr_delta(mod, m: float) -> Tensor:
+    """c W1 ⊗ W2 in the layer weight's shape (c with multiplier m)."""
+    W1, W2 = _lokr_factors(mod)
+    W1 = W1 * _coef(mod, m)
+    if mod.module_type == "conv2d":
+        return torch.kron(W1[:, :, None, None], W2.contiguous())
+    return torch.kron(W1, W2)
+
+
+def _loha_delta(mod, m: float) -> Tensor:
+    """c ΔH in the layer weight's shape (c with multiplier m), c on the first factor."""
+    c = _coef(mod, m)
+    if mod.tucker:
+        h1 = torch.einsum("ijhw,io,jq->oqhw", mod.hada_t1, mod.hada_w1_a * c, mod.hada_w1_b)
+        h2 = torch.einsum("ijhw,io,jq->oqhw", mod.hada_t2, mod.hada_w2_a, mod.hada_w2_b)
+        return h1 * h2
+    delta = ((mod.hada_w1_a * c) @ mod.hada_w1_b) * (mod.hada_w2_a @ mod.hada_w2_b)
+    return delta.reshape(mod.shape)
+
+
+def _run_layer(layer, x: Tensor, W: Tensor) -> Tensor:
+    """The base layer's own op (F.linear, or F.conv2d with its geometry) with weight W."""
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, W, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, W, layer.bias)
+
+
+def _delta(delta_fn, recompute: bool, mod, m: float) -> Tensor:
+    """delta_fn(mod, m); recompute: under activation checkpointing, so autograd keeps only the small
+    factors and rebuilds ΔW's intermediates in the backward (LoHa's two weight-sized halves)."""
+    if recompute and torch.is_grad_enabled():
+        return checkpoint(delta_fn, mod, m, use_reentrant=False, preserve_rng_state=False)
+    return delta_fn(mod, m)
+
+
+def _fused(delta_fn, recompute: bool):
+    """The forward that runs the layer once with W0 + ΔW, ΔW = delta_fn(mod, multiplier)."""
+
+    def run(mod, x: Tensor) -> Tensor:
+        layer = mod.org_module[0]
+        return _run_layer(layer, x, layer.weight + _delta(delta_fn, recompute, mod, mod.multiplier))
+
+    return run
+
+
+def _dora(delta_fn, recompute: bool):
+    """The weight-decomposed (dora_wd) forward, the layer run once with LyCORIS's W':
+
+        V = sg(W0) + σ s ΔW,  n = ||V|| per output row (wd_on_out) or per input column, + eps,
+        W' = V (m (dora_scale / n - 1) + 1)
+
+    (sg: W0 detached, as LyCORIS's; the multiplier m acts on the rescale, not on ΔW). W0's gradient
+    is base(x)'s alone in LyCORIS, which adds base(x) + x (W' - sg(W0))^T: the patched forward adds
+    W0 - sg(W0) (zero) to W' for it."""
+
+    def run(mod, x: Tensor) -> Tensor:
+        layer = mod.org_module[0]
+        W0 = layer.weight
+        V = W0.detach() + _delta(delta_fn, recompute, mod, 1.0)
+        if mod.wd_on_out:
+            n = torch.linalg.vector_norm(V.reshape(V.shape[0], -1), dim=1).reshape(-1, *[1] * (V.dim() - 1))
+        else:
+            n = torch.linalg.vector_norm(V.transpose(0, 1).reshape(V.shape[1], -1), dim=1)
+            n = n.reshape(1, -1, *[1] * (V.dim() - 2))
+        scale = mod.dora_scale / (n + torch.finfo(V.dtype).eps)
+        m = mod.multiplier
+        if m != 1:
+            scale = m * (scale - 1) + 1
+        W = V * scale
+        if W0.requires_grad:
+            W = W + (W0 - W0.detach())
+        return _run_layer(layer, x, W)
+
+    return run
+
+
+_loha_fused = _fused(_loha_delta, recompute=True)
+_lokr_fused = _fused(_lokr_delta, recompute=False)  # torch.kron keeps only the factors
+_loha_dora = _dora(_loha_delta, recompute=True)
+_lokr_dora = _dora(_lokr_delta, recompute=False)
+
+
+def _oft_weight(mod) -> Tensor:
+    """diag-OFT's adapted weight W' = diag(g) blockdiag(m R_i^T + (1 - m) I) W0, R_i^T = cayley(-2 q_i)
+    with q = oft_blocks - oft_blocks^T (module docstring)."""
+    q = mod.oft_blocks - mod.oft_blocks.mT
+    if mod.constraint > 0:  # LyCORIS's bound: q <- q κd / (||q|| + 1e-8) once that norm passes κd
+        q = q * (mod.constraint / torch.clamp(torch.linalg.vector_norm(q) + 1e-8, min=mod.constraint))
+    Rt = cayley(-2.0 * q)
+    m = mod.multiplier
+    if m != 1:
+        Rt = m * Rt + (1 - m) * torch.eye(Rt.shape[-1], dtype=Rt.dtype, device=Rt.device)
+    W0 = mod.org_module[0].weight
+    W = torch.einsum("kij,kjc->kic", Rt, W0.reshape(*Rt.shape[:2], -1)).reshape(W0.shape)
+    if mod.rescaled:
+        W = mod.rescale * W
+    if W0.requires_grad:  # LyCORIS subtracts a detached W0 from W' and adds base(x): W0's gradient counts twice
+        W = W + (W0 - W0.detach())
+    return W
+
+
+def _oft_fused(mod, x: Tensor) -> Tensor:
+    """y = layer(x) run once with W' (_oft_weight) in place of W0."""
+    layer = mod.org_module[0]
+    return _run_layer(layer, x, _oft_weight(mod))
+
+
+@functools.cache
+def _table() -> dict[tuple[type, str], tuple]:
+    """(LyCORIS module class, module_type) -> (patched computation, whether it fuses into the weight,
+    the computation with dora_wd or None)."""
+    from lycoris.modules.diag_oft import DiagOFTModule
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    return {
+        (LokrModule, "linear"): (_lokr_linear, False, _lokr_dora),
+        (LokrModule, "conv2d"): (_lokr_fused, True, _lokr_dora),
+        (LohaModule, "linear"): (_loha_fused, True, _loha_dora),
+        (LohaModule, "conv2d"): (_loha_fused, True, _loha_dora),
+        (DiagOFTModule, "linear"): (_oft_fused, True, None),
+        (DiagOFTModule, "conv2d"): (_oft_fused, True, None),
+    }
+
+
+def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    """The patched forward (module docstring); LyCORIS's own forward where it would differ."""
+    own = type(self).forward
+    if args or kwargs:
+        return own(self, x, *args, **kwargs)
+    if self.training and (self.dropout or self.rank_dropout or self.module_dropout):
+        return own(self, x)
+    dtypes = {x.dtype, self.org_module[0].weight.dtype}
+    dtypes.update(p.dtype for p in self.parameters())
+    if len(dtypes) > 1:
+        return own(self, x)
+    run, _, dora = _table()[type(self), self.module_type]
+    return (dora if getattr(self, "wd", False) else run)(self, x)
+
+
+class _PatchedForward:
+    """The instance attribute `forward` of a patched module: _forward bound to it. A class rather than
+    a bound method so that copy.deepcopy and torch.save of the whole model carry the patch along."""
+
+    __slots__ = ("mod",)
+
+    def __init__(self, mod: nn.Module):
+        self.mod = mod
+
+    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return _forward(self.mod, x, *args, **kwargs)
+
+    def __getstate__(self):
+        return self.mod
+
+    def __setstate__(self, mod):
+        self.mod = mod
+
+
+def _is_patched(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), _PatchedForward)
+
+
+def _calls_own_forward(f, module: nn.Module) -> bool:
+    """f is `module`'s class forward bound to it (what apply_to() stores), not some other callable."""
+    return getattr(f, "__self__", None) is module and getattr(f, "__func__", None) is type(module).forward
+
+
+# ----------------------------------------------------------------------------- apply / revert
+
+
+def _why_not(mod, table) -> str | None:
+    """Why this LyCORIS module stays on LyCORIS's path, or None when it can be patched."""
+    cls = type(mod)
+    if (cls, mod.module_type) not in table:
+        if any(c is cls for c, _ in table):
+            return f"{cls.__name__} on a {mod.module_type} layer: no specops path (Linear and Conv2d are covered)"
+        return f"{cls.__module__}.{cls.__qualname__}: no specops path for this module type"
+    wd = getattr(mod, "wd", False)
+    if wd and mod.bypass_mode:
+        return "dora_wd in bypass_mode: LyCORIS's bypass forward leaves the weight decomposition out, not covered"
+    if cls.__name__ == "DiagOFTModule" and mod.bypass_mode:
+        return "diag-OFT in bypass_mode rotates the layer's output, bias included: a different function, not covered"
+    if "forward" in mod.__dict__:
+        return "its forward is already replaced on the instance"
+    layer = mod.org_module[0]
+    if mod.peft_wrapper is not None or mod.is_quant:
+        return "quantized, fp8 or PEFT-wrapped base layer"
+    if not _calls_own_forward(layer.__dict__.get("forward"), mod):
+        return "its layer does not call it directly (network.apply_to() not run, or another wrapper on top)"
+    kind = nn.Conv2d if mod.module_type == "conv2d" else nn.Linear
+    if type(layer) is not kind:
+        return f"base layer is a {type(layer).__name__}, not a plain {kind.__name__}"
+    if table[cls, mod.module_type][1] or wd:
+        if not _calls_own_forward(mod.org_forward, layer):
+            return "its base forward is not the layer's own (stacked LyCORIS modules); the fused path runs the weight"
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            return "base layer has forward hooks, which the fused path would not run"
+        if kind is nn.Conv2d and layer.padding_mode != "zeros":
+            return (f"conv padding_mode={layer.padding_mode!r}: LyCORIS pads ΔW's conv with zeros, "
+                    "the base's differently")
+    return None
+
+
+def _lycoris_modules(network: nn.Module):
+    from lycoris.modules.base import LycorisBaseModule
+
+    seen = set()
+    # a LycorisNetwork registers its modules as submodules only in apply_to(); network.loras has them all
+    found = [*network.named_modules(), *(("", m) for m in getattr(network, "loras", ()))]
+    for name, m in found:
+        if isinstance(m, LycorisBaseModule) and id(m) not in seen:
+            seen.add(id(m))
+            yield getattr(m, "lora_name", None) or name, m
+
+
+def apply(network: nn.Module) -> dict:
+    """Patch every covered LyCORIS module of `network` in place (module docstring). Idempotent.
+
+    Returns {"patched": [names], "skipped": {name: why}, "notes": {name: note}} keyed by lora_name:
+    the modules now on specops' path, those left on LyCORIS's with the reason, and patched modules
+    that run LyCORIS's path in training mode (dropout). With a lycoris-lora version outside
+    SUPPORTED_LYCORIS it warns, patches nothing and reports every module as skipped.
+    """
+    report: dict = {"patched": [], "skipped": {}, "notes": {}}
+    mods = list(_lycoris_modules(network))
+    version = _installed_version()
+    if not _version_ok(version):
+        lo, hi = (".".join(map(str, v)) for v in SUPPORTED_LYCORIS)
+        why = f"lycoris-lora {version} is outside the supported range >={lo},<{hi}"
+        warnings.warn(f"specops.integrations.lycoris.apply: {why}; the network is left untouched", stacklevel=2)
+        report["skipped"] = {n: why for n, _ in mods}
+        return report
+    table = _table()
+    for name, mod in mods:
+        if _is_patched(mod):
+            report["patched"].append(name)
+            continue
+        why = _why_not(mod, table)
+        if why is not None:
+            report["skipped"][name] = why
+            continue
+        mod.forward = _PatchedForward(mod)
+        mod.org_module[0].forward = mod.forward
+        report["patched"].append(name)
+        if mod.dropout or mod.rank_dropout or mod.module_dropout:
+            report["notes"][name] = ("dropout, rank_dropout or module_dropout > 0: in training mode this module "
+                                     "runs LyCORIS's forward")
+    return report
+
+
+def revert(network: nn.Module) -> list[str]:
+    """Undo apply(): every patched module runs LyCORIS's own forward again. Returns the reverted names."""
+    names = []
+    for name, mod in _lycoris_modules(network):
+        if _is_patched(mod):
+            patched = mod.__dict__.pop("forward")
+            layer = mod.org_module[0]
+            if layer.__dict__.get("forward") is patched:
+                layer.forward = mod.forward  # LyCORIS's bound forward, as apply_to() set it
+            names.append(name)
+    return names
