@@ -52,3 +52,20 @@ def assert_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype,
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     err = rel_err(actual, expected)
     assert err <= REL_TOL[dtype] * scale, f"relative error {err:.3g} > {REL_TOL[dtype] * scale:.3g} ({dtype})"
+
+
+def saved_for_backward(run, exclude) -> int:
+    """Bytes autograd keeps for the backward of run() (storages of the tensors in `exclude`, e.g.
+    inputs and parameters, not counted)."""
+    own = {t.untyped_storage().data_ptr() for t in exclude}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in own:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(kept.values())

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import saved_for_backward
 from torch import nn
 
 lycoris = pytest.importorskip("lycoris")
@@ -227,7 +228,7 @@ def test_deepcopy_and_torch_save_keep_the_patch():
         want = net(x, z)
         for other in (copy.deepcopy(both), torch.load(buf, weights_only=False)):
             mod = other["network"].lycoris_lin
-            assert mod.forward.mod is mod and other["net"].lin.forward is mod.forward  # bound to the copy
+            assert mod.forward.module is mod and other["net"].lin.forward is mod.forward  # bound to the copy
             for a, b in zip(other["net"](x, z), want):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -303,30 +304,14 @@ def test_unsupported_lycoris_version_warns_and_changes_nothing(monkeypatch):
         assert sl.apply(network)["patched"] == NAMES
 
 
-def _saved_for_backward(net, network, x, z):
-    """Bytes autograd keeps for the backward of net(x, z), parameters and inputs excluded."""
-    own = {t.untyped_storage().data_ptr() for t in [x, z, *net.parameters(), *network.parameters()]}
-    kept = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            kept[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        net(x, z)
-    return sum(kept.values())
-
-
 @pytest.mark.parametrize("case", ["lokr", "loha", "loha-tucker-scalar", "oft"])
 def test_activation_memory_at_most_lycoris(case):
     net, network = _network(case)
     net.requires_grad_(False)  # a frozen base, as LyCORIS trains
     x, z = _inputs()
-    lycoris_bytes = _saved_for_backward(net, network, x, z)
+    lycoris_bytes = saved_for_backward(lambda: net(x, z), [x, z, *net.parameters(), *network.parameters()])
     sl.apply(network)
-    assert 0 < _saved_for_backward(net, network, x, z) <= lycoris_bytes
+    assert 0 < saved_for_backward(lambda: net(x, z), [x, z, *net.parameters(), *network.parameters()]) <= lycoris_bytes
 
 
 @pytest.mark.parametrize("case", ["lokr", "loha", "oft"])

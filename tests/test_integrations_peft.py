@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import saved_for_backward
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -186,7 +187,7 @@ def test_deepcopy_and_torch_save_keep_the_patch():
         want = model(x, z)
         for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
             lin = other.base_model.model.lin
-            assert lin.forward.layer is lin  # bound to the copy, not to the original
+            assert lin.forward.module is lin  # bound to the copy, not to the original
             for a, b in zip(other(x, z), want):
                 torch.testing.assert_close(a, b, rtol=0, atol=0)
             assert sp.revert(other) == ["base_model.model.lin", "base_model.model.conv"]
@@ -344,26 +345,10 @@ def test_low_precision_base_and_autocast(case, monkeypatch):
         torch.testing.assert_close(got[k].float(), w.float(), rtol=3e-2, atol=3e-2 * w.abs().max().item(), msg=k)
 
 
-def _saved_for_backward(model, x, z):
-    """Bytes autograd keeps for the backward of model(x, z), parameters and inputs excluded."""
-    own = {t.untyped_storage().data_ptr() for t in [x, z, *model.parameters()]}
-    kept = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in own:
-            kept[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, z)
-    return sum(kept.values())
-
-
 @pytest.mark.parametrize("case", ["lokr", "loha", "loha-tucker"])
 def test_activation_memory_at_most_peft(case):
     model = _model(CASES[case]())
     x, z = _inputs()
-    peft_bytes = _saved_for_backward(model, x, z)
+    peft_bytes = saved_for_backward(lambda: model(x, z), [x, z, *model.parameters()])
     sp.apply(model)
-    assert 0 < _saved_for_backward(model, x, z) <= peft_bytes
+    assert 0 < saved_for_backward(lambda: model(x, z), [x, z, *model.parameters()]) <= peft_bytes

@@ -107,7 +107,8 @@ def test_scaled_matmul_strided(backend):
 @pytest.mark.parametrize("side", sp.SIDES)
 @pytest.mark.parametrize("out,n", SMALL, ids=str)
 def test_spectral_shift_small(backend, out, n, side, nfac, dtype):
-    _lighter_triton(backend, nfac in (0, 3), dtype != torch.float32)
+    # fp64 through the interpreter costs ~10x bf16 on the 37x53 shapes: those run bf16 there
+    _lighter_triton(backend, nfac in (0, 3), dtype != torch.float32, dtype != torch.float64 or out * n < 1000)
     act = sp.ACTIVATIONS[nfac % 3]  # every activation meets every shape, side and dtype
     (U, S, Vh, d), rot = _svd_inputs(out, n, dtype, nfac, side)
     assert len(rot) == nfac

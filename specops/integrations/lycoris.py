@@ -66,7 +66,6 @@ module reads). Any other version warns and leaves the network untouched.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +74,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..kron import kron_matmul
 from ..stiefel import cayley
+from ._patch import PatchedForward, is_patched, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -85,13 +85,6 @@ def _installed_version() -> str:
     from importlib.metadata import version
 
     return version("lycoris-lora")
-
-
-def _version_ok(version: str) -> bool:
-    from packaging.version import Version
-
-    v = Version(version).release[:2]
-    return SUPPORTED_LYCORIS[0] <= v < SUPPORTED_LYCORIS[1]
 
 
 # ----------------------------------------------------------------------------- the patched forwards
@@ -268,27 +261,6 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     return (dora if getattr(self, "wd", False) else run)(self, x)
 
 
-class _PatchedForward:
-    """The instance attribute `forward` of a patched module: _forward bound to it. A class rather than
-    a bound method so that copy.deepcopy and torch.save of the whole model carry the patch along."""
-
-    __slots__ = ("mod",)
-
-    def __init__(self, mod: nn.Module):
-        self.mod = mod
-
-    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
-        return _forward(self.mod, x, *args, **kwargs)
-
-    def __getstate__(self):
-        return self.mod
-
-    def __setstate__(self, mod):
-        self.mod = mod
-
-
-def _is_patched(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), _PatchedForward)
 
 
 def _calls_own_forward(f, module: nn.Module) -> bool:
@@ -352,38 +324,28 @@ def apply(network: nn.Module) -> dict:
     that run LyCORIS's path in training mode (dropout). With a lycoris-lora version outside
     SUPPORTED_LYCORIS it warns, patches nothing and reports every module as skipped.
     """
-    report: dict = {"patched": [], "skipped": {}, "notes": {}}
     mods = list(_lycoris_modules(network))
-    version = _installed_version()
-    if not _version_ok(version):
-        lo, hi = (".".join(map(str, v)) for v in SUPPORTED_LYCORIS)
-        why = f"lycoris-lora {version} is outside the supported range >={lo},<{hi}"
-        warnings.warn(f"specops.integrations.lycoris.apply: {why}; the network is left untouched", stacklevel=2)
-        report["skipped"] = {n: why for n, _ in mods}
+    report = refused("lycoris-lora", _installed_version(), SUPPORTED_LYCORIS, [n for n, _ in mods],
+                     "specops.integrations.lycoris.apply")
+    if report is not None:
         return report
     table = _table()
-    for name, mod in mods:
-        if _is_patched(mod):
-            report["patched"].append(name)
-            continue
-        why = _why_not(mod, table)
-        if why is not None:
-            report["skipped"][name] = why
-            continue
-        mod.forward = _PatchedForward(mod)
+
+    def install(mod):
+        mod.forward = PatchedForward(_forward, mod)
         mod.org_module[0].forward = mod.forward
-        report["patched"].append(name)
         if mod.dropout or mod.rank_dropout or mod.module_dropout:
-            report["notes"][name] = ("dropout, rank_dropout or module_dropout > 0: in training mode this module "
-                                     "runs LyCORIS's forward")
-    return report
+            return "dropout, rank_dropout or module_dropout > 0: in training mode this module runs LyCORIS's forward"
+        return None
+
+    return patch(mods, lambda mod: _why_not(mod, table), install)
 
 
 def revert(network: nn.Module) -> list[str]:
     """Undo apply(): every patched module runs LyCORIS's own forward again. Returns the reverted names."""
     names = []
     for name, mod in _lycoris_modules(network):
-        if _is_patched(mod):
+        if is_patched(mod):
             patched = mod.__dict__.pop("forward")
             layer = mod.org_module[0]
             if layer.__dict__.get("forward") is patched:

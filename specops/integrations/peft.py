@@ -55,7 +55,6 @@ other version warns and leaves the model untouched.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -63,17 +62,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..kron import kron_matmul
+from ._patch import PatchedForward, is_patched, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
 
 SUPPORTED_PEFT = ((0, 21), (0, 22))  # [min, max): the PEFT versions whose layer internals this module reads
-
-
-def _version_ok(version: str) -> bool:
-    from packaging.version import Version
-
-    v = Version(version).release[:2]
-    return SUPPORTED_PEFT[0] <= v < SUPPORTED_PEFT[1]
 
 
 # ----------------------------------------------------------------------------- the patched forwards
@@ -191,27 +184,6 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     return run(self, x, adapters).to(x.dtype)
 
 
-class _PatchedForward:
-    """The instance attribute `forward` of a patched layer: _forward bound to it. A class rather than
-    a bound method so that copy.deepcopy and torch.save of the whole model carry the patch along."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-
-    def __call__(self, x: Tensor, *args, **kwargs) -> Tensor:
-        return _forward(self.layer, x, *args, **kwargs)
-
-    def __getstate__(self):
-        return self.layer
-
-    def __setstate__(self, layer):
-        self.layer = layer
-
-
-def _is_patched(module: nn.Module) -> bool:
-    return isinstance(module.__dict__.get("forward"), _PatchedForward)
 
 
 # ----------------------------------------------------------------------------- apply / revert
@@ -258,25 +230,14 @@ def apply(model: nn.Module) -> dict:
     import peft
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    report: dict = {"patched": [], "skipped": {}, "notes": {}}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
-    if not _version_ok(peft.__version__):
-        lo, hi = (".".join(map(str, v)) for v in SUPPORTED_PEFT)
-        why = f"peft {peft.__version__} is outside the supported range >={lo},<{hi}"
-        warnings.warn(f"specops.integrations.peft.apply: {why}; the model is left untouched", stacklevel=2)
-        report["skipped"] = {n: why for n, _ in layers}
+    report = refused("peft", peft.__version__, SUPPORTED_PEFT, [n for n, _ in layers], "specops.integrations.peft.apply")
+    if report is not None:
         return report
     table = _table()
-    for name, layer in layers:
-        if _is_patched(layer):
-            report["patched"].append(name)
-            continue
-        why = _why_not(layer, table)
-        if why is not None:
-            report["skipped"][name] = why
-            continue
-        layer.forward = _PatchedForward(layer)
-        report["patched"].append(name)
+
+    def install(layer):
+        layer.forward = PatchedForward(_forward, layer)
         notes = []
         dropped = [a for a in layer._available_adapters if layer.module_dropout[a] or layer.rank_dropout[a]]
         if dropped:
@@ -285,16 +246,16 @@ def apply(model: nn.Module) -> dict:
         if getattr(layer, "hada_t1", None):
             notes.append("PEFT 0.21's Tucker LoHa backward (HadaWeightCP) returns wrong gradients for hada_w1_a and "
                          "hada_w2_a; this path gives the true (autograd) ones, so training here differs from PEFT's")
-        if notes:
-            report["notes"][name] = "; ".join(notes)
-    return report
+        return "; ".join(notes)
+
+    return patch(layers, lambda layer: _why_not(layer, table), install)
 
 
 def revert(model: nn.Module) -> list[str]:
     """Undo apply(): every patched layer runs PEFT's own forward again. Returns the reverted names."""
     names = []
     for name, module in model.named_modules():
-        if _is_patched(module):
+        if is_patched(module):
             del module.forward
             names.append(name)
     return names
