@@ -434,8 +434,10 @@ class LoKr(Adapter):
     W2 dense (m2, n2, kh, kw), or B2 (m2, rank) A2 (rank, n2·kh·kw) reshaped, or with tucker=True on
     a kernel larger than 1x1 B2 (m2, rank), a core T2 (rank, rank, kh, kw), A2 (rank, n2):
     W2[b, q, h, w] = Σ_{p,s} B2[b, p] T2[p, s, h, w] A2[s, q].
-    conv_rank / conv_alpha act on kernels larger than 1x1 (as LoRA). Forward builds W0 + ΔW and runs
-    one conv.
+    conv_rank / conv_alpha act on kernels larger than 1x1 (as LoRA). Forward on a conv, when the
+    adapter trains and the FLOPs favour it (_conv_factored): base(x) + conv(x, ΔW) with ΔW never
+    formed (W2's convolution per channel group, then W1 across groups), which needs no dense weight
+    gradient; otherwise one conv with W0 + ΔW.
     """
 
     method = "lokr"
@@ -504,10 +506,70 @@ class LoKr(Adapter):
         return W1 * (self.scale * self._coef), W2
 
     def _forward(self, x):
-        if self.is_conv:
-            return _adapted_layer(self, x)
-        W1, W2 = self.kron_factors()
-        return self.base(x) + kron_matmul(x, [W1.mT, W2.mT])
+        if not self.is_conv:
+            W1, W2 = self.kron_factors()
+            return self.base(x) + kron_matmul(x, [W1.mT, W2.mT])
+        if x.dim() == 4 and self._conv_factored():  # a batch; an unbatched input takes the merged conv
+            return self.base(x) + self._conv_delta(x)
+        return _adapted_layer(self, x)
+
+    def _conv_factored(self) -> bool:
+        """Whether a training step is cheaper with ΔW applied factored (_conv_delta) than merged.
+
+        Forward FLOPs per output pixel:
+          base / merged conv  F0 = 2·m·n·k²             (k² = kh·kw)
+          factored delta      f  = n1·c2 + 2·m1·n1·m2   (c2: W2's conv over one channel group,
+                                   2·m2·n2·k² dense, 2·r·(n2·k² + m2) as B2 A2, and with the Tucker core
+                                   2·r·(n2·s + r·k² + m2), its 1x1 A2 on s = stride_h·stride_w input
+                                   pixels per output pixel; then W1 mixes the n1 groups)
+        Merged, a step is the conv, its input gradient and a dense weight gradient (F0 more than the
+        frozen layer); factored, the base conv and its input gradient plus the delta's forward and
+        backward (~3f). So factored iff 3f < F0, when the adapter trains; without a gradient the
+        merged conv (F0 against F0 + f) is cheaper.
+        """
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters(recurse=False)):
+            return False
+        W0 = self.base.weight
+        m, n, kh, kw = W0.shape
+        k2 = kh * kw
+        m1, n1 = self._factor_shape()
+        m2, n2 = m // m1, n // n1
+        r = self.rank
+        if r is None:
+            c2 = 2 * m2 * n2 * k2
+        elif self.T2 is not None:
+            c2 = 2 * r * (n2 * math.prod(self.base.stride) + r * k2 + m2)
+        else:
+            c2 = 2 * r * (n2 * k2 + m2)
+        f = n1 * c2 + 2.0 * m1 * n1 * m2
+        return 3.0 * f < 2.0 * m * n * k2
+
+    def _factor_shape(self) -> tuple[int, int]:
+        """(m1, n1): the shape of W1."""
+        return (self.W1.shape if self.w1_rank is None else (self.B1.shape[0], self.A1.shape[1]))
+
+    def _conv_delta(self, x: Tensor) -> Tensor:
+        """conv(x, ΔW) without forming ΔW: ΔW[(a, b), (p, q)] = W1[a, p] W2[b, q], so input channel
+        group p (channels p·n2 .. p·n2 + n2 - 1) is convolved with W2 as one more batch entry, and
+        W1 then mixes the n1 groups' outputs into the m1 output groups."""
+        conv = self.base
+        geometry = _conv_geometry(conv)
+        W1 = self.W1 if self.w1_rank is None else self.B1 @ self.A1
+        W1 = W1 * (self.scale * self._coef)
+        m1, n1 = W1.shape
+        N, _, H, W = x.shape
+        h = x.reshape(N * n1, -1, H, W)
+        if self.rank is None:
+            h = F.conv2d(h, self.W2, None, *geometry)
+        else:
+            if self.T2 is None:
+                h = F.conv2d(h, self.A2.view(self.rank, -1, *conv.weight.shape[2:]), None, *geometry)
+            else:  # zero padding commutes with the bias-free 1x1 A2, so the core alone pads
+                h = F.conv2d(F.conv2d(h, self.A2[:, :, None, None]), self.T2, None, *geometry)
+            h = F.conv2d(h, self.B2[:, :, None, None])
+        Ho, Wo = h.shape[-2:]
+        # (m1, n1) @ (N, n1, m2·H'·W') -> (N, m1, m2·H'·W'): channel a·m2 + b, as ΔW orders them
+        return torch.matmul(W1, h.reshape(N, n1, -1)).view(N, -1, Ho, Wo)
 
     def delta_weight(self):
         W1, W2 = self.kron_factors()
