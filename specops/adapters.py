@@ -307,15 +307,19 @@ class LoRA(Adapter):
         return self.scale * self.alpha / self.rank
 
     def _forward(self, x):
+        # c goes on the small B; the up-projection is one GEMM that adds onto base(x) (addmm /
+        # baddbmm), with no output-sized temporary
+        B = self.B * self._c()
         if not self.is_conv:
-            return self.base(x) + F.linear(F.linear(x, self.A) * self._c(), self.B)
+            y = self.base(x)
+            return torch.addmm(y.view(-1, y.shape[-1]), F.linear(x, self.A).view(-1, self.rank), B.mT).view_as(y)
         conv = self.base
         geometry = (conv.stride, conv.padding, conv.dilation)
         if self.mid is None:
             h = F.conv2d(x, self.A, None, *geometry)
         else:  # zero padding commutes with the bias-free 1x1 A, so the core alone pads
             h = F.conv2d(F.conv2d(x, self.A[:, :, None, None]), self.mid, None, *geometry)
-        return conv(x) + F.conv2d(h * self._c(), self.B[:, :, None, None])
+        return _add_up_projection(conv(x), B, h)
 
     def lora_factors(self):
         """(scale·alpha/rank·B, A); None on a conv, whose ΔW is not a matrix (see conv_factors)."""
@@ -339,6 +343,15 @@ class LoRA(Adapter):
         if self.mid is None:
             return (B @ self.A.flatten(1)).view(self.out_features, *self.A.shape[1:])
         return torch.einsum("op,pqhw,qi->oihw", B, self.mid, self.A)
+
+
+def _add_up_projection(y: Tensor, B: Tensor, h: Tensor) -> Tensor:
+    """y + the 1x1 conv of h (N, r, H, W) with B (out, r): one batched GEMM onto y where y and h are
+    NCHW-contiguous (a 1x1 conv from r channels runs far below GEMM speed on the CPU)."""
+    if y.dim() == 4 and y.is_contiguous() and h.is_contiguous():
+        N = y.shape[0]
+        return torch.baddbmm(y.view(N, y.shape[1], -1), B.expand(N, -1, -1), h.view(N, h.shape[1], -1)).view_as(y)
+    return y + F.conv2d(h, B[:, :, None, None])
 
 
 def _conv_geometry(conv: nn.Conv2d) -> tuple:
@@ -510,11 +523,11 @@ class LoKr(Adapter):
             W1, W2 = self.kron_factors()
             return self.base(x) + kron_matmul(x, [W1.mT, W2.mT])
         if x.dim() == 4 and self._conv_factored():  # a batch; an unbatched input takes the merged conv
-            return self.base(x) + self._conv_delta(x)
+            return self._conv_forward_factored(x)
         return _adapted_layer(self, x)
 
     def _conv_factored(self) -> bool:
-        """Whether a training step is cheaper with ΔW applied factored (_conv_delta) than merged.
+        """Whether a training step is cheaper with ΔW applied factored (_conv_forward_factored) than merged.
 
         Forward FLOPs per output pixel:
           base / merged conv  F0 = 2·m·n·k²             (k² = kh·kw)
@@ -548,8 +561,8 @@ class LoKr(Adapter):
         """(m1, n1): the shape of W1."""
         return (self.W1.shape if self.w1_rank is None else (self.B1.shape[0], self.A1.shape[1]))
 
-    def _conv_delta(self, x: Tensor) -> Tensor:
-        """conv(x, ΔW) without forming ΔW: ΔW[(a, b), (p, q)] = W1[a, p] W2[b, q], so input channel
+    def _conv_forward_factored(self, x: Tensor) -> Tensor:
+        """base(x) + conv(x, ΔW), ΔW never formed: ΔW[(a, b), (p, q)] = W1[a, p] W2[b, q], so input channel
         group p (channels p·n2 .. p·n2 + n2 - 1) is convolved with W2 as one more batch entry, and
         W1 then mixes the n1 groups' outputs into the m1 output groups."""
         conv = self.base
@@ -561,15 +574,17 @@ class LoKr(Adapter):
         h = x.reshape(N * n1, -1, H, W)
         if self.rank is None:
             h = F.conv2d(h, self.W2, None, *geometry)
-        else:
-            if self.T2 is None:
-                h = F.conv2d(h, self.A2.view(self.rank, -1, *conv.weight.shape[2:]), None, *geometry)
-            else:  # zero padding commutes with the bias-free 1x1 A2, so the core alone pads
-                h = F.conv2d(F.conv2d(h, self.A2[:, :, None, None]), self.T2, None, *geometry)
-            h = F.conv2d(h, self.B2[:, :, None, None])
-        Ho, Wo = h.shape[-2:]
-        # (m1, n1) @ (N, n1, m2·H'·W') -> (N, m1, m2·H'·W'): channel a·m2 + b, as ΔW orders them
-        return torch.matmul(W1, h.reshape(N, n1, -1)).view(N, -1, Ho, Wo)
+        elif self.T2 is None:
+            h = F.conv2d(h, self.A2.view(self.rank, -1, *conv.weight.shape[2:]), None, *geometry)
+        else:  # zero padding commutes with the bias-free 1x1 A2, so the core alone pads
+            h = F.conv2d(F.conv2d(h, self.A2[:, :, None, None]), self.T2, None, *geometry)
+        if self.rank is not None:  # B2 as a GEMM per group: a 1x1 conv from `rank` channels runs far slower
+            h = torch.bmm(self.B2.expand(h.shape[0], -1, -1), h.flatten(2))
+        # base(x) viewed (N, m1, m2·H'·W') (channel a·m2 + b, as ΔW orders them) plus W1 @ h, h
+        # (N, n1, m2·H'·W'): one batched GEMM onto the base output (matmul's broadcast would
+        # transpose h into one tall GEMM, and a separate add would need an output-sized temporary)
+        y = conv(x)
+        return torch.baddbmm(y.reshape(N, m1, -1), W1.expand(N, m1, n1), h.reshape(N, n1, -1)).view(y.shape)
 
     def delta_weight(self):
         W1, W2 = self.kron_factors()

@@ -26,9 +26,9 @@ bound; loha must form ΔW and its gradient, one weight-gradient GEMM more: 10% o
 weight gradient (counted as one forward's time). "x bound" is ms over the bound's ms, "x best peer"
 specops's ms over the fastest LyCORIS / PEFT row of that method.
 
-Timing: every implementation of one (shape, mode) is built up front, warmed up once, then timed in
-interleaved rounds (each round calls each implementation once), so drift falls on all of them alike;
-the median over the rounds is reported. Peak memory is one more step per row: on CUDA
+Timing: every implementation of one (shape, mode) is built up front and warmed up by one step, then
+timed in interleaved rounds (each round calls each implementation once), so drift falls on all of them
+alike; the median over the rounds is reported. Peak memory is measured on the warm-up step: on CUDA
 torch.cuda.max_memory_allocated over the step, on the CPU the running peak of the profiler's memory
 events (allocations minus frees while the step runs; specops.bench.peak_bytes). Both count only what
 the step allocates (activations kept for backward, gradients, temporaries), not the resident weights.
@@ -49,7 +49,7 @@ RANK = 8
 METHODS = ("locon", "locon-tucker", "loha", "lokr")
 IMPLS = ("frozen", "specops", "lycoris", "lycoris-bypass", "peft")
 MODES = ("in-network", "first-layer")
-ROUNDS = 5  # timed calls per row in a full run (the median is reported)
+ROUNDS = 3  # timed calls per row (the median is reported)
 TARGET = 1.10  # over the bound (loha: over the bound plus one weight gradient)
 
 
@@ -210,17 +210,16 @@ def _group(shape: Shape, mode: str, dtype, rounds: int, seed: int = 0) -> list[d
             layer, params, keep = _build(shape, method, impl, base, dtype, seed + 2)
             train = bool(params) or mode == "in-network"
             entries.append((method, impl, _step(layer, params, x, g, train), (layer, keep)))
-    for _, _, call, _ in entries:
-        call()
+    peaks = [peak_bytes(call) / 2**20 for _, _, call, _ in entries]  # the warm-up step measures memory
     _sync()
     times: dict[int, list[float]] = {i: [] for i in range(len(entries))}
     for _ in range(rounds):
         for i, (_, _, call, _) in enumerate(entries):
             times[i].append(_time_call(call))
     rows = []
-    for i, (method, impl, call, _) in enumerate(entries):
+    for i, (method, impl, _, _) in enumerate(entries):
         rows.append({"shape": shape.label, "mode": mode, "method": method, "impl": impl,
-                     "ms": statistics.median(times[i]) * 1e3, "peak MB": peak_bytes(call) / 2**20})
+                     "ms": statistics.median(times[i]) * 1e3, "peak MB": peaks[i]})
     bound = rows[0]["ms"]
     for r in rows:
         r["x bound"] = r["ms"] / bound
@@ -238,7 +237,7 @@ def measure(quick: bool = False) -> list[dict]:
     rows = []
     for shape in QUICK if quick else FULL:
         for mode in MODES:
-            rows += _group(shape, mode, dtype, rounds=3 if quick else ROUNDS)
+            rows += _group(shape, mode, dtype, rounds=ROUNDS)
     return rows
 
 
