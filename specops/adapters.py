@@ -311,8 +311,12 @@ class LoRA(Adapter):
         # baddbmm), with no output-sized temporary
         B = self.B * self._c()
         if not self.is_conv:
-            y = self.base(x)
-            return torch.addmm(y.reshape(-1, y.shape[-1]), F.linear(x, self.A).reshape(-1, self.rank), B.mT).view(y.shape)
+            # Rows flattened so the sum lands in base's own 2-D output, in place (no view to rebase,
+            # no copy). (r, out) contiguous: autograd then takes B's gradient as h^T g, a wide GEMM,
+            # not the (out, rows) x (rows, r) product a transposed B gives, which ran ~6x slower.
+            x2 = x.reshape(-1, x.shape[-1])
+            y = self.base(x2).addmm_(F.linear(x2, self.A), B.mT.contiguous())
+            return y.view(*x.shape[:-1], y.shape[-1])
         conv = self.base
         geometry = (conv.stride, conv.padding, conv.dilation)
         if self.mid is None:
