@@ -390,15 +390,23 @@ class LoRA(Adapter):
         return (self.scale if scale is None else scale) * self.alpha / self.rank
 
     def _forward(self, x):
+        # c goes on the small B; the up-projection is one GEMM that adds onto base(x) (addmm /
+        # baddbmm), with no output-sized temporary
+        B = self.B * self._c()
         if not self.is_conv:
-            return self.base(x) + F.linear(F.linear(x, self.A) * self._c(), self.B)
+            # Rows flattened so the sum lands in base's own 2-D output, in place (no view to rebase,
+            # no copy). (r, out) contiguous: autograd then takes B's gradient as h^T g, a wide GEMM,
+            # not the (out, rows) x (rows, r) product a transposed B gives, which ran ~6x slower.
+            x2 = x.reshape(-1, x.shape[-1])
+            y = self.base(x2).addmm_(F.linear(x2, self.A), B.mT.contiguous())
+            return y.view(*x.shape[:-1], y.shape[-1])
         conv = self.base
         geometry = (conv.stride, conv.padding, conv.dilation)
         if self.mid is None:
             h = F.conv2d(x, self.A, None, *geometry)
         else:  # zero padding commutes with the bias-free 1x1 A, so the core alone pads
             h = F.conv2d(F.conv2d(x, self.A[:, :, None, None]), self.mid, None, *geometry)
-        return conv(x) + F.conv2d(h * self._c(), self.B[:, :, None, None])
+        return _add_up_projection(conv(x), B, h)
 
     def lora_factors(self):
         """(scale·alpha/rank·B, A); None on a conv, whose ΔW is not a matrix (see conv_factors), or with DoRA."""
@@ -422,6 +430,15 @@ class LoRA(Adapter):
         if self.mid is None:
             return (B @ self.A.flatten(1)).view(self.out_features, *self.A.shape[1:])
         return torch.einsum("op,pqhw,qi->oihw", B, self.mid, self.A)
+
+
+def _add_up_projection(y: Tensor, B: Tensor, h: Tensor) -> Tensor:
+    """y + the 1x1 conv of h (N, r, H, W) with B (out, r): one batched GEMM onto y where y and h are
+    NCHW-contiguous (a 1x1 conv from r channels runs far below GEMM speed on the CPU)."""
+    if y.dim() == 4 and y.is_contiguous() and h.is_contiguous():
+        N = y.shape[0]
+        return torch.baddbmm(y.view(N, y.shape[1], -1), B.expand(N, -1, -1), h.view(N, h.shape[1], -1)).view_as(y)
+    return y + F.conv2d(h, B[:, :, None, None])
 
 
 def _conv_geometry(conv: nn.Conv2d) -> tuple:
@@ -502,6 +519,23 @@ class LoHa(Adapter):
         return delta.reshape(self.base.weight.shape)
 
 
+def _add_kron_linear(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
+    """y + x (W1 ⊗ W2)^T, W1 (m1, n1), W2 (m2, n2), over x's last dim as (n1, n2): one GEMM for the
+    factor applied first and one batched GEMM (rows as the batch) that adds onto y for the other.
+
+    Per row, W2 first costs 2·(n1·n2·m2 + m1·n1·m2) FLOPs, W1 first 2·(m1·n1·n2 + m1·n2·m2); the
+    cheaper order runs. Both are plain GEMMs over views, with no output-sized temporary (on the CPU
+    this runs several times faster than kron_matmul's two-factor kernel)."""
+    (m1, n1), (m2, n2) = W1.shape, W2.shape
+    M = x.numel() // (n1 * n2)
+    x = x.reshape(M, n1, n2)
+    if n1 * n2 * m2 + m1 * n1 * m2 <= m1 * n1 * n2 + m1 * n2 * m2:
+        h = (x.reshape(M * n1, n2) @ W2.mT).view(M, n1, m2)
+        return torch.baddbmm(y.reshape(M, m1, m2), W1.expand(M, m1, n1), h).view(y.shape)
+    t = torch.bmm(W1.expand(M, m1, n1), x)  # (M, m1, n2)
+    return torch.addmm(y.reshape(M * m1, m2), t.view(M * m1, n2), W2.mT).view(y.shape)
+
+
 class LoKr(Adapter):
     """ΔW = scale·c·W1 ⊗ W2, W1 (m1, n1), W2 (m2, n2), m1·m2 = out, n1·n2 = in (LyCORIS's LoKr).
 
@@ -512,15 +546,18 @@ class LoKr(Adapter):
     w1_rank: W1 = B1 A1 with B1 (m1, w1_rank) = 0, A1 (w1_rank, n1); None keeps W1 dense (= 0).
     alpha and c follow LyCORIS: with both factors dense c = 1 and alpha must be None; otherwise
     c = alpha / r, r = w1_rank if W1 is factored, else rank, and alpha defaults to r (c = 1).
-    Forward: base(x) + kron_matmul(x, [(scale·c·W1)^T, W2^T]), since (W1 ⊗ W2)^T = W1^T ⊗ W2^T.
+    Forward: base(x) + x (scale·c·W1 ⊗ W2)^T as two GEMMs over x viewed (rows, n1, n2), the cheaper
+    factor order first (_add_kron_linear); ΔW is never formed.
 
     On an nn.Conv2d, W0 (out, in, kh, kw), as LyCORIS: the Kronecker product is over the channels
     and the kernel lies on the second factor, ΔW[(a, b), (p, q), h, w] = scale·c·W1[a, p] W2[b, q, h, w]:
     W2 dense (m2, n2, kh, kw), or B2 (m2, rank) A2 (rank, n2·kh·kw) reshaped, or with tucker=True on
     a kernel larger than 1x1 B2 (m2, rank), a core T2 (rank, rank, kh, kw), A2 (rank, n2):
     W2[b, q, h, w] = Σ_{p,s} B2[b, p] T2[p, s, h, w] A2[s, q].
-    conv_rank / conv_alpha act on kernels larger than 1x1 (as LoRA). Forward builds W0 + ΔW and runs
-    one conv. dora=True: DoRA on that update (see `Adapter`).
+    conv_rank / conv_alpha act on kernels larger than 1x1 (as LoRA). Forward on a conv, when the
+    adapter trains and the FLOPs favour it (_conv_factored): base(x) + conv(x, ΔW) with ΔW never
+    formed (W2's convolution per channel group, then W1 across groups), which needs no dense weight
+    gradient; otherwise one conv with W0 + ΔW. dora=True: DoRA on that update (see `Adapter`).
     """
 
     method = "lokr"
@@ -591,10 +628,72 @@ class LoKr(Adapter):
         return W1 * ((self.scale if scale is None else scale) * self._coef), W2
 
     def _forward(self, x):
-        if self.is_conv:
-            return _adapted_layer(self, x)
-        W1, W2 = self.kron_factors()
-        return self.base(x) + kron_matmul(x, [W1.mT, W2.mT])
+        if not self.is_conv:
+            W1, W2 = self.kron_factors()
+            return _add_kron_linear(self.base(x), x, W1, W2)
+        if x.dim() == 4 and self._conv_factored():  # a batch; an unbatched input takes the merged conv
+            return self._conv_forward_factored(x)
+        return _adapted_layer(self, x)
+
+    def _conv_factored(self) -> bool:
+        """Whether a training step is cheaper with ΔW applied factored (_conv_forward_factored) than merged.
+
+        Forward FLOPs per output pixel:
+          base / merged conv  F0 = 2·m·n·k²             (k² = kh·kw)
+          factored delta      f  = n1·c2 + 2·m1·n1·m2   (c2: W2's conv over one channel group,
+                                   2·m2·n2·k² dense, 2·r·(n2·k² + m2) as B2 A2, and with the Tucker core
+                                   2·r·(n2·s + r·k² + m2), its 1x1 A2 on s = stride_h·stride_w input
+                                   pixels per output pixel; then W1 mixes the n1 groups)
+        Merged, a step is the conv, its input gradient and a dense weight gradient (F0 more than the
+        frozen layer); factored, the base conv and its input gradient plus the delta's forward and
+        backward (~3f). So factored iff 3f < F0, when the adapter trains; without a gradient the
+        merged conv (F0 against F0 + f) is cheaper.
+        """
+        if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters(recurse=False)):
+            return False
+        W0 = self.base.weight
+        m, n, kh, kw = W0.shape
+        k2 = kh * kw
+        m1, n1 = self._factor_shape()
+        m2, n2 = m // m1, n // n1
+        r = self.rank
+        if r is None:
+            c2 = 2 * m2 * n2 * k2
+        elif self.T2 is not None:
+            c2 = 2 * r * (n2 * math.prod(self.base.stride) + r * k2 + m2)
+        else:
+            c2 = 2 * r * (n2 * k2 + m2)
+        f = n1 * c2 + 2.0 * m1 * n1 * m2
+        return 3.0 * f < 2.0 * m * n * k2
+
+    def _factor_shape(self) -> tuple[int, int]:
+        """(m1, n1): the shape of W1."""
+        return (self.W1.shape if self.w1_rank is None else (self.B1.shape[0], self.A1.shape[1]))
+
+    def _conv_forward_factored(self, x: Tensor) -> Tensor:
+        """base(x) + conv(x, ΔW), ΔW never formed: ΔW[(a, b), (p, q)] = W1[a, p] W2[b, q], so input channel
+        group p (channels p·n2 .. p·n2 + n2 - 1) is convolved with W2 as one more batch entry, and
+        W1 then mixes the n1 groups' outputs into the m1 output groups."""
+        conv = self.base
+        geometry = _conv_geometry(conv)
+        W1 = self.W1 if self.w1_rank is None else self.B1 @ self.A1
+        W1 = W1 * (self.scale * self._coef)
+        m1, n1 = W1.shape
+        N, _, H, W = x.shape
+        h = x.reshape(N * n1, -1, H, W)
+        if self.rank is None:
+            h = F.conv2d(h, self.W2, None, *geometry)
+        elif self.T2 is None:
+            h = F.conv2d(h, self.A2.view(self.rank, -1, *conv.weight.shape[2:]), None, *geometry)
+        else:  # zero padding commutes with the bias-free 1x1 A2, so the core alone pads
+            h = F.conv2d(F.conv2d(h, self.A2[:, :, None, None]), self.T2, None, *geometry)
+        if self.rank is not None:  # B2 as a GEMM per group: a 1x1 conv from `rank` channels runs far slower
+            h = torch.bmm(self.B2.expand(h.shape[0], -1, -1), h.flatten(2))
+        # base(x) viewed (N, m1, m2·H'·W') (channel a·m2 + b, as ΔW orders them) plus W1 @ h, h
+        # (N, n1, m2·H'·W'): one batched GEMM onto the base output (matmul's broadcast would
+        # transpose h into one tall GEMM, and a separate add would need an output-sized temporary)
+        y = conv(x)
+        return torch.baddbmm(y.reshape(N, m1, -1), W1.expand(N, m1, n1), h.reshape(N, n1, -1)).view(y.shape)
 
     def _delta(self, scale):
         W1, W2 = self.kron_factors(scale)

@@ -8,7 +8,8 @@ by side in one run; ratios are taken against the case's `baseline` provider.
 The roof is measured at the start of a run, on the device and threads the run uses (`roof()`: fp32 and
 bf16 GEMM with torch.mm, copy bandwidth), never assumed: the machine differs between sessions. A case's
 roofline time is max(bytes / copy bandwidth, flops / fp32 GEMM rate); "roof" is that over the measured
-time. `run(family, device="cuda")` allocates every input on the GPU (setups draw from `rng()` and the
+time. A family may instead define `measure(quick)`, which times and returns its own rows (to interleave
+its providers). `run(family, device="cuda")` allocates every input on the GPU (setups draw from `rng()` and the
 default device) and times with CUDA events.
 """
 from __future__ import annotations
@@ -193,6 +194,9 @@ def run(family: str, quick: bool = False, memory: bool = False, device: str = "c
     """Time every case of `family` on `device`; return one row per case."""
     mod = importlib.import_module(f"specops.bench.{family}")
     peak = roof(device)
+    if hasattr(mod, "measure"):  # a family that interleaves its providers times its own rows
+        with _on(device):
+            return [{"family": family, **row} for row in mod.measure(quick)]
     rows = []
     with _on(device):
         for case in mod.cases(quick):

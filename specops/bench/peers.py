@@ -1,0 +1,277 @@
+"""One adapter training step on SDXL conv and feed-forward shapes: specops beside LyCORIS (its default
+mode and bypass_mode=True), PEFT, and the frozen layer alone (the bound).
+
+Shapes (batch 2, as SDXL's UNet at 1024² trains):
+  conv  3x3, stride 1, padding 1, C -> C: the resnets at 320 / 640 / 1280 channels on 64² / 32² / 16²
+        latents;
+  ff    the transformer blocks' feed-forward Linears: ff.net.0.proj (GEGLU, d -> 8d) and ff.net.2
+        (4d -> d) at d = 640 on 2 x 1024 tokens and d = 1280 on 2 x 256 tokens.
+Methods, all rank 8, alpha 8 (a coefficient of 1):
+  locon         LoRA (LoCon on a conv): specops LoRA, LyCORIS LoConModule, PEFT LoraConfig;
+  locon-tucker  conv only, the Tucker core: LoRA(tucker=True), LoConModule(use_tucker=True); PEFT has none;
+  loha          specops LoHa, LyCORIS LohaModule, PEFT LoHaConfig (flattened kernel, not Tucker);
+  lokr          LyCORIS's defaults: factor -1 (the balanced split), W1 dense, W2 = B2 A2 of rank 8 (every
+                W2 here has max(m2, n2) / 2 > 8, so LyCORIS decomposes it); specops LoKr(rank=8),
+                LokrModule, PEFT LoKrConfig(r=8) (the same rule).
+The LyCORIS rows build its modules directly (what create_lycoris builds per layer) and apply_to() them.
+Every trainable adapter weight is redrawn N(0, 0.05²), so no B or W1 is zero: a zero factor must not
+let an implementation skip work.
+
+Modes: "in-network" (the input requires a gradient, as inside the UNet) and "first-layer" (it does not).
+The step is forward, then backward of the scalar loss Σ y ⊙ g for a fixed g (y.backward(g)), with the
+adapter's weights trainable and the base frozen; gradients are dropped after each step. The bound is
+the frozen layer's own step: forward + input gradient in-network, forward alone as a first layer.
+Targets for specops: locon, locon-tucker and lokr need no dense weight gradient, so within 10% of the
+bound; loha must form ΔW and its gradient, one weight-gradient GEMM more: 10% over bound + one dense
+weight gradient (counted as one forward's time). "x bound" is ms over the bound's ms, "x best peer"
+specops's ms over the fastest LyCORIS / PEFT row of that method.
+
+Timing: every implementation of one (shape, mode) is built up front and warmed up by one step, then
+timed in interleaved rounds (each round calls each implementation once), so drift falls on all of them
+alike; the median over the rounds is reported. Peak memory is measured on the warm-up step: on CUDA
+torch.cuda.max_memory_allocated over the step, on the CPU the running peak of the profiler's memory
+events (allocations minus frees while the step runs; specops.bench.peak_bytes). Both count only what
+the step allocates (activations kept for backward, gradients, temporaries), not the resident weights.
+fp32 on the CPU, bf16 with --device cuda.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import statistics
+
+import torch
+from torch import nn
+
+from . import _sync, _time_call, device, installed, peak_bytes
+
+RANK = 8
+METHODS = ("locon", "locon-tucker", "loha", "lokr")
+IMPLS = ("frozen", "specops", "lycoris", "lycoris-bypass", "peft")
+MODES = ("in-network", "first-layer")
+ROUNDS = 3  # timed calls per row (the median is reported)
+TARGET = 1.10  # over the bound (loha: over the bound plus one weight gradient)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    kind: str  # "conv" or "ff"
+    cin: int
+    cout: int
+    batch: int
+    size: int  # latent side (conv) or tokens per sample (ff)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "conv":
+            return f"conv3x3 {self.cin} {self.batch}x{self.size}x{self.size}"
+        return f"ff {self.cin}->{self.cout} {self.batch}x{self.size}"
+
+    def layer(self) -> nn.Module:
+        if self.kind == "conv":
+            return nn.Conv2d(self.cin, self.cout, 3, padding=1)
+        return nn.Linear(self.cin, self.cout)
+
+    def input_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (self.batch, self.cin, self.size, self.size)
+        return (self.batch, self.size, self.cin)
+
+    def output_shape(self) -> tuple[int, ...]:
+        if self.kind == "conv":
+            return (self.batch, self.cout, self.size, self.size)
+        return (self.batch, self.size, self.cout)
+
+    def forward_flops(self) -> float:
+        k = 9 if self.kind == "conv" else 1
+        rows = self.batch * self.size * (self.size if self.kind == "conv" else 1)
+        return 2.0 * rows * self.cin * self.cout * k
+
+
+FULL = (
+    Shape("conv", 320, 320, 2, 64), Shape("conv", 640, 640, 2, 32), Shape("conv", 1280, 1280, 2, 16),
+    Shape("ff", 640, 5120, 2, 1024), Shape("ff", 2560, 640, 2, 1024),
+    Shape("ff", 1280, 10240, 2, 256), Shape("ff", 5120, 1280, 2, 256),
+)
+QUICK = (Shape("conv", 320, 320, 2, 16), Shape("ff", 640, 5120, 2, 32))
+
+
+class _Holder(nn.Module):
+    """One layer under the name "layer", for PEFT's target_modules."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _specops(base, method):
+    from specops.adapters import LoHa, LoKr, LoRA
+
+    if method in ("locon", "locon-tucker"):
+        return LoRA(base, rank=RANK, alpha=RANK, tucker=method == "locon-tucker")
+    if method == "loha":
+        return LoHa(base, rank=RANK, alpha=RANK)
+    return LoKr(base, rank=RANK, alpha=RANK)
+
+
+def _lycoris(base, method, bypass):
+    from lycoris.modules.locon import LoConModule
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+
+    opts = dict(multiplier=1.0, lora_dim=RANK, alpha=RANK, bypass_mode=bypass)
+    if method in ("locon", "locon-tucker"):
+        mod = LoConModule("layer", base, use_tucker=method == "locon-tucker", **opts)
+    elif method == "loha":
+        mod = LohaModule("layer", base, **opts)
+    else:
+        mod = LokrModule("layer", base, factor=-1, **opts)
+    mod.apply_to()  # base.forward is now the LyCORIS module's forward
+    return base, mod
+
+
+def _peft(base, method):
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+
+    if method == "locon":
+        cfg = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["layer"])
+    elif method == "loha":
+        cfg = LoHaConfig(r=RANK, alpha=RANK, target_modules=["layer"])
+    else:
+        cfg = LoKrConfig(r=RANK, alpha=RANK, target_modules=["layer"])
+    return inject_adapter_in_model(cfg, _Holder(base))
+
+
+def _available(shape: Shape, method: str, impl: str) -> bool:
+    if method == "locon-tucker" and shape.kind != "conv":
+        return False
+    if impl.startswith("lycoris"):
+        return installed("lycoris")
+    if impl == "peft":
+        return method != "locon-tucker" and installed("peft")
+    return True
+
+
+def _build(shape: Shape, method: str, impl: str, base: nn.Module, dtype, seed: int):
+    """(module to call, its trainable parameters); the adapter's weights redrawn non-zero."""
+    base = copy.deepcopy(base).requires_grad_(False)
+    keep = None
+    if impl == "frozen":
+        layer = base
+    elif impl == "specops":
+        layer = _specops(base, method)
+    elif impl == "peft":
+        layer = _peft(base, method)
+    else:
+        layer, keep = _lycoris(base, method, bypass=impl == "lycoris-bypass")
+    params = [] if impl == "frozen" else [p for p in (keep or layer).parameters() if p.requires_grad]
+    if impl != "frozen" and (not params or any(p is base.weight for p in params)):
+        raise RuntimeError(f"{impl} {method}: expected trainable adapter weights and a frozen base")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    layer = layer.to(device=device(), dtype=dtype)
+    if keep is not None:
+        keep.to(device=device(), dtype=dtype)
+    return layer, params, keep
+
+
+def _step(layer, params, x, g, train: bool):
+    """The step to time: forward, and backward of Σ y ⊙ g unless nothing needs a gradient."""
+
+    def call():
+        y = layer(x)
+        if train:
+            y.backward(g)
+            x.grad = None
+            for p in params:
+                p.grad = None
+
+    return call
+
+
+def _group(shape: Shape, mode: str, dtype, rounds: int, seed: int = 0) -> list[dict]:
+    """Rows of every (method, impl) of one shape and mode, timed in interleaved rounds."""
+    torch.manual_seed(seed)
+    base = shape.layer().to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(shape.input_shape(), generator=gen).to(device=device(), dtype=dtype)
+    g = torch.randn(shape.output_shape(), generator=gen).to(device=device(), dtype=dtype)
+    x.requires_grad_(mode == "in-network")
+    entries = []  # (method, impl, call, objects kept alive)
+    for method in ("-",) + METHODS:
+        for impl in IMPLS:
+            if (method == "-") != (impl == "frozen") or not _available(shape, method, impl):
+                continue
+            layer, params, keep = _build(shape, method, impl, base, dtype, seed + 2)
+            train = bool(params) or mode == "in-network"
+            entries.append((method, impl, _step(layer, params, x, g, train), (layer, keep)))
+    peaks = [peak_bytes(call) / 2**20 for _, _, call, _ in entries]  # the warm-up step measures memory
+    _sync()
+    times: dict[int, list[float]] = {i: [] for i in range(len(entries))}
+    for _ in range(rounds):
+        for i, (_, _, call, _) in enumerate(entries):
+            times[i].append(_time_call(call))
+    rows = []
+    for i, (method, impl, _, _) in enumerate(entries):
+        rows.append({"shape": shape.label, "mode": mode, "method": method, "impl": impl,
+                     "ms": statistics.median(times[i]) * 1e3, "peak MB": peaks[i]})
+    bound = rows[0]["ms"]
+    for r in rows:
+        r["x bound"] = r["ms"] / bound
+    for r in rows:
+        if r["impl"] == "specops":
+            peers = [p["ms"] for p in rows if p["method"] == r["method"] and p["impl"] not in ("specops", "frozen")]
+            if peers:
+                r["x best peer"] = r["ms"] / min(peers)
+    return rows
+
+
+def measure(quick: bool = False) -> list[dict]:
+    """Every row, shape by shape (called by specops.bench.run in place of timing `cases`)."""
+    dtype = torch.bfloat16 if device() == "cuda" else torch.float32
+    rows = []
+    for shape in QUICK if quick else FULL:
+        for mode in MODES:
+            rows += _group(shape, mode, dtype, rounds=ROUNDS)
+    return rows
+
+
+def target(row: dict, bound_row: dict, fwd_ms: float) -> float:
+    """The ms specops should meet: TARGET x the bound, loha's bound counting one weight gradient more."""
+    extra = fwd_ms if row["method"] == "loha" else 0.0
+    return TARGET * (bound_row["ms"] + extra)
+
+
+def summarize(rows: list[dict]) -> str:
+    """specops rows against their target, the best peer and the peers' memory."""
+    lines = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["shape"], r["mode"]), []).append(r)
+    for (label, mode), rs in groups.items():
+        bound = rs[0]
+        # forward alone: the first-layer bound of the same shape, where it was measured
+        fwd = [r["ms"] for r in rows if r["shape"] == label and r["mode"] == "first-layer" and r["impl"] == "frozen"]
+        fwd_ms = fwd[0] if fwd else bound["ms"]
+        for r in rs:
+            if r["impl"] != "specops":
+                continue
+            peers = [p for p in rs if p["method"] == r["method"] and p["impl"] not in ("specops", "frozen")]
+            want = target(r, bound, fwd_ms)
+            misses = []
+            if r["ms"] > want:
+                misses.append(f"{r['ms']:.1f} ms > target {want:.1f} ms ({r['x bound']:.2f}x bound)")
+            if peers and r["ms"] > min(p["ms"] for p in peers):
+                best = min(peers, key=lambda p: p["ms"])
+                misses.append(f"slower than {best['impl']} ({r['x best peer']:.2f}x)")
+            if peers and r["peak MB"] > 1.05 * min(p["peak MB"] for p in peers) + 1:
+                low = min(peers, key=lambda p: p["peak MB"])
+                misses.append(f"peak {r['peak MB']:.0f} MB > {low['impl']} {low['peak MB']:.0f} MB")
+            state = "MISS " + "; ".join(misses) if misses else "met"
+            lines.append(f"- {label} {mode} {r['method']}: {state}")
+    return "\n".join(lines)
