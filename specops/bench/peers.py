@@ -14,6 +14,8 @@ Methods, all rank 8, alpha 8 (a coefficient of 1):
                 W2 here has max(m2, n2) / 2 > 8, so LyCORIS decomposes it); specops LoKr(rank=8),
                 LokrModule, PEFT LoKrConfig(r=8) (the same rule).
 The LyCORIS rows build its modules directly (what create_lycoris builds per layer) and apply_to() them.
+"lycoris+specops" and "peft+specops" are the same peer models after specops.integrations.lycoris / .peft
+apply(): the peer's layers and parameters, specops's forward (where apply() covers the layer).
 Every trainable adapter weight is redrawn N(0, 0.05²), so no B or W1 is zero: a zero factor must not
 let an implementation skip work.
 
@@ -47,7 +49,9 @@ from . import _sync, _time_call, device, installed, peak_bytes
 
 RANK = 8
 METHODS = ("locon", "locon-tucker", "loha", "lokr")
-IMPLS = ("frozen", "specops", "lycoris", "lycoris-bypass", "peft")
+PEERS = ("lycoris", "lycoris-bypass", "peft")
+PATCHED = ("lycoris+specops", "peft+specops")  # a peer's own model after specops.integrations.<peer>.apply()
+IMPLS = ("frozen", "specops", *PEERS, *PATCHED)
 MODES = ("in-network", "first-layer")
 ROUNDS = 3  # timed calls per row (the median is reported)
 TARGET = 1.10  # over the bound (loha: over the bound plus one weight gradient)
@@ -148,9 +152,11 @@ def _peft(base, method):
 def _available(shape: Shape, method: str, impl: str) -> bool:
     if method == "locon-tucker" and shape.kind != "conv":
         return False
+    if impl in PATCHED and method.startswith("locon"):  # apply() leaves LoRA / LoCon on the peer's path
+        return False
     if impl.startswith("lycoris"):
         return installed("lycoris")
-    if impl == "peft":
+    if impl.startswith("peft"):
         return method != "locon-tucker" and installed("peft")
     return True
 
@@ -163,7 +169,7 @@ def _build(shape: Shape, method: str, impl: str, base: nn.Module, dtype, seed: i
         layer = base
     elif impl == "specops":
         layer = _specops(base, method)
-    elif impl == "peft":
+    elif impl.startswith("peft"):
         layer = _peft(base, method)
     else:
         layer, keep = _lycoris(base, method, bypass=impl == "lycoris-bypass")
@@ -177,6 +183,12 @@ def _build(shape: Shape, method: str, impl: str, base: nn.Module, dtype, seed: i
     layer = layer.to(device=device(), dtype=dtype)
     if keep is not None:
         keep.to(device=device(), dtype=dtype)
+    if impl in PATCHED:
+        from specops.integrations import lycoris, peft
+
+        report = (peft.apply(layer) if impl == "peft+specops" else lycoris.apply(keep))
+        if not report["patched"]:
+            raise RuntimeError(f"{impl} {method}: apply() patched nothing: {report['skipped']}")
     return layer, params, keep
 
 
@@ -223,11 +235,15 @@ def _group(shape: Shape, mode: str, dtype, rounds: int, seed: int = 0) -> list[d
     bound = rows[0]["ms"]
     for r in rows:
         r["x bound"] = r["ms"] / bound
+    own = {r["method"]: r["ms"] for r in rows if r["impl"] == "specops"}
     for r in rows:
         if r["impl"] == "specops":
-            peers = [p["ms"] for p in rows if p["method"] == r["method"] and p["impl"] not in ("specops", "frozen")]
+            peers = [p["ms"] for p in rows if p["method"] == r["method"] and p["impl"] in PEERS]
             if peers:
                 r["x best peer"] = r["ms"] / min(peers)
+        elif r["impl"] in PATCHED:  # against the same peer without apply(), and specops's own adapter
+            plain = next(p["ms"] for p in rows if p["method"] == r["method"] and p["impl"] == r["impl"].split("+")[0])
+            r["x unpatched"], r["x specops"] = r["ms"] / plain, r["ms"] / own[r["method"]]
     return rows
 
 
@@ -248,7 +264,8 @@ def target(row: dict, bound_row: dict, fwd_ms: float) -> float:
 
 
 def summarize(rows: list[dict]) -> str:
-    """specops rows against their target, the best peer and the peers' memory."""
+    """specops rows against their target, the best peer and the peers' memory; patched peers against
+    themselves unpatched and specops's own adapter."""
     lines = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -259,9 +276,13 @@ def summarize(rows: list[dict]) -> str:
         fwd = [r["ms"] for r in rows if r["shape"] == label and r["mode"] == "first-layer" and r["impl"] == "frozen"]
         fwd_ms = fwd[0] if fwd else bound["ms"]
         for r in rs:
+            if r["impl"] in PATCHED:  # apply() must not slow its peer down, and should run as specops's own
+                ok = r["x unpatched"] <= 1.0 and r["x specops"] <= TARGET
+                lines.append(f"- {label} {mode} {r['method']} {r['impl']}: {'met' if ok else 'MISS'} "
+                             f"({r['x unpatched']:.2f}x unpatched, {r['x specops']:.2f}x specops's own)")
             if r["impl"] != "specops":
                 continue
-            peers = [p for p in rs if p["method"] == r["method"] and p["impl"] not in ("specops", "frozen")]
+            peers = [p for p in rs if p["method"] == r["method"] and p["impl"] in PEERS]
             want = target(r, bound, fwd_ms)
             misses = []
             if r["ms"] > want:

@@ -18,7 +18,7 @@ with rs_lora), σ = module.scalar (1, or a trained scalar with use_scalar), W0 a
 weight and bias, c = m σ s:
 
     LyCORIS module    LyCORIS computes                      patched forward
-    LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              base(x) + kron_matmul(x, [(c W1)^T, W2^T])
+    LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              the same as two GEMMs over x viewed (rows, n1, n2)
     LoKr, Conv2d      base(x) + conv(x, c W1 ⊗ W2)           conv(x, W0 + c W1 ⊗ W2, b): one conv
     LoHa, Linear      base(x) + x (c ΔH)^T                   F.linear(x, W0 + c ΔH, b): one GEMM
     LoHa, Conv2d      base(x) + conv(x, c ΔH)                conv(x, W0 + c ΔH, b): one conv
@@ -33,7 +33,7 @@ kernel window rides on W2. LoHa's ΔH = (hada_w1_a hada_w1_b) ⊙ (hada_w2_a had
 shape (Tucker: each half Σ_{i,j} t[i, j, h, w] w_a[i, o] w_b[j, c]). LyCORIS adds its ΔW term as
 conv(x, (W0 + c ΔW) - W0), which differs from the above by rounding only. The same holds for LoKr
 and LoHa in bypass_mode, where LyCORIS computes base(x) + drop(x-side ΔW term): with dropout off
-(or in eval) it is the same value. kron_matmul never forms the (out, in) ΔW; the fused layers save
+(or in eval) it is the same value. LoKr's Linear never forms the (out, in) ΔW; the fused layers save
 LyCORIS's second GEMM / conv in the forward and its extra ones in the backward, and LoHa's two
 halves are rebuilt in the backward rather than kept (activation checkpointing).
 
@@ -49,7 +49,7 @@ The patched forward hands the call to LyCORIS's own forward whenever it would no
 thing: extra forward arguments, training mode with dropout, rank_dropout or module_dropout > 0
 (random masks and LyCORIS's torch.rand draws: listed in report["notes"]), and dtypes that differ
 between the input, the layer's weight and the adapter parameters. Under torch.autocast the patched
-paths run (F.linear / conv cast as usual, kron_matmul's inputs cast to the autocast dtype); they
+paths run (F.linear / conv cast as usual, LoKr's factors cast to the autocast dtype); they
 round differently from LyCORIS's own mix of autocast and float32 ops, to the autocast dtype's
 precision.
 
@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kron import kron_matmul
+from ..adapters import _add_kron_linear
 from ..stiefel import cayley
 from ._patch import PatchedForward, is_patched, patch, refused
 
@@ -110,15 +110,15 @@ def _lokr_factors(mod) -> tuple[Tensor, Tensor]:
 
 
 def _lokr_linear(mod, x: Tensor) -> Tensor:
-    """y = base(x) + kron_matmul(x, [(c W1)^T, W2^T]), since x (W1 ⊗ W2)^T = x (W1^T ⊗ W2^T).
-    Under torch.autocast kron_matmul (an op without an autocast rule) gets its inputs in the autocast
-    dtype, as F.linear would."""
+    """y = base(x) + x (c W1 ⊗ W2)^T, as specops's LoKr adapter computes it (two GEMMs, no ΔW).
+    Under torch.autocast the inputs are cast to the autocast dtype, as F.linear would cast them."""
     W1, W2 = _lokr_factors(mod)
     xa, W1 = x, W1 * _coef(mod, mod.multiplier)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
-    return mod.org_forward(x) + kron_matmul(xa, [W1.mT, W2.mT])
+    y = mod.org_forward(x)
+    return _add_kron_linear(y.to(torch.promote_types(y.dtype, xa.dtype)), xa, W1, W2)
 
 
 def _lokr_delta(mod, m: float) -> Tensor:

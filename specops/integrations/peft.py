@@ -16,14 +16,15 @@ With s_a = layer.scaling[a] and the sum over the layer's active adapters a (PEFT
 active_adapters that exist on the layer), W0 and b the base weight and bias:
 
     PEFT layer      PEFT computes                         patched forward
-    lokr.Linear     base(x) + Σ_a x (s_a W1 ⊗ W2)^T        base(x) + Σ_a kron_matmul(x, [(s_a W1)^T, W2^T])
+    lokr.Linear     base(x) + Σ_a x (s_a W1 ⊗ W2)^T        the same as two GEMMs over x viewed (rows, n1, n2)
     loha.Linear     base(x) + Σ_a x ΔW_a^T                 F.linear(x, W0 + Σ_a ΔW_a, b): one GEMM
     lokr.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
     loha.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
 
 LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
-each half a core contracted with its two factors). kron_matmul never forms the (out, in) ΔW, and
+each half a core contracted with its two factors). LoKr's Linear never forms the (out, in) ΔW (two
+GEMMs over x viewed (rows, n1, n2), specops.adapters.LoKr's path), and
 the fused layers save PEFT's second GEMM / conv in the forward and its extra ones in the backward.
 Activation memory is PEFT's or less: LoKr's Linear keeps no ΔW, the fused layers keep the one W
 (LoHa's halves are rebuilt in the backward rather than kept).
@@ -36,8 +37,7 @@ outside torch.autocast (PEFT then adds results of two dtypes). In training mode 
 module-dropout number (torch.rand(1)) for every active adapter, as PEFT does even at dropout 0, so
 the global RNG stream, and with it every later dropout mask, stays PEFT's. Input casting follows
 PEFT (layer._cast_input_dtype, the output cast back to the input's dtype). Under torch.autocast,
-LoKr's kron_matmul (an op without an autocast rule) gets its inputs cast to the autocast dtype, as
-F.linear would cast them.
+LoKr's factors and input are cast to the autocast dtype, as F.linear would cast them.
 
 Gradients are autograd's through the ops above, equal to PEFT's except on LoHa Tucker convs
 (use_effective_conv2d): PEFT 0.21's hand-written backward there returns wrong gradients for
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kron import kron_matmul
+from ..adapters import _add_kron_linear
 from ._patch import PatchedForward, is_patched, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
@@ -85,7 +85,7 @@ def _lokr_factors(layer, a: str) -> tuple[Tensor, Tensor]:
 
 
 def _lokr_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
-    """y = base(x) + Σ_a kron_matmul(x, [(s_a W1)^T, W2^T]), since x (W1 ⊗ W2)^T = x (W1^T ⊗ W2^T)."""
+    """y = base(x) + Σ_a x (s_a W1 ⊗ W2)^T, as specops's LoKr adapter computes it (two GEMMs, no ΔW)."""
     out = layer.base_layer(x)
     for a in adapters:
         W1, W2 = _lokr_factors(layer, a)
@@ -94,7 +94,7 @@ def _lokr_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
-        out = out + kron_matmul(xa, [W1.mT, W2.mT])
+        out = _add_kron_linear(out.to(torch.promote_types(out.dtype, xa.dtype)), xa, W1, W2)
     return out
 
 
