@@ -69,3 +69,33 @@ def saved_for_backward(run, exclude) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
     return sum(kept.values())
+
+
+def case_id(case) -> str:
+    """Test id of a (method, options) adapter case: "oft-blocks=4"."""
+    method, options = case
+    return "-".join([method, *(f"{k}={v}" for k, v in options.items())])
+
+
+class TwoLayerNet(torch.nn.Module):
+    """A Linear (24 -> 36) and a 3x3 conv (6 -> 8, padded): the layers the integration tests adapt."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(24, 36)
+        self.conv = torch.nn.Conv2d(6, 8, 3, padding=1)
+
+    def forward(self, x, z):
+        return self.lin(x), self.conv(z)
+
+
+class GeomNet(torch.nn.Module):
+    """A width with a prime factor, no bias, a strided, dilated, grouped conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(21, 35, bias=False)
+        self.conv = torch.nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2)
+
+    def forward(self, x, z):
+        return self.lin(x), self.conv(z)

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REL_TOL, assert_rel, rel_err
+from helpers import REL_TOL, assert_rel, case_id, rel_err
 from torch import nn
 
 from specops import SODA_TABLE, adapters
@@ -38,11 +38,6 @@ CASES = [
 SPECTRAL = ("svdiff", "soda-svd", "soda-lq")
 ORTHO = ("koft", "soda-svd", "soda-lq")
 LOW_RANK = ("lora", "ziplora")
-
-
-def _id(case):
-    method, options = case
-    return "-".join([method, *(f"{k}={v}" for k, v in options.items())])
 
 
 def _shape_id(shape):
@@ -98,7 +93,7 @@ def _dense(adapter, x):
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fresh_adapter_is_the_base(case, shape, dtype):
     """Output equals the base layer's: exactly for the additive and rotation methods, to the float64
     decomposition rounded once to the dtype for the spectral ones (fp32: ~1e-7, bound 1e-6)."""
@@ -140,7 +135,7 @@ def test_ziplora_starts_from_the_sum():
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_matches_delta_weight(case, shape):
     adapter = _randomise(_make(case, _base(shape)))
     x = torch.randn(2, 3, shape[1], dtype=F64)
@@ -183,7 +178,7 @@ def _reference_weight(adapter):
                                   ("oft", {"blocks": 3, "side": "output", "rescale": True}),
                                   ("oft", {"blocks": 2, "side": "output", "constraint": 0.05}),
                                   ("koft", {}), ("soda-svd", {"side": "input"}), ("soda-svd", {"side": "basis"}),
-                                  ("soda-lq", {"side": "input"}), ("soda-lq", {"side": "basis"})], ids=_id)
+                                  ("soda-lq", {"side": "input"}), ("soda-lq", {"side": "basis"})], ids=case_id)
 def test_dense_reference(case):
     """The Kronecker / block / side conventions against dense matrices (wide 12 x 18: the input
     side rotates 18 = 2·3·3 features, the basis side k = 12 = 2·2·3 directions)."""
@@ -197,7 +192,7 @@ def test_dense_reference(case):
     assert_rel(adapter(x), F.linear(x, ref, adapter.base.bias), F64)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_scale(case):
     """scale 0.5 halves ΔW and the change of the output; scale 0 is the base layer."""
     adapter = _randomise(_make(case, _base(SHAPES[0])))
@@ -213,7 +208,7 @@ def test_scale(case):
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_lora_factors(case, scale):
     adapter = _randomise(_make(case, _base(SHAPES[0]), scale=scale))
     factors = adapter.lora_factors()
@@ -241,7 +236,7 @@ def test_lora_init_loads_factors_exactly():
 # ----------------------------------------------------------------------------- fuse / unfuse
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fuse_unfuse(case):
     adapter = _randomise(_make(case, _base(SHAPES[0], torch.float32)))
     base = adapter.base
@@ -263,7 +258,7 @@ def test_fuse_unfuse(case):
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gradcheck(case, scale):
     """d forward / d (every trainable parameter and x), float64, on a 4 x 6 layer (KOFT and the
     input-side SODA rotations split 6 as 1·2·3, the basis side k = 4 as 1·2·2)."""
@@ -280,7 +275,7 @@ def test_gradcheck(case, scale):
 # ----------------------------------------------------------------------------- parameters, state, config
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_orthogonal_parameters(case):
     adapter = _make(case, _base(SHAPES[0]))
     ortho = adapter.orthogonal_parameters()
@@ -293,7 +288,7 @@ def test_orthogonal_parameters(case):
     assert not any(p.requires_grad for p in adapter.base.parameters())
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_state_dict_holds_only_trainable_state(case):
     """Decompositions and the ZipLoRA inputs are non-persistent: a state_dict is base + parameters."""
     adapter = _make(case, _base(SHAPES[0]))
@@ -301,7 +296,7 @@ def test_state_dict_holds_only_trainable_state(case):
     assert keys == set(_trainable(adapter))
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_config_round_trip(case):
     base = _base(SHAPES[0])
     adapter = _randomise(_make(case, base, scale=0.5))
@@ -392,7 +387,7 @@ def test_base_must_be_linear():
 
 @pytest.mark.parametrize("case", [("loha", {"rank": 2}), ("loha", {"rank": 2, "conv_rank": 3, "tucker": True}),
                                   ("lokr", {}), ("lokr", {"rank": 2, "w1_rank": 1, "alpha": 3.0}),
-                                  ("lokr", {"rank": 2, "tucker": True})], ids=_id)
+                                  ("lokr", {"rank": 2, "tucker": True})], ids=case_id)
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_loha_lokr_on_a_conv(case, kernel):
     """LoHa / LoKr on an nn.Conv2d (LyCORIS's forms): identity start; forward = conv with W0 + ΔW and

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import case_id
 from torch import nn
 
 from specops import adapters, sdxl
@@ -32,11 +33,6 @@ CASES = [
     ("soda-lq", {"side": "input"}),
     ("soda-lq", {"side": "basis"}),
 ]
-
-
-def _id(case):
-    method, options = case
-    return "-".join([method, *(f"{k}={v}" for k, v in options.items())])
 
 
 def _conv_id(spec):
@@ -75,7 +71,7 @@ def _randomise(adapter, std=0.3):
 
 
 @pytest.mark.parametrize("spec", CONVS, ids=_conv_id)
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_a_fresh_conv_adapter_is_the_base(case, spec):
     conv = _conv(spec, torch.float32)
     adapter = make_adapter(case[0], conv, **case[1])
@@ -86,7 +82,7 @@ def test_a_fresh_conv_adapter_is_the_base(case, spec):
 
 
 @pytest.mark.parametrize("spec", CONVS, ids=_conv_id)
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_the_conv_adapter_is_the_linear_adapter_on_unfolded_patches(case, spec):
     """conv(x, W) = W · unfold(x): the conv adapter against the Linear adapter on W0.flatten(1) with
     the same parameters (the decompositions of the same matrix agree), at scale 1 and 0.4; ΔW is
@@ -119,7 +115,7 @@ def test_the_conv_adapter_is_the_linear_adapter_on_unfolded_patches(case, spec):
         assert _rel(y, dense) <= 1e-12
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_twenty_adam_steps_lower_a_toy_loss(case):
     """Euclidean parameters with Adam, Stiefel factors with specops' StiefelAdam, as on Linear layers."""
     spec = CONVS[0]
@@ -150,7 +146,7 @@ def test_twenty_adam_steps_lower_a_toy_loss(case):
         assert (p.mT @ p - eye).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_fuse_unfuse_and_config_on_a_conv(case):
     spec = CONVS[0]
     conv = _conv(spec)

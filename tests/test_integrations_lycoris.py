@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import saved_for_backward
+from helpers import GeomNet, TwoLayerNet, saved_for_backward
 from torch import nn
 
 lycoris = pytest.importorskip("lycoris")
@@ -30,28 +30,6 @@ def _lycoris_state(monkeypatch):
             monkeypatch.setattr(LycorisNetwork, name, getattr(LycorisNetwork, name))
 
 
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(24, 36)
-        self.conv = nn.Conv2d(6, 8, 3, padding=1)
-
-    def forward(self, x, z):
-        return self.lin(x), self.conv(z)
-
-
-class _GeomNet(nn.Module):
-    """A width with a prime factor, no bias, a strided, dilated, grouped conv."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(21, 35, bias=False)
-        self.conv = nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2)
-
-    def forward(self, x, z):
-        return self.lin(x), self.conv(z)
-
-
 CASES = {  # id: create_lycoris keyword arguments; dim 2 < half the factor sizes factors LoKr's W2
     "lokr": dict(algo="lokr"),
     "lokr-factored-tucker": dict(algo="lokr", decompose_both=True, use_tucker=True),
@@ -68,7 +46,7 @@ CASES = {  # id: create_lycoris keyword arguments; dim 2 < half the factor sizes
 NAMES = ["lycoris_lin", "lycoris_conv"]
 
 
-def _network(case="lokr", net_cls=_Net, multiplier=0.7, seed=0, **extra):
+def _network(case="lokr", net_cls=TwoLayerNet, multiplier=0.7, seed=0, **extra):
     """The net and its applied LyCORIS network, every factor perturbed off LyCORIS's zero init."""
     torch.manual_seed(seed)
     net = net_cls()
@@ -83,9 +61,9 @@ def _network(case="lokr", net_cls=_Net, multiplier=0.7, seed=0, **extra):
     return net, network
 
 
-def _inputs(net_cls=_Net, dtype=torch.float32):
+def _inputs(net_cls=TwoLayerNet, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
-    shapes = {_Net: [(2, 5, 24), (2, 6, 7, 7)], _GeomNet: [(3, 21), (2, 6, 9, 9)]}[net_cls]
+    shapes = {TwoLayerNet: [(2, 5, 24), (2, 6, 7, 7)], GeomNet: [(3, 21), (2, 6, 9, 9)]}[net_cls]
     return [torch.randn(s, generator=g, dtype=dtype, requires_grad=True) for s in shapes]
 
 
@@ -132,8 +110,8 @@ def test_apply_matches_lycoris(case, monkeypatch):
 
 @pytest.mark.parametrize("case", ["lokr", "loha-bypass", "lokr-dora", "oft"])
 def test_apply_matches_lycoris_on_odd_geometry(case, monkeypatch):
-    net, network = _network(case, _GeomNet)
-    x, z = _inputs(_GeomNet)
+    net, network = _network(case, GeomNet)
+    x, z = _inputs(GeomNet)
     want = _step(net, network, x, z)
     assert sl.apply(network)["patched"] == NAMES
     _lycoris_forward_forbidden(monkeypatch)
@@ -258,7 +236,7 @@ def test_dropout_modules_run_lycoris_in_training_and_are_noted():
 ])
 def test_uncovered_modules_are_reported_and_untouched(case, why):
     torch.manual_seed(0)
-    net = _Net()
+    net = TwoLayerNet()
     network = create_lycoris(net, 1.0, 4, 1.0, warn_on_unmatched=False, **case)
     network.apply_to()
     report = sl.apply(network)
@@ -269,7 +247,7 @@ def test_uncovered_modules_are_reported_and_untouched(case, why):
 
 def test_reflect_padding_and_unapplied_network_are_reported():
     torch.manual_seed(0)
-    net = _Net()
+    net = TwoLayerNet()
     net.conv.padding_mode = "reflect"
     network = create_lycoris(net, 1.0, 2, 1.0, algo="loha", warn_on_unmatched=False)
     assert set(sl.apply(network)["skipped"]) == set(NAMES)  # apply_to() not run: nothing calls the modules

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import saved_for_backward
+from helpers import GeomNet, TwoLayerNet, saved_for_backward
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -14,16 +14,6 @@ peft = pytest.importorskip("peft")
 from specops.integrations import peft as sp  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
-
-
-class _Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(24, 36)
-        self.conv = nn.Conv2d(6, 8, 3, padding=1)
-
-    def forward(self, x, z):
-        return self.lin(x), self.conv(z)
 
 
 TARGETS = ["lin", "conv"]
@@ -43,7 +33,7 @@ PEFT_WRONG = {"conv.hada_w1_a.default", "conv.hada_w2_a.default"}
 
 def _model(config, adapter="default", seed=0):
     torch.manual_seed(seed)
-    return peft.get_peft_model(_Net(), config, adapter_name=adapter)
+    return peft.get_peft_model(TwoLayerNet(), config, adapter_name=adapter)
 
 
 def _inputs(dtype=torch.float32):
@@ -104,23 +94,11 @@ def test_apply_matches_peft(case, monkeypatch):
         torch.testing.assert_close(model(x, z)[1], want["y_conv"], rtol=1e-6, atol=1e-6)
 
 
-class _GeomNet(nn.Module):
-    """Widths with a prime factor, no bias, a strided, dilated, grouped conv."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(21, 35, bias=False)
-        self.conv = nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2, groups=2)
-
-    def forward(self, x, z):
-        return self.lin(x), self.conv(z)
-
-
 @pytest.mark.parametrize("method", ["lokr", "loha"])
 def test_apply_matches_peft_on_odd_geometry(method, monkeypatch):
     config = getattr(peft, {"lokr": "LoKrConfig", "loha": "LoHaConfig"}[method])
     torch.manual_seed(0)
-    model = peft.get_peft_model(_GeomNet(), config(r=2, alpha=3.0, target_modules=TARGETS, init_weights=False))
+    model = peft.get_peft_model(GeomNet(), config(r=2, alpha=3.0, target_modules=TARGETS, init_weights=False))
     x, z = torch.randn(3, 21, requires_grad=True), torch.randn(2, 6, 9, 9, requires_grad=True)
     want = _step(model, x, z)
     assert len(sp.apply(model)["patched"]) == 2
@@ -322,7 +300,7 @@ def test_low_precision_base_and_autocast(case, monkeypatch):
     """A bf16 base with PEFT's float32 adapters: LoKr's Linear adds in float32 as PEFT does; the fused
     layers, whose dtypes differ, run PEFT's own forward (bit-equal). Under autocast every patched path runs."""
     torch.manual_seed(0)
-    ref, model = (peft.get_peft_model(_Net().to(torch.bfloat16), CASES[case]()) for _ in range(2))
+    ref, model = (peft.get_peft_model(TwoLayerNet().to(torch.bfloat16), CASES[case]()) for _ in range(2))
     model.load_state_dict(ref.state_dict())
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # PEFT's upcast
     sp.apply(model)
