@@ -1453,7 +1453,11 @@ def lycoris_adapters(path, model, *, scale: float = 1.0, strict: bool = True) ->
         elif (parsed := attempt(key, _parse_key, key, tables, path)) is not None:
             lora.setdefault(f"{parsed[0]}.{parsed[1]}", {})[key] = value
     plans = []
-    for name, own_keys in lora.items():  # load_lora's checks, one module at a time
+    # load_lora's checks: on all LoRA keys at once, or module by module when a failure only skips it
+    batches = lora.items() if not strict else [("", {k: t for own in lora.values() for k, t in own.items()})]
+    for name, own_keys in batches:
+        if not own_keys:
+            continue
         entries = attempt(name, _lora_entries, own_keys, metadata, path, model, tables)
         if entries:
             plans += [(n, "lora", {"init": f}, {}) for n, f in entries.items()]
