@@ -7,6 +7,7 @@ import importlib.util
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -120,8 +121,13 @@ def test_cuda_switch(setup_py, monkeypatch, mode, cuda, expect):
 
 
 def test_sdist_carries_kernel_sources_and_every_package(tmp_path):
+    # from a copy of the tree: setup.py writes specops/_build_info.json, which must stay the checkout's own
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "wheels", "*.egg-info", "__pycache__", "*.so", "_build_info.json", ".hypothesis",
+        ".benchmarks", ".pytest_cache", "*_out"))
     env = {**os.environ, "SPECOPS_NO_EXT": "1"}  # an sdist compiles nothing
-    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT, env=env,
+    out = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=src, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     (sdist,) = tmp_path.glob("specops-*.tar.gz")
