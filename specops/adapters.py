@@ -455,6 +455,58 @@ def _tucker_rebuild(B: Tensor, T: Tensor, A: Tensor) -> Tensor:
     return torch.einsum("op,pqhw,qi->oihw", B, T, A)
 
 
+class _Hadamard(torch.autograd.Function):
+    """c (B1 T1 A1) ⊙ (B2 T2 A2) saving only the factors: the two weight-sized halves are rebuilt in
+    the backward (a rank-r GEMM each) instead of kept, and without activation checkpointing's
+    per-call cost. The backward is written in differentiable ops, so double backward works."""
+
+    @staticmethod
+    def forward(ctx, c, B1, A1, B2, A2, T1, T2):
+        ctx.c_is_tensor = isinstance(c, Tensor)
+        ctx.save_for_backward(B1, A1, B2, A2, T1, T2, *([c] if ctx.c_is_tensor else []))
+        ctx.c = None if ctx.c_is_tensor else c
+        return _half(B1 * c, T1, A1) * _half(B2, T2, A2)  # c on the small factor
+
+    @staticmethod
+    def backward(ctx, g):
+        B1, A1, B2, A2, T1, T2, *c = ctx.saved_tensors
+        c = c[0] if ctx.c_is_tensor else ctx.c
+        n = ctx.needs_input_grad
+        h1, h2 = _half(B1, T1, A1), _half(B2, T2, A2)
+        gh2 = g * h2
+        d1 = _half_vjp(B1, T1, A1, gh2, (n[1], n[2], n[5]))
+        d2 = _half_vjp(B2, T2, A2, g * h1, (n[3], n[4], n[6]))
+        if ctx.c_is_tensor or c != 1:
+            d1, d2 = ([None if d is None else d * c for d in ds] for ds in (d1, d2))
+        (dB1, dA1, dT1), (dB2, dA2, dT2) = d1, d2
+        dc = (gh2 * h1).sum().reshape(c.shape) if n[0] else None
+        return dc, dB1, dA1, dB2, dA2, dT1, dT2
+
+
+def _half(B: Tensor, T: Tensor | None, A: Tensor) -> Tensor:
+    return B @ A if T is None else _tucker_rebuild(B, T, A)
+
+
+def _half_vjp(B, T, A, dh, needs) -> tuple:
+    """(dB, dA, dT) of h = _half(B, T, A) for the output gradient dh, None where `needs` (B, A, T) is false."""
+    if T is None:
+        return (dh @ A.mT if needs[0] else None), (B.mT @ dh if needs[1] else None), None
+    return (torch.einsum("oihw,pqhw,qi->op", dh, T, A) if needs[0] else None,
+            torch.einsum("op,pqhw,oihw->qi", B, T, dh) if needs[1] else None,
+            torch.einsum("op,oihw,qi->pqhw", B, dh, A) if needs[2] else None)
+
+
+def hadamard_delta(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor, T1: Tensor | None = None,
+                   T2: Tensor | None = None, scale: float | Tensor = 1.0) -> Tensor:
+    """LoHa's product of two low-rank halves, scale (B1 A1) ⊙ (B2 A2) with B_i (out, r), A_i (r, cols),
+    or with Tucker cores T_i (r, r, kh, kw) and A_i (r, in): half_i[o, c, h, w] = Σ_{p,q} B_i[o, p]
+    T_i[p, q, h, w] A_i[q, c]. scale: a number or a 0-dim tensor (then it gets a gradient too).
+    Autograd keeps the factors only: the halves are rebuilt in the backward."""
+    if (T1 is None) != (T2 is None):
+        raise ValueError("hadamard_delta: give both Tucker cores or neither")
+    return _Hadamard.apply(scale, B1, A1, B2, A2, T1, T2)
+
+
 def _adapted_layer(adapter: Adapter, x: Tensor) -> Tensor:
     """The base layer run with W0 + ΔW (one Linear or one conv with the base's geometry)."""
     base = adapter.base
@@ -511,11 +563,8 @@ class LoHa(Adapter):
         return _adapted_layer(self, x)
 
     def _delta(self, scale):
-        # The coefficient goes on the small B1, not on an (out, in) product.
         c = scale * self.alpha / self.rank
-        if self.T1 is not None:
-            return _tucker_rebuild(self.B1 * c, self.T1, self.A1) * _tucker_rebuild(self.B2, self.T2, self.A2)
-        delta = ((self.B1 * c) @ self.A1) * (self.B2 @ self.A2)
+        delta = hadamard_delta(self.B1, self.A1, self.B2, self.A2, self.T1, self.T2, c)
         return delta.reshape(self.base.weight.shape)
 
 

@@ -426,3 +426,31 @@ def test_loha_lokr_on_a_conv(case, kernel):
     assert_rel(adapter.delta_weight(), dense, F64)
     assert_rel(adapter(x), ref, F64)
     assert adapters.CONV_METHODS == ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd", "soda-lq")
+
+
+@pytest.mark.parametrize("tucker", [False, True], ids=["matrix", "tucker"])
+def test_hadamard_delta_gradients_and_saved_tensors(tucker):
+    """LoHa's product: first and second derivatives (a tensor scale included), and only the factors kept."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    cols = 4 if tucker else 12
+    B1, A1, B2, A2 = leaf(5, 3), leaf(3, cols), leaf(5, 3), leaf(3, cols)
+    cores = (leaf(3, 3, 2, 2), leaf(3, 3, 2, 2)) if tucker else (None, None)
+    c = leaf(())
+    args = (c, B1, A1, B2, A2, *[t for t in cores if t is not None])
+
+    def fn(c, B1, A1, B2, A2, *cores):
+        return adapters.hadamard_delta(B1, A1, B2, A2, *(cores or (None, None)), scale=c)
+
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+    half = (lambda B, T, A: torch.einsum("op,pqhw,qi->oihw", B, T, A)) if tucker else (lambda B, T, A: B @ A)
+    ref = c * half(B1, cores[0], A1) * half(B2, cores[1], A2)
+    torch.testing.assert_close(fn(*args), ref, rtol=1e-12, atol=0)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        fn(*args)
+    assert kept and all(any(t is a for a in args) for t in kept)  # the factors themselves, no weight-sized half

@@ -1,10 +1,12 @@
-"""What both integrations share: the instance-attribute forward they install on a peer's layer, and
-the version gate."""
+"""What both integrations share: the instance-attribute forward they install on a peer's layer, the
+version gate, and LoHa's ΔW from the parameters both peers name alike."""
 from __future__ import annotations
 
 import warnings
 
-from torch import nn
+from torch import Tensor, nn
+
+from ..adapters import hadamard_delta
 
 
 class PatchedForward:
@@ -25,6 +27,16 @@ class PatchedForward:
 
     def __setstate__(self, state):
         self.fn, self.module = state
+
+
+def loha_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, t1: Tensor | None, t2: Tensor | None,
+               c, shape) -> Tensor:
+    """c (w1_a w1_b) ⊙ (w2_a w2_b) in `shape`, the peers' LoHa (hada_*) parameters; with Tucker cores
+    t_i (r, r, kh, kw) the w_i_a are (r, out) and each half is Σ_{p,q} t_i[p, q, h, w] w_i_a[p, o] w_i_b[q, c].
+    Autograd keeps only the factors (specops.adapters.hadamard_delta)."""
+    if t1 is not None:
+        w1_a, w2_a = w1_a.mT, w2_a.mT
+    return hadamard_delta(w1_a, w1_b, w2_a, w2_b, t1, t2, c).reshape(shape)
 
 
 def is_patched(module: nn.Module) -> bool:

@@ -35,7 +35,7 @@ conv(x, (W0 + c ΔW) - W0), which differs from the above by rounding only. The s
 and LoHa in bypass_mode, where LyCORIS computes base(x) + drop(x-side ΔW term): with dropout off
 (or in eval) it is the same value. LoKr's Linear never forms the (out, in) ΔW; the fused layers save
 LyCORIS's second GEMM / conv in the forward and its extra ones in the backward, and LoHa's two
-halves are rebuilt in the backward rather than kept (activation checkpointing).
+halves are rebuilt in the backward rather than kept (specops.adapters.hadamard_delta).
 
 diag-OFT (oft_blocks B of shape (k, p, p), k p = out, rescale g, constraint κ = alpha): LyCORIS's
 R_i = (I + q_i)(I - q_i)^-1, q = B - B^T (scaled by κ out / (||q|| + 1e-8) once ||q|| passes κ out),
@@ -70,11 +70,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..adapters import _add_kron_linear
 from ..stiefel import cayley
-from ._patch import PatchedForward, is_patched, patch, refused
+from ._patch import PatchedForward, is_patched, loha_delta, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -131,14 +130,9 @@ def _lokr_delta(mod, m: float) -> Tensor:
 
 
 def _loha_delta(mod, m: float) -> Tensor:
-    """c ΔH in the layer weight's shape (c with multiplier m), c on the first factor."""
-    c = _coef(mod, m)
-    if mod.tucker:
-        h1 = torch.einsum("ijhw,io,jq->oqhw", mod.hada_t1, mod.hada_w1_a * c, mod.hada_w1_b)
-        h2 = torch.einsum("ijhw,io,jq->oqhw", mod.hada_t2, mod.hada_w2_a, mod.hada_w2_b)
-        return h1 * h2
-    delta = ((mod.hada_w1_a * c) @ mod.hada_w1_b) * (mod.hada_w2_a @ mod.hada_w2_b)
-    return delta.reshape(mod.shape)
+    """c ΔH in the layer weight's shape (c with multiplier m)."""
+    t = (mod.hada_t1, mod.hada_t2) if mod.tucker else (None, None)
+    return loha_delta(mod.hada_w1_a, mod.hada_w1_b, mod.hada_w2_a, mod.hada_w2_b, *t, _coef(mod, m), mod.shape)
 
 
 def _run_layer(layer, x: Tensor, W: Tensor) -> Tensor:
@@ -148,25 +142,17 @@ def _run_layer(layer, x: Tensor, W: Tensor) -> Tensor:
     return F.linear(x, W, layer.bias)
 
 
-def _delta(delta_fn, recompute: bool, mod, m: float) -> Tensor:
-    """delta_fn(mod, m); recompute: under activation checkpointing, so autograd keeps only the small
-    factors and rebuilds ΔW's intermediates in the backward (LoHa's two weight-sized halves)."""
-    if recompute and torch.is_grad_enabled():
-        return checkpoint(delta_fn, mod, m, use_reentrant=False, preserve_rng_state=False)
-    return delta_fn(mod, m)
-
-
-def _fused(delta_fn, recompute: bool):
+def _fused(delta_fn):
     """The forward that runs the layer once with W0 + ΔW, ΔW = delta_fn(mod, multiplier)."""
 
     def run(mod, x: Tensor) -> Tensor:
         layer = mod.org_module[0]
-        return _run_layer(layer, x, layer.weight + _delta(delta_fn, recompute, mod, mod.multiplier))
+        return _run_layer(layer, x, layer.weight + delta_fn(mod, mod.multiplier))
 
     return run
 
 
-def _dora(delta_fn, recompute: bool):
+def _dora(delta_fn):
     """The weight-decomposed (dora_wd) forward, the layer run once with LyCORIS's W':
 
         V = sg(W0) + σ s ΔW,  n = ||V|| per output row (wd_on_out) or per input column, + eps,
@@ -179,7 +165,7 @@ def _dora(delta_fn, recompute: bool):
     def run(mod, x: Tensor) -> Tensor:
         layer = mod.org_module[0]
         W0 = layer.weight
-        V = W0.detach() + _delta(delta_fn, recompute, mod, 1.0)
+        V = W0.detach() + delta_fn(mod, 1.0)
         if mod.wd_on_out:
             n = torch.linalg.vector_norm(V.reshape(V.shape[0], -1), dim=1).reshape(-1, *[1] * (V.dim() - 1))
         else:
@@ -197,10 +183,10 @@ def _dora(delta_fn, recompute: bool):
     return run
 
 
-_loha_fused = _fused(_loha_delta, recompute=True)
-_lokr_fused = _fused(_lokr_delta, recompute=False)  # torch.kron keeps only the factors
-_loha_dora = _dora(_loha_delta, recompute=True)
-_lokr_dora = _dora(_lokr_delta, recompute=False)
+_loha_fused = _fused(_loha_delta)  # autograd keeps LoHa's factors, not its two halves
+_lokr_fused = _fused(_lokr_delta)  # torch.kron keeps only the factors
+_loha_dora = _dora(_loha_delta)
+_lokr_dora = _dora(_lokr_delta)
 
 
 def _oft_weight(mod) -> Tensor:

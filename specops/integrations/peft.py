@@ -27,7 +27,7 @@ each half a core contracted with its two factors). LoKr's Linear never forms the
 GEMMs over x viewed (rows, n1, n2), specops.adapters.LoKr's path), and
 the fused layers save PEFT's second GEMM / conv in the forward and its extra ones in the backward.
 Activation memory is PEFT's or less: LoKr's Linear keeps no ΔW, the fused layers keep the one W
-(LoHa's halves are rebuilt in the backward rather than kept).
+(LoHa's halves are rebuilt in the backward rather than kept: specops.adapters.hadamard_delta).
 
 The patched forward hands the call to PEFT's own forward whenever it would not compute the same
 thing: adapters merged or disabled, extra forward arguments, module_dropout or rank_dropout > 0 on
@@ -59,10 +59,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from ..adapters import _add_kron_linear
-from ._patch import PatchedForward, is_patched, patch, refused
+from ._patch import PatchedForward, is_patched, loha_delta, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
 
@@ -110,33 +109,21 @@ def _lokr_delta(layer, a: str) -> Tensor:
 
 
 def _loha_delta(layer, a: str) -> Tensor:
-    """LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) in the base weight's shape; Tucker (hada_t1 present):
-    each half is Σ_{i,j} t[i, j, h, w] w_a[i, o] w_b[j, c] (o out, c in channels). s goes on a factor."""
-    s = layer.scaling[a]
-    if a in layer.hada_t1:
-        h1 = torch.einsum("ijhw,io,jc->ochw", layer.hada_t1[a], layer.hada_w1_a[a] * s, layer.hada_w1_b[a])
-        h2 = torch.einsum("ijhw,io,jc->ochw", layer.hada_t2[a], layer.hada_w2_a[a], layer.hada_w2_b[a])
-        return h1 * h2
-    delta = ((layer.hada_w1_a[a] * s) @ layer.hada_w1_b[a]) * (layer.hada_w2_a[a] @ layer.hada_w2_b[a])
-    return delta.reshape(layer.get_base_layer().weight.shape)
+    """LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) in the base weight's shape (Tucker: _patch.loha_delta)."""
+    t = (layer.hada_t1[a], layer.hada_t2[a]) if a in layer.hada_t1 else (None, None)
+    return loha_delta(layer.hada_w1_a[a], layer.hada_w1_b[a], layer.hada_w2_a[a], layer.hada_w2_b[a], *t,
+                      layer.scaling[a], layer.get_base_layer().weight.shape)
 
 
-def _fused(delta_fn, recompute: bool):
+def _fused(delta_fn):
     """The fused forward for a layer type whose ΔW is delta_fn(layer, a): the base layer run once
-    with W0 + Σ_a ΔW_a (F.linear or F.conv2d with the base's stride, padding, dilation, groups).
-
-    recompute: build ΔW under activation checkpointing, so autograd keeps only the small factors and
-    rebuilds ΔW's intermediates in the backward. LoHa's two (out, in) halves would otherwise be
-    saved on top of the W the layer saves (three weight-sized tensors a layer where PEFT keeps one)."""
+    with W0 + Σ_a ΔW_a (F.linear or F.conv2d with the base's stride, padding, dilation, groups)."""
 
     def run(layer, x: Tensor, adapters: list[str]) -> Tensor:
         base = layer.get_base_layer()
         W = base.weight
         for a in adapters:
-            if recompute and torch.is_grad_enabled():
-                W = W + checkpoint(delta_fn, layer, a, use_reentrant=False, preserve_rng_state=False)
-            else:
-                W = W + delta_fn(layer, a)
+            W = W + delta_fn(layer, a)
         if isinstance(base, nn.Conv2d):
             return F.conv2d(x, W, base.bias, base.stride, base.padding, base.dilation, base.groups)
         return F.linear(x, W, base.bias)
@@ -144,8 +131,8 @@ def _fused(delta_fn, recompute: bool):
     return run
 
 
-_loha_fused = _fused(_loha_delta, recompute=True)
-_lokr_fused = _fused(_lokr_delta, recompute=False)  # torch.kron keeps only the factors
+_loha_fused = _fused(_loha_delta)  # autograd keeps LoHa's factors, not its two halves
+_lokr_fused = _fused(_lokr_delta)  # torch.kron keeps only the factors
 
 
 @functools.cache
