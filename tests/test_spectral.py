@@ -150,7 +150,8 @@ def test_spectral_shift_sdxl(out, n, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("out,n,lead", [(37, 53, (2, 3)), (53, 37, (5,)), (1, 5, (4,)), (20, 12, (1,))], ids=str)
 def test_spectral_linear(backend, out, n, lead, dtype, side, path):
-    _lighter_triton(backend, n in (53, 5), dtype != torch.float32)
+    # as in test_spectral_shift_small: the 37x53 shapes run bf16 only through the interpreter
+    _lighter_triton(backend, n in (53, 5), dtype != torch.float32, dtype != torch.float64 or out * n < 1000)
     (U, S, Vh, d), rot = _svd_inputs(out, n, dtype, 2, side)
     x = torch.randn(*lead, n, dtype=dtype)
     b = torch.randn(out, dtype=dtype)
