@@ -37,6 +37,19 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture
+def lycoris_state(monkeypatch):
+    """Undo LyCORIS's class-level configuration (apply_preset, LORA_PREFIX; create_lycoris applies a
+    preset too) after a test: `pytestmark = pytest.mark.usefixtures("lycoris_state")`."""
+    from lycoris import LycorisNetwork
+    from lycoris.kohya import LycorisNetworkKohya
+
+    for cls in (LycorisNetwork, LycorisNetworkKohya):
+        for name in dir(cls):
+            if name.isupper():
+                monkeypatch.setattr(cls, name, getattr(cls, name))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -17,15 +17,7 @@ from lycoris import LycorisNetwork, create_lycoris_from_weights  # noqa: E402
 from specops import adapters, lora_io, sdxl  # noqa: E402
 from test_lycoris import _rel, _run  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def _lycoris_state(monkeypatch):
-    """Undo LyCORIS's class-level configuration (apply_preset) after every test."""
-    for name in dir(LycorisNetwork):
-        if name.isupper():
-            monkeypatch.setattr(LycorisNetwork, name, getattr(LycorisNetwork, name))
+pytestmark = pytest.mark.usefixtures("one_thread", "lycoris_state")
 
 
 # A few layers of every kind: a 3x3 conv (conv_in, a resnet conv1), a 1x1 conv_shortcut, Linear

@@ -19,15 +19,7 @@ from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 from specops.integrations import lycoris as sl  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
-
-
-@pytest.fixture(autouse=True)
-def _lycoris_state(monkeypatch):
-    """Undo LyCORIS's class-level configuration (create_lycoris applies a preset) after every test."""
-    for name in dir(LycorisNetwork):
-        if name.isupper():
-            monkeypatch.setattr(LycorisNetwork, name, getattr(LycorisNetwork, name))
+pytestmark = pytest.mark.usefixtures("one_thread", "lycoris_state")  # small ops: see conftest.one_thread
 
 
 CASES = {  # id: create_lycoris keyword arguments; dim 2 < half the factor sizes factors LoKr's W2

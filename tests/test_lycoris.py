@@ -14,7 +14,6 @@ lycoris = pytest.importorskip("lycoris")
 
 from lycoris import LycorisNetwork, create_lycoris, create_lycoris_from_weights  # noqa: E402
 from lycoris.config import PRESET  # noqa: E402
-from lycoris.kohya import LycorisNetworkKohya  # noqa: E402
 from lycoris.kohya import create_network as create_kohya_network  # noqa: E402
 
 from specops import lora_io, sdxl  # noqa: E402
@@ -25,16 +24,7 @@ from specops.sdxl.injection import PRESETS  # noqa: E402
 _DIFFUSERS_CLASS = {"CrossAttention": "Attention", "SelfAttention": "Attention"}
 
 
-@pytest.fixture(autouse=True)
-def _lycoris_state(monkeypatch):
-    """Undo LyCORIS's class-level configuration (apply_preset, LORA_PREFIX) after every test."""
-    for cls in (LycorisNetwork, LycorisNetworkKohya):
-        for name in dir(cls):
-            if name.isupper():
-                monkeypatch.setattr(cls, name, getattr(cls, name))
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread", "lycoris_state")  # small ops: see conftest.one_thread
 
 
 def _lycoris_names(model, preset: str, text: bool) -> set[str]:

@@ -14,11 +14,11 @@ pytest.importorskip("lycoris")
 
 from lycoris import LycorisNetwork  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from test_lycoris import _install, _lycoris_from_file, _lycoris_state, _rel, _run  # noqa: E402,F401 (autouse fixture)
+from test_lycoris import _install, _lycoris_from_file, _rel, _run  # noqa: E402
 
 from specops import adapters, lora_io, sdxl  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # small ops: see conftest.one_thread
+pytestmark = pytest.mark.usefixtures("one_thread", "lycoris_state")  # small ops: see conftest.one_thread
 
 RESNET_LAYERS = ["time_emb_proj", "conv1", "conv2", "conv_shortcut"]  # 62 layers, 11 of them 1x1 shortcuts
 
