@@ -5,14 +5,19 @@ Shapes (batch 2, as SDXL's UNet at 1024² trains):
   conv  3x3, stride 1, padding 1, C -> C: the resnets at 320 / 640 / 1280 channels on 64² / 32² / 16²
         latents;
   ff    the transformer blocks' feed-forward Linears: ff.net.0.proj (GEGLU, d -> 8d) and ff.net.2
-        (4d -> d) at d = 640 on 2 x 1024 tokens and d = 1280 on 2 x 256 tokens.
+        (4d -> d) at d = 640 on 2 x 1024 tokens and d = 1280 on 2 x 256 tokens;
+  attn  attention projections on 2 x 1024 tokens: 1280 -> 1280 (to_q, to_out) and 2048 -> 1280 (to_k /
+        to_v fed 2048 wide, as the cross-attention is).
 Methods, all rank 8, alpha 8 (a coefficient of 1):
   locon         LoRA (LoCon on a conv): specops LoRA, LyCORIS LoConModule, PEFT LoraConfig;
   locon-tucker  conv only, the Tucker core: LoRA(tucker=True), LoConModule(use_tucker=True); PEFT has none;
   loha          specops LoHa, LyCORIS LohaModule, PEFT LoHaConfig (flattened kernel, not Tucker);
   lokr          LyCORIS's defaults: factor -1 (the balanced split), W1 dense, W2 = B2 A2 of rank 8 (every
                 W2 here has max(m2, n2) / 2 > 8, so LyCORIS decomposes it); specops LoKr(rank=8),
-                LokrModule, PEFT LoKrConfig(r=8) (the same rule).
+                LokrModule, PEFT LoKrConfig(r=8) (the same rule);
+  oft           attn only, blocks of 8: specops OFT (input side, in / 8 blocks), LyCORIS DiagOFTModule
+                (lora_dim 8: output-side blocks of 8), PEFT OFTConfig(oft_block_size=8) (input side, its
+                default 5-term Neumann Cayley). PEFT's OFT stays on PEFT's path under apply() (no patched row).
 The LyCORIS rows build its modules directly (what create_lycoris builds per layer) and apply_to() them.
 "lycoris+specops" and "peft+specops" are the same peer models after specops.integrations.lycoris / .peft
 apply(): the peer's layers and parameters, specops's forward (where apply() covers the layer).
@@ -28,6 +33,12 @@ bound; loha must form ΔW and its gradient, one weight-gradient GEMM more: 10% o
 weight gradient (counted as one forward's time). "x bound" is ms over the bound's ms, "x best peer"
 specops's ms over the fastest LyCORIS / PEFT row of that method.
 
+The "tiny UNet" group is one whole training step (SGD, forward and backward of the mean square of
+the output) of specops.sdxl.tiny_unet at its own sample size (batch 2, 16x16 latents) with LoKr on the
+resnet convs, LoHa on the feed-forward Linears and OFT on the attention projections (rank 2, OFT blocks
+of 4), as a PEFT model (three adapters) and as a LyCORIS network (module_algo_map), each beside itself
+after apply(): "x unpatched" is its ms over the same model's without apply().
+
 Timing: every implementation of one (shape, mode) is built up front and warmed up by one step, then
 timed in interleaved rounds (each round calls each implementation once), so drift falls on all of them
 alike; the median over the rounds is reported. Peak memory is measured on the warm-up step: on CUDA
@@ -41,6 +52,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import statistics
+import warnings
 
 import torch
 from torch import nn
@@ -48,7 +60,8 @@ from torch import nn
 from . import _sync, _time_call, device, installed, peak_bytes
 
 RANK = 8
-METHODS = ("locon", "locon-tucker", "loha", "lokr")
+METHODS = ("locon", "locon-tucker", "loha", "lokr", "oft")
+OFT_BLOCK = 8  # OFT block size on the attn shapes
 PEERS = ("lycoris", "lycoris-bypass", "peft")
 PATCHED = ("lycoris+specops", "peft+specops")  # a peer's own model after specops.integrations.<peer>.apply()
 IMPLS = ("frozen", "specops", *PEERS, *PATCHED)
@@ -59,7 +72,7 @@ TARGET = 1.10  # over the bound (loha: over the bound plus one weight gradient)
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    kind: str  # "conv" or "ff"
+    kind: str  # "conv", "ff" or "attn" (both Linear)
     cin: int
     cout: int
     batch: int
@@ -69,7 +82,7 @@ class Shape:
     def label(self) -> str:
         if self.kind == "conv":
             return f"conv3x3 {self.cin} {self.batch}x{self.size}x{self.size}"
-        return f"ff {self.cin}->{self.cout} {self.batch}x{self.size}"
+        return f"{self.kind} {self.cin}->{self.cout} {self.batch}x{self.size}"
 
     def layer(self) -> nn.Module:
         if self.kind == "conv":
@@ -96,8 +109,9 @@ FULL = (
     Shape("conv", 320, 320, 2, 64), Shape("conv", 640, 640, 2, 32), Shape("conv", 1280, 1280, 2, 16),
     Shape("ff", 640, 5120, 2, 1024), Shape("ff", 2560, 640, 2, 1024),
     Shape("ff", 1280, 10240, 2, 256), Shape("ff", 5120, 1280, 2, 256),
+    Shape("attn", 1280, 1280, 2, 1024), Shape("attn", 2048, 1280, 2, 1024),
 )
-QUICK = (Shape("conv", 320, 320, 2, 16), Shape("ff", 640, 5120, 2, 32))
+QUICK = (Shape("conv", 320, 320, 2, 16), Shape("ff", 640, 5120, 2, 32), Shape("attn", 256, 256, 2, 32))
 
 
 class _Holder(nn.Module):
@@ -112,8 +126,10 @@ class _Holder(nn.Module):
 
 
 def _specops(base, method):
-    from specops.adapters import LoHa, LoKr, LoRA
+    from specops.adapters import OFT, LoHa, LoKr, LoRA
 
+    if method == "oft":
+        return OFT(base, blocks=base.in_features // OFT_BLOCK)
     if method in ("locon", "locon-tucker"):
         return LoRA(base, rank=RANK, alpha=RANK, tucker=method == "locon-tucker")
     if method == "loha":
@@ -122,12 +138,15 @@ def _specops(base, method):
 
 
 def _lycoris(base, method, bypass):
+    from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
     opts = dict(multiplier=1.0, lora_dim=RANK, alpha=RANK, bypass_mode=bypass)
-    if method in ("locon", "locon-tucker"):
+    if method == "oft":
+        mod = DiagOFTModule("layer", base, **{**opts, "lora_dim": OFT_BLOCK})
+    elif method in ("locon", "locon-tucker"):
         mod = LoConModule("layer", base, use_tucker=method == "locon-tucker", **opts)
     elif method == "loha":
         mod = LohaModule("layer", base, **opts)
@@ -138,9 +157,11 @@ def _lycoris(base, method, bypass):
 
 
 def _peft(base, method):
-    from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, inject_adapter_in_model
 
-    if method == "locon":
+    if method == "oft":
+        cfg = OFTConfig(oft_block_size=OFT_BLOCK, r=0, target_modules=["layer"])
+    elif method == "locon":
         cfg = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["layer"])
     elif method == "loha":
         cfg = LoHaConfig(r=RANK, alpha=RANK, target_modules=["layer"])
@@ -150,10 +171,10 @@ def _peft(base, method):
 
 
 def _available(shape: Shape, method: str, impl: str) -> bool:
-    if method == "locon-tucker" and shape.kind != "conv":
-        return False
-    if impl in PATCHED and method.startswith("locon"):  # apply() leaves LoRA / LoCon on the peer's path
-        return False
+    if (method == "locon-tucker" and shape.kind != "conv") or ((method == "oft") != (shape.kind == "attn")):
+        return False  # the attn shapes take OFT alone: the other methods' Linear rows are the ff ones
+    if impl in PATCHED and (method.startswith("locon") or (method, impl) == ("oft", "peft+specops")):
+        return False  # apply() leaves LoRA / LoCon and PEFT's OFT on the peer's path
     if impl.startswith("lycoris"):
         return installed("lycoris")
     if impl.startswith("peft"):
@@ -247,13 +268,104 @@ def _group(shape: Shape, mode: str, dtype, rounds: int, seed: int = 0) -> list[d
     return rows
 
 
+UNET_TARGETS = (r".*resnets\.\d+\.conv[12]$", r".*ff\.net\.(0\.proj|2)$",
+                r".*attn[12]\.(to_q|to_k|to_v|to_out\.0)$")  # LoKr, LoHa, OFT (the tiny UNet group)
+
+
+def _unet_models(dtype):
+    """{impl: (unet, trainable parameters)}: the tiny UNet as a PEFT model and as a LyCORIS network, each
+    also after apply() (module docstring)."""
+    from lycoris import LycorisNetwork
+    from peft import LoHaConfig, LoKrConfig, OFTConfig, inject_adapter_in_model
+
+    from specops.integrations import lycoris, peft
+    from specops.sdxl import tiny_unet
+
+    unet = tiny_unet(0)
+    configs = (LoKrConfig(r=2, alpha=2, target_modules=UNET_TARGETS[0], init_weights=False),
+               LoHaConfig(r=2, alpha=2, target_modules=UNET_TARGETS[1], init_weights=False),
+               OFTConfig(oft_block_size=4, r=0, target_modules=UNET_TARGETS[2], init_weights=False))
+    with warnings.catch_warnings():  # PEFT warns on a second adapter: three tuner types here, one per layer set
+        warnings.simplefilter("ignore")
+        for name, cfg in zip(("kr", "ha", "oft"), configs):
+            unet = inject_adapter_in_model(cfg, unet, adapter_name=name)
+    built = {"peft": (unet, unet)}  # impl -> (the model to call, the module holding its adapter weights)
+    saved = {k: getattr(LycorisNetwork, k) for k in dir(LycorisNetwork) if k.isupper()}
+    try:  # LyCORIS keeps its preset on the class: restored below
+        LycorisNetwork.apply_preset({
+            "enable_conv": True, "target_module": ["Attention", "FeedForward", "ResnetBlock2D"], "target_name": [],
+            "module_algo_map": {"Attention": {"algo": "diag-oft"}, "FeedForward": {"algo": "loha"},
+                                "ResnetBlock2D": {"algo": "lokr"}}})
+        unet = tiny_unet(0)
+        net = LycorisNetwork(unet, lora_dim=2, conv_lora_dim=2, alpha=2, warn_on_unmatched=False)
+    finally:
+        for k, v in saved.items():
+            setattr(LycorisNetwork, k, v)
+    net.apply_to()
+    unet.requires_grad_(False)
+    built["lycoris"] = (unet, net.requires_grad_(True))
+    g = torch.Generator().manual_seed(1)
+    models = {}
+    for impl, integration in (("peft", peft), ("lycoris", lycoris)):
+        unet, holder = built[impl]
+        params = [p for p in holder.parameters() if p.requires_grad]
+        with torch.no_grad():  # LyCORIS starts at ΔW = 0: every factor off zero, in both models alike
+            for p in params:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        models[impl] = (unet, holder)
+        models[f"{impl}+specops"] = patched = copy.deepcopy((unet, holder))
+        if not integration.apply(patched[1])["patched"]:
+            raise RuntimeError(f"{impl}: apply() patched nothing")
+    out = {}
+    for impl, (unet, holder) in models.items():
+        if device() != "cpu" or dtype != torch.float32:  # (diffusers warns on every .to() with a dtype)
+            unet.to(device=device(), dtype=dtype)
+            holder.to(device=device(), dtype=dtype)
+        out[impl] = (unet, [p for p in holder.parameters() if p.requires_grad])
+    return out
+
+
+def _unet_rows(dtype, rounds: int) -> list[dict]:
+    """The tiny UNet group: one training step of each model (module docstring), interleaved rounds."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = dict(sample=torch.randn(2, 4, 16, 16, generator=gen), timestep=torch.tensor(10),
+                  encoder_hidden_states=torch.randn(2, 7, 96, generator=gen),
+                  added_cond_kwargs={"text_embeds": torch.randn(2, 64, generator=gen),
+                                     "time_ids": torch.randn(2, 6, generator=gen)})
+    inputs = {k: ({n: t.to(device(), dtype) for n, t in v.items()} if isinstance(v, dict) else v.to(device(), dtype))
+              for k, v in inputs.items()}
+
+    def step(unet, params):
+        def call():
+            unet(**inputs).sample.square().mean().backward()
+            for p in params:
+                p.grad = None
+        return call
+
+    calls = {impl: step(*m) for impl, m in _unet_models(dtype).items()}
+    peaks = {impl: peak_bytes(call) / 2**20 for impl, call in calls.items()}
+    _sync()
+    times: dict[str, list[float]] = {impl: [] for impl in calls}
+    for _ in range(rounds):
+        for impl, call in calls.items():
+            times[impl].append(_time_call(call))
+    rows = [{"shape": "tiny UNet 2x16x16", "mode": "whole model", "method": "lokr+loha+oft", "impl": impl,
+             "ms": statistics.median(t) * 1e3, "peak MB": peaks[impl]} for impl, t in times.items()]
+    for r in rows:
+        if r["impl"] in PATCHED:
+            r["x unpatched"] = r["ms"] / next(p["ms"] for p in rows if p["impl"] == r["impl"].split("+")[0])
+    return rows
+
+
 def measure(quick: bool = False) -> list[dict]:
-    """Every row, shape by shape (called by specops.bench.run in place of timing `cases`)."""
+    """Every row, shape by shape, then the tiny UNet (called by specops.bench.run in place of timing `cases`)."""
     dtype = torch.bfloat16 if device() == "cuda" else torch.float32
     rows = []
     for shape in QUICK if quick else FULL:
         for mode in MODES:
             rows += _group(shape, mode, dtype, rounds=ROUNDS)
+    if installed("peft") and installed("lycoris"):
+        rows += _unet_rows(dtype, rounds=1 if quick else ROUNDS)
     return rows
 
 
@@ -277,9 +389,10 @@ def summarize(rows: list[dict]) -> str:
         fwd_ms = fwd[0] if fwd else bound["ms"]
         for r in rs:
             if r["impl"] in PATCHED:  # apply() must not slow its peer down, and should run as specops's own
-                ok = r["x unpatched"] <= 1.0 and r["x specops"] <= TARGET
+                ok = r["x unpatched"] <= 1.0 and r.get("x specops", 1.0) <= TARGET
+                own = f", {r['x specops']:.2f}x specops's own" if "x specops" in r else ""
                 lines.append(f"- {label} {mode} {r['method']} {r['impl']}: {'met' if ok else 'MISS'} "
-                             f"({r['x unpatched']:.2f}x unpatched, {r['x specops']:.2f}x specops's own)")
+                             f"({r['x unpatched']:.2f}x unpatched{own})")
             if r["impl"] != "specops":
                 continue
             peers = [p for p in rs if p["method"] == r["method"] and p["impl"] in PEERS]
