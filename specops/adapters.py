@@ -585,6 +585,62 @@ def _add_kron_linear(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
     return torch.addmm(y.reshape(M * m1, m2), t.view(M * m1, n2), W2.mT).view(y.shape)
 
 
+def _kron_conv_factored(conv: nn.Conv2d, m1: int, n1: int, rank: int | None, tucker: bool) -> bool:
+    """Whether a training step of conv + LoKr ΔW = W1 ⊗ W2 (W1 (m1, n1); W2 dense when rank is None,
+    else B2 A2 of that rank, with a Tucker core when tucker) is cheaper factored (_add_kron_conv) than
+    with the merged weight W0 + ΔW.
+
+    Forward FLOPs per output pixel:
+      base / merged conv  F0 = 2·m·n·k²             (k² = kh·kw)
+      factored delta      f  = n1·c2 + 2·m1·n1·m2   (c2: W2's conv over one channel group,
+                               2·m2·n2·k² dense, 2·r·(n2·k² + m2) as B2 A2, and with the Tucker core
+                               2·r·(n2·s + r·k² + m2), its 1x1 A2 on s = stride_h·stride_w input
+                               pixels per output pixel; then W1 mixes the n1 groups)
+    Merged, a step is the conv, its input gradient and a dense weight gradient (F0 more than the
+    frozen layer); factored, the base conv and its input gradient plus the delta's forward and
+    backward (~3f). So factored iff 3f < F0 (callers ask only when the adapter trains: without a
+    gradient the merged conv, F0 against F0 + f, is cheaper). Grouped convs are never factored."""
+    m, n, kh, kw = conv.weight.shape
+    if conv.groups != 1:
+        return False
+    k2 = kh * kw
+    m2, n2 = m // m1, n // n1
+    if rank is None:
+        c2 = 2 * m2 * n2 * k2
+    elif tucker:
+        c2 = 2 * rank * (n2 * math.prod(conv.stride) + rank * k2 + m2)
+    else:
+        c2 = 2 * rank * (n2 * k2 + m2)
+    f = n1 * c2 + 2.0 * m1 * n1 * m2
+    return 3.0 * f < 2.0 * m * n * k2
+
+
+def _add_kron_conv(y: Tensor, x: Tensor, W1: Tensor, W2: tuple, conv: nn.Conv2d) -> Tensor:
+    """y + conv(x, W1 ⊗ W2) with conv's geometry, ΔW never formed. W1 (m1, n1) carries every scale; W2 is
+    (W2,) dense (m2, n2, kh, kw), (B2, A2) with A2 (r, n2·kh·kw), or (B2, T2, A2) with a Tucker core T2
+    (r, r, kh, kw) and A2 (r, n2). ΔW[(a, b), (p, q)] = W1[a, p] W2[b, q], so input channel group p
+    (channels p·n2 .. p·n2 + n2 - 1) is convolved with W2 as one more batch entry, and W1 then mixes
+    the n1 groups' outputs into the m1 output groups. y: conv(x) (N, m, H', W'), x a 4-D batch."""
+    geometry = _conv_geometry(conv)
+    m1, n1 = W1.shape
+    N, _, H, W = x.shape
+    h = x.reshape(N * n1, -1, H, W)
+    if len(W2) == 1:
+        h = F.conv2d(h, W2[0], None, *geometry)
+    elif len(W2) == 2:
+        B2, A2 = W2
+        h = F.conv2d(h, A2.reshape(A2.shape[0], -1, *conv.weight.shape[2:]), None, *geometry)
+    else:  # zero padding commutes with the bias-free 1x1 A2, so the core alone pads
+        B2, T2, A2 = W2
+        h = F.conv2d(F.conv2d(h, A2[:, :, None, None]), T2, None, *geometry)
+    if len(W2) > 1:  # B2 as a GEMM per group: a 1x1 conv from `rank` channels runs far slower
+        h = torch.bmm(B2.expand(h.shape[0], -1, -1), h.flatten(2))
+    # y viewed (N, m1, m2·H'·W') (channel a·m2 + b, as ΔW orders them) plus W1 @ h, h (N, n1, m2·H'·W'):
+    # one batched GEMM onto y (matmul's broadcast would transpose h into one tall GEMM, and a separate
+    # add would need an output-sized temporary)
+    return torch.baddbmm(y.reshape(N, m1, -1), W1.expand(N, m1, n1), h.reshape(N, n1, -1)).view(y.shape)
+
+
 class LoKr(Adapter):
     """ΔW = scale·c·W1 ⊗ W2, W1 (m1, n1), W2 (m2, n2), m1·m2 = out, n1·n2 = in (LyCORIS's LoKr).
 
@@ -604,7 +660,7 @@ class LoKr(Adapter):
     a kernel larger than 1x1 B2 (m2, rank), a core T2 (rank, rank, kh, kw), A2 (rank, n2):
     W2[b, q, h, w] = Σ_{p,s} B2[b, p] T2[p, s, h, w] A2[s, q].
     conv_rank / conv_alpha act on kernels larger than 1x1 (as LoRA). Forward on a conv, when the
-    adapter trains and the FLOPs favour it (_conv_factored): base(x) + conv(x, ΔW) with ΔW never
+    adapter trains and the FLOPs favour it (_kron_conv_factored): base(x) + conv(x, ΔW) with ΔW never
     formed (W2's convolution per channel group, then W1 across groups), which needs no dense weight
     gradient; otherwise one conv with W0 + ΔW. dora=True: DoRA on that update (see `Adapter`).
     """
@@ -685,64 +741,16 @@ class LoKr(Adapter):
         return _adapted_layer(self, x)
 
     def _conv_factored(self) -> bool:
-        """Whether a training step is cheaper with ΔW applied factored (_conv_forward_factored) than merged.
-
-        Forward FLOPs per output pixel:
-          base / merged conv  F0 = 2·m·n·k²             (k² = kh·kw)
-          factored delta      f  = n1·c2 + 2·m1·n1·m2   (c2: W2's conv over one channel group,
-                                   2·m2·n2·k² dense, 2·r·(n2·k² + m2) as B2 A2, and with the Tucker core
-                                   2·r·(n2·s + r·k² + m2), its 1x1 A2 on s = stride_h·stride_w input
-                                   pixels per output pixel; then W1 mixes the n1 groups)
-        Merged, a step is the conv, its input gradient and a dense weight gradient (F0 more than the
-        frozen layer); factored, the base conv and its input gradient plus the delta's forward and
-        backward (~3f). So factored iff 3f < F0, when the adapter trains; without a gradient the
-        merged conv (F0 against F0 + f) is cheaper.
-        """
+        """Whether this training step applies ΔW factored (_add_kron_conv) rather than merged."""
         if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters(recurse=False)):
             return False
-        W0 = self.base.weight
-        m, n, kh, kw = W0.shape
-        k2 = kh * kw
-        m1, n1 = self._factor_shape()
-        m2, n2 = m // m1, n // n1
-        r = self.rank
-        if r is None:
-            c2 = 2 * m2 * n2 * k2
-        elif self.T2 is not None:
-            c2 = 2 * r * (n2 * math.prod(self.base.stride) + r * k2 + m2)
-        else:
-            c2 = 2 * r * (n2 * k2 + m2)
-        f = n1 * c2 + 2.0 * m1 * n1 * m2
-        return 3.0 * f < 2.0 * m * n * k2
-
-    def _factor_shape(self) -> tuple[int, int]:
-        """(m1, n1): the shape of W1."""
-        return (self.W1.shape if self.w1_rank is None else (self.B1.shape[0], self.A1.shape[1]))
+        m1, n1 = self.W1.shape if self.w1_rank is None else (self.B1.shape[0], self.A1.shape[1])
+        return _kron_conv_factored(self.base, m1, n1, self.rank, self.T2 is not None)
 
     def _conv_forward_factored(self, x: Tensor) -> Tensor:
-        """base(x) + conv(x, ΔW), ΔW never formed: ΔW[(a, b), (p, q)] = W1[a, p] W2[b, q], so input channel
-        group p (channels p·n2 .. p·n2 + n2 - 1) is convolved with W2 as one more batch entry, and
-        W1 then mixes the n1 groups' outputs into the m1 output groups."""
-        conv = self.base
-        geometry = _conv_geometry(conv)
         W1 = self.W1 if self.w1_rank is None else self.B1 @ self.A1
-        W1 = W1 * (self.scale * self._coef)
-        m1, n1 = W1.shape
-        N, _, H, W = x.shape
-        h = x.reshape(N * n1, -1, H, W)
-        if self.rank is None:
-            h = F.conv2d(h, self.W2, None, *geometry)
-        elif self.T2 is None:
-            h = F.conv2d(h, self.A2.view(self.rank, -1, *conv.weight.shape[2:]), None, *geometry)
-        else:  # zero padding commutes with the bias-free 1x1 A2, so the core alone pads
-            h = F.conv2d(F.conv2d(h, self.A2[:, :, None, None]), self.T2, None, *geometry)
-        if self.rank is not None:  # B2 as a GEMM per group: a 1x1 conv from `rank` channels runs far slower
-            h = torch.bmm(self.B2.expand(h.shape[0], -1, -1), h.flatten(2))
-        # base(x) viewed (N, m1, m2·H'·W') (channel a·m2 + b, as ΔW orders them) plus W1 @ h, h
-        # (N, n1, m2·H'·W'): one batched GEMM onto the base output (matmul's broadcast would
-        # transpose h into one tall GEMM, and a separate add would need an output-sized temporary)
-        y = conv(x)
-        return torch.baddbmm(y.reshape(N, m1, -1), W1.expand(N, m1, n1), h.reshape(N, n1, -1)).view(y.shape)
+        W2 = (self.W2,) if self.rank is None else (self.B2, self.A2) if self.T2 is None else (self.B2, self.T2, self.A2)
+        return _add_kron_conv(self.base(x), x, W1 * (self.scale * self._coef), W2, self.base)
 
     def _delta(self, scale):
         W1, W2 = self.kron_factors(scale)

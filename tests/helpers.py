@@ -71,6 +71,21 @@ def saved_for_backward(run, exclude) -> int:
     return sum(kept.values())
 
 
+@contextlib.contextmanager
+def factored_calls(monkeypatch, integration):
+    """The answers of `integration`'s lokr_conv_factored while the block runs (True: the factored path)."""
+    calls = []
+    decide = integration.lokr_conv_factored
+
+    def spy(*args):
+        calls.append(decide(*args))
+        return calls[-1]
+
+    with monkeypatch.context() as mp:
+        mp.setattr(integration, "lokr_conv_factored", spy)
+        yield calls
+
+
 def case_id(case) -> str:
     """Test id of a (method, options) adapter case: "oft-blocks=4"."""
     method, options = case
@@ -87,6 +102,15 @@ class TwoLayerNet(torch.nn.Module):
 
     def forward(self, x, z):
         return self.lin(x), self.conv(z)
+
+
+class WideConvNet(TwoLayerNet):
+    """TwoLayerNet with a 32 -> 32 conv (stride 2): wide enough that a low-rank or small dense LoKr
+    there runs factored (specops.adapters._kron_conv_factored)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(32, 32, 3, stride=2, padding=1)
 
 
 class GeomNet(torch.nn.Module):

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import GeomNet, TwoLayerNet, saved_for_backward
+from helpers import GeomNet, TwoLayerNet, WideConvNet, factored_calls, saved_for_backward
 from torch import nn
 
 lycoris = pytest.importorskip("lycoris")
@@ -55,7 +55,8 @@ def _network(case="lokr", net_cls=TwoLayerNet, multiplier=0.7, seed=0, **extra):
 
 def _inputs(net_cls=TwoLayerNet, dtype=torch.float32):
     g = torch.Generator().manual_seed(1)
-    shapes = {TwoLayerNet: [(2, 5, 24), (2, 6, 7, 7)], GeomNet: [(3, 21), (2, 6, 9, 9)]}[net_cls]
+    shapes = {TwoLayerNet: [(2, 5, 24), (2, 6, 7, 7)], GeomNet: [(3, 21), (2, 6, 9, 9)],
+              WideConvNet: [(2, 5, 24), (2, 32, 9, 9)]}[net_cls]
     return [torch.randn(s, generator=g, dtype=dtype, requires_grad=True) for s in shapes]
 
 
@@ -108,6 +109,20 @@ def test_apply_matches_lycoris_on_odd_geometry(case, monkeypatch):
     assert sl.apply(network)["patched"] == NAMES
     _lycoris_forward_forbidden(monkeypatch)
     _assert_close(_step(net, network, x, z), want)
+
+
+@pytest.mark.parametrize("case", ["lokr", "lokr-factored-tucker", "lokr-dense-scalar"])
+def test_factored_lokr_conv_matches_lycoris(case, monkeypatch):
+    """A conv wide enough for the factored LoKr path (ΔW never formed): LyCORIS's values and gradients."""
+    net, network = _network(case, WideConvNet)
+    x, z = _inputs(WideConvNet)
+    want = _step(net, network, x, z)
+    sl.apply(network)
+    _lycoris_forward_forbidden(monkeypatch)
+    with factored_calls(monkeypatch, sl) as calls:
+        got = _step(net, network, x, z)
+    assert calls == [True]
+    _assert_close(got, want)
 
 
 def test_multiplier_is_read_at_every_call():

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import GeomNet, TwoLayerNet, saved_for_backward
+from helpers import GeomNet, TwoLayerNet, WideConvNet, factored_calls, saved_for_backward
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -104,6 +104,22 @@ def test_apply_matches_peft_on_odd_geometry(method, monkeypatch):
     assert len(sp.apply(model)["patched"]) == 2
     _peft_forward_forbidden(monkeypatch, model)
     _assert_close(_step(model, x, z), want)
+
+
+@pytest.mark.parametrize("case", ["lokr", "lokr-factored-tucker", "lokr-dense"])
+def test_factored_lokr_conv_matches_peft(case, monkeypatch):
+    """A conv wide enough for the factored LoKr path (ΔW never formed): PEFT's values and gradients."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(WideConvNet(), CASES[case]())
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    z = torch.randn(2, 32, 9, 9, requires_grad=True)
+    want = _step(model, x, z)
+    sp.apply(model)
+    _peft_forward_forbidden(monkeypatch, model)
+    with factored_calls(monkeypatch, sp) as calls:
+        got = _step(model, x, z)
+    assert calls == [True]
+    _assert_close(got, want)
 
 
 @pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker"])

@@ -1,12 +1,13 @@
 """What both integrations share: the instance-attribute forward they install on a peer's layer, the
-version gate, and LoHa's ΔW from the parameters both peers name alike."""
+version gate, and the LoHa / LoKr pieces both peers lay out alike (hada_*, lokr_* parameters)."""
 from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import Tensor, nn
 
-from ..adapters import hadamard_delta
+from ..adapters import _kron_conv_factored, _tucker_rebuild, hadamard_delta
 
 
 class PatchedForward:
@@ -37,6 +38,31 @@ def loha_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, t1: Tenso
     if t1 is not None:
         w1_a, w2_a = w1_a.mT, w2_a.mT
     return hadamard_delta(w1_a, w1_b, w2_a, w2_b, t1, t2, c).reshape(shape)
+
+
+def lokr_w2_parts(w2: Tensor | None, w2_a: Tensor | None, w2_b: Tensor | None, t2: Tensor | None) -> tuple:
+    """LoKr's second factor as specops.adapters._add_kron_conv takes it: (w2,) dense, (w2_a, w2_b) low
+    rank, or with a Tucker core t2 (w2_a is then (r, m2)) (w2_a^T, t2, w2_b)."""
+    if w2 is not None:
+        return (w2,)
+    return (w2_a, w2_b) if t2 is None else (w2_a.mT, t2, w2_b)
+
+
+def lokr_w2(parts: tuple) -> Tensor:
+    """W2 from lokr_w2_parts: (m2, n2), or (m2, n2·kh·kw) / (m2, n2, kh, kw) on a conv."""
+    if len(parts) == 1:
+        return parts[0]
+    return parts[0] @ parts[1] if len(parts) == 2 else _tucker_rebuild(*parts)
+
+
+def lokr_conv_factored(conv: nn.Conv2d, x: Tensor, W1: Tensor, parts: tuple, trains: bool) -> bool:
+    """Whether a LoKr adapter (W1, lokr_w2_parts) on `conv` is added factored to conv(x), ΔW never formed
+    (specops.adapters._add_kron_conv), rather than merged into its weight: when it trains (`trains`: a
+    parameter of it requires grad, under grad mode) and the FLOPs favour it (_kron_conv_factored)."""
+    if not (trains and x.dim() == 4 and torch.is_grad_enabled()):
+        return False
+    rank = parts[-1].shape[0] if len(parts) > 1 else None
+    return _kron_conv_factored(conv, *W1.shape, rank, len(parts) == 3)
 
 
 def is_patched(module: nn.Module) -> bool:

@@ -19,7 +19,8 @@ weight and bias, c = m σ s:
 
     LyCORIS module    LyCORIS computes                      patched forward
     LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              the same as two GEMMs over x viewed (rows, n1, n2)
-    LoKr, Conv2d      base(x) + conv(x, c W1 ⊗ W2)           conv(x, W0 + c W1 ⊗ W2, b): one conv
+    LoKr, Conv2d      base(x) + conv(x, c W1 ⊗ W2)           training: base(x) + the ΔW conv factored (below);
+                                                             else conv(x, W0 + c W1 ⊗ W2, b): one conv
     LoHa, Linear      base(x) + x (c ΔH)^T                   F.linear(x, W0 + c ΔH, b): one GEMM
     LoHa, Conv2d      base(x) + conv(x, c ΔH)                conv(x, W0 + c ΔH, b): one conv
     diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
@@ -33,7 +34,9 @@ kernel window rides on W2. LoHa's ΔH = (hada_w1_a hada_w1_b) ⊙ (hada_w2_a had
 shape (Tucker: each half Σ_{i,j} t[i, j, h, w] w_a[i, o] w_b[j, c]). LyCORIS adds its ΔW term as
 conv(x, (W0 + c ΔW) - W0), which differs from the above by rounding only. The same holds for LoKr
 and LoHa in bypass_mode, where LyCORIS computes base(x) + drop(x-side ΔW term): with dropout off
-(or in eval) it is the same value. LoKr's Linear never forms the (out, in) ΔW; the fused layers save
+(or in eval) it is the same value. LoKr's Linear never forms the (out, in) ΔW, nor does a LoKr conv that trains where the FLOPs favour
+it (specops.adapters._kron_conv_factored: the input's channel groups convolved with W2, then mixed by
+W1, with no dense weight gradient); the fused layers save
 LyCORIS's second GEMM / conv in the forward and its extra ones in the backward, and LoHa's two
 halves are rebuilt in the backward rather than kept (specops.adapters.hadamard_delta).
 
@@ -71,9 +74,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import _add_kron_linear
+from ..adapters import _add_kron_conv, _add_kron_linear
 from ..stiefel import cayley
-from ._patch import PatchedForward, is_patched, loha_delta, patch, refused
+from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -94,15 +97,18 @@ def _coef(mod, m: float) -> Tensor:
     return mod.scalar * (m * mod.scale)
 
 
-def _lokr_factors(mod) -> tuple[Tensor, Tensor]:
-    """LoKr's (W1, W2), W2 (b, d) on a Linear, (b, d, kh, kw) on a conv (the kernel rides on W2)."""
+def _lokr_parts(mod) -> tuple[Tensor, tuple]:
+    """LoKr's W1 and its W2 as _patch.lokr_w2_parts."""
     W1 = mod.lokr_w1 if mod.use_w1 else mod.lokr_w1_a @ mod.lokr_w1_b
     if mod.use_w2:
-        W2 = mod.lokr_w2
-    elif mod.tucker:
-        W2 = torch.einsum("ijhw,ip,jq->pqhw", mod.lokr_t2, mod.lokr_w2_a, mod.lokr_w2_b)
-    else:
-        W2 = mod.lokr_w2_a @ mod.lokr_w2_b
+        return W1, lokr_w2_parts(mod.lokr_w2, None, None, None)
+    return W1, lokr_w2_parts(None, mod.lokr_w2_a, mod.lokr_w2_b, mod.lokr_t2 if mod.tucker else None)
+
+
+def _lokr_factors(mod) -> tuple[Tensor, Tensor]:
+    """LoKr's (W1, W2), W2 (b, d) on a Linear, (b, d, kh, kw) on a conv (the kernel rides on W2)."""
+    W1, parts = _lokr_parts(mod)
+    W2 = lokr_w2(parts)
     if mod.module_type == "conv2d":
         W2 = W2.reshape(W2.shape[0], -1, *mod.shape[2:])
     return W1, W2
@@ -185,6 +191,16 @@ def _dora(delta_fn):
 
 _loha_fused = _fused(_loha_delta)  # autograd keeps LoHa's factors, not its two halves
 _lokr_fused = _fused(_lokr_delta)  # torch.kron keeps only the factors
+
+
+def _lokr_conv(mod, x: Tensor) -> Tensor:
+    """LoKr on a conv: added factored, ΔW never formed, when it trains and the FLOPs favour it
+    (_patch.lokr_conv_factored); otherwise merged into one conv (_lokr_fused)."""
+    W1, parts = _lokr_parts(mod)
+    layer = mod.org_module[0]
+    if lokr_conv_factored(layer, x, W1, parts, any(p.requires_grad for p in mod.parameters())):
+        return _add_kron_conv(mod.org_forward(x), x, W1 * _coef(mod, mod.multiplier), parts, layer)
+    return _lokr_fused(mod, x)
 _loha_dora = _dora(_loha_delta)
 _lokr_dora = _dora(_lokr_delta)
 
@@ -224,7 +240,7 @@ def _table() -> dict[tuple[type, str], tuple]:
 
     return {
         (LokrModule, "linear"): (_lokr_linear, False, _lokr_dora),
-        (LokrModule, "conv2d"): (_lokr_fused, True, _lokr_dora),
+        (LokrModule, "conv2d"): (_lokr_conv, True, _lokr_dora),
         (LohaModule, "linear"): (_loha_fused, True, _loha_dora),
         (LohaModule, "conv2d"): (_loha_fused, True, _loha_dora),
         (DiagOFTModule, "linear"): (_oft_fused, True, None),

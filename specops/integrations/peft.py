@@ -18,16 +18,21 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
     PEFT layer      PEFT computes                         patched forward
     lokr.Linear     base(x) + Σ_a x (s_a W1 ⊗ W2)^T        the same as two GEMMs over x viewed (rows, n1, n2)
     loha.Linear     base(x) + Σ_a x ΔW_a^T                 F.linear(x, W0 + Σ_a ΔW_a, b): one GEMM
-    lokr.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
+    lokr.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            training: base(x) + Σ_a ΔW_a's conv factored; else one
+                                                          conv(x, W0 + Σ_a ΔW_a, b) (below)
     loha.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
 
 LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
 each half a core contracted with its two factors). LoKr's Linear never forms the (out, in) ΔW (two
-GEMMs over x viewed (rows, n1, n2), specops.adapters.LoKr's path), and
+GEMMs over x viewed (rows, n1, n2), specops.adapters.LoKr's path); a LoKr conv adapter that trains
+runs factored when the FLOPs favour it (specops.adapters._kron_conv_factored: the input's channel groups
+convolved with W2, then mixed by W1; no ΔW and no dense weight gradient), the other adapters merged;
 the fused layers save PEFT's second GEMM / conv in the forward and its extra ones in the backward.
-Activation memory is PEFT's or less: LoKr's Linear keeps no ΔW, the fused layers keep the one W
-(LoHa's halves are rebuilt in the backward rather than kept: specops.adapters.hadamard_delta).
+Activation memory is PEFT's or less on the Linear and merged paths: LoKr's Linear keeps no ΔW, the
+fused layers keep the one W (LoHa's halves are rebuilt in the backward rather than kept:
+specops.adapters.hadamard_delta); a factored LoKr conv keeps its per-group outputs (N·n1·(r + m2)·H'·W'
+values for a batch of N, W2 of rank r) in place of ΔW.
 
 The patched forward hands the call to PEFT's own forward whenever it would not compute the same
 thing: adapters merged or disabled, extra forward arguments, module_dropout or rank_dropout > 0 on
@@ -60,8 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import _add_kron_linear
-from ._patch import PatchedForward, is_patched, loha_delta, patch, refused
+from ..adapters import _add_kron_conv, _add_kron_linear
+from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
 
@@ -71,16 +76,17 @@ SUPPORTED_PEFT = ((0, 21), (0, 22))  # [min, max): the PEFT versions whose layer
 # ----------------------------------------------------------------------------- the patched forwards
 
 
-def _lokr_factors(layer, a: str) -> tuple[Tensor, Tensor]:
-    """LoKr's (W1, W2) for adapter a, W2 (m2, n2) on a Linear, (m2, n2, kh, kw) on a conv."""
+def _lokr_parts(layer, a: str) -> tuple[Tensor, tuple]:
+    """LoKr's W1 for adapter a and its W2 as _patch.lokr_w2_parts."""
     W1 = layer.lokr_w1[a] if a in layer.lokr_w1 else layer.lokr_w1_a[a] @ layer.lokr_w1_b[a]
-    if a in layer.lokr_w2:
-        W2 = layer.lokr_w2[a]
-    elif a in layer.lokr_t2:  # W2[b, q, h, w] = Σ_{i,j} t2[i, j, h, w] w2_a[i, b] w2_b[j, q]
-        W2 = torch.einsum("ijhw,ib,jq->bqhw", layer.lokr_t2[a], layer.lokr_w2_a[a], layer.lokr_w2_b[a])
-    else:
-        W2 = layer.lokr_w2_a[a] @ layer.lokr_w2_b[a]
-    return W1, W2
+    get = lambda d: d[a] if a in d else None  # noqa: E731
+    return W1, lokr_w2_parts(get(layer.lokr_w2), get(layer.lokr_w2_a), get(layer.lokr_w2_b), get(layer.lokr_t2))
+
+
+def _lokr_factors(layer, a: str) -> tuple[Tensor, Tensor]:
+    """LoKr's (W1, W2) for adapter a, W2 (m2, n2) on a Linear, (m2, n2, kh, kw) or (m2, n2·kh·kw) on a conv."""
+    W1, parts = _lokr_parts(layer, a)
+    return W1, lokr_w2(parts)
 
 
 def _lokr_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
@@ -135,6 +141,21 @@ _loha_fused = _fused(_loha_delta)  # autograd keeps LoHa's factors, not its two 
 _lokr_fused = _fused(_lokr_delta)  # torch.kron keeps only the factors
 
 
+def _lokr_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
+    """LoKr on a conv: adapters that train and whose FLOPs favour it added factored, ΔW never formed
+    (_patch.lokr_conv_factored), the others merged into one conv (_lokr_fused)."""
+    base = layer.get_base_layer()
+    factored = {}
+    for a in adapters:
+        W1, parts = _lokr_parts(layer, a)
+        if lokr_conv_factored(base, x, W1, parts, any(p.requires_grad for p in _adapter_params(layer, a))):
+            factored[a] = (W1 * layer.scaling[a], parts)
+    y = _lokr_fused(layer, x, [a for a in adapters if a not in factored])
+    for W1, parts in factored.values():
+        y = _add_kron_conv(y, x, W1, parts, base)
+    return y
+
+
 @functools.cache
 def _table() -> dict[type, tuple]:
     """PEFT layer class -> (patched computation, whether it fuses into the base layer's weight)."""
@@ -143,7 +164,7 @@ def _table() -> dict[type, tuple]:
     return {
         lokr.Linear: (_lokr_linear, False),
         loha.Linear: (_loha_fused, True),
-        lokr.Conv2d: (_lokr_fused, True),
+        lokr.Conv2d: (_lokr_conv, True),
         loha.Conv2d: (_loha_fused, True),
     }
 
