@@ -3,7 +3,7 @@
 // One task per matrix (at::parallel_for over the stack, several small matrices per task): the
 // matrix, its gradient and state are converted to the accumulation type into a per-thread scratch
 // of ~7 n p + 6 p^2 values (~200 KiB for 64 x 64 fp32: L2; 7 KiB for 8 x 8: L1), stepped, and
-// written back. Rows are padded to whole 64-byte vectors, and every product keeps a 4-row block
+// written back. Rows are padded to whole vectors, and every product keeps a 4-row block
 // of its output in vector registers. The formulas are those of specops/stiefel_steps.py (its module
 // docstring): the canonical generator W = PM X^T - X PM^T is never formed for tall X
 // (W Z = PM (X^T Z) - X (PM^T Z), O(n p^2)), and every step ends with the Newton-Schulz polar
