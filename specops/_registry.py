@@ -9,11 +9,17 @@ A declaration gives an op's
   - fake(*args): the output allocation for fake tensors (after check),
   - reference(*args): the pure-torch oracle the test matrix compares every backend against,
   - backward: the name of the op's backward op (itself declared here) and the autograd wiring
-    (setup_context, backward), registered with torch.library.register_autograd,
+    (setup_context, backward), registered with torch.library.register_autograd; the backward op
+    gets an autograd of its own from its "torch" kernel (_register_higher_order), so every op has
+    derivatives of every order: the first runs the chosen backend's backward kernel, the second and
+    later autograd through the torch kernel's ops (gradgradcheck in the test matrix),
   - samples(device, dtype): example inputs, from which the test matrix is built (it casts every
     floating tensor argument to each dtype it tests, except those named in fixed_dtype, e.g. a
     float64 step counter),
-  - doc: the public wrapper's docstring.
+  - doc: the public wrapper's docstring,
+  - vmap: a torch.library batching rule (default for an op that writes no input: call the op once
+    per batch entry and stack, _vmap_loop; a vmap of a composite op's body inside its rule trips a
+    functorch internal assert in torch 2.13, so composites loop too).
 From it come the torch.library registration (define, one dispatch kernel for every device, the fake,
 the autograd), the public wrapper (returned by `declare`), `available_backends(op)` and the rows of
 tests/test_ops.py.
@@ -36,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch._functorch import pyfunctorch
+from torch.autograd import forward_ad
 
 from . import _backend
 
@@ -108,6 +116,7 @@ def declare(
     tol_scale: float = 1.0,
     dtypes: tuple[torch.dtype, ...] = _FLOATS,
     fixed_dtype: tuple[str, ...] = (),
+    vmap: Callable | None = None,
 ):
     """Declare and register op `name` (see the module docstring); returns its public wrapper.
 
@@ -139,8 +148,80 @@ def declare(
         torch.library.register_fake(qual)(_checked(fake, check, defaults))
     if backward_fn is not None:
         torch.library.register_autograd(qual, _trimmed(backward_fn), setup_context=setup_context)
+    if backward is not None:
+        _register_higher_order(_op(backward))
+    if vmap is not None or not op.mutated():
+        torch.library.register_vmap(qual, vmap or _vmap_loop(op))
     OPS[name] = op
     return _wrapper(op, doc)
+
+
+def _flat(args) -> list:
+    """The tensors of `args` (Tensor[] arguments flattened), in order."""
+    return [t for a in args for t in (a if _tensor_list(a) else (a,)) if isinstance(t, torch.Tensor)]
+
+
+def _unflat(args, tensors, others=lambda a: a):
+    """`args` with its tensors replaced, in order, by `tensors`, and every other argument by others(it)."""
+    it = iter(tensors)
+    swap = lambda t: next(it) if isinstance(t, torch.Tensor) else others(t)  # noqa: E731
+    return tuple([swap(t) for t in a] if _tensor_list(a) else swap(a) for a in args)
+
+
+def _tensor_list(a) -> bool:
+    return isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a)
+
+
+_HIGHER_ORDER: set[str] = set()  # backward ops whose own autograd is registered
+
+
+def _register_higher_order(bop: Op) -> None:
+    """Autograd for a backward op, so every op has second (and higher) derivatives: the backward op's
+    "torch" kernel, written in torch ops, recomputed and differentiated by autograd. The first
+    derivative still runs the chosen backend's kernel; the second goes through torch ops. Registered
+    once, when the first forward op naming `bop` as its backward is declared."""
+    if bop.name in _HIGHER_ORDER:
+        return
+    _HIGHER_ORDER.add(bop.name)
+    torch_fn = bop.kernels["torch"].fn
+
+    def setup_context(ctx, inputs, output):
+        ctx.structure = inputs
+        ctx.save_for_backward(*_flat(inputs))
+
+    def backward(ctx, *grads):
+        create = torch.is_grad_enabled()  # a third derivative wanted: keep the graph to the inputs
+        saved = ctx.saved_tensors
+        tensors = list(saved) if create else [t.detach().requires_grad_(t.requires_grad) for t in saved]
+        wanted = [t for t in tensors if t.requires_grad]
+        with torch.enable_grad():
+            outs = torch_fn(*_unflat(ctx.structure, tensors))
+        pairs = [(o, g) for o, g in zip(_flat([outs]), _flat(grads)) if o.requires_grad]
+        found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
+                                         create_graph=create) if pairs and wanted else [None] * len(wanted))
+        return _unflat(ctx.structure, [next(found) if t.requires_grad else None for t in tensors], lambda a: None)
+
+    torch.library.register_autograd(bop.qualname, backward, setup_context=setup_context)
+
+
+def _vmap_loop(op: Op):
+    """The batching rule of an op without one of its own: the op called once per batch entry, the
+    results stacked (correct for any op; ops whose kernels batch natively declare a faster `vmap`)."""
+
+    def pick(a, d, i):
+        if _tensor_list(a):
+            dims = d if isinstance(d, (list, tuple)) else [d] * len(a)
+            return [pick(t, e, i) for t, e in zip(a, dims)]
+        return a if d is None else a.select(d, i)
+
+    def rule(info, in_dims, *args):
+        outs = [op.overload(*[pick(a, d, i) for a, d in zip(args, in_dims)]) for i in range(info.batch_size)]
+        if isinstance(outs[0], torch.Tensor):
+            return torch.stack(outs), 0
+        kind = list if isinstance(outs[0], list) else tuple
+        return kind(torch.stack(parts) for parts in zip(*outs)), kind([0] * len(outs[0]))
+
+    return rule
 
 
 def _trimmed(backward_fn):
@@ -187,10 +268,27 @@ def _dispatcher(op: Op, defaults):
     return run
 
 
+def _refuse_forward_ad(op: Op, args) -> None:
+    """Forward-mode AD through an op would silently lose the tangent (torch.library registers no jvp;
+    torch.func.jvp gets a zero tangent, forward_ad none): raise instead."""
+    tensors = _flat(args)
+    dual = forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    jvp = torch._C._functorch.peek_interpreter_stack() is not None and any(
+        i.key() == pyfunctorch.TransformType.Jvp for i in pyfunctorch.retrieve_all_functorch_interpreters()) and any(
+        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    if dual or jvp:
+        raise NotImplementedError(f"{op.qualname}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+                                  "supported by specops ops; reverse mode (torch.autograd.grad, any order) is")
+
+
 def _wrapper(op: Op, doc: str | None):
     overload = op.overload
 
     def call(*args, **kwargs):
+        # (not under torch.compile: dynamo cannot trace functorch's interpreter stack, and raises on jvp itself)
+        if not torch.compiler.is_compiling() and (
+                forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None):
+            _refuse_forward_ad(op, (*args, *kwargs.values()))
         return overload(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = op.name.split("::")[-1]

@@ -232,6 +232,27 @@ def _samples(device, dtype):
     return out
 
 
+def _vmap(info, in_dims, x, factors):
+    """vmap of kron_matmul as one call: over x alone the batch joins x's free leading dims (after G
+    when grouped); over factors it is the grouped form (B groups, or B·G for grouped factors), x and
+    unbatched factors broadcast to the batch."""
+    xd, fds = in_dims
+    fds = list(fds) if isinstance(fds, (list, tuple)) else [fds] * len(factors)
+    B = info.batch_size
+    grouped = factors[0].dim() - (fds[0] is not None) == 3
+    if all(d is None for d in fds):
+        if not grouped:
+            return kron_matmul(x.movedim(xd, 0), factors), 0
+        return kron_matmul(x.movedim(xd, 1), factors), 1  # x (G, B, ..., P): group g still first
+    fs = [f.movedim(d, 0) if d is not None else f.expand(B, *f.shape) for f, d in zip(factors, fds)]
+    xb = x.movedim(xd, 0) if xd is not None else x.expand(B, *x.shape)
+    if not grouped:
+        return kron_matmul(xb, fs), 0
+    G = fs[0].shape[1]
+    y = kron_matmul(xb.reshape(B * G, *xb.shape[2:]), [f.reshape(B * G, *f.shape[2:]) for f in fs])
+    return y.reshape(B, G, *y.shape[1:]), 0
+
+
 kron_matmul = declare(
     "kron_matmul",
     "(Tensor x, Tensor[] factors) -> Tensor",
@@ -244,6 +265,7 @@ kron_matmul = declare(
     setup_context=_setup_context,
     backward_fn=_backward,
     samples=_samples,
+    vmap=_vmap,
     doc="""y = x @ (A_1 ⊗ A_2 ⊗ ... ⊗ A_k), never forming the (P, Q) product.
 
     Args:
@@ -253,9 +275,10 @@ kron_matmul = declare(
     Returns:
         (..., Q) with Q = ∏ q_i, in x's dtype (bf16/fp16 accumulate in fp32).
 
-    Differentiable in x and every factor (no double backward). Raises ValueError on an empty
-    factor list, factors that are not 2-D (3-D grouped), ∏ p_i != x.shape[-1], a G mismatch, or
-    mixed dtypes/devices. Backend: see `specops.backend`.
+    Differentiable in x and every factor, to any order (see `specops._registry`: second derivatives
+    go through torch ops). Raises ValueError on an empty factor list, factors that are not 2-D (3-D
+    grouped), ∏ p_i != x.shape[-1], a G mismatch, or mixed dtypes/devices. Backend: see
+    `specops.backend`.
     """,
 )
 

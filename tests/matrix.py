@@ -1,4 +1,4 @@
-"""The test matrix built from the op registry: op x declared backend x device, four checks each.
+"""The test matrix built from the op registry: op x declared backend x device, six checks each.
 
 A case is (op, backend, device) for every op that declares `samples`, every backend it declares
 ("composite" for a composite op) and every device under test whose backends include it; a backend
@@ -8,12 +8,17 @@ did not run. The checks:
   reference — forward (and gradients for a random cotangent) vs the op's reference in float64 on
               CPU, fed the same rounded inputs; mutating ops compare what they wrote;
   gradcheck — float64 finite differences through the op (differentiable ops);
+  gradgradcheck — float64 finite differences through the op's backward (its second derivative: the
+              backward op's torch-op autograd, or a composite's decomposition), fast mode;
+  vmap      — torch.func.vmap over a batch of 3 perturbed copies of every floating input (in float64)
+              against a Python loop of calls (1e-12; ops that write their inputs are not vmapped);
   opcheck   — torch.library.opcheck (schema, fake kernel, autograd registration, aot dispatch);
   compile   — torch.compile(fullgraph=True, dynamic=True, backend="aot_eager") against eager.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -25,7 +30,7 @@ from specops import _backend, _registry
 F64 = torch.float64
 # The backends that run on each device's tensors ("composite" ops run everywhere).
 DEVICE_BACKENDS = {"cpu": ("torch", "cpp", "triton", "composite"), "cuda": ("torch", "triton", "cuda", "composite")}
-CHECKS = ("reference", "gradcheck", "opcheck", "compile")
+CHECKS = ("reference", "gradcheck", "gradgradcheck", "vmap", "opcheck", "compile")
 
 
 def backends_of(op) -> tuple[str, ...]:
@@ -34,7 +39,8 @@ def backends_of(op) -> tuple[str, ...]:
 
 def _applies(op, check) -> bool:
     differentiable = (op.backward is not None or op.composite) and not op.mutated()
-    return {"gradcheck": differentiable, "opcheck": not op.composite}.get(check, True)
+    return {"gradcheck": differentiable, "gradgradcheck": differentiable, "vmap": not op.mutated(),
+            "opcheck": not op.composite}.get(check, True)
 
 
 def cases(ops=None) -> list:
@@ -173,7 +179,7 @@ def _small(op, backend, device, dtype=F64, grad=True):
     pytest.fail(f"{op.name}: {backend} accepts none of the samples")
 
 
-def check_gradcheck(op, backend, device):
+def check_gradcheck(op, backend, device, check=torch.autograd.gradcheck):
     _skip_unless_runs(backend, device)
     args = _small(op, backend, device)
     leaves = _leaves(args)
@@ -182,8 +188,35 @@ def check_gradcheck(op, backend, device):
         return op.overload(*_rebuild(args, ts))
 
     with _forced(backend):
-        assert torch.autograd.gradcheck(fn, leaves)
+        assert check(fn, leaves)
     _assert_ran(op, backend)
+    if op.backward is not None:
+        _assert_ran(_registry.OPS[op.backward], backend)
+
+
+def check_gradgradcheck(op, backend, device):
+    # fast mode (random projections): the Triton interpreter makes the full Jacobians cost a minute
+    check_gradcheck(op, backend, device, functools.partial(torch.autograd.gradgradcheck, fast_mode=True))
+
+
+def check_vmap(op, backend, device):
+    _skip_unless_runs(backend, device)
+    args = _small(op, backend, device, grad=False)
+    leaves = _leaves(args)
+    gen = torch.Generator().manual_seed(1)
+    batched = [torch.stack([t * (1 + 0.05 * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(device))
+                            for _ in range(3)]) for t in leaves]
+
+    def fn(*ts):
+        return op.overload(*_rebuild(args, ts))
+
+    with _forced(backend):
+        got = torch.func.vmap(fn)(*batched)
+        _assert_ran(op, backend)
+        want = [fn(*[b[i] for b in batched]) for i in range(3)]
+    for i, w in enumerate(want):
+        for a, b in zip(_outputs(got), _outputs(w)):
+            torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12)
 
 
 def check_opcheck(op, backend, device):
@@ -217,8 +250,8 @@ def check_compile(op, backend, device):
         assert_rel(a, b, F64)
 
 
-CHECK_FNS = {"reference": check_reference, "gradcheck": check_gradcheck, "opcheck": check_opcheck,
-             "compile": check_compile}
+CHECK_FNS = {"reference": check_reference, "gradcheck": check_gradcheck, "gradgradcheck": check_gradgradcheck,
+             "vmap": check_vmap, "opcheck": check_opcheck, "compile": check_compile}
 
 
 def check_forced_undeclared_raises(op):
