@@ -15,7 +15,7 @@ Methods, all rank 8, alpha 8 (a coefficient of 1):
   lokr          LyCORIS's defaults: factor -1 (the balanced split), W1 dense, W2 = B2 A2 of rank 8 (every
                 W2 here has max(m2, n2) / 2 > 8, so LyCORIS decomposes it); specops LoKr(rank=8),
                 LokrModule, PEFT LoKrConfig(r=8) (the same rule);
-  oft           attn only, blocks of 8: specops OFT (input side, in / 8 blocks), LyCORIS DiagOFTModule
+  oft           attn shapes only, blocks of 8: specops OFT (input side, in / 8 blocks), LyCORIS DiagOFTModule
                 (lora_dim 8: output-side blocks of 8), PEFT OFTConfig(oft_block_size=8) (input side, its
                 default 5-term Neumann Cayley). PEFT's OFT stays on PEFT's path under apply() (no patched row).
 The LyCORIS rows build its modules directly (what create_lycoris builds per layer) and apply_to() them.
@@ -171,8 +171,10 @@ def _peft(base, method):
 
 
 def _available(shape: Shape, method: str, impl: str) -> bool:
-    if (method == "locon-tucker" and shape.kind != "conv") or ((method == "oft") != (shape.kind == "attn")):
-        return False  # the attn shapes take OFT alone: the other methods' Linear rows are the ff ones
+    if impl == "frozen":
+        return True
+    if (method == "locon-tucker" and shape.kind != "conv") or (method == "oft" and shape.kind != "attn"):
+        return False
     if impl in PATCHED and (method.startswith("locon") or (method, impl) == ("oft", "peft+specops")):
         return False  # apply() leaves LoRA / LoCon and PEFT's OFT on the peer's path
     if impl.startswith("lycoris"):
