@@ -196,7 +196,8 @@ def _register_higher_order(bop: Op) -> None:
         wanted = [t for t in tensors if t.requires_grad]
         with torch.enable_grad():
             outs = torch_fn(*_unflat(ctx.structure, tensors))
-        pairs = [(o, g) for o, g in zip(_flat([outs]), _flat(grads)) if o.requires_grad]
+        grads = [g for a in grads for g in (a if isinstance(a, (list, tuple)) else (a,))]  # Nones kept in place
+        pairs = [(o, g) for o, g in zip(_flat([outs]), grads) if o.requires_grad and g is not None]
         found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
                                          create_graph=create) if pairs and wanted else [None] * len(wanted))
         return _unflat(ctx.structure, [next(found) if t.requires_grad else None for t in tensors], lambda a: None)
