@@ -34,9 +34,9 @@ kernel window rides on W2. LoHa's ΔH = (hada_w1_a hada_w1_b) ⊙ (hada_w2_a had
 shape (Tucker: each half Σ_{i,j} t[i, j, h, w] w_a[i, o] w_b[j, c]). LyCORIS adds its ΔW term as
 conv(x, (W0 + c ΔW) - W0), which differs from the above by rounding only. The same holds for LoKr
 and LoHa in bypass_mode, where LyCORIS computes base(x) + drop(x-side ΔW term): with dropout off
-(or in eval) it is the same value. LoKr's Linear never forms the (out, in) ΔW, nor does a LoKr conv that trains where the FLOPs favour
-it (specops.adapters._kron_conv_factored: the input's channel groups convolved with W2, then mixed by
-W1, with no dense weight gradient); the fused layers save
+(or in eval) it is the same value. LoKr's Linear never forms the (out, in) ΔW, nor does a LoKr conv
+that trains where the FLOPs favour it (specops.adapters._kron_conv_factored: the input's channel
+groups convolved with W2, then mixed by W1, with no dense weight gradient); the fused layers save
 LyCORIS's second GEMM / conv in the forward and its extra ones in the backward, and LoHa's two
 halves are rebuilt in the backward rather than kept (specops.adapters.hadamard_delta).
 
