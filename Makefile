@@ -12,7 +12,7 @@ PIP        := $(PY) -m pip
 SOURCES    := setup.py pyproject.toml $(shell find csrc specops triton_kernels -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 PY_SOURCES := $(shell git ls-files specops triton_kernels 2>/dev/null)
 
-.PHONY: install demo test test-only bench gpu-check gpu-check-triton cuda-check test-cuda-build gpu-validate gpu-wheels clean
+.PHONY: install demo test test-only bench gpu-check gpu-check-triton cuda-check test-cuda-build test-cuda-build-if-room gpu-validate gpu-wheels clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -38,7 +38,7 @@ gpu-check-triton: install
 test-only: install
 	$(PY) -m pytest -q -n auto
 
-test: gpu-check-triton test-only test-cuda-build
+test: gpu-check-triton test-only test-cuda-build-if-room
 
 bench: install
 	$(PY) -m specops.bench
@@ -56,10 +56,11 @@ CUDA_TORCH ?= torch==2.14.1
 CUDA_HOME  ?= /usr/local/cuda
 CU_PY      := $(abspath $(CUDA_VENV))/bin/python
 
+# A disk that fills mid-install leaves a venv that looks made: remove it so the next run starts clean.
 $(CUDA_VENV)/.torch:
 	$(PYTHON) -m venv $(CUDA_VENV)
 	$(CU_PY) -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
-	$(CU_PY) -m pip install -q $(CUDA_TORCH)
+	$(CU_PY) -m pip install -q --no-cache-dir $(CUDA_TORCH) || { rm -rf $(CUDA_VENV); exit 1; }
 	touch $@
 
 $(CUDA_VENV)/.installed: $(CUDA_VENV)/.torch $(SOURCES) $(PY_SOURCES)
@@ -83,6 +84,16 @@ cuda-check: $(CUDA_VENV)/.installed
 # -P: the installed wheel, not the source tree's specops/, is what the tests import
 test-cuda-build: cuda-check
 	SPECOPS_EXPECT_CUDA_KERNELS=1 $(CU_PY) -P -m pytest -q -n auto
+
+# The CUDA venv and build need ~CUDA_CHECK_GB GB (torch 2.14.1 with its nvidia-* wheels is 6 GB): on a
+# disk with less free and no venv yet, say so loudly and skip the check rather than die half-installed.
+CUDA_CHECK_GB ?= 9
+test-cuda-build-if-room:
+	@free_gb=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ ! -e $(CUDA_VENV)/.torch ] && [ "$$free_gb" -lt $(CUDA_CHECK_GB) ]; then \
+		echo "*** CUDA build check SKIPPED: it needs $(CUDA_CHECK_GB) GB free, this disk has $$free_gb GB." \
+		     "Run 'make test-cuda-build' where there is room. ***"; \
+	else $(MAKE) --no-print-directory test-cuda-build; fi
 
 # --- On a GPU machine: `make gpu-validate` (DRY_RUN=1 lists the steps; QUICK=1 for the short run).
 # `make gpu-wheels` (here, with network) fetches what the lent GPU image lacks, for its Python 3.12.
