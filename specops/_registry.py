@@ -20,9 +20,12 @@ A declaration gives an op's
   - vmap: a torch.library batching rule (default for an op that writes no input: call the op once
     per batch entry and stack, _vmap_loop; a vmap of a composite op's body inside its rule trips a
     functorch internal assert in torch 2.13, so composites loop too).
+  - torch_autograd: for an op with only a torch kernel and no backward op, autograd through it.
 From it come the torch.library registration (define, one dispatch kernel for every device, the fake,
 the autograd), the public wrapper (returned by `declare`), `available_backends(op)` and the rows of
-tests/test_ops.py.
+tests/test_ops.py. Under forward-mode AD or a torch.func grad/jvp transform the wrapper runs the op as
+an autograd.Function of its own (_function: the same forward and backward, plus a jvp), which
+torch.library's autograd cannot provide there.
 
 A composite op (composite=True) has no kernels: it is written in torch ops (and other specops ops,
 which choose their own backends) and registered as CompositeImplicitAutograd, so autograd, fake
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch._functorch import pyfunctorch
 from torch.autograd import forward_ad
+from torch.utils import _pytree as pytree
 
 from . import _backend
 
@@ -78,6 +82,11 @@ class Op:
     tol_scale: float
     dtypes: tuple[torch.dtype, ...]
     fixed_dtype: tuple[str, ...] = ()
+    # (setup_context, backward) when differentiable: the declared pair, or the torch kernel's autograd
+    autograd: tuple[Callable, Callable] | None = field(default=None, repr=False)
+    body: Callable | None = field(default=None, repr=False)  # a composite's checked body
+    function: type | None = field(default=None, repr=False)  # its autograd.Function (_function)
+    public: Callable | None = field(default=None, repr=False)  # the wrapper `declare` returns
     last: str | None = field(default=None, repr=False)
 
     @property
@@ -117,11 +126,14 @@ def declare(
     dtypes: tuple[torch.dtype, ...] = _FLOATS,
     fixed_dtype: tuple[str, ...] = (),
     vmap: Callable | None = None,
+    torch_autograd: bool = False,
 ):
     """Declare and register op `name` (see the module docstring); returns its public wrapper.
 
     `composite` is the op's body for a composite op (instead of kernels and fake). `backward` names
     the backward op; `setup_context` and `backward_fn` are torch.library.register_autograd's pair.
+    `torch_autograd`: an op with only a "torch" kernel and no backward op of its own, differentiated
+    (to any order) by autograd through that kernel's torch ops.
     """
     if name in OPS:
         raise ValueError(f"declare: op {name!r} is already declared")
@@ -142,14 +154,20 @@ def declare(
     # The dispatcher leaves trailing arguments equal to their defaults out of a Python kernel's call.
     defaults = tuple(a.default_value if a.has_default_value() else None for a in op.overload._schema.arguments)
     if composite is not None:
-        torch.library.impl(qual, "CompositeImplicitAutograd")(_checked(composite, check, defaults))
+        op.body = _checked(composite, check, defaults)
+        torch.library.impl(qual, "CompositeImplicitAutograd")(op.body)
     else:
         torch.library.impl(qual, "CompositeExplicitAutograd")(_dispatcher(op, defaults))
         torch.library.register_fake(qual)(_checked(fake, check, defaults))
     if backward_fn is not None:
-        torch.library.register_autograd(qual, _trimmed(backward_fn), setup_context=setup_context)
+        op.autograd = (setup_context, _trimmed(backward_fn))
+        torch.library.register_autograd(qual, op.autograd[1], setup_context=setup_context)
     if backward is not None:
         _register_higher_order(_op(backward))
+    if torch_autograd:
+        if set(kernels) != {"torch"} or backward is not None:
+            raise ValueError(f"declare({name!r}): torch_autograd is for ops with only a 'torch' kernel and no backward op")
+        _register_higher_order(op)
     if vmap is not None or not op.mutated():
         torch.library.register_vmap(qual, vmap or _vmap_loop(op))
     OPS[name] = op
@@ -172,17 +190,14 @@ def _tensor_list(a) -> bool:
     return isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a)
 
 
-_HIGHER_ORDER: set[str] = set()  # backward ops whose own autograd is registered
-
-
 def _register_higher_order(bop: Op) -> None:
     """Autograd for a backward op, so every op has second (and higher) derivatives: the backward op's
     "torch" kernel, written in torch ops, recomputed and differentiated by autograd. The first
     derivative still runs the chosen backend's kernel; the second goes through torch ops. Registered
-    once, when the first forward op naming `bop` as its backward is declared."""
-    if bop.name in _HIGHER_ORDER:
+    once, when the first forward op naming `bop` as its backward is declared (and for a torch_autograd
+    op, on itself)."""
+    if bop.autograd is not None:
         return
-    _HIGHER_ORDER.add(bop.name)
     torch_fn = bop.kernels["torch"].fn
 
     def setup_context(ctx, inputs, output):
@@ -202,6 +217,7 @@ def _register_higher_order(bop: Op) -> None:
                                          create_graph=create) if pairs and wanted else [None] * len(wanted))
         return _unflat(ctx.structure, [next(found) if t.requires_grad else None for t in tensors], lambda a: None)
 
+    bop.autograd = (setup_context, backward)
     torch.library.register_autograd(bop.qualname, backward, setup_context=setup_context)
 
 
@@ -269,33 +285,122 @@ def _dispatcher(op: Op, defaults):
     return run
 
 
-def _refuse_forward_ad(op: Op, args) -> None:
-    """Forward-mode AD through an op would silently lose the tangent (torch.library registers no jvp;
-    torch.func.jvp gets a zero tangent, forward_ad none): raise instead."""
-    tensors = _flat(args)
-    dual = forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    jvp = torch._C._functorch.peek_interpreter_stack() is not None and any(
-        i.key() == pyfunctorch.TransformType.Jvp for i in pyfunctorch.retrieve_all_functorch_interpreters()) and any(
-        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
-    if dual or jvp:
-        raise NotImplementedError(f"{op.qualname}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
-                                  "supported by specops ops; reverse mode (torch.autograd.grad, any order) is")
+def _transformed() -> bool:
+    """Forward-mode AD, or a torch.func grad / jvp transform, is active (vmap alone is the op's batching
+    rule). torch.library's autograd serves neither: it registers no jvp, and its autograd.Function is
+    not one that torch.func can run."""
+    if forward_ad._current_level >= 0:
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is not None and any(
+        i.key() in (pyfunctorch.TransformType.Grad, pyfunctorch.TransformType.Jvp)
+        for i in pyfunctorch.retrieve_all_functorch_interpreters())
+
+
+class _Box:
+    """A call's non-tensor structure: its arguments in, its output's treespec out of Function.forward.
+    One opaque object (a pytree leaf), so torch.func sees only the tensors as the Function's inputs."""
+
+    def __init__(self, args):
+        self.args, self.spec = args, None
+
+
+def _function(op: Op) -> type:
+    """The op as an autograd.Function that torch.func and forward-mode AD can run: forward is the op
+    itself (the chosen backend), backward the op's own autograd pair (so the backward op's wrapper, and
+    its own Function, serve the next order), jvp autograd's forward mode through the "torch" kernel.
+    Tensor[] arguments and outputs are flattened (autograd.Function tracks only top-level tensors)."""
+    if op.function is not None:
+        return op.function
+    setup, backward = op.autograd
+    torch_fn = op.kernels["torch"].fn
+    single = len(op.overload._schema.returns) == 1
+
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(box, *tensors):
+            leaves, spec = pytree.tree_flatten(op.overload(*_unflat(box.args, tensors)))
+            box.spec = spec
+            return tuple(leaves)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            box, *tensors = inputs
+            args = ctx.args = box.args
+            ctx.out_spec = box.spec
+            ctx.save_for_forward(*tensors)
+            full = _unflat(args, tensors)
+            setup(ctx, full, pytree.tree_unflatten(list(output), ctx.out_spec))
+            # the declared backward reads needs_input_grad per op argument, not per flattened tensor
+            ctx.arg_needs = _unflat(args, [t.requires_grad for t in tensors], lambda a: False)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            ctx.needs_input_grad = tuple(any(a) if isinstance(a, list) else a for a in ctx.arg_needs)
+            grads = pytree.tree_unflatten(list(grads), ctx.out_spec)
+            per_arg = backward(ctx, grads) if single else backward(ctx, *grads)
+            per_arg = per_arg if isinstance(per_arg, tuple) else (per_arg,)
+            flat = []
+            for a, g in zip(ctx.args, per_arg):
+                if _tensor_list(a):
+                    flat.extend(g if g is not None else [None] * len(a))
+                elif isinstance(a, torch.Tensor):
+                    flat.append(g)
+            return (None, *flat)
+
+        @staticmethod
+        def jvp(ctx, _box, *tangents):
+            # J·t as the vjp, at t, of the (linear) vjp u -> Jᵀu through the torch kernel: torch.func.vjp
+            # runs inside forward-mode AD and under torch.func.jvp, where autograd's forward mode cannot nest.
+            primals = ctx.saved_tensors
+            live = [i for i, (p, t) in enumerate(zip(primals, tangents)) if t is not None and p.is_floating_point()]
+
+            def fn(*ts):
+                full = list(primals)
+                for i, t in zip(live, ts):
+                    full[i] = t
+                return tuple(pytree.tree_leaves(torch_fn(*_unflat(ctx.args, full))))
+
+            if not live:
+                return tuple(torch.zeros_like(o) for o in fn())
+            outs, vjp = torch.func.vjp(fn, *[primals[i] for i in live])
+            _, vjp_of_vjp = torch.func.vjp(lambda *us: vjp(us), *[torch.zeros_like(o) for o in outs])
+            return vjp_of_vjp(tuple(tangents[i] for i in live))
+
+    Function.__name__ = Function.__qualname__ = f"{op.name}_function"
+    op.function = Function
+    return Function
+
+
+def _call_transformed(op: Op, args):
+    """One call of `op` under forward-mode AD or a torch.func transform (see _transformed)."""
+    if op.composite:  # its body, at the transform's level: the ops inside take this path themselves
+        return op.body(*args)
+    if op.autograd is None:  # an optimiser step: it writes its inputs and has no derivative
+        return op.overload(*args)
+    box = _Box(args)
+    leaves = _function(op).apply(box, *_flat(args))
+    return pytree.tree_unflatten(list(leaves), box.spec)
 
 
 def _wrapper(op: Op, doc: str | None):
     overload = op.overload
+    signature = _signature(overload._schema)
 
     def call(*args, **kwargs):
-        # (not under torch.compile: dynamo cannot trace functorch's interpreter stack, and raises on jvp itself)
-        if not torch.compiler.is_compiling() and (
-                forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None):
-            _refuse_forward_ad(op, (*args, *kwargs.values()))
+        # (not under torch.compile, which traces the op itself)
+        if not torch.compiler.is_compiling() and _transformed():
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return _call_transformed(op, tuple(bound.arguments.values()))
         return overload(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = op.name.split("::")[-1]
     call.__doc__ = doc
-    call.__signature__ = _signature(overload._schema)
+    call.__signature__ = signature
     call.op = op
+    op.public = call
     return call
 
 

@@ -195,7 +195,7 @@ def _backward_fake(grad_y, x, factors, need_x, need_factors):
     return out
 
 
-declare(
+_kron_matmul_backward = declare(
     "kron_matmul_backward",
     "(Tensor grad_y, Tensor x, Tensor[] factors, bool need_x, bool need_factors) -> Tensor[]",
     kernels={"torch": _backward_kernel(_bwd_torch), "cpp": _backward_kernel(_bwd_ext),
@@ -216,7 +216,7 @@ def _backward(ctx, grad_y):
     x, *factors = ctx.saved_tensors
     if not (ctx.need_x or ctx.need_factors):
         return None, [None] * len(factors)
-    out = torch.ops.specops.kron_matmul_backward(grad_y, x, factors, ctx.need_x, ctx.need_factors)
+    out = _kron_matmul_backward(grad_y, x, factors, ctx.need_x, ctx.need_factors)
     grad_x = out[0] if ctx.need_x else None
     grad_factors = list(out[1:]) if ctx.need_factors else [None] * len(factors)
     return grad_x, grad_factors

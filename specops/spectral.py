@@ -282,7 +282,7 @@ def _smm_backward_fake(grad, A, s, B, need_A, need_s, need_B):
     return [t.new_empty(t.shape) if need else t.new_empty(0) for t, need in ((A, need_A), (s, need_s), (B, need_B))]
 
 
-declare(
+_scaled_matmul_backward = declare(
     "scaled_matmul_backward",
     "(Tensor grad, Tensor A, Tensor s, Tensor B, bool need_A, bool need_s, bool need_B) -> Tensor[]",
     kernels={"torch": _smm_backward_kernel(_smm_bwd_torch), "cpp": _smm_backward_kernel(_smm_bwd_ext),
@@ -302,7 +302,7 @@ def _smm_backward(ctx, grad):
     A, s, B = ctx.saved_tensors
     if not any(ctx.needs):
         return None, None, None
-    out = torch.ops.specops.scaled_matmul_backward(grad, A, s, B, *ctx.needs)
+    out = _scaled_matmul_backward(grad, A, s, B, *ctx.needs)
     return tuple(g if need else None for g, need in zip(out, ctx.needs))
 
 

@@ -405,7 +405,7 @@ def _check_project(X, G, metric):
     _check_choice("metric", metric, METRICS)
 
 
-declare(
+_stiefel_project_backward = declare(
     "stiefel_project_backward",
     "(Tensor grad, Tensor X, Tensor G, str metric) -> Tensor[]",
     kernels={"torch": _project_backward_torch},
@@ -422,7 +422,7 @@ def _project_setup(ctx, inputs, output):
 
 def _project_backward(ctx, grad):
     X, G = ctx.saved_tensors
-    dX, dG = torch.ops.specops.stiefel_project_backward(grad, X, G, ctx.metric)
+    dX, dG = _stiefel_project_backward(grad, X, G, ctx.metric)
     return dX, dG, None
 
 
@@ -448,7 +448,7 @@ project = declare(
 )
 
 
-declare(
+_cayley_backward = declare(
     "cayley_backward",
     "(Tensor grad, Tensor Y) -> Tensor",
     kernels={"torch": _cayley_backward_torch},
@@ -461,9 +461,9 @@ def _cayley_setup(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-def _cayley_backward(ctx, grad):
+def _cayley_grad(ctx, grad):
     (Y,) = ctx.saved_tensors
-    return torch.ops.specops.cayley_backward(grad, Y)
+    return _cayley_backward(grad, Y)
 
 
 cayley = declare(
@@ -475,7 +475,7 @@ cayley = declare(
     reference=cayley_reference,
     backward="cayley_backward",
     setup_context=_cayley_setup,
-    backward_fn=_cayley_backward,
+    backward_fn=_cayley_grad,
     samples=_cayley_samples,
     tol_scale=10.0,
     doc="""Cayley transform (I - A/2)^{-1} (I + A/2) of (..., n, n) matrices.
@@ -504,13 +504,15 @@ retract = declare(
     reference=lambda X, V, method: retract_reference(X, V, method),
     samples=_retract_samples,
     tol_scale=8.0,
+    torch_autograd=True,
     doc="""Retraction R_X(V) on St(n, p): "cayley" (exact, Woodbury form for tall X), "cayley_iter"
     (Li et al.'s two fixed-point iterations; orthogonal only to O(|V|^4)), "qr", or "polar"
     (Newton-Schulz with a stopping rule): the names in RETRACTIONS. See the module docstring for
     the formulas.
 
     X (..., n, p) on the manifold, V (..., n, p) (tangent at X for the retraction property).
-    Not differentiable. Raises ValueError on bad shapes or an unknown method.
+    Differentiable in X and V (any order) by autograd through the torch ops above (polar: through the
+    iterations taken). Raises ValueError on bad shapes or an unknown method.
     """,
 )
 
@@ -528,5 +530,9 @@ orthogonality_error = declare(
     reference=lambda X: orthogonality_error_reference(X).to(X.dtype),
     samples=_orthogonality_error_samples,
     tol_scale=4.0,
-    doc="""||X^T X - I_p||_F for each matrix of a (..., n, p) batch; shape X.shape[:-2], X's dtype.""",
+    torch_autograd=True,
+    doc="""||X^T X - I_p||_F for each matrix of a (..., n, p) batch; shape X.shape[:-2], X's dtype.
+
+    Differentiable (any order) by autograd through its torch ops.
+    """,
 )

@@ -390,7 +390,7 @@ def _backward_fake(grad_y, x, weight, B_c, A_c, m_c, B_s, A_s, m_s, scale_c, sca
 
 # ----------------------------------------------------------------------------- zip_lora_linear op
 
-declare(
+_zip_lora_linear_backward = declare(
     "zip_lora_linear_backward",
     "(Tensor grad_y, Tensor x, Tensor? weight, Tensor B_c, Tensor A_c, Tensor m_c, Tensor B_s, Tensor A_s, "
     "Tensor m_s, float scale_c, float scale_s, bool[] need) -> Tensor[]",
@@ -413,7 +413,7 @@ def _linear_backward(ctx, grad_y):
     x, weight, B_c, A_c, m_c, B_s, A_s, m_s = ctx.saved_tensors
     if not any(ctx.need):
         return (None,) * 11
-    grads = torch.ops.specops.zip_lora_linear_backward(
+    grads = _zip_lora_linear_backward(
         grad_y, x, weight if ctx.has_weight else None, B_c, A_c, m_c, B_s, A_s, m_s, *ctx.scales, ctx.need
     )
     return (*[g if nd else None for g, nd in zip(grads, ctx.need)], None, None)
@@ -568,7 +568,7 @@ def _penalty_backward_fake(grad, m_c_list, m_s_list, kind):
     return m_c_list[0].new_empty(n), m_c_list[0].new_empty(n)
 
 
-declare(
+_merger_penalty_backward = declare(
     "merger_penalty_backward",
     "(Tensor grad, Tensor[] m_c_list, Tensor[] m_s_list, str kind) -> (Tensor, Tensor)",
     kernels={"torch": _penalty_backward_kernel(_penalty_bwd_torch), "cpp": _penalty_backward_kernel(_penalty_bwd_ext)},
@@ -587,7 +587,7 @@ def _penalty_setup_context(ctx, inputs, output):
 
 def _penalty_backward(ctx, grad):
     saved = ctx.saved_tensors
-    gc, gs = torch.ops.specops.merger_penalty_backward(grad, list(saved[: ctx.L]), list(saved[ctx.L :]), ctx.kind)
+    gc, gs = _merger_penalty_backward(grad, list(saved[: ctx.L]), list(saved[ctx.L :]), ctx.kind)
     # One entry per argument the call passed: the dispatcher drops a kind equal to its default, and
     # torch's autograd for Tensor[] ops then expects no entry for it.
     return list(gc.split(ctx.sizes)), list(gs.split(ctx.sizes)), None

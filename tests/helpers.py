@@ -8,6 +8,7 @@ import torch
 import specops
 from specops import _registry
 from specops._backend import _why_not
+from specops.testing import REL_TOL, assert_rel, rel_err  # noqa: F401 (the tests' tolerances are the kit's)
 
 # Backends that can run on CPU tensors in this install (triton: through TRITON_INTERPRET=1).
 CPU_BACKENDS = [b for b in ("torch", "cpp", "triton") if _why_not(b, "cpu") is None]
@@ -34,25 +35,6 @@ def run_on(device: str, backend: str, *ops: str):
         yield
     for name in ops:
         assert specops.last_backend(name) == backend, f"{name}: forced {backend!r}, ran {specops.last_backend(name)!r}"
-
-# Relative Frobenius-norm error allowed against a float64 oracle. bf16 keeps 8 mantissa bits
-# (2^-8 = 3.9e-3 per rounding); inputs and output are each rounded once, accumulation is fp32.
-# fp32: sums over up to ~10^4 terms (factor gradients) lose ~sqrt(n) ulps.
-REL_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """||actual - expected||_F / max(||expected||_F, tiny), computed in float64."""
-    a, e = actual.detach().double(), expected.detach().double()
-    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
-
-
-def assert_rel(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
-    """Relative error within REL_TOL[dtype] * scale (scale covers ops with deeper accumulation)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    err = rel_err(actual, expected)
-    assert err <= REL_TOL[dtype] * scale, f"relative error {err:.3g} > {REL_TOL[dtype] * scale:.3g} ({dtype})"
-
 
 def saved_for_backward(run, exclude) -> int:
     """Bytes autograd keeps for the backward of run() (storages of the tensors in `exclude`, e.g.

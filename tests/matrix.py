@@ -12,25 +12,26 @@ did not run. The checks:
               backward op's torch-op autograd, or a composite's decomposition), fast mode;
   vmap      — torch.func.vmap over a batch of 3 perturbed copies of every floating input (in float64)
               against a Python loop of calls (1e-12; ops that write their inputs are not vmapped);
+  jvp       — torch.func.jvp through the public wrapper (the op's autograd.Function and its jvp)
+              against central finite differences in float64 (differentiable ops);
   opcheck   — torch.library.opcheck (schema, fake kernel, autograd registration, aot dispatch);
   compile   — torch.compile(fullgraph=True, dynamic=True, backend="aot_eager") against eager.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import pytest
 import torch
 from helpers import DEVICES, NO_GPU, assert_rel
 
 import specops
-from specops import _backend, _registry
+from specops import _backend, _registry, testing
 
 F64 = torch.float64
 # The backends that run on each device's tensors ("composite" ops run everywhere).
 DEVICE_BACKENDS = {"cpu": ("torch", "cpp", "triton", "composite"), "cuda": ("torch", "triton", "cuda", "composite")}
-CHECKS = ("reference", "gradcheck", "gradgradcheck", "vmap", "opcheck", "compile")
+CHECKS = ("reference", "gradcheck", "gradgradcheck", "vmap", "jvp", "opcheck", "compile")
 
 
 def backends_of(op) -> tuple[str, ...]:
@@ -38,8 +39,8 @@ def backends_of(op) -> tuple[str, ...]:
 
 
 def _applies(op, check) -> bool:
-    differentiable = (op.backward is not None or op.composite) and not op.mutated()
-    return {"gradcheck": differentiable, "gradgradcheck": differentiable, "vmap": not op.mutated(),
+    differentiable = testing.differentiable(op)
+    return {"gradcheck": differentiable, "gradgradcheck": differentiable, "jvp": differentiable, "vmap": not op.mutated(),
             "opcheck": not op.composite}.get(check, True)
 
 
@@ -64,26 +65,6 @@ def _forced(backend):
     return specops.backend(backend) if backend != "composite" else contextlib.nullcontext()
 
 
-def _leaves(args):
-    """The floating tensors of `args`, lists flattened, in order."""
-    out = []
-    for a in args:
-        for t in a if isinstance(a, (list, tuple)) else (a,):
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                out.append(t)
-    return out
-
-
-def _rebuild(args, leaves):
-    """`args` with its floating tensors replaced, in order, by `leaves`."""
-    it = iter(leaves)
-
-    def swap(t):
-        return next(it) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-
-    return tuple([swap(t) for t in a] if isinstance(a, (list, tuple)) else swap(a) for a in args)
-
-
 def _convert(op, args, device, dtype, grad):
     """args on `device`: floating tensors cast to `dtype` (but those the op names in fixed_dtype), as
     leaves that require grad when `grad`."""
@@ -91,13 +72,9 @@ def _convert(op, args, device, dtype, grad):
     for spec, a in zip(op.overload._schema.arguments, args):
         keep = spec.name in op.fixed_dtype
         moved = [t.detach().to(device=device, dtype=t.dtype if keep else dtype, copy=True).requires_grad_(grad and not keep)
-                 for t in _leaves([a])]
-        out.append(_rebuild([a], moved)[0])
+                 for t in testing.leaves([a])]
+        out.append(testing.rebuild([a], moved)[0])
     return tuple(out)
-
-
-def _outputs(y):
-    return list(y) if isinstance(y, (list, tuple)) else [y]
 
 
 def _dtypes(op, backend, device):
@@ -130,6 +107,7 @@ def _refused(op, backend, device, args):
 def check_reference(op, backend, device):
     _skip_unless_runs(backend, device)
     mutated = op.mutated()
+    # (not torch_autograd ops: retract's formulas agree on the manifold, not their ambient derivatives)
     differentiable = (op.backward is not None or op.composite) and not mutated
     ran = 0
     for dtype in _dtypes(op, backend, device):
@@ -149,7 +127,7 @@ def check_reference(op, backend, device):
                 for i in mutated:
                     assert_rel(args[i].cpu(), ref_args[i], dtype, op.tol_scale)
                 continue
-            outs, refs = _outputs(y), _outputs(y_ref)
+            outs, refs = testing.outputs(y), testing.outputs(y_ref)
             assert len(outs) == len(refs)
             for o, r in zip(outs, refs):
                 assert o.device.type == device and o.dtype == dtype, (o.device, o.dtype)
@@ -157,7 +135,7 @@ def check_reference(op, backend, device):
             if not differentiable:
                 continue
             cot = [torch.randn(r.shape, dtype=F64) for r in refs]
-            leaves, ref_leaves = _leaves(args), _leaves(ref_args)
+            leaves, ref_leaves = testing.leaves(args), testing.leaves(ref_args)
             with _forced(backend):
                 grads = torch.autograd.grad(outs, leaves, [c.to(device, dtype) for c in cot], allow_unused=True)
             if op.backward is not None:
@@ -179,52 +157,37 @@ def _small(op, backend, device, dtype=F64, grad=True):
     pytest.fail(f"{op.name}: {backend} accepts none of the samples")
 
 
-def check_gradcheck(op, backend, device, check=torch.autograd.gradcheck):
+def _kit_check(name, op, backend, device):
+    """One of specops.testing's checks on the first sample the forced backend accepts."""
     _skip_unless_runs(backend, device)
-    args = _small(op, backend, device)
-    leaves = _leaves(args)
-
-    def fn(*ts):
-        return op.overload(*_rebuild(args, ts))
-
+    args = _small(op, backend, device, grad=name in ("gradcheck", "gradgradcheck", "opcheck")
+                  and not op.mutated() and testing.differentiable(op))
     with _forced(backend):
-        assert check(fn, leaves)
+        assert testing.CHECK_FNS[name](op, args)
     _assert_ran(op, backend)
-    if op.backward is not None:
+    if op.backward is not None and name in ("gradcheck", "gradgradcheck"):
         _assert_ran(_registry.OPS[op.backward], backend)
+
+
+def check_gradcheck(op, backend, device):
+    _kit_check("gradcheck", op, backend, device)
 
 
 def check_gradgradcheck(op, backend, device):
     # fast mode (random projections): the Triton interpreter makes the full Jacobians cost a minute
-    check_gradcheck(op, backend, device, functools.partial(torch.autograd.gradgradcheck, fast_mode=True))
+    _kit_check("gradgradcheck", op, backend, device)
 
 
 def check_vmap(op, backend, device):
-    _skip_unless_runs(backend, device)
-    args = _small(op, backend, device, grad=False)
-    leaves = _leaves(args)
-    gen = torch.Generator().manual_seed(1)
-    batched = [torch.stack([t * (1 + 0.05 * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(device))
-                            for _ in range(3)]) for t in leaves]
+    _kit_check("vmap", op, backend, device)
 
-    def fn(*ts):
-        return op.overload(*_rebuild(args, ts))
 
-    with _forced(backend):
-        got = torch.func.vmap(fn)(*batched)
-        _assert_ran(op, backend)
-        want = [fn(*[b[i] for b in batched]) for i in range(3)]
-    for i, w in enumerate(want):
-        for a, b in zip(_outputs(got), _outputs(w)):
-            torch.testing.assert_close(a[i], b, rtol=1e-12, atol=1e-12)
+def check_jvp(op, backend, device):
+    _kit_check("jvp", op, backend, device)
 
 
 def check_opcheck(op, backend, device):
-    _skip_unless_runs(backend, device)
-    args = _small(op, backend, device, grad=not op.mutated() and op.backward is not None)
-    with _forced(backend):
-        torch.library.opcheck(op.overload, args)
-    _assert_ran(op, backend)
+    _kit_check("opcheck", op, backend, device)
 
 
 def check_compile(op, backend, device):
@@ -246,12 +209,12 @@ def check_compile(op, backend, device):
         y = fn(*args)
         _assert_ran(op, backend)
         expected = op.overload(*args)
-    for a, b in zip(_outputs(y), _outputs(expected)):
+    for a, b in zip(testing.outputs(y), testing.outputs(expected)):
         assert_rel(a, b, F64)
 
 
 CHECK_FNS = {"reference": check_reference, "gradcheck": check_gradcheck, "gradgradcheck": check_gradgradcheck,
-             "vmap": check_vmap, "opcheck": check_opcheck, "compile": check_compile}
+             "vmap": check_vmap, "jvp": check_jvp, "opcheck": check_opcheck, "compile": check_compile}
 
 
 def check_forced_undeclared_raises(op):

@@ -1,7 +1,8 @@
-"""Second derivatives, vmap and per-sample gradients beyond the registry matrix (tests/matrix.py runs
-gradgradcheck and vmap-against-a-loop on every op and backend): kron_matmul's own batching rule over
-x, over the factors and over grouped factors, a Hessian-vector product through the cpp kernel, the
-refusal of forward-mode AD, and per-sample gradients through torch.func."""
+"""Second derivatives, vmap, forward-mode AD and per-sample gradients beyond the registry matrix
+(tests/matrix.py runs gradgradcheck, vmap-against-a-loop and jvp-against-finite-differences on every op
+and backend): kron_matmul's own batching rule over x, over the factors and over grouped factors, dual
+tensors through registered ops, compiled double backward, a Hessian-vector product through the cpp
+kernel, and per-sample gradients through torch.func."""
 import pytest
 import torch
 from torch import nn
@@ -47,15 +48,60 @@ def test_kron_matmul_vmap_is_one_call(monkeypatch):
     assert calls == [1] and y.shape == (4, 5, 6)
 
 
-def test_forward_mode_ad_raises_instead_of_dropping_the_tangent():
-    """torch.library registers no jvp: torch.func.jvp would return a zero tangent and forward_ad none."""
-    x = torch.randn(3, 6, dtype=F64)
-    fs = [torch.randn(2, 2, dtype=F64), torch.randn(3, 3, dtype=F64)]
-    with pytest.raises(NotImplementedError, match="forward-mode AD"):
-        torch.func.jvp(lambda f: specops.kron_matmul(x, [f, fs[1]]), (fs[0],), (fs[0],))
-    with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
-        specops.kron_matmul(forward_ad.make_dual(x, torch.ones_like(x)), fs)
-    torch.func.vmap(specops.kron_matmul, in_dims=(0, None))(x[None].expand(2, -1, -1), fs)  # vmap alone is fine
+def _spectral_args(g):
+    """spectral_linear's arguments with a two-factor input rotation (scaled_matmul and kron_matmul inside)."""
+    U, S, Vh = torch.linalg.svd(torch.randn(5, 6, generator=g, dtype=F64), full_matrices=False)
+    rot = [torch.linalg.qr(torch.randn(n, n, generator=g, dtype=F64))[0] for n in (2, 3)]
+    return torch.randn(4, 6, generator=g, dtype=F64), U, S, Vh, 0.1 * torch.randn(5, generator=g, dtype=F64), rot
+
+
+def _spectral(x, U, S, Vh, delta, rot):
+    return specops.spectral_linear(x, U, S, Vh, delta, rotation=rot)
+
+
+def test_forward_ad_matches_finite_differences():
+    """torch.autograd.forward_ad (dual tensors) through kron_matmul and through spectral_linear, whose
+    ops are registered ones: the tangent is J·t, not dropped."""
+    g = torch.Generator().manual_seed(4)
+    x, U, S, Vh, delta, rot = _spectral_args(g)
+    fs = [torch.randn(2, 2, generator=g, dtype=F64), torch.randn(3, 3, generator=g, dtype=F64)]
+    cases = [(lambda x, f0: specops.kron_matmul(x, [f0, fs[1]]), (x, fs[0])),
+             (lambda delta, r0: _spectral(x, U, S, Vh, delta, [r0, rot[1]]), (delta, rot[0]))]
+    for fn, primals in cases:
+        tangents = [torch.randn(p.shape, generator=g, dtype=F64) for p in primals]
+        with forward_ad.dual_level():
+            got = forward_ad.unpack_dual(fn(*[forward_ad.make_dual(p, t) for p, t in zip(primals, tangents)])).tangent
+        eps = 1e-6
+        fd = (fn(*[p + eps * t for p, t in zip(primals, tangents)]) - fn(*[p - eps * t for p, t in zip(primals, tangents)]))
+        torch.testing.assert_close(got, fd / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["kron_matmul", "spectral_linear"])
+def test_compiled_double_backward(name):
+    """torch.compile(fullgraph=True) of a function that takes a first derivative with create_graph;
+    the second derivative, through the compiled graph, equals eager."""
+    g = torch.Generator().manual_seed(5)
+    if name == "kron_matmul":
+        args = [torch.randn(5, 6, generator=g, dtype=F64), torch.randn(2, 2, generator=g, dtype=F64),
+                torch.randn(3, 3, generator=g, dtype=F64)]
+        fn = lambda x, f0, f1: specops.kron_matmul(x, [f0, f1])  # noqa: E731
+    else:
+        x, U, S, Vh, delta, rot = _spectral_args(g)
+        args = [x, delta, *rot]
+        fn = lambda x, delta, r0, r1: _spectral(x, U, S, Vh, delta, [r0, r1])  # noqa: E731
+
+    def first(*ts):
+        return torch.autograd.grad(fn(*ts).square().sum(), ts, create_graph=True)
+
+    def second(f):
+        leaves = [a.clone().requires_grad_() for a in args]
+        return torch.autograd.grad(sum(t.square().sum() for t in f(*leaves)), leaves)
+
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        got = second(torch.compile(first, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(got, second(first)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_double_backward_through_the_cpp_kernel_matches_the_reference():
@@ -80,11 +126,11 @@ def test_double_backward_through_the_cpp_kernel_matches_the_reference():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_per_sample_gradients_of_lokr_through_torch_func():
-    """vmap(grad) of a LoKr adapter's loss over samples equals one autograd.grad per sample. (Adapters
-    whose hot path calls a registered op, e.g. SODA's kron_matmul, cannot run under torch.func.grad:
-    torch.library's autograd is not functorch-compatible in torch 2.13.)"""
-    method, options = "lokr", {"rank": 2}
+@pytest.mark.parametrize("method,options", [("lokr", {"rank": 2}), ("soda-svd", {"sizes": (3, 4)})],
+                         ids=["lokr", "soda"])
+def test_per_sample_gradients_through_torch_func(method, options):
+    """vmap(grad) of an adapter's loss over samples equals one autograd.grad per sample (SODA's hot
+    path is spectral_linear: scaled_matmul and kron_matmul, run through their autograd.Functions)."""
     torch.manual_seed(3)
     base = nn.Linear(12, 8).double()
     layer = adapters.make_adapter(method, base, **options)
