@@ -226,7 +226,7 @@ def _vmap_loop(op: Op):
     results stacked (correct for any op; ops whose kernels batch natively declare a faster `vmap`)."""
 
     def pick(a, d, i):
-        if _tensor_list(a):
+        if isinstance(a, (list, tuple)):  # Tensor[] (and bool[], whose in_dims may be a list of None)
             dims = d if isinstance(d, (list, tuple)) else [d] * len(a)
             return [pick(t, e, i) for t, e in zip(a, dims)]
         return a if d is None else a.select(d, i)

@@ -45,6 +45,7 @@ Cast a model to its final dtype before injecting adapters.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Sequence
@@ -458,14 +459,37 @@ def _tucker_rebuild(B: Tensor, T: Tensor, A: Tensor) -> Tensor:
 class _Hadamard(torch.autograd.Function):
     """c (B1 T1 A1) ⊙ (B2 T2 A2) saving only the factors: the two weight-sized halves are rebuilt in
     the backward (a rank-r GEMM each) instead of kept, and without activation checkpointing's
-    per-call cost. The backward is written in differentiable ops, so double backward works."""
+    per-call cost. The backward is written in differentiable ops, so double backward works; the jvp
+    (product rule, each half linear in each factor) and the generated vmap rule serve torch.func."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, c, B1, A1, B2, A2, T1, T2):
-        ctx.c_is_tensor = isinstance(c, Tensor)
-        ctx.save_for_backward(B1, A1, B2, A2, T1, T2, *([c] if ctx.c_is_tensor else []))
-        ctx.c = None if ctx.c_is_tensor else c
+    def forward(c, B1, A1, B2, A2, T1, T2):
         return _half(B1 * c, T1, A1) * _half(B2, T2, A2)  # c on the small factor
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        c, B1, A1, B2, A2, T1, T2 = inputs
+        ctx.c_is_tensor = isinstance(c, Tensor)
+        saved = (B1, A1, B2, A2, T1, T2, *([c] if ctx.c_is_tensor else []))
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.c = None if ctx.c_is_tensor else c
+
+    @staticmethod
+    def jvp(ctx, dc, dB1, dA1, dB2, dA2, dT1, dT2):
+        B1, A1, B2, A2, T1, T2, *c = ctx.saved_tensors
+        c = c[0] if ctx.c_is_tensor else ctx.c
+        h1, h2 = _half(B1, T1, A1), _half(B2, T2, A2)
+        d1, d2 = _half_jvp(B1, T1, A1, dB1, dT1, dA1), _half_jvp(B2, T2, A2, dB2, dT2, dA2)
+        out = torch.zeros_like(h1)
+        if d1 is not None:
+            out = out + d1 * h2
+        if d2 is not None:
+            out = out + h1 * d2
+        out = out * c
+        return out + dc * (h1 * h2) if dc is not None else out
 
     @staticmethod
     def backward(ctx, g):
@@ -485,6 +509,14 @@ class _Hadamard(torch.autograd.Function):
 
 def _half(B: Tensor, T: Tensor | None, A: Tensor) -> Tensor:
     return B @ A if T is None else _tucker_rebuild(B, T, A)
+
+
+def _half_jvp(B, T, A, dB, dT, dA) -> Tensor | None:
+    """The tangent of h = _half(B, T, A) (linear in each factor), None when no factor has one."""
+    terms = [_half(dB, T, A) if dB is not None else None, _half(B, T, dA) if dA is not None else None,
+             _tucker_rebuild(B, dT, A) if dT is not None else None]
+    terms = [t for t in terms if t is not None]
+    return functools.reduce(torch.add, terms) if terms else None
 
 
 def _half_vjp(B, T, A, dh, needs) -> tuple:

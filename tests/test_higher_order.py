@@ -126,13 +126,15 @@ def test_double_backward_through_the_cpp_kernel_matches_the_reference():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("method,options", [("lokr", {"rank": 2}), ("soda-svd", {"sizes": (3, 4)})],
-                         ids=["lokr", "soda"])
-def test_per_sample_gradients_through_torch_func(method, options):
-    """vmap(grad) of an adapter's loss over samples equals one autograd.grad per sample (SODA's hot
-    path is spectral_linear: scaled_matmul and kron_matmul, run through their autograd.Functions)."""
+def _adapter(method, conv):
+    """A small float64 adapter of `method` with perturbed trainable state, and a batch of 4 inputs."""
     torch.manual_seed(3)
-    base = nn.Linear(12, 8).double()
+    base = (nn.Conv2d(4, 6, 3, padding=1) if conv else nn.Linear(12, 8)).double()
+    options = {"rank": 2} if method in ("lora", "loha", "lokr") else {}
+    if method == "ziplora":
+        m, n = base.weight.shape
+        lora = lambda r: (torch.randn(m, r, dtype=F64), torch.randn(r, n, dtype=F64) / n)  # noqa: E731
+        options = {"content": lora(2), "style": (*lora(3), 0.7)}
     layer = adapters.make_adapter(method, base, **options)
     with torch.no_grad():
         for p in layer.parameters():
@@ -140,10 +142,26 @@ def test_per_sample_gradients_through_torch_func(method, options):
                 p.add_(0.1 * torch.randn_like(p))
     params = {n: p.detach() for n, p in layer.named_parameters() if p.requires_grad}
     assert params
-    xs = torch.randn(5, 3, 12, dtype=F64)
+    xs = torch.randn(4, 2, 4, 5, 5, dtype=F64) if conv else torch.randn(4, 3, 12, dtype=F64)
+    return layer, params, xs
+
+
+_ADAPTER_CASES = [pytest.param(m, c, id=f"{m}-{'conv' if c else 'linear'}") for m in adapters.ADAPTER_TYPES
+                  for c in (False, True) if not c or m in adapters.CONV_METHODS]
+
+
+@pytest.mark.parametrize("method,conv", _ADAPTER_CASES)
+def test_adapters_higher_order(method, conv):
+    """Every adapter's hot path (registered ops, LoHa's own autograd.Function, torch ops): per-sample
+    gradients vmap(grad) equal one autograd.grad per sample, the jvp in the trainable parameters
+    equals central finite differences, and gradgradcheck passes in them."""
+    layer, params, xs = _adapter(method, conv)
+
+    def out(ps, x):
+        return torch.func.functional_call(layer, ps, (x,))
 
     def loss(ps, x):
-        return torch.func.functional_call(layer, ps, (x,)).square().sum()
+        return out(ps, x).square().sum()
 
     got = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, xs)
     for i in range(xs.shape[0]):
@@ -151,3 +169,13 @@ def test_per_sample_gradients_through_torch_func(method, options):
         want = torch.autograd.grad(loss(leaves, xs[i]), list(leaves.values()))
         for (n, w) in zip(leaves, want):
             torch.testing.assert_close(got[n][i], w, rtol=1e-10, atol=1e-12, msg=n)
+    g = torch.Generator().manual_seed(6)
+    t = {n: torch.randn(p.shape, generator=g, dtype=F64) for n, p in params.items()}
+    _, jt = torch.func.jvp(lambda ps: out(ps, xs[0]), (params,), (t,))
+    eps = 1e-6
+    shifted = [out({n: p + s * eps * t[n] for n, p in params.items()}, xs[0]) for s in (1, -1)]
+    torch.testing.assert_close(jt, (shifted[0] - shifted[1]) / (2 * eps), rtol=1e-6, atol=1e-8)
+    names = list(params)
+    assert torch.autograd.gradgradcheck(
+        lambda *ps: out(dict(zip(names, ps)), xs[0, :1]), [params[n].clone().requires_grad_() for n in names],
+        fast_mode=True)
