@@ -4,7 +4,7 @@ Ops are torch custom ops in the `specops` namespace (torch.ops.specops.*), each 
 kernel and autograd; the functions here are their documented Python entry points. Importing
 specops never initialises CUDA and works without the C++ extension or Triton.
 """
-from . import adapters, optim, spectral, stiefel
+from . import adalora, adapters, optim, spectral, stiefel
 from ._build import show_build
 from ._version import __version__
 from ._backend import backend
@@ -38,6 +38,7 @@ __all__ = [
     "kron_matmul",
     "kron_matmul_reference",
     "kron_reference",
+    "adalora",
     "adapters",
     "optim",
     "stiefel",

@@ -1,0 +1,201 @@
+"""AdaLoRA: SVD-form adapters whose rank budget is reallocated by importance during training.
+
+Layer (AdaLoRALinear): W = W0 + c · P diag(λ) Q, P (out, r), λ (r,), Q (r, in), c = scale·alpha /
+(r_init + 1e-5) (alpha = r_init when not given), λ = 0 and P, Q ~ N(0, 0.02²) at the start, so a fresh
+layer is W0. Forward: y = base(x) + c · ((x Qᵀ) diag(λ)) Pᵀ through specops.scaled_matmul; ΔW is
+never formed. These are PEFT's AdaLoRA conventions (its lora_B, lora_E, lora_A and scaling / ranknum),
+so one model's numbers carry over to the other.
+
+Regulariser: the mean over adapted layers of ||QQᵀ - I||_F and ||PᵀP - I||_F (both counted), to add to
+the loss with a weight (PEFT's orth_reg_weight).
+
+Importance (RankAllocator.update_and_allocate, after backward, before zero_grad), for every entry w of
+P, λ and Q: I = |w · ∂L/∂w|, Ī <- β1 Ī + (1 - β1) I, U <- β2 U + (1 - β2) |I - Ī|, score s = Ī · U;
+triplet i's importance = s(λ_i) + mean_o s(Q[i, :]) + mean_o s(P[:, i]).
+Budget b(t) over total_step T (tinit warm-up, tfinal final phase, all layers' ranks together, b0 =
+Σ r_init, b_T = target_r · layers):
+    t <= tinit: b0, no masking;  tinit < t <= T - tfinal: int((b0 - b_T) (1 - (t - tinit)/(T - tfinal - tinit))³ + b_T),
+    masking when t % deltaT == 0;  t = T - tfinal: masked to b_T and the pattern frozen (EMAs reset);
+    t > T - tfinal: that pattern re-applied every step.
+Masking sets λ_i = 0 for every triplet whose importance is <= the (b0 - b)-th smallest over all layers
+(a masked λ may regrow until the next masking, as in PEFT). The EMAs and the frozen pattern are
+buffers of each layer, so they are in the model's state_dict and a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .spectral import scaled_matmul
+
+EPS_RANKNUM = 1e-5  # PEFT's ranknum + 1e-5 in the scaling
+_FACTORS = ("P", "lam", "Q")
+
+
+class AdaLoRALinear(nn.Module):
+    """W0 + c · P diag(λ) Q on a frozen nn.Linear (module docstring); r = init_r triplets."""
+
+    method = "adalora"
+
+    def __init__(self, base: nn.Linear, *, init_r: int = 12, alpha: float | None = None, scale: float = 1.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        if not isinstance(init_r, int) or init_r < 1:
+            raise ValueError(f"init_r: expected a positive int, got {init_r!r}")
+        base.requires_grad_(False)
+        self.base, self.init_r, self.scale = base, init_r, float(scale)
+        self.alpha = float(init_r if alpha is None else alpha)
+        W0 = base.weight
+        self.P = nn.Parameter(torch.randn(W0.shape[0], init_r, dtype=W0.dtype, device=W0.device) * 0.02)
+        self.lam = nn.Parameter(W0.new_zeros(init_r))
+        self.Q = nn.Parameter(torch.randn(init_r, W0.shape[1], dtype=W0.dtype, device=W0.device) * 0.02)
+        for f in _FACTORS:  # the allocator's smoothed sensitivity and uncertainty, per entry
+            p = getattr(self, f)
+            self.register_buffer(f"ema_ipt_{f}", torch.zeros_like(p))
+            self.register_buffer(f"ema_unc_{f}", torch.zeros_like(p))
+        # the final phase's kept triplets (all until then): a buffer, so a run resumed there keeps them
+        self.register_buffer("frozen_mask", torch.ones(init_r, dtype=torch.bool, device=W0.device))
+
+    def c(self) -> float:
+        return self.scale * self.alpha / (self.init_r + EPS_RANKNUM)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.base(x2) + self.c() * scaled_matmul(x2 @ self.Q.mT, self.lam, self.P.mT)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = c · P diag(λ) Q (out, in), differentiable."""
+        return self.c() * scaled_matmul(self.P, self.lam, self.Q)
+
+    def lora_factors(self) -> tuple[Tensor, Tensor]:
+        """(B, A) with B @ A == delta_weight(): the kept triplets only (an exact LoRA of the kept rank)."""
+        keep = self.lam != 0
+        return self.c() * self.P[:, keep] * self.lam[keep], self.Q[keep]
+
+    def orthogonality(self) -> Tensor:
+        """||QQᵀ - I||_F + ||PᵀP - I||_F."""
+        eye = torch.eye(self.init_r, dtype=self.P.dtype, device=self.P.device)
+        return torch.linalg.matrix_norm(self.Q @ self.Q.mT - eye) + torch.linalg.matrix_norm(self.P.mT @ self.P - eye)
+
+    def extra_repr(self) -> str:
+        return f"init_r={self.init_r}, alpha={self.alpha}, scale={self.scale}"
+
+
+class RankAllocator:
+    """The budget schedule, importance scores and masks of every AdaLoRALinear in `model` (module
+    docstring; PEFT's AdaLoraConfig names). Call update_and_allocate(step) after backward and the
+    optimiser step, before zero_grad, with step counting from 0 or 1 as the schedule's t."""
+
+    def __init__(self, model: nn.Module, *, target_r: int = 8, tinit: int = 0, tfinal: int = 0, deltaT: int = 1,
+                 beta1: float = 0.85, beta2: float = 0.85, total_step: int):
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRALinear)}
+        if not self.layers:
+            raise ValueError("RankAllocator: the model has no AdaLoRALinear layer")
+        if not (0 < beta1 < 1 and 0 < beta2 < 1):
+            raise ValueError(f"beta1, beta2: expected in (0, 1), got {beta1}, {beta2}")
+        if not total_step > tinit + tfinal:
+            raise ValueError(f"total_step: expected > tinit + tfinal = {tinit + tfinal}, got {total_step}")
+        if deltaT < 1:
+            raise ValueError(f"deltaT: expected >= 1, got {deltaT}")
+        self.target_r, self.tinit, self.tfinal, self.deltaT = target_r, tinit, tfinal, deltaT
+        self.beta1, self.beta2, self.total_step = beta1, beta2, total_step
+        self.init_budget = sum(m.init_r for m in self.layers.values())
+        self.target_budget = target_r * len(self.layers)
+        mods = list(self.layers.values())
+        self._params = [getattr(m, f) for m in mods for f in _FACTORS]
+        self._ipt = [getattr(m, f"ema_ipt_{f}") for m in mods for f in _FACTORS]
+        self._unc = [getattr(m, f"ema_unc_{f}") for m in mods for f in _FACTORS]
+
+    def budget_schedule(self, step: int) -> tuple[int, bool]:
+        """(budget, whether this step masks) at step t (module docstring)."""
+        if step <= self.tinit:
+            return self.init_budget, False
+        if step > self.total_step - self.tfinal:
+            return self.target_budget, True
+        mul = 1 - (step - self.tinit) / (self.total_step - self.tfinal - self.tinit)
+        return int((self.init_budget - self.target_budget) * mul ** 3 + self.target_budget), step % self.deltaT == 0
+
+    @torch.no_grad()
+    def _update_importance(self) -> None:
+        # one foreach pass over every factor of every layer (no per-layer Python arithmetic)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
+        ipt = torch._foreach_abs(torch._foreach_mul(self._params, grads))
+        torch._foreach_mul_(self._ipt, self.beta1)
+        torch._foreach_add_(self._ipt, ipt, alpha=1 - self.beta1)
+        dev = torch._foreach_abs(torch._foreach_sub(ipt, self._ipt))
+        torch._foreach_mul_(self._unc, self.beta2)
+        torch._foreach_add_(self._unc, dev, alpha=1 - self.beta2)
+
+    @torch.no_grad()
+    def scores(self) -> dict[str, Tensor]:
+        """{layer: importance of each triplet (r,)} from the current EMAs."""
+        s = torch._foreach_mul(self._ipt, self._unc)
+        out = {}
+        for i, name in enumerate(self.layers):
+            sP, slam, sQ = s[3 * i: 3 * i + 3]
+            out[name] = slam + (sQ.mean(1) + sP.mean(0))
+        return out
+
+    @torch.no_grad()
+    def _mask_to_budget(self, budget: int) -> dict[str, Tensor]:
+        scores = self.scores()
+        k = self.init_budget - budget
+        keep = {}
+        if k <= 0:
+            return {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
+        threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values
+        for name, s in scores.items():
+            keep[name] = s > threshold
+            self.layers[name].lam.masked_fill_(~keep[name], 0.0)
+        return keep
+
+    @torch.no_grad()
+    def update_and_allocate(self, step: int) -> int:
+        """Update the importance, mask to the step's budget (module docstring); returns the budget."""
+        end = self.total_step - self.tfinal
+        if step < end:
+            self._update_importance()
+            budget, masks = self.budget_schedule(step)
+            if masks:
+                self._mask_to_budget(budget)
+            return budget
+        if step == end:
+            keep = self._mask_to_budget(self.budget_schedule(step)[0])
+            for name, m in self.layers.items():
+                m.frozen_mask.copy_(keep[name])
+            torch._foreach_zero_(self._ipt)
+            torch._foreach_zero_(self._unc)
+            return self.target_budget
+        for m in self.layers.values():
+            m.lam.masked_fill_(~m.frozen_mask, 0.0)
+        return self.target_budget
+
+    def regularizer(self) -> Tensor:
+        """The mean over layers and over P and Q of ||·ᵀ· - I||_F (module docstring), differentiable."""
+        return sum(m.orthogonality() for m in self.layers.values()) / (2 * len(self.layers))
+
+    def ranks(self) -> dict[str, int]:
+        """{layer: triplets kept (λ != 0)}."""
+        return {n: int(torch.count_nonzero(m.lam)) for n, m in self.layers.items()}
+
+
+def inject(model: nn.Module, targets, **options) -> dict[str, AdaLoRALinear]:
+    """Replace each nn.Linear of `model` whose qualified name ends with one of `targets` by an
+    AdaLoRALinear(**options) around it; returns {name: layer}."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
+             and any(n == t or n.endswith("." + t) for t in targets)]
+    if not found:
+        raise ValueError(f"inject: no nn.Linear named like {targets}")
+    out = {}
+    for name, lin in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        out[name] = AdaLoRALinear(lin, **options)
+        setattr(parent, child, out[name])
+    return out
+
+
+__all__ = ["AdaLoRALinear", "RankAllocator", "inject", "EPS_RANKNUM"]

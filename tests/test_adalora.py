@@ -1,0 +1,144 @@
+"""specops.adalora against HF PEFT's AdaLoRA (an oracle: same model, initial weights, data and
+optimiser), step by step, and the adapter's own checks."""
+import pytest
+import torch
+from torch import nn
+
+from specops import adalora
+from specops.testing import rel_err
+
+F64 = torch.float64
+peft = pytest.importorskip("peft")
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.l3(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+SCHEDULE = dict(tinit=10, tfinal=30, deltaT=5, total_step=200, beta1=0.85, beta2=0.85)
+
+
+def _pair():
+    """A PEFT AdaLoRA model and a specops one with the same base and adapter weights (float64)."""
+    torch.manual_seed(0)
+    base = Net().double()
+    ours = Net().double()
+    ours.load_state_dict(base.state_dict())
+    config = peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, lora_dropout=0.0,
+                                target_modules=["l1", "l2", "l3"], **SCHEDULE)
+    theirs = peft.get_peft_model(base, config)
+    for name, p in theirs.named_parameters():
+        if "ranknum" in name:  # a constant (r) that PEFT 0.21 leaves requiring grad: SGD would move it
+            p.requires_grad_(False)
+    layers = adalora.inject(ours, ["l1", "l2", "l3"], init_r=6, alpha=8)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            t = theirs.base_model.model.get_submodule(name)
+            layer.P.copy_(t.lora_B["default"])
+            layer.lam.copy_(t.lora_E["default"].view(-1))
+            layer.Q.copy_(t.lora_A["default"])
+            layer.lam.normal_()  # PEFT starts λ at 0 too; a non-zero start makes every triplet matter at once
+            t.lora_E["default"].copy_(layer.lam.view(-1, 1))
+    return theirs, ours, layers
+
+
+def test_matches_peft_step_by_step():
+    theirs, ours, layers = _pair()
+    alloc = adalora.RankAllocator(ours, target_r=3, **SCHEDULE)
+    peft_alloc = theirs.base_model.rankallocator
+    opt_t = torch.optim.SGD([p for p in theirs.parameters() if p.requires_grad], lr=0.05)
+    opt_o = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    masked_steps = 0
+    for step in range(SCHEDULE["total_step"]):
+        x = torch.randn(32, 12, generator=g, dtype=F64)
+        y = torch.randn(32, 8, generator=g, dtype=F64)
+        out_t, out_o = theirs(x), ours(x)
+        assert rel_err(out_o, out_t) <= 1e-6, f"step {step}: {rel_err(out_o, out_t):.3g}"
+        for out, opt in ((out_t, opt_t), (out_o, opt_o)):
+            nn.functional.mse_loss(out, y).backward()
+            opt.step()
+        theirs.base_model.update_and_allocate(step)
+        budget = alloc.update_and_allocate(step)
+        assert budget == peft_alloc.budget_schedule(step)[0] or step >= SCHEDULE["total_step"] - SCHEDULE["tfinal"]
+        for name, layer in layers.items():
+            t = theirs.base_model.model.get_submodule(name)
+            assert torch.equal(layer.lam == 0, t.lora_E["default"].view(-1) == 0), f"step {step}: {name} mask"
+            for ours_f, theirs_f in (("Q", "lora_A"), ("P", "lora_B"), ("lam", "lora_E")):
+                key = f"base_model.model.{name}.{theirs_f}.default"
+                if key in peft_alloc.exp_avg_ipt:  # (PEFT empties them at the final phase, as ours zero)
+                    for mine, peft_ema in (("ema_ipt_", peft_alloc.exp_avg_ipt), ("ema_unc_", peft_alloc.exp_avg_unc)):
+                        torch.testing.assert_close(getattr(layer, mine + ours_f), peft_ema[key].view(-1).view_as(
+                            getattr(layer, mine + ours_f)), rtol=1e-6, atol=1e-12)
+        masked_steps += any(int((m.lam == 0).sum()) for m in layers.values())
+        opt_t.zero_grad()
+        opt_o.zero_grad()
+    assert masked_steps > 50
+    assert sum(alloc.ranks().values()) == 3 * 3
+
+
+def test_regularizer_is_peft_formula():
+    theirs, ours, layers = _pair()
+    alloc = adalora.RankAllocator(ours, target_r=3, **SCHEDULE)
+    want = 0
+    for layer in layers.values():
+        eye = torch.eye(6, dtype=F64)
+        want = want + torch.norm(layer.Q @ layer.Q.T - eye) + torch.norm(layer.P.T @ layer.P - eye)
+    torch.testing.assert_close(alloc.regularizer(), want / 6)
+
+
+def test_lora_factors_export_the_kept_rank_exactly():
+    _, ours, layers = _pair()
+    layer = layers["l2"]
+    with torch.no_grad():
+        layer.lam[[1, 4]] = 0
+    B, A = layer.lora_factors()
+    assert B.shape == (16, 4) and A.shape == (4, 16)
+    torch.testing.assert_close(B @ A, layer.delta_weight(), rtol=1e-12, atol=1e-14)
+    x = torch.randn(5, 16, dtype=F64)
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ (B @ A).T, rtol=1e-12, atol=1e-13)
+
+
+def test_hot_path_gradcheck():
+    _, _, layers = _pair()
+    layer = layers["l1"]
+    x = torch.randn(3, 12, dtype=F64, requires_grad=True)
+    params = [layer.P, layer.lam, layer.Q]
+    assert torch.autograd.gradcheck(lambda x, P, lam, Q: torch.func.functional_call(
+        layer, {"P": P, "lam": lam, "Q": Q}, (x,)), (x, *params))
+
+
+def _train(model, alloc, opt, steps, start=0):
+    g = torch.Generator().manual_seed(7)
+    for step in range(SCHEDULE["total_step"]):
+        x, y = torch.randn(16, 12, generator=g, dtype=F64), torch.randn(16, 8, generator=g, dtype=F64)
+        if not start <= step < start + steps:
+            continue
+        (nn.functional.mse_loss(model(x), y) + 0.1 * alloc.regularizer()).backward()
+        opt.step()
+        alloc.update_and_allocate(step)
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("split", [100, 185], ids=["budget-phase", "final-phase"])
+def test_resume_continues_exactly(split):
+    """split steps, the state_dict into a fresh model, the rest == every step uninterrupted."""
+    def fresh():
+        _, model, _ = _pair()
+        return model, adalora.RankAllocator(model, target_r=3, **SCHEDULE)
+
+    full, full_alloc = fresh()
+    _train(full, full_alloc, torch.optim.SGD(full.parameters(), lr=0.05), SCHEDULE["total_step"])
+    first, first_alloc = fresh()
+    _train(first, first_alloc, torch.optim.SGD(first.parameters(), lr=0.05), split)
+    resumed, resumed_alloc = fresh()
+    resumed.load_state_dict(first.state_dict())
+    _train(resumed, resumed_alloc, torch.optim.SGD(resumed.parameters(), lr=0.05), SCHEDULE["total_step"] - split, split)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert full_alloc.ranks() == resumed_alloc.ranks()
