@@ -26,10 +26,97 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._constants import FLOAT_DTYPES, acc_dtype
+from ._registry import declare
 from .spectral import scaled_matmul
 
 EPS_RANKNUM = 1e-5  # PEFT's ranknum + 1e-5 in the scaling
 _FACTORS = ("P", "lam", "Q")
+
+
+# ----------------------------------------------------------------------------- the regulariser op
+
+
+def _check_orthogonality(P_list, Q_list) -> None:
+    if not isinstance(P_list, (list, tuple)) or len(P_list) == 0:
+        raise ValueError("P_list: expected a non-empty list of (out_l, r_l) matrices")
+    if not isinstance(Q_list, (list, tuple)) or len(Q_list) != len(P_list):
+        n = len(Q_list) if isinstance(Q_list, (list, tuple)) else type(Q_list).__name__
+        raise ValueError(f"Q_list: expected {len(P_list)} matrices like P_list, got {n}")
+    ref = P_list[0]
+    if ref.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"P_list[0]: expected a floating dtype {FLOAT_DTYPES}, got {ref.dtype}")
+    for i, (P, Q) in enumerate(zip(P_list, Q_list)):
+        for name, t in ((f"P_list[{i}]", P), (f"Q_list[{i}]", Q)):
+            if t.dim() != 2 or t.dtype != ref.dtype or t.device != ref.device:
+                raise ValueError(f"{name}: expected a matrix of P_list[0]'s dtype {ref.dtype} and device "
+                                 f"{ref.device}, got shape {tuple(t.shape)}, {t.dtype}, {t.device}")
+        torch._check_with(ValueError, P.shape[1] == Q.shape[0],
+                          lambda: f"layer {i}: P (out, r) and Q (r, in) disagree on r: {tuple(P.shape)}, {tuple(Q.shape)}")
+
+
+def _gram_deviations(mats: list[Tensor]) -> Tensor:
+    """Σ ||M Mᵀ - I||_F over `mats` (each (r, k)), one batched product per distinct shape."""
+    groups: dict[tuple, list[Tensor]] = {}
+    for M in mats:
+        groups.setdefault(tuple(int(d) for d in M.shape), []).append(M)  # (int: symbolic shapes too)
+    total = mats[0].new_zeros((), dtype=acc_dtype(mats[0].dtype))
+    for (r, _), group in groups.items():
+        G = torch.stack(group).to(total.dtype)
+        eye = torch.eye(r, dtype=total.dtype, device=G.device)
+        total = total + torch.linalg.matrix_norm(G @ G.mT - eye).sum()
+    return total
+
+
+def _orthogonality_torch(P_list, Q_list) -> Tensor:
+    total = _gram_deviations([P.mT for P in P_list]) + _gram_deviations(list(Q_list))
+    return (total / (2 * len(P_list))).to(P_list[0].dtype)
+
+
+def _orthogonality_reference(P_list, Q_list) -> Tensor:
+    terms = []
+    for P, Q in zip(P_list, Q_list):
+        r = P.shape[1]
+        eye = torch.eye(r, dtype=torch.float64)
+        terms += [torch.linalg.matrix_norm(Q.double() @ Q.double().mT - eye),
+                  torch.linalg.matrix_norm(P.double().mT @ P.double() - eye)]
+    return (torch.stack(terms).sum() / (2 * len(P_list))).to(P_list[0].dtype)
+
+
+def _orthogonality_samples(device, dtype):
+    """Layers of equal and of different shapes (grouped and not), rank 1, near-orthonormal factors."""
+    def layer(out_f, r, in_f):
+        P = torch.linalg.qr(torch.randn(out_f, r, dtype=torch.float64))[0] + 0.1 * torch.randn(out_f, r, dtype=torch.float64)
+        Q = torch.linalg.qr(torch.randn(in_f, r, dtype=torch.float64))[0].mT + 0.1 * torch.randn(r, in_f, dtype=torch.float64)
+        return P.to(device, dtype), Q.to(device, dtype)
+
+    out = []
+    for shapes in ([(6, 3, 5)], [(6, 3, 5), (6, 3, 5), (4, 1, 7), (5, 2, 5)]):
+        Ps, Qs = zip(*(layer(*s) for s in shapes))
+        out.append((list(Ps), list(Qs)))
+    return out
+
+
+orthogonality = declare(
+    "adalora_orthogonality",
+    "(Tensor[] P_list, Tensor[] Q_list) -> Tensor",
+    kernels={"torch": _orthogonality_torch},
+    check=_check_orthogonality,
+    fake=lambda P_list, Q_list: P_list[0].new_empty(()),
+    reference=_orthogonality_reference,
+    samples=_orthogonality_samples,
+    torch_autograd=True,
+    doc="""AdaLoRA's regulariser over L layers: (1 / 2L) Σ_l (||P_lᵀ P_l - I||_F + ||Q_l Q_lᵀ - I||_F).
+
+    P_list[l] (out_l, r_l), Q_list[l] (r_l, in_l); one batched product per distinct shape, accumulated
+    in float32 (float64 for float64), returned as a 0-dim tensor of the inputs' dtype. Differentiable
+    (any order). Raises ValueError on empty or unequal lists, non-matrices, mixed dtypes/devices or
+    an r mismatch.
+    """,
+)
+
+
+# ----------------------------------------------------------------------------- the layer and the allocator
 
 
 class AdaLoRALinear(nn.Module):
@@ -73,11 +160,6 @@ class AdaLoRALinear(nn.Module):
         """(B, A) with B @ A == delta_weight(): the kept triplets only (an exact LoRA of the kept rank)."""
         keep = self.lam != 0
         return self.c() * self.P[:, keep] * self.lam[keep], self.Q[keep]
-
-    def orthogonality(self) -> Tensor:
-        """||QQᵀ - I||_F + ||PᵀP - I||_F."""
-        eye = torch.eye(self.init_r, dtype=self.P.dtype, device=self.P.device)
-        return torch.linalg.matrix_norm(self.Q @ self.Q.mT - eye) + torch.linalg.matrix_norm(self.P.mT @ self.P - eye)
 
     def extra_repr(self) -> str:
         return f"init_r={self.init_r}, alpha={self.alpha}, scale={self.scale}"
@@ -173,8 +255,10 @@ class RankAllocator:
         return self.target_budget
 
     def regularizer(self) -> Tensor:
-        """The mean over layers and over P and Q of ||·ᵀ· - I||_F (module docstring), differentiable."""
-        return sum(m.orthogonality() for m in self.layers.values()) / (2 * len(self.layers))
+        """The mean over layers and over P and Q of the Gram deviation (module docstring): one
+        specops.adalora.orthogonality call over every layer, differentiable."""
+        mods = list(self.layers.values())
+        return orthogonality([m.P for m in mods], [m.Q for m in mods])
 
     def ranks(self) -> dict[str, int]:
         """{layer: triplets kept (λ != 0)}."""
@@ -198,4 +282,4 @@ def inject(model: nn.Module, targets, **options) -> dict[str, AdaLoRALinear]:
     return out
 
 
-__all__ = ["AdaLoRALinear", "RankAllocator", "inject", "EPS_RANKNUM"]
+__all__ = ["AdaLoRALinear", "RankAllocator", "inject", "orthogonality", "EPS_RANKNUM"]

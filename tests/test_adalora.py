@@ -142,3 +142,15 @@ def test_resume_continues_exactly(split):
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert full_alloc.ranks() == resumed_alloc.ranks()
+
+
+def test_orthogonality_op_errors():
+    P, Q = torch.randn(6, 3), torch.randn(3, 5)
+    with pytest.raises(ValueError, match="non-empty"):
+        adalora.orthogonality([], [])
+    with pytest.raises(ValueError, match="Q_list: expected 1"):
+        adalora.orthogonality([P], [Q, Q])
+    with pytest.raises(ValueError, match="disagree on r"):
+        adalora.orthogonality([P], [torch.randn(2, 5)])
+    with pytest.raises(ValueError, match="dtype"):
+        adalora.orthogonality([P], [Q.double()])
