@@ -161,8 +161,27 @@ class AdaLoRALinear(nn.Module):
         keep = self.lam != 0
         return self.c() * self.P[:, keep] * self.lam[keep], self.Q[keep]
 
+    @property
+    def rank(self) -> int:
+        """Triplets computed (init_r until compact())."""
+        return self.lam.numel()
+
+    @torch.no_grad()
+    def compact(self) -> None:
+        """Drop the pruned triplets (λ = 0, or outside the final phase's pattern) from P, λ, Q and their
+        state, so compute follows the kept rank; the output is unchanged (c keeps init_r, as the
+        layer's scale; the regulariser then covers the kept triplets only). The parameters are new
+        tensors: build (or rebuild) the optimiser after."""
+        keep = (self.lam != 0) & self.frozen_mask
+        for f in _FACTORS:
+            dim = 1 if f == "P" else 0
+            setattr(self, f, nn.Parameter(getattr(self, f).index_select(dim, keep.nonzero().view(-1)).clone()))
+            for kind in ("ema_ipt_", "ema_unc_"):
+                setattr(self, kind + f, getattr(self, kind + f).index_select(dim, keep.nonzero().view(-1)).clone())
+        self.frozen_mask = self.frozen_mask[keep].clone()
+
     def extra_repr(self) -> str:
-        return f"init_r={self.init_r}, alpha={self.alpha}, scale={self.scale}"
+        return f"init_r={self.init_r}, rank={self.rank}, alpha={self.alpha}, scale={self.scale}"
 
 
 class RankAllocator:
@@ -185,10 +204,20 @@ class RankAllocator:
         self.beta1, self.beta2, self.total_step = beta1, beta2, total_step
         self.init_budget = sum(m.init_r for m in self.layers.values())
         self.target_budget = target_r * len(self.layers)
+        self._collect()
+
+    def _collect(self) -> None:
         mods = list(self.layers.values())
         self._params = [getattr(m, f) for m in mods for f in _FACTORS]
         self._ipt = [getattr(m, f"ema_ipt_{f}") for m in mods for f in _FACTORS]
         self._unc = [getattr(m, f"ema_unc_{f}") for m in mods for f in _FACTORS]
+
+    def compact(self) -> None:
+        """AdaLoRALinear.compact() on every layer (after the final phase has begun, or whenever the
+        pruned ranks are to go for good); rebuild the optimiser after."""
+        for m in self.layers.values():
+            m.compact()
+        self._collect()
 
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         """(budget, whether this step masks) at step t (module docstring)."""

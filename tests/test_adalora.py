@@ -113,13 +113,13 @@ def test_hot_path_gradcheck():
         layer, {"P": P, "lam": lam, "Q": Q}, (x,)), (x, *params))
 
 
-def _train(model, alloc, opt, steps, start=0):
+def _train(model, alloc, opt, steps, start=0, reg=0.1):
     g = torch.Generator().manual_seed(7)
     for step in range(SCHEDULE["total_step"]):
         x, y = torch.randn(16, 12, generator=g, dtype=F64), torch.randn(16, 8, generator=g, dtype=F64)
         if not start <= step < start + steps:
             continue
-        (nn.functional.mse_loss(model(x), y) + 0.1 * alloc.regularizer()).backward()
+        (nn.functional.mse_loss(model(x), y) + reg * alloc.regularizer()).backward()
         opt.step()
         alloc.update_and_allocate(step)
         opt.zero_grad()
@@ -154,3 +154,25 @@ def test_orthogonality_op_errors():
         adalora.orthogonality([P], [torch.randn(2, 5)])
     with pytest.raises(ValueError, match="dtype"):
         adalora.orthogonality([P], [Q.double()])
+
+
+def test_compact_keeps_the_output_and_the_run():
+    """Compacted at the final phase's start: same outputs (1e-12), ranks as kept, and the rest of the
+    run equal to the uncompacted one's re-masking (without the regulariser, which after compaction
+    covers the kept triplets only)."""
+    end = SCHEDULE["total_step"] - SCHEDULE["tfinal"]
+    runs = []
+    for compact in (False, True):
+        _, model, layers = _pair()
+        alloc = adalora.RankAllocator(model, target_r=3, **SCHEDULE)
+        _train(model, alloc, torch.optim.SGD(model.parameters(), lr=0.05), end + 1)
+        x = torch.randn(4, 12, dtype=F64)
+        before = model(x)
+        if compact:
+            alloc.compact()
+            assert [m.rank for m in layers.values()] == list(alloc.ranks().values())
+            assert sum(m.rank for m in layers.values()) == 9
+            assert rel_err(model(x), before) <= 1e-12
+        _train(model, alloc, torch.optim.SGD(model.parameters(), lr=0.05), SCHEDULE["total_step"] - end - 1, end + 1, reg=0.0)
+        runs.append(model(x))
+    assert rel_err(runs[1], runs[0]) <= 1e-10
