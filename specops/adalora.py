@@ -31,7 +31,10 @@ from ._registry import declare
 from .spectral import scaled_matmul
 
 EPS_RANKNUM = 1e-5  # PEFT's ranknum + 1e-5 in the scaling
-_FACTORS = ("P", "lam", "Q")
+ORTHOGONAL = (None, "stiefel")
+# per factor: the dim that indexes triplets, and the dim an importance is averaged over
+_TRIPLET_DIM = {"P": 1, "lam": 0, "Q": 0, "Qt": 1}
+_MEAN_DIM = {"P": 0, "Q": 1, "Qt": 0}
 
 
 # ----------------------------------------------------------------------------- the regulariser op
@@ -120,24 +123,42 @@ orthogonality = declare(
 
 
 class AdaLoRALinear(nn.Module):
-    """W0 + c · P diag(λ) Q on a frozen nn.Linear (module docstring); r = init_r triplets."""
+    """W0 + c · P diag(λ) Q on a frozen nn.Linear (module docstring); r = init_r triplets.
+
+    orthogonal="stiefel" keeps P and Q exactly orthonormal instead of regularising them: P (out, r)
+    and Qt = Qᵀ (in, r) start as random orthonormal columns (init_r <= min(out, in)) and are trained
+    by a Stiefel optimiser (orthogonal_parameters(): specops.StiefelSGD / StiefelAdam), λ by any.
+    The importance, budget and masks are the same."""
 
     method = "adalora"
 
-    def __init__(self, base: nn.Linear, *, init_r: int = 12, alpha: float | None = None, scale: float = 1.0):
+    def __init__(self, base: nn.Linear, *, init_r: int = 12, alpha: float | None = None, scale: float = 1.0,
+                 orthogonal: str | None = None):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
         if not isinstance(init_r, int) or init_r < 1:
             raise ValueError(f"init_r: expected a positive int, got {init_r!r}")
+        if orthogonal not in ORTHOGONAL:
+            raise ValueError(f"orthogonal: expected one of {ORTHOGONAL}, got {orthogonal!r}")
         base.requires_grad_(False)
-        self.base, self.init_r, self.scale = base, init_r, float(scale)
+        self.base, self.init_r, self.scale, self.orthogonal = base, init_r, float(scale), orthogonal
         self.alpha = float(init_r if alpha is None else alpha)
         W0 = base.weight
-        self.P = nn.Parameter(torch.randn(W0.shape[0], init_r, dtype=W0.dtype, device=W0.device) * 0.02)
+        out_f, in_f = W0.shape
+        like = dict(dtype=W0.dtype, device=W0.device)
         self.lam = nn.Parameter(W0.new_zeros(init_r))
-        self.Q = nn.Parameter(torch.randn(init_r, W0.shape[1], dtype=W0.dtype, device=W0.device) * 0.02)
-        for f in _FACTORS:  # the allocator's smoothed sensitivity and uncertainty, per entry
+        if orthogonal == "stiefel":
+            if init_r > min(out_f, in_f):
+                raise ValueError(f"init_r: {init_r} orthonormal triplets need init_r <= min(out, in) = {min(out_f, in_f)}")
+            onb = lambda n: torch.linalg.qr(torch.randn(n, init_r, dtype=torch.float64))[0].to(**like)  # noqa: E731
+            self.P, self.Qt = nn.Parameter(onb(out_f)), nn.Parameter(onb(in_f))
+            self.factors = ("P", "lam", "Qt")
+        else:
+            self.P = nn.Parameter(torch.randn(out_f, init_r, **like) * 0.02)
+            self.Q = nn.Parameter(torch.randn(init_r, in_f, **like) * 0.02)
+            self.factors = ("P", "lam", "Q")
+        for f in self.factors:  # the allocator's smoothed sensitivity and uncertainty, per entry
             p = getattr(self, f)
             self.register_buffer(f"ema_ipt_{f}", torch.zeros_like(p))
             self.register_buffer(f"ema_unc_{f}", torch.zeros_like(p))
@@ -149,17 +170,25 @@ class AdaLoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y = self.base(x2) + self.c() * scaled_matmul(x2 @ self.Q.mT, self.lam, self.P.mT)
+        y = self.base(x2) + self.c() * scaled_matmul(x2 @ self.q().mT, self.lam, self.P.mT)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self) -> Tensor:
         """ΔW = c · P diag(λ) Q (out, in), differentiable."""
-        return self.c() * scaled_matmul(self.P, self.lam, self.Q)
+        return self.c() * scaled_matmul(self.P, self.lam, self.q())
+
+    def q(self) -> Tensor:
+        """Q (r, in) (a transposed view of the parameter Qt under orthogonal="stiefel")."""
+        return self.Qt.mT if self.orthogonal == "stiefel" else self.Q
+
+    def orthogonal_parameters(self) -> list[nn.Parameter]:
+        """[P, Qt] under orthogonal="stiefel" (for a Stiefel optimiser), else []."""
+        return [self.P, self.Qt] if self.orthogonal == "stiefel" else []
 
     def lora_factors(self) -> tuple[Tensor, Tensor]:
         """(B, A) with B @ A == delta_weight(): the kept triplets only (an exact LoRA of the kept rank)."""
         keep = self.lam != 0
-        return self.c() * self.P[:, keep] * self.lam[keep], self.Q[keep]
+        return self.c() * self.P[:, keep] * self.lam[keep], self.q()[keep]
 
     @property
     def rank(self) -> int:
@@ -173,15 +202,16 @@ class AdaLoRALinear(nn.Module):
         layer's scale; the regulariser then covers the kept triplets only). The parameters are new
         tensors: build (or rebuild) the optimiser after."""
         keep = (self.lam != 0) & self.frozen_mask
-        for f in _FACTORS:
-            dim = 1 if f == "P" else 0
+        for f in self.factors:
+            dim = _TRIPLET_DIM[f]
             setattr(self, f, nn.Parameter(getattr(self, f).index_select(dim, keep.nonzero().view(-1)).clone()))
             for kind in ("ema_ipt_", "ema_unc_"):
                 setattr(self, kind + f, getattr(self, kind + f).index_select(dim, keep.nonzero().view(-1)).clone())
         self.frozen_mask = self.frozen_mask[keep].clone()
 
     def extra_repr(self) -> str:
-        return f"init_r={self.init_r}, rank={self.rank}, alpha={self.alpha}, scale={self.scale}"
+        return (f"init_r={self.init_r}, rank={self.rank}, alpha={self.alpha}, scale={self.scale}, "
+                f"orthogonal={self.orthogonal!r}")
 
 
 class RankAllocator:
@@ -208,9 +238,9 @@ class RankAllocator:
 
     def _collect(self) -> None:
         mods = list(self.layers.values())
-        self._params = [getattr(m, f) for m in mods for f in _FACTORS]
-        self._ipt = [getattr(m, f"ema_ipt_{f}") for m in mods for f in _FACTORS]
-        self._unc = [getattr(m, f"ema_unc_{f}") for m in mods for f in _FACTORS]
+        self._params = [getattr(m, f) for m in mods for f in m.factors]
+        self._ipt = [getattr(m, f"ema_ipt_{f}") for m in mods for f in m.factors]
+        self._unc = [getattr(m, f"ema_unc_{f}") for m in mods for f in m.factors]
 
     def compact(self) -> None:
         """AdaLoRALinear.compact() on every layer (after the final phase has begun, or whenever the
@@ -244,9 +274,9 @@ class RankAllocator:
         """{layer: importance of each triplet (r,)} from the current EMAs."""
         s = torch._foreach_mul(self._ipt, self._unc)
         out = {}
-        for i, name in enumerate(self.layers):
+        for i, (name, m) in enumerate(self.layers.items()):
             sP, slam, sQ = s[3 * i: 3 * i + 3]
-            out[name] = slam + (sQ.mean(1) + sP.mean(0))
+            out[name] = slam + (sQ.mean(_MEAN_DIM[m.factors[2]]) + sP.mean(0))
         return out
 
     @torch.no_grad()
@@ -287,7 +317,7 @@ class RankAllocator:
         """The mean over layers and over P and Q of the Gram deviation (module docstring): one
         specops.adalora.orthogonality call over every layer, differentiable."""
         mods = list(self.layers.values())
-        return orthogonality([m.P for m in mods], [m.Q for m in mods])
+        return orthogonality([m.P for m in mods], [m.q() for m in mods])
 
     def ranks(self) -> dict[str, int]:
         """{layer: triplets kept (λ != 0)}."""

@@ -176,3 +176,34 @@ def test_compact_keeps_the_output_and_the_run():
         _train(model, alloc, torch.optim.SGD(model.parameters(), lr=0.05), SCHEDULE["total_step"] - end - 1, end + 1, reg=0.0)
         runs.append(model(x))
     assert rel_err(runs[1], runs[0]) <= 1e-10
+
+
+def test_stiefel_variant_stays_orthonormal():
+    """orthogonal="stiefel": 1000 float32 steps (StiefelAdam on P and Qt, Adam on λ) with masking all
+    along: P and Q orthonormal to 1e-5 at the end, the budget met, the loss down."""
+    from specops import StiefelAdam, stiefel
+    torch.manual_seed(0)
+    model = Net()
+    layers = adalora.inject(model, ["l1", "l2", "l3"], init_r=6, orthogonal="stiefel")
+    schedule = dict(tinit=50, tfinal=200, deltaT=10, total_step=1000)
+    alloc = adalora.RankAllocator(model, target_r=3, **schedule)
+    ortho = [p for m in layers.values() for p in m.orthogonal_parameters()]
+    opts = [StiefelAdam(ortho, lr=1e-2), torch.optim.Adam([m.lam for m in layers.values()], lr=1e-2)]
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(12, 8, generator=g)
+    losses = []
+    for step in range(schedule["total_step"]):
+        x = torch.randn(32, 12, generator=g)
+        loss = nn.functional.mse_loss(model(x), torch.tanh(x @ W))
+        loss.backward()
+        for o in opts:
+            o.step()
+        alloc.update_and_allocate(step)
+        for o in opts:
+            o.zero_grad()
+        losses.append(loss.item())
+    for m in layers.values():
+        for p in m.orthogonal_parameters():
+            assert p.dtype == torch.float32 and stiefel.orthogonality_error(p).item() <= 1e-5
+    assert sum(alloc.ranks().values()) == 9
+    assert sum(losses[-50:]) < 0.8 * sum(losses[:50])
