@@ -130,6 +130,9 @@ def test_spectral_shift_small(backend, out, n, side, nfac, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("out,n", SDXL, ids=str)
 def test_spectral_shift_sdxl(out, n, dtype):
+    if dtype == torch.bfloat16 and out != n:
+        # bf16 at SDXL size once (640 x 640): a CPU without bf16 GEMM takes 10-20 s per wide case
+        pytest.skip("bf16 at SDXL size: covered by the 640 x 640 case")
     for side, act in (("input", "relu"), ("basis", "softplus")):
         k = min(out, n)
         sizes = sp.kron_factor_sizes(n if side == "input" else k, table=sp.SODA_TABLE)

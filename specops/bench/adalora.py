@@ -1,0 +1,120 @@
+"""AdaLoRA: specops.adalora beside HF PEFT's AdaLoRA (its SVDLinear and RankAllocator).
+
+"step" shapes: one training step (forward, backward of a fixed output gradient, the input requiring
+grad as inside a UNet) of one SDXL Linear with init_r 12 at 2x1024 tokens. Providers: peft (PEFT's
+SVDLinear), specops (AdaLoRALinear), specops r=8 (the same layer compacted to 8 kept triplets, as
+after the final phase; PEFT keeps computing all 12), frozen (the base layer alone).
+"allocate" shapes: one update_and_allocate of the allocator over the tiny UNet's 722 attention,
+feed-forward and proj layers (init_r 12, target_r 8), gradients set, at a step that masks and at one
+that only updates the importance.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from specops import adalora
+
+from . import SDXL_LAYERS, Case, installed, rng
+
+BASELINE = "peft"
+INIT_R, TARGET_R, TOKENS = 12, 8, 2 * 1024
+SCHEDULE = dict(tinit=0, tfinal=0, deltaT=2, total_step=10**6, beta1=0.85, beta2=0.85)
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _peft_config(targets):
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(init_r=INIT_R, target_r=TARGET_R, lora_alpha=INIT_R, target_modules=targets, **SCHEDULE)
+
+
+def _randomise(params):
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.02)
+
+
+def _step_setup(in_f, out_f, provider):
+    def setup():
+        gen = rng()
+        base = nn.Linear(in_f, out_f)
+        x = torch.randn(2, TOKENS // 2, in_f, generator=gen, requires_grad=True)
+        gy = torch.randn(2, TOKENS // 2, out_f, generator=gen)
+        if provider == "frozen":
+            layer = base.requires_grad_(False)
+        elif provider == "peft":
+            from peft import inject_adapter_in_model
+
+            layer = inject_adapter_in_model(_peft_config(["layer"]), _Holder(base))
+        else:
+            layer = adalora.AdaLoRALinear(base, init_r=INIT_R)
+            if provider == "specops r=8":
+                with torch.no_grad():
+                    layer.lam[TARGET_R:] = 0
+                    layer.lam[:TARGET_R] = 1
+                layer.compact()
+        _randomise([p for n, p in layer.named_parameters() if p.requires_grad and "lora_E" not in n])
+
+        def step():
+            layer(x).backward(gy)
+            x.grad = None
+            for p in layer.parameters():
+                p.grad = None
+
+        return step
+
+    return setup
+
+
+def unet_targets(unet: nn.Module) -> list[str]:
+    """The tiny UNet's Linear layers inside its transformer blocks (attention, feed-forward, proj): 722."""
+    return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and ".attentions." in n]
+
+
+def _allocate_setup(provider, masking):
+    def setup():
+        from specops.sdxl import tiny_unet
+
+        unet = tiny_unet(0)
+        targets = unet_targets(unet)
+        if provider == "peft":
+            from peft import get_peft_model
+
+            model = get_peft_model(unet, _peft_config(targets))
+            params = [p for n, p in model.named_parameters() if "lora_" in n]
+            allocate = model.base_model.update_and_allocate
+        else:
+            adalora.inject(unet, targets, init_r=INIT_R)
+            alloc = adalora.RankAllocator(unet, target_r=TARGET_R, **SCHEDULE)
+            params = [p for n, p in unet.named_parameters() if p.requires_grad]
+            allocate = alloc.update_and_allocate
+        gen = rng()
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        step = 2 if masking else 3  # deltaT = 2
+        return lambda: allocate(step)
+
+    return setup
+
+
+def cases(quick: bool = False) -> list[Case]:
+    out = []
+    providers = ("peft", "specops", "specops r=8", "frozen") if installed("peft") else ("specops", "specops r=8", "frozen")
+    for in_f, out_f in SDXL_LAYERS[1:2] if quick else SDXL_LAYERS:
+        shape = f"step {in_f}->{out_f} r={INIT_R}"
+        out += [Case("adalora", shape, p, _step_setup(in_f, out_f, p)) for p in providers]
+    if not quick:
+        for masking in (True, False):
+            shape = f"allocate 722 layers {'masking' if masking else 'importance only'}"
+            out += [Case("adalora", shape, p, _allocate_setup(p, masking)) for p in ("peft", "specops")
+                    if p != "peft" or installed("peft")]
+    return out
