@@ -307,7 +307,7 @@ class _Box:
 def _function(op: Op) -> type:
     """The op as an autograd.Function that torch.func and forward-mode AD can run: forward is the op
     itself (the chosen backend), backward the op's own autograd pair (so the backward op's wrapper, and
-    its own Function, serve the next order), jvp autograd's forward mode through the "torch" kernel.
+    its own Function, serve the next order), jvp two reverse passes through the "torch" kernel.
     Tensor[] arguments and outputs are flattened (autograd.Function tracks only top-level tensors)."""
     if op.function is not None:
         return op.function

@@ -202,12 +202,13 @@ class AdaLoRALinear(nn.Module):
         layer's scale; the regulariser then covers the kept triplets only). The parameters are new
         tensors: build (or rebuild) the optimiser after."""
         keep = (self.lam != 0) & self.frozen_mask
+        idx = keep.nonzero().view(-1)
         for f in self.factors:
             dim = _TRIPLET_DIM[f]
-            setattr(self, f, nn.Parameter(getattr(self, f).index_select(dim, keep.nonzero().view(-1)).clone()))
+            setattr(self, f, nn.Parameter(getattr(self, f).index_select(dim, idx)))
             for kind in ("ema_ipt_", "ema_unc_"):
-                setattr(self, kind + f, getattr(self, kind + f).index_select(dim, keep.nonzero().view(-1)).clone())
-        self.frozen_mask = self.frozen_mask[keep].clone()
+                setattr(self, kind + f, getattr(self, kind + f).index_select(dim, idx))
+        self.frozen_mask = self.frozen_mask[keep]
 
     def extra_repr(self) -> str:
         return (f"init_r={self.init_r}, rank={self.rank}, alpha={self.alpha}, scale={self.scale}, "
@@ -243,8 +244,8 @@ class RankAllocator:
         self._unc = [getattr(m, f"ema_unc_{f}") for m in mods for f in m.factors]
 
     def compact(self) -> None:
-        """AdaLoRALinear.compact() on every layer (after the final phase has begun, or whenever the
-        pruned ranks are to go for good); rebuild the optimiser after."""
+        """AdaLoRALinear.compact() on every layer, once the final phase has begun (before it, the budget
+        schedule still counts every init_r triplet); rebuild the optimiser after."""
         for m in self.layers.values():
             m.compact()
         self._collect()

@@ -16,19 +16,11 @@ from torch import nn
 from specops import adalora
 
 from . import SDXL_LAYERS, Case, installed, rng
+from .peers import _Holder
 
 BASELINE = "peft"
 INIT_R, TARGET_R, TOKENS = 12, 8, 2 * 1024
 SCHEDULE = dict(tinit=0, tfinal=0, deltaT=2, total_step=10**6, beta1=0.85, beta2=0.85)
-
-
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
 
 
 def _peft_config(targets):
