@@ -1,10 +1,7 @@
 """AdaLoRA: SVD-form adapters whose rank budget is reallocated by importance during training.
 
-Layer (AdaLoRALinear): W = W0 + c · P diag(λ) Q, P (out, r), λ (r,), Q (r, in), c = scale·alpha /
-(r_init + 1e-5) (alpha = r_init when not given), λ = 0 and P, Q ~ N(0, 0.02²) at the start, so a fresh
-layer is W0. Forward: y = base(x) + c · ((x Qᵀ) diag(λ)) Pᵀ through specops.scaled_matmul; ΔW is
-never formed. These are PEFT's AdaLoRA conventions (its lora_B, lora_E, lora_A and scaling / ranknum),
-so one model's numbers carry over to the other.
+Layer: specops.adapters.AdaLoRA (W = W0 + c · P diag(λ) Q on a Linear or Conv2d, PEFT's conventions),
+injected like every adapter: specops.sdxl.inject(model, "adalora", init_r=12, targets=...).
 
 Regulariser: the mean over adapted layers of ||QQᵀ - I||_F and ||PᵀP - I||_F (both counted), to add to
 the loss with a weight (PEFT's orth_reg_weight).
@@ -20,6 +17,9 @@ Budget b(t) over total_step T (tinit warm-up, tfinal final phase, all layers' ra
 Masking sets λ_i = 0 for every triplet whose importance is <= the (b0 - b)-th smallest over all layers
 (a masked λ may regrow until the next masking, as in PEFT). The EMAs and the frozen pattern are
 buffers of each layer, so they are in the model's state_dict and a resumed run continues exactly.
+The allocator computes all of this per group of layers of one shape (a few batched ops per group,
+not a loop over layers): it binds each group's EMA and frozen-mask buffers as views of one stacked
+tensor, so one in-place op updates the whole group.
 """
 from __future__ import annotations
 
@@ -28,13 +28,7 @@ from torch import Tensor, nn
 
 from ._constants import FLOAT_DTYPES, acc_dtype
 from ._registry import declare
-from .spectral import scaled_matmul
-
-EPS_RANKNUM = 1e-5  # PEFT's ranknum + 1e-5 in the scaling
-ORTHOGONAL = (None, "stiefel")
-# per factor: the dim that indexes triplets, and the dim an importance is averaged over
-_TRIPLET_DIM = {"P": 1, "lam": 0, "Q": 0, "Qt": 1}
-_MEAN_DIM = {"P": 0, "Q": 1, "Qt": 0}
+from .adapters import ADALORA_MEAN_DIM, AdaLoRA
 
 
 # ----------------------------------------------------------------------------- the regulariser op
@@ -119,118 +113,64 @@ orthogonality = declare(
 )
 
 
-# ----------------------------------------------------------------------------- the layer and the allocator
+# ----------------------------------------------------------------------------- the allocator
+
+_EMAS = ("ema_ipt_", "ema_unc_")
 
 
-class AdaLoRALinear(nn.Module):
-    """W0 + c · P diag(λ) Q on a frozen nn.Linear (module docstring); r = init_r triplets.
+class _Group:
+    """Layers whose factors have one shape, dtype and device; their EMA and frozen-mask buffers are
+    views of the stacked tensors in `state` (key: buffer name), layer l's at index l."""
 
-    orthogonal="stiefel" keeps P and Q exactly orthonormal instead of regularising them: P (out, r)
-    and Qt = Qᵀ (in, r) start as random orthonormal columns (init_r <= min(out, in)) and are trained
-    by a Stiefel optimiser (orthogonal_parameters(): specops.StiefelSGD / StiefelAdam), λ by any.
-    The importance, budget and masks are the same."""
+    def __init__(self, names: list[str], mods: list[AdaLoRA]):
+        self.names, self.mods, self.factors = names, mods, mods[0].factors
+        self.state, self._views = {}, {}
+        for key in [kind + f for kind in _EMAS for f in self.factors] + ["frozen_mask"]:
+            self.state[key] = torch.stack([m._buffers[key] for m in mods])
+            self._views[key] = self.state[key].unbind(0)
+            for m, view in zip(mods, self._views[key]):
+                setattr(m, key, view)
 
-    method = "adalora"
+    def bound(self) -> bool:
+        """Whether every layer still holds this group's views (not so after compact(), .to(), ...)."""
+        return all(m._buffers[key] is view for key, views in self._views.items() for m, view in zip(self.mods, views))
 
-    def __init__(self, base: nn.Linear, *, init_r: int = 12, alpha: float | None = None, scale: float = 1.0,
-                 orthogonal: str | None = None):
-        super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        if not isinstance(init_r, int) or init_r < 1:
-            raise ValueError(f"init_r: expected a positive int, got {init_r!r}")
-        if orthogonal not in ORTHOGONAL:
-            raise ValueError(f"orthogonal: expected one of {ORTHOGONAL}, got {orthogonal!r}")
-        base.requires_grad_(False)
-        self.base, self.init_r, self.scale, self.orthogonal = base, init_r, float(scale), orthogonal
-        self.alpha = float(init_r if alpha is None else alpha)
-        W0 = base.weight
-        out_f, in_f = W0.shape
-        like = dict(dtype=W0.dtype, device=W0.device)
-        self.lam = nn.Parameter(W0.new_zeros(init_r))
-        if orthogonal == "stiefel":
-            if init_r > min(out_f, in_f):
-                raise ValueError(f"init_r: {init_r} orthonormal triplets need init_r <= min(out, in) = {min(out_f, in_f)}")
-            onb = lambda n: torch.linalg.qr(torch.randn(n, init_r, dtype=torch.float64))[0].to(**like)  # noqa: E731
-            self.P, self.Qt = nn.Parameter(onb(out_f)), nn.Parameter(onb(in_f))
-            self.factors = ("P", "lam", "Qt")
-        else:
-            self.P = nn.Parameter(torch.randn(out_f, init_r, **like) * 0.02)
-            self.Q = nn.Parameter(torch.randn(init_r, in_f, **like) * 0.02)
-            self.factors = ("P", "lam", "Q")
-        for f in self.factors:  # the allocator's smoothed sensitivity and uncertainty, per entry
-            p = getattr(self, f)
-            self.register_buffer(f"ema_ipt_{f}", torch.zeros_like(p))
-            self.register_buffer(f"ema_unc_{f}", torch.zeros_like(p))
-        # the final phase's kept triplets (all until then): a buffer, so a run resumed there keeps them
-        self.register_buffer("frozen_mask", torch.ones(init_r, dtype=torch.bool, device=W0.device))
+    def params(self, f: str) -> list[Tensor]:
+        return [getattr(m, f) for m in self.mods]
 
-    def c(self) -> float:
-        return self.scale * self.alpha / (self.init_r + EPS_RANKNUM)
+    def lams(self) -> list[Tensor]:
+        return self.params("lam")
 
-    def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        y = self.base(x2) + self.c() * scaled_matmul(x2 @ self.q().mT, self.lam, self.P.mT)
-        return y.view(*x.shape[:-1], y.shape[-1])
+    def scores(self) -> Tensor:
+        """(layers, r): s(λ_i) + mean s(Q[i, :]) + mean s(P[:, i]), s = Ī · U."""
+        s = {f: self.state["ema_ipt_" + f] * self.state["ema_unc_" + f] for f in self.factors}
+        P, lam, Q = self.factors
+        return s[lam] + (s[Q].mean(1 + ADALORA_MEAN_DIM[Q]) + s[P].mean(1 + ADALORA_MEAN_DIM[P]))
 
-    def delta_weight(self) -> Tensor:
-        """ΔW = c · P diag(λ) Q (out, in), differentiable."""
-        return self.c() * scaled_matmul(self.P, self.lam, self.q())
-
-    def q(self) -> Tensor:
-        """Q (r, in) (a transposed view of the parameter Qt under orthogonal="stiefel")."""
-        return self.Qt.mT if self.orthogonal == "stiefel" else self.Q
-
-    def orthogonal_parameters(self) -> list[nn.Parameter]:
-        """[P, Qt] under orthogonal="stiefel" (for a Stiefel optimiser), else []."""
-        return [self.P, self.Qt] if self.orthogonal == "stiefel" else []
-
-    def lora_factors(self) -> tuple[Tensor, Tensor]:
-        """(B, A) with B @ A == delta_weight(): the kept triplets only (an exact LoRA of the kept rank)."""
-        keep = self.lam != 0
-        return self.c() * self.P[:, keep] * self.lam[keep], self.q()[keep]
-
-    @property
-    def rank(self) -> int:
-        """Triplets computed (init_r until compact())."""
-        return self.lam.numel()
-
-    @torch.no_grad()
-    def compact(self) -> None:
-        """Drop the pruned triplets (λ = 0, or outside the final phase's pattern) from P, λ, Q and their
-        state, so compute follows the kept rank; the output is unchanged (c keeps init_r, as the
-        layer's scale; the regulariser then covers the kept triplets only). The parameters are new
-        tensors: build (or rebuild) the optimiser after."""
-        keep = (self.lam != 0) & self.frozen_mask
-        idx = keep.nonzero().view(-1)
-        for f in self.factors:
-            dim = _TRIPLET_DIM[f]
-            setattr(self, f, nn.Parameter(getattr(self, f).index_select(dim, idx)))
-            for kind in ("ema_ipt_", "ema_unc_"):
-                setattr(self, kind + f, getattr(self, kind + f).index_select(dim, idx))
-        self.frozen_mask = self.frozen_mask[keep]
-
-    def extra_repr(self) -> str:
-        return (f"init_r={self.init_r}, rank={self.rank}, alpha={self.alpha}, scale={self.scale}, "
-                f"orthogonal={self.orthogonal!r}")
+    def mask(self, keep: Tensor) -> None:
+        """λ = 0 wherever `keep` (layers, r) is False."""
+        lams = self.lams()
+        torch._foreach_copy_(lams, torch.stack(lams).masked_fill_(~keep, 0.0).unbind(0))
 
 
 class RankAllocator:
-    """The budget schedule, importance scores and masks of every AdaLoRALinear in `model` (module
+    """The budget schedule, importance scores and masks of every AdaLoRA adapter in `model` (module
     docstring; PEFT's AdaLoraConfig names). Call update_and_allocate(step) after backward and the
     optimiser step, before zero_grad, with step counting from 0 or 1 as the schedule's t."""
 
     def __init__(self, model: nn.Module, *, target_r: int = 8, tinit: int = 0, tfinal: int = 0, deltaT: int = 1,
                  beta1: float = 0.85, beta2: float = 0.85, total_step: int):
-        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRALinear)}
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, AdaLoRA)}
         if not self.layers:
-            raise ValueError("RankAllocator: the model has no AdaLoRALinear layer")
+            raise ValueError("RankAllocator: the model has no AdaLoRA adapter (specops.sdxl.inject(model, \"adalora\", ...))")
         if not (0 < beta1 < 1 and 0 < beta2 < 1):
             raise ValueError(f"beta1, beta2: expected in (0, 1), got {beta1}, {beta2}")
         if not total_step > tinit + tfinal:
             raise ValueError(f"total_step: expected > tinit + tfinal = {tinit + tfinal}, got {total_step}")
         if deltaT < 1:
             raise ValueError(f"deltaT: expected >= 1, got {deltaT}")
+        if not isinstance(target_r, int) or target_r < 0:
+            raise ValueError(f"target_r: expected a non-negative int, got {target_r!r}")
         self.target_r, self.tinit, self.tfinal, self.deltaT = target_r, tinit, tfinal, deltaT
         self.beta1, self.beta2, self.total_step = beta1, beta2, total_step
         self.init_budget = sum(m.init_r for m in self.layers.values())
@@ -238,13 +178,20 @@ class RankAllocator:
         self._collect()
 
     def _collect(self) -> None:
-        mods = list(self.layers.values())
-        self._params = [getattr(m, f) for m in mods for f in m.factors]
-        self._ipt = [getattr(m, f"ema_ipt_{f}") for m in mods for f in m.factors]
-        self._unc = [getattr(m, f"ema_unc_{f}") for m in mods for f in m.factors]
+        by_shape: dict[tuple, list[str]] = {}
+        for name, m in self.layers.items():
+            key = (m.factors, tuple(getattr(m, f).shape for f in m.factors), m.lam.dtype, m.lam.device)
+            by_shape.setdefault(key, []).append(name)
+        self._groups = [_Group(names, [self.layers[n] for n in names]) for names in by_shape.values()]
+
+    def _current(self) -> list[_Group]:
+        """The groups, rebuilt (from the layers' current values) when a layer's buffers were replaced."""
+        if not all(g.bound() for g in self._groups):
+            self._collect()
+        return self._groups
 
     def compact(self) -> None:
-        """AdaLoRALinear.compact() on every layer, once the final phase has begun (before it, the budget
+        """AdaLoRA.compact() on every layer, once the final phase has begun (before it, the budget
         schedule still counts every init_r triplet); rebuild the optimiser after."""
         for m in self.layers.values():
             m.compact()
@@ -261,37 +208,35 @@ class RankAllocator:
 
     @torch.no_grad()
     def _update_importance(self) -> None:
-        # one foreach pass over every factor of every layer (no per-layer Python arithmetic)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
-        ipt = torch._foreach_abs(torch._foreach_mul(self._params, grads))
-        torch._foreach_mul_(self._ipt, self.beta1)
-        torch._foreach_add_(self._ipt, ipt, alpha=1 - self.beta1)
-        dev = torch._foreach_abs(torch._foreach_sub(ipt, self._ipt))
-        torch._foreach_mul_(self._unc, self.beta2)
-        torch._foreach_add_(self._unc, dev, alpha=1 - self.beta2)
+        b1, b2 = self.beta1, self.beta2
+        for g in self._current():
+            for f in g.factors:
+                params = g.params(f)
+                w = torch.stack(params)
+                grad = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+                ipt = w.mul_(grad).abs_()
+                ema, unc = g.state["ema_ipt_" + f], g.state["ema_unc_" + f]
+                ema.mul_(b1).add_(ipt, alpha=1 - b1)
+                unc.mul_(b2).add_(ipt.sub_(ema).abs_(), alpha=1 - b2)
 
     @torch.no_grad()
     def scores(self) -> dict[str, Tensor]:
         """{layer: importance of each triplet (r,)} from the current EMAs."""
-        s = torch._foreach_mul(self._ipt, self._unc)
-        out = {}
-        for i, (name, m) in enumerate(self.layers.items()):
-            sP, slam, sQ = s[3 * i: 3 * i + 3]
-            out[name] = slam + (sQ.mean(_MEAN_DIM[m.factors[2]]) + sP.mean(0))
-        return out
+        return {n: s for g in self._current() for n, s in zip(g.names, g.scores().unbind(0))}
 
     @torch.no_grad()
-    def _mask_to_budget(self, budget: int) -> dict[str, Tensor]:
-        scores = self.scores()
+    def _mask_to_budget(self, budget: int) -> list[Tensor]:
+        """Mask to `budget`; returns each group's keep mask (layers, r)."""
+        groups = self._current()
+        scores = [g.scores() for g in groups]
         k = self.init_budget - budget
-        keep = {}
         if k <= 0:
-            return {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}
-        threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values
-        for name, s in scores.items():
-            keep[name] = s > threshold
-            self.layers[name].lam.masked_fill_(~keep[name], 0.0)
-        return keep
+            return [torch.ones_like(s, dtype=torch.bool) for s in scores]
+        threshold = torch.kthvalue(torch.cat([s.flatten() for s in scores]), k).values
+        keeps = [s > threshold for s in scores]
+        for g, keep in zip(groups, keeps):
+            g.mask(keep)
+        return keeps
 
     @torch.no_grad()
     def update_and_allocate(self, step: int) -> int:
@@ -304,14 +249,15 @@ class RankAllocator:
                 self._mask_to_budget(budget)
             return budget
         if step == end:
-            keep = self._mask_to_budget(self.budget_schedule(step)[0])
-            for name, m in self.layers.items():
-                m.frozen_mask.copy_(keep[name])
-            torch._foreach_zero_(self._ipt)
-            torch._foreach_zero_(self._unc)
+            keeps = self._mask_to_budget(self.budget_schedule(step)[0])
+            for g, keep in zip(self._groups, keeps):
+                g.state["frozen_mask"].copy_(keep)
+                for kind in _EMAS:
+                    for f in g.factors:
+                        g.state[kind + f].zero_()
             return self.target_budget
-        for m in self.layers.values():
-            m.lam.masked_fill_(~m.frozen_mask, 0.0)
+        for g in self._current():
+            g.mask(g.state["frozen_mask"])
         return self.target_budget
 
     def regularizer(self) -> Tensor:
@@ -320,26 +266,11 @@ class RankAllocator:
         mods = list(self.layers.values())
         return orthogonality([m.P for m in mods], [m.q() for m in mods])
 
+    @torch.no_grad()
     def ranks(self) -> dict[str, int]:
         """{layer: triplets kept (λ != 0)}."""
-        return {n: int(torch.count_nonzero(m.lam)) for n, m in self.layers.items()}
+        return {n: int(c) for g in self._current()
+                for n, c in zip(g.names, torch.count_nonzero(torch.stack(g.lams()), dim=1).tolist())}
 
 
-def inject(model: nn.Module, targets, **options) -> dict[str, AdaLoRALinear]:
-    """Replace each nn.Linear of `model` whose qualified name ends with one of `targets` by an
-    AdaLoRALinear(**options) around it; returns {name: layer}."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)
-             and any(n == t or n.endswith("." + t) for t in targets)]
-    if not found:
-        raise ValueError(f"inject: no nn.Linear named like {targets}")
-    out = {}
-    for name, lin in found:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        out[name] = AdaLoRALinear(lin, **options)
-        setattr(parent, child, out[name])
-    return out
-
-
-__all__ = ["AdaLoRALinear", "RankAllocator", "inject", "orthogonality", "EPS_RANKNUM"]
+__all__ = ["RankAllocator", "orthogonality"]

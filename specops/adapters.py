@@ -9,7 +9,7 @@ the adapted matrix W, reshaped back to (out, in, kh, kw) and run as one conv wit
 padding and dilation. An input-side rotation then acts on in·kh·kw, and n below reads in·kh·kw.
 Two kinds:
 
-  additive  (LoRA, LoHa, LoKr, ZipLoRA):  y = x W0^T + b + scale · x ΔW'^T,  ΔW = scale · ΔW'
+  additive  (LoRA, LoHa, LoKr, AdaLoRA, ZipLoRA):  y = x W0^T + b + scale · x ΔW'^T,  ΔW = scale · ΔW'
   rebuild   (OFT, KOFT, SVDiff, SODA-SVD, SODA-LQ): the method gives the adapted weight W itself;
             scale 1 runs the adapted layer y = x W^T + b, any other scale s runs
             y = base(x) + s (x W^T - x W0^T), so ΔW = s (W - W0).
@@ -18,6 +18,7 @@ Two kinds:
     lora        (alpha/r) B A                                       A (r, n), B (m, r) = 0
     loha        (alpha/r) (B1 A1) ⊙ (B2 A2)                         A1, B1 = 0, A2, B2
     lokr        c W1 ⊗ W2  (W_i dense or B_i A_i; c = alpha/r or 1)   W1 (m1, n1) or B1 = 0; W2 or B2, A2
+    adalora     c P diag(λ) Q  (c = alpha/(init_r + 1e-5))           P (m, r), Q (r, n) ~ N(0, 0.02²), λ = 0
     oft         W = W0 R, R = diag(cayley(Q_i - Q_i^T))             Q (b, n/b, n/b) = 0
                 (side "output": W = R W0, R over m; optional
                  rescale W = diag(g) ..., LyCORIS's diag-oft)        g (m,) = 1
@@ -64,6 +65,7 @@ from .spectral import (
     decompose,
     kron_factor_sizes,
     spectral_linear,
+    scaled_matmul,
     spectral_linear_lq,
     spectral_shift,
     spectral_shift_lq,
@@ -71,8 +73,8 @@ from .spectral import (
 from .stiefel import cayley
 from .zip import _check_linear, _lora_parts, zip_lora_linear, zip_merge_lora
 
-__all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "OFT", "KOFT", "SVDiff", "SODASVD", "SODALQ", "ZipLoRA",
-           "ADAPTER_TYPES", "CONV_METHODS", "OFT_SIDES", "make_adapter"]
+__all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "AdaLoRA", "OFT", "KOFT", "SVDiff", "SODASVD", "SODALQ", "ZipLoRA",
+           "ADAPTER_TYPES", "CONV_METHODS", "OFT_SIDES", "ADALORA_ORTHOGONAL", "make_adapter"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -454,6 +456,128 @@ def _spatial(W0: Tensor) -> bool:
 def _tucker_rebuild(B: Tensor, T: Tensor, A: Tensor) -> Tensor:
     """Σ_{p,q} B[o, p] T[p, q, h, w] A[q, i]: B (out, r), T (r, r, kh, kw), A (r, in) -> (out, in, kh, kw)."""
     return torch.einsum("op,pqhw,qi->oihw", B, T, A)
+
+
+ADALORA_ORTHOGONAL = (None, "stiefel")
+EPS_RANKNUM = 1e-5  # PEFT's ranknum + 1e-5 in AdaLoRA's scaling
+# AdaLoRA's factors: the dim of each that indexes triplets, and the dim an importance is averaged over
+ADALORA_TRIPLET_DIM = {"P": 1, "lam": 0, "Q": 0, "Qt": 1}
+ADALORA_MEAN_DIM = {"P": 0, "Q": 1, "Qt": 0}
+
+
+class AdaLoRA(Adapter):
+    """AdaLoRA's SVD-form update ΔW = c · P diag(λ) Q, c = scale·alpha / (init_r + 1e-5) (alpha =
+    init_r when not given): P (out, r), λ (r,) = 0, Q (r, n) with P, Q ~ N(0, 0.02²), so a fresh
+    adapter is W0. These are PEFT's AdaLoRA conventions (its lora_B, lora_E, lora_A and scaling /
+    ranknum), so one model's numbers carry over to the other. specops.adalora.RankAllocator masks
+    λ by importance; `rank` triplets are computed (init_r, or the kept ones after compact()).
+
+    Forward, Linear: base(x) + c · ((x Qᵀ) diag(λ)) Pᵀ through specops.scaled_matmul; ΔW is never
+    formed. On an nn.Conv2d, Q is the (r, in·kh·kw) matrix of an r-channel conv with the base's
+    geometry and P diag(λ) a 1x1 conv: y = base(x) + (c P diag λ) * (Q * x), as LoCon.
+    orthogonal="stiefel" keeps P and Q exactly orthonormal instead of regularising them: P and
+    Qt = Qᵀ (n, r) start as random orthonormal columns (init_r <= min(out, n)) and are trained by
+    a Stiefel optimiser (orthogonal_parameters(), sdxl.param_groups' orthogonal group), λ by any.
+    Buffers, in the state_dict and in save_adapters files: ema_ipt_<f> / ema_unc_<f> (the
+    allocator's smoothed sensitivity and uncertainty of every entry of each factor f) and
+    frozen_mask (r,) (the final phase's kept triplets; all until then).
+    """
+
+    method = "adalora"
+    bases = (nn.Linear, nn.Conv2d)
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, init_r: int = 12, alpha: float | None = None,
+                 rank: int | None = None, orthogonal: str | None = None, scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        self.init_r = _positive_int("init_r", init_r)
+        r = init_r if rank is None else _positive_int("rank", rank)
+        if r > init_r:
+            raise ValueError(f"rank: expected at most init_r = {init_r} triplets, got {r}")
+        self.orthogonal = _choice("orthogonal", orthogonal, ADALORA_ORTHOGONAL)
+        self.alpha = float(init_r if alpha is None else alpha)
+        W0 = base.weight
+        out_f, cols = W0.shape[0], W0[0].numel()
+        like = dict(dtype=W0.dtype, device=W0.device)
+        self.lam = nn.Parameter(W0.new_zeros(r))
+        if orthogonal == "stiefel":
+            if r > min(out_f, cols):
+                raise ValueError(f"init_r: {r} orthonormal triplets need at most min(out, in) = {min(out_f, cols)}")
+            onb = lambda n: torch.linalg.qr(torch.randn(n, r, dtype=torch.float64))[0].to(**like)  # noqa: E731
+            self.P, self.Qt = nn.Parameter(onb(out_f)), nn.Parameter(onb(cols))
+            self.factors = ("P", "lam", "Qt")
+        else:
+            self.P = nn.Parameter(torch.randn(out_f, r, **like) * 0.02)
+            self.Q = nn.Parameter(torch.randn(r, cols, **like) * 0.02)
+            self.factors = ("P", "lam", "Q")
+        for f in self.factors:
+            p = getattr(self, f)
+            self.register_buffer(f"ema_ipt_{f}", torch.zeros_like(p))
+            self.register_buffer(f"ema_unc_{f}", torch.zeros_like(p))
+        self.register_buffer("frozen_mask", torch.ones(r, dtype=torch.bool, device=W0.device))
+        self._options = {"init_r": init_r, "alpha": self.alpha, "rank": r, "orthogonal": orthogonal}
+
+    def _c(self, scale: float | None = None) -> float:
+        return (self.scale if scale is None else scale) * self.alpha / (self.init_r + EPS_RANKNUM)
+
+    def q(self) -> Tensor:
+        """Q (r, n) (a transposed view of the parameter Qt under orthogonal="stiefel")."""
+        return self.Qt.mT if self.orthogonal == "stiefel" else self.Q
+
+    def _forward(self, x):
+        if self.rank == 0:  # every triplet compacted away (a conv refuses 0 channels)
+            return self.base(x)
+        if self.is_conv:
+            conv = self.base
+            Q = self.q().reshape(self.rank, *conv.weight.shape[1:])
+            h = F.conv2d(x, Q, None, *_conv_geometry(conv))
+            return _add_up_projection(conv(x), self.P * (self._c() * self.lam), h)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = self.base(x2) + self._c() * scaled_matmul(x2 @ self.q().mT, self.lam, self.P.mT)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _delta(self, scale):
+        return (self._c(scale) * scaled_matmul(self.P, self.lam, self.q())).view(self.base.weight.shape)
+
+    def _kept(self) -> tuple[Tensor, Tensor]:
+        """(c·P diag λ, Q) over the triplets with λ != 0: an exact factorisation of ΔW."""
+        keep = self.lam != 0
+        return self.P[:, keep] * (self._c() * self.lam[keep]), self.q()[keep]
+
+    def lora_factors(self):
+        """(B, A) with B @ A == delta_weight(), of the kept rank (λ != 0); None on a conv (conv_factors)."""
+        return None if self.is_conv else self._kept()
+
+    def conv_factors(self) -> tuple[Tensor, Tensor] | None:
+        """On a conv: (B, A) with A (k, in, kh, kw), LoRA(base, init=conv_factors()) having this ΔW,
+        k the kept rank; None on a Linear."""
+        if not self.is_conv:
+            return None
+        B, A = self._kept()
+        return B, A.reshape(A.shape[0], *self.base.weight.shape[1:])
+
+    def orthogonal_parameters(self):
+        return [self.P, self.Qt] if self.orthogonal == "stiefel" else []
+
+    @property
+    def rank(self) -> int:
+        """Triplets computed (init_r until compact())."""
+        return self.lam.numel()
+
+    @torch.no_grad()
+    def compact(self) -> None:
+        """Drop the pruned triplets (λ = 0, or outside the final phase's pattern) from P, λ, Q and their
+        state, so compute follows the kept rank; the output is unchanged (c keeps init_r, as the
+        layer's scale; the regulariser then covers the kept triplets only). The parameters are new
+        tensors: build (or rebuild) the optimiser after; config()'s rank follows."""
+        keep = (self.lam != 0) & self.frozen_mask
+        idx = keep.nonzero().view(-1)
+        for f in self.factors:
+            dim = ADALORA_TRIPLET_DIM[f]
+            setattr(self, f, nn.Parameter(getattr(self, f).index_select(dim, idx)))
+            for kind in ("ema_ipt_", "ema_unc_"):
+                setattr(self, kind + f, getattr(self, kind + f).index_select(dim, idx))
+        self.frozen_mask = self.frozen_mask[keep]
+        self._options["rank"] = self.rank
 
 
 class _Hadamard(torch.autograd.Function):
@@ -1139,7 +1263,7 @@ class SODALQ(_Spectral):
 # ----------------------------------------------------------------------------- registry
 
 ADAPTER_TYPES: dict[str, type[Adapter]] = {
-    cls.method: cls for cls in (LoRA, LoHa, LoKr, OFT, KOFT, SVDiff, SODASVD, SODALQ, ZipLoRA)
+    cls.method: cls for cls in (LoRA, LoHa, LoKr, AdaLoRA, OFT, KOFT, SVDiff, SODASVD, SODALQ, ZipLoRA)
 }
 # The methods whose adapter also wraps an nn.Conv2d: all but ZipLoRA.
 CONV_METHODS: tuple[str, ...] = tuple(m for m, cls in ADAPTER_TYPES.items() if nn.Conv2d in cls.bases)

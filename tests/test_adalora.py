@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from specops import adalora
+from specops import adalora, lora_io, sdxl
 from specops.testing import rel_err
 
 F64 = torch.float64
@@ -35,7 +35,7 @@ def _pair():
     for name, p in theirs.named_parameters():
         if "ranknum" in name:  # a constant (r) that PEFT 0.21 leaves requiring grad: SGD would move it
             p.requires_grad_(False)
-    layers = adalora.inject(ours, ["l1", "l2", "l3"], init_r=6, alpha=8)
+    layers = sdxl.inject(ours, "adalora", targets=["l1", "l2", "l3"], init_r=6, alpha=8)
     with torch.no_grad():
         for name, layer in layers.items():
             t = theirs.base_model.model.get_submodule(name)
@@ -125,23 +125,91 @@ def _train(model, alloc, opt, steps, start=0, reg=0.1):
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("split", [100, 185], ids=["budget-phase", "final-phase"])
-def test_resume_continues_exactly(split):
-    """split steps, the state_dict into a fresh model, the rest == every step uninterrupted."""
-    def fresh():
-        _, model, _ = _pair()
-        return model, adalora.RankAllocator(model, target_r=3, **SCHEDULE)
+def _plain():
+    """A Net with _pair's base weights and no adapter."""
+    torch.manual_seed(0)
+    return Net().double()
 
-    full, full_alloc = fresh()
+
+@pytest.mark.parametrize("split", [100, 185], ids=["budget-phase", "final-phase"])
+def test_resume_continues_exactly(split, tmp_path):
+    """split steps, save_adapters, load_adapters into a fresh model without adapters, the rest ==
+    every step uninterrupted (the file holds the EMAs and the frozen pattern)."""
+    full = _pair()[1]
+    full_alloc = adalora.RankAllocator(full, target_r=3, **SCHEDULE)
     _train(full, full_alloc, torch.optim.SGD(full.parameters(), lr=0.05), SCHEDULE["total_step"])
-    first, first_alloc = fresh()
-    _train(first, first_alloc, torch.optim.SGD(first.parameters(), lr=0.05), split)
-    resumed, resumed_alloc = fresh()
-    resumed.load_state_dict(first.state_dict())
+    first = _pair()[1]
+    _train(first, adalora.RankAllocator(first, target_r=3, **SCHEDULE), torch.optim.SGD(first.parameters(), lr=0.05), split)
+    lora_io.save_adapters(first, tmp_path / "live.safetensors")
+    resumed = _plain()
+    lora_io.load_adapters(resumed, tmp_path / "live.safetensors")
+    resumed_alloc = adalora.RankAllocator(resumed, target_r=3, **SCHEDULE)
     _train(resumed, resumed_alloc, torch.optim.SGD(resumed.parameters(), lr=0.05), SCHEDULE["total_step"] - split, split)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     assert full_alloc.ranks() == resumed_alloc.ranks()
+
+
+def test_allocator_groups_layers_by_shape_and_follows_replaced_buffers():
+    """l1, l2, l3 have three shapes: three groups; two l2-shaped layers share one. A layer whose
+    buffers were replaced (here: a state_dict loaded with assign=True) is picked up again."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)).double()
+    sdxl.inject(model, "adalora", targets=["0", "1", "2"], init_r=3)
+    alloc = adalora.RankAllocator(model, target_r=1, total_step=10)
+    assert sorted(len(g.mods) for g in alloc._groups) == [1, 2]
+    state = {k: v.clone() + 1 if "ema" in k else v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    want = {n: (m.ema_ipt_lam * m.ema_unc_lam + (m.ema_ipt_Q * m.ema_unc_Q).mean(1) + (m.ema_ipt_P * m.ema_unc_P).mean(0))
+            for n, m in alloc.layers.items()}
+    assert all(torch.equal(alloc.scores()[n], w) for n, w in want.items())
+
+
+def test_conv_adapter_is_locon_shaped_and_exports_exactly(tmp_path):
+    """AdaLoRA on a 3x3 stride-2 conv: forward == conv with W0 + c P diag(λ) Q reshaped; the kept
+    triplets export as an exact LoCon (kohya keys) that load_lora / apply_lora rebuild; the
+    Stiefel variant starts orthonormal on the (r, in·kh·kw) matrix."""
+    from specops import stiefel
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Linear(5, 5)).double()
+    layers = sdxl.inject(model, "adalora", targets=["0"], init_r=4, alpha=6)
+    layer = layers["0"]
+    with torch.no_grad():
+        layer.lam.copy_(torch.tensor([0.5, 0.0, -1.0, 2.0]))
+    x = torch.randn(2, 4, 9, 9, dtype=F64)
+    c = 6 / (4 + 1e-5)
+    W = model[0].base.weight + (c * layer.P @ torch.diag(layer.lam) @ layer.Q).view(6, 4, 3, 3)
+    assert rel_err(layer(x), nn.functional.conv2d(x, W, model[0].base.bias, 2, 1)) <= 1e-12
+    lora_io.export_lora(model, tmp_path / "k.safetensors", format="kohya")
+    (B, A), = lora_io.load_lora(tmp_path / "k.safetensors", model={"unet": model}).values()
+    assert A.shape == (3, 4, 3, 3)
+    assert rel_err((B @ A.flatten(1)).view(6, 4, 3, 3), layer.delta_weight()) <= 1e-12
+    fresh = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Linear(5, 5)).double()
+    fresh.load_state_dict({k.replace("base.", ""): v for k, v in model.state_dict().items() if "ema" not in k
+                           and k not in ("0.lam", "0.P", "0.Q", "0.frozen_mask")})
+    sdxl.apply_lora(fresh, tmp_path / "k.safetensors")
+    assert rel_err(fresh[0](x), layer(x)) <= 1e-12
+    ortho = sdxl.inject(nn.Sequential(nn.Conv2d(4, 6, 3)), "adalora", targets=["0"], init_r=5, orthogonal="stiefel")["0"]
+    assert ortho.Qt.shape == (36, 5) and stiefel.orthogonality_error(ortho.Qt).item() <= 1e-6
+
+
+def test_param_groups_and_diffusers_export(tmp_path):
+    """sdxl.param_groups: P and Qt of the Stiefel variant in the orthogonal group, λ Euclidean;
+    export_lora (diffusers keys) holds each layer's kept rank, B A == ΔW."""
+    model = _plain()
+    layers = sdxl.inject(model, "adalora", targets=["l1", "l2", "l3"], init_r=6, orthogonal="stiefel")
+    groups = sdxl.param_groups(model, lr=1e-3)
+    assert {id(p) for g in groups.orthogonal for p in g["params"]} == {id(p) for m in layers.values() for p in (m.P, m.Qt)}
+    assert {id(p) for g in groups.euclidean for p in g["params"]} == {id(m.lam) for m in layers.values()}
+    with torch.no_grad():
+        for i, m in enumerate(layers.values()):
+            m.lam.normal_()
+            m.lam[: i + 1] = 0
+    lora_io.export_lora(model, tmp_path / "d.safetensors")
+    loaded = lora_io.load_lora(tmp_path / "d.safetensors", model={"unet": model})
+    for i, (name, m) in enumerate(layers.items()):
+        B, A = loaded[f"unet.{name}"]
+        assert A.shape[0] == 6 - (i + 1)
+        assert rel_err(B @ A, m.delta_weight()) <= 1e-12
 
 
 def test_orthogonality_op_errors():
@@ -156,7 +224,7 @@ def test_orthogonality_op_errors():
         adalora.orthogonality([P], [Q.double()])
 
 
-def test_compact_keeps_the_output_and_the_run():
+def test_compact_keeps_the_output_and_the_run(tmp_path):
     """Compacted at the final phase's start: same outputs (1e-12), ranks as kept, and the rest of the
     run equal to the uncompacted one's re-masking (without the regulariser, which after compaction
     covers the kept triplets only)."""
@@ -173,6 +241,11 @@ def test_compact_keeps_the_output_and_the_run():
             assert [m.rank for m in layers.values()] == list(alloc.ranks().values())
             assert sum(m.rank for m in layers.values()) == 9
             assert rel_err(model(x), before) <= 1e-12
+            lora_io.save_adapters(model, tmp_path / "compact.safetensors")  # config() holds the kept rank
+            model = _plain()
+            lora_io.load_adapters(model, tmp_path / "compact.safetensors")
+            alloc = adalora.RankAllocator(model, target_r=3, **SCHEDULE)
+            assert rel_err(model(x), before) <= 1e-12
         _train(model, alloc, torch.optim.SGD(model.parameters(), lr=0.05), SCHEDULE["total_step"] - end - 1, end + 1, reg=0.0)
         runs.append(model(x))
     assert rel_err(runs[1], runs[0]) <= 1e-10
@@ -184,7 +257,7 @@ def test_stiefel_variant_stays_orthonormal():
     from specops import StiefelAdam, stiefel
     torch.manual_seed(0)
     model = Net()
-    layers = adalora.inject(model, ["l1", "l2", "l3"], init_r=6, orthogonal="stiefel")
+    layers = sdxl.inject(model, "adalora", targets=["l1", "l2", "l3"], init_r=6, orthogonal="stiefel")
     schedule = dict(tinit=50, tfinal=200, deltaT=10, total_step=1000)
     alloc = adalora.RankAllocator(model, target_r=3, **schedule)
     ortho = [p for m in layers.values() for p in m.orthogonal_parameters()]

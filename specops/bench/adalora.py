@@ -2,7 +2,7 @@
 
 "step" shapes: one training step (forward, backward of a fixed output gradient, the input requiring
 grad as inside a UNet) of one SDXL Linear with init_r 12 at 2x1024 tokens. Providers: peft (PEFT's
-SVDLinear), specops (AdaLoRALinear), specops r=8 (the same layer compacted to 8 kept triplets, as
+SVDLinear), specops (specops.adapters.AdaLoRA), specops r=8 (the same layer compacted to 8 kept triplets, as
 after the final phase; PEFT keeps computing all 12), frozen (the base layer alone).
 "allocate" shapes: one update_and_allocate of the allocator over the tiny UNet's 722 attention,
 feed-forward and proj layers (init_r 12, target_r 8), gradients set, at a step that masks and at one
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from specops import adalora
+from specops import adalora, adapters, sdxl
 
 from . import SDXL_LAYERS, Case, installed, rng
 from .peers import _Holder
@@ -48,7 +48,7 @@ def _step_setup(in_f, out_f, provider):
 
             layer = inject_adapter_in_model(_peft_config(["layer"]), _Holder(base))
         else:
-            layer = adalora.AdaLoRALinear(base, init_r=INIT_R)
+            layer = adapters.AdaLoRA(base, init_r=INIT_R)
             if provider == "specops r=8":
                 with torch.no_grad():
                     layer.lam[TARGET_R:] = 0
@@ -85,7 +85,7 @@ def _allocate_setup(provider, masking):
             params = [p for n, p in model.named_parameters() if "lora_" in n]
             allocate = model.base_model.update_and_allocate
         else:
-            adalora.inject(unet, targets, init_r=INIT_R)
+            sdxl.inject(unet, "adalora", targets=targets, init_r=INIT_R)
             alloc = adalora.RankAllocator(unet, target_r=TARGET_R, **SCHEDULE)
             params = [p for n, p in unet.named_parameters() if p.requires_grad]
             allocate = alloc.update_and_allocate

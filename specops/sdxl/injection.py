@@ -24,7 +24,7 @@ from .model import _is_text_encoder, _matches, _targets
 __all__ = ["INJECT_METHODS", "PRESETS", "BLOCK_LISTS", "inject", "set_block_weights", "remove", "fuse", "unfuse",
            "apply_lora"]
 
-INJECT_METHODS = ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd", "soda-lq")
+INJECT_METHODS = ("lora", "loha", "lokr", "adalora", "oft", "koft", "svdiff", "soda-svd", "soda-lq")
 
 
 class _Preset(NamedTuple):
@@ -201,8 +201,9 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
            block_weights=None, **options) -> dict[str, adapters.Adapter]:
     """Replace the selected Linear (and Conv2d) layers of `model` by `method` adapters, in place.
 
-    method: one of INJECT_METHODS ("lora", "loha", "lokr", "oft", "koft", "svdiff", "soda-svd",
-        "soda-lq"); `options` go to the adapter class (specops.adapters, e.g. rank=8, side="basis",
+    method: one of INJECT_METHODS ("lora", "loha", "lokr", "adalora", "oft", "koft", "svdiff",
+        "soda-svd", "soda-lq"); `options` go to the adapter class (specops.adapters, e.g. rank=8, side="basis",
+        AdaLoRA's init_r=12 (its rank allocator: specops.adalora.RankAllocator),
         or OFT's blocks=4: the number of diagonal rotation blocks, which must divide every adapted
         layer's rotated dimension (in, a conv's in·kh·kw, or out with side="output");
         LoRA's conv_rank / conv_alpha / tucker act on the convolutions, as LyCORIS's conv_dim /
