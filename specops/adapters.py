@@ -531,8 +531,10 @@ class AdaLoRA(Adapter):
             Q = self.q().reshape(self.rank, *conv.weight.shape[1:])
             h = F.conv2d(x, Q, None, *_conv_geometry(conv))
             return _add_up_projection(conv(x), self.P * (self._c() * self.lam), h)
+        # c goes on the small λ and the branch adds onto base's output in place: no output-sized
+        # product by c, forward or backward
         x2 = x.reshape(-1, x.shape[-1])
-        y = self.base(x2) + self._c() * scaled_matmul(x2 @ self.q().mT, self.lam, self.P.mT)
+        y = self.base(x2).add_(scaled_matmul(x2 @ self.q().mT, self._c() * self.lam, self.P.mT))
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _delta(self, scale):

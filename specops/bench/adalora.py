@@ -4,6 +4,11 @@
 grad as inside a UNet) of one SDXL Linear with init_r 12 at 2x1024 tokens. Providers: peft (PEFT's
 SVDLinear), specops (specops.adapters.AdaLoRA), specops r=8 (the same layer compacted to 8 kept triplets, as
 after the final phase; PEFT keeps computing all 12), frozen (the base layer alone).
+"branch" shapes: the same step of the adapter's update alone (a base that costs nothing: it returns
+zeros), where the rank shows: "kept r=k" has k of the 12 triplets left; PEFT keeps computing all 12
+(masked ones as zeros), specops r=k is compacted to k. flops / bytes: 6·T·k·(in+out) FLOPs, and the
+rank-independent traffic of reading x and the output gradient and writing x's gradient, (2·in + out)·T
+floats; at r <= 12 the bytes dominate, so compaction cannot cut the time in proportion to k.
 "allocate" shapes: one update_and_allocate of the allocator over the tiny UNet's 722 attention,
 feed-forward and proj layers (init_r 12, target_r 8), gradients set, at a step that masks and at one
 that only updates the importance.
@@ -35,10 +40,17 @@ def _randomise(params):
             p.normal_(0, 0.02)
 
 
-def _step_setup(in_f, out_f, provider):
+class _ZeroBase(nn.Linear):
+    """A base layer that costs nothing but its zero output (the "branch" shapes)."""
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def _step_setup(in_f, out_f, provider, kept=INIT_R, branch=False):
     def setup():
         gen = rng()
-        base = nn.Linear(in_f, out_f)
+        base = (_ZeroBase if branch else nn.Linear)(in_f, out_f)
         x = torch.randn(2, TOKENS // 2, in_f, generator=gen, requires_grad=True)
         gy = torch.randn(2, TOKENS // 2, out_f, generator=gen)
         if provider == "frozen":
@@ -49,12 +61,15 @@ def _step_setup(in_f, out_f, provider):
             layer = inject_adapter_in_model(_peft_config(["layer"]), _Holder(base))
         else:
             layer = adapters.AdaLoRA(base, init_r=INIT_R)
-            if provider == "specops r=8":
+            if provider.startswith("specops r="):
                 with torch.no_grad():
-                    layer.lam[TARGET_R:] = 0
-                    layer.lam[:TARGET_R] = 1
+                    layer.lam[kept:] = 0
+                    layer.lam[:kept] = 1
                 layer.compact()
         _randomise([p for n, p in layer.named_parameters() if p.requires_grad and "lora_E" not in n])
+        if provider == "peft" and kept < INIT_R:
+            with torch.no_grad():
+                layer.layer.lora_E["default"][kept:] = 0
 
         def step():
             layer(x).backward(gy)
@@ -103,7 +118,14 @@ def cases(quick: bool = False) -> list[Case]:
     providers = ("peft", "specops", "specops r=8", "frozen") if installed("peft") else ("specops", "specops r=8", "frozen")
     for in_f, out_f in SDXL_LAYERS[1:2] if quick else SDXL_LAYERS:
         shape = f"step {in_f}->{out_f} r={INIT_R}"
-        out += [Case("adalora", shape, p, _step_setup(in_f, out_f, p)) for p in providers]
+        out += [Case("adalora", shape, p, _step_setup(in_f, out_f, p, TARGET_R if p == "specops r=8" else INIT_R))
+                for p in providers]
+    in_f, out_f = SDXL_LAYERS[1]
+    for kept in (INIT_R,) if quick else (INIT_R, TARGET_R, 4):
+        shape = f"branch {in_f}->{out_f} kept r={kept}"
+        providers = (["peft"] if installed("peft") else []) + [f"specops r={kept}"]
+        cost = dict(flops=6.0 * TOKENS * kept * (in_f + out_f), bytes=4.0 * TOKENS * (2 * in_f + out_f))
+        out += [Case("adalora", shape, p, _step_setup(in_f, out_f, p, kept, branch=True), **cost) for p in providers]
     if not quick:
         for masking in (True, False):
             shape = f"allocate 722 layers {'masking' if masking else 'importance only'}"
