@@ -221,8 +221,9 @@ class RankAllocator:
 
     @torch.no_grad()
     def scores(self) -> dict[str, Tensor]:
-        """{layer: importance of each triplet (r,)} from the current EMAs."""
-        return {n: s for g in self._current() for n, s in zip(g.names, g.scores().unbind(0))}
+        """{layer: importance of each triplet (r,)} from the current EMAs, in module order."""
+        found = {n: s for g in self._current() for n, s in zip(g.names, g.scores().unbind(0))}
+        return {n: found[n] for n in self.layers}
 
     @torch.no_grad()
     def _mask_to_budget(self, budget: int) -> list[Tensor]:
@@ -268,9 +269,10 @@ class RankAllocator:
 
     @torch.no_grad()
     def ranks(self) -> dict[str, int]:
-        """{layer: triplets kept (λ != 0)}."""
-        return {n: int(c) for g in self._current()
-                for n, c in zip(g.names, torch.count_nonzero(torch.stack(g.lams()), dim=1).tolist())}
+        """{layer: triplets kept (λ != 0)}, in module order."""
+        found = {n: int(c) for g in self._current()
+                 for n, c in zip(g.names, torch.count_nonzero(torch.stack(g.lams()), dim=1).tolist())}
+        return {n: found[n] for n in self.layers}
 
 
 __all__ = ["RankAllocator", "orthogonality"]

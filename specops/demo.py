@@ -5,7 +5,11 @@
 2. A content LoRA and a style LoRA, each trained on its own batch.
 3. ZipLoRA merge of the two (only the column mergers train), exported in diffusers format and
    re-loaded with specops.lora_io.load_lora; the re-loaded factors must equal the merge.
-Prints a summary: losses, orthogonality error, the share of step time spent inside specops ops, files.
+4. AdaLoRA on the 700 attention and feed-forward layers (init_r 12, target 8): the rank allocator
+   moves the budget to the target, the pruned triplets are compacted away, the live adapters saved
+   (with the allocator's state) and the result exported as an exact LoRA of each layer's kept rank.
+Prints a summary: losses, orthogonality error, the share of step time spent inside specops ops, the
+AdaLoRA budget and the ranks each UNet block kept, files.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import time
 
 import torch
 
-from . import lora_io, sdxl, stiefel
+from . import adalora, lora_io, sdxl, stiefel
 from .optim import StiefelAdam
 from .sdxl.train import _progress
 
@@ -58,8 +62,53 @@ def _lora_opts(unet, lr):
     return lambda: [torch.optim.AdamW(sdxl.param_groups(unet, lr).euclidean)]
 
 
+ADALORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # AdaLoRA's own choice
+ADALORA_REG = 0.1  # weight of the orthogonality regulariser in the loss
+
+
+def _adalora(unet, batch, steps: int, out_dir: str, progress: bool) -> dict:
+    """AdaLoRA init_r 12 -> target_r 8 for `steps` steps (warm-up steps/6, final phase steps/4, masking
+    every 2nd step), then compact, save the live adapters and export the kept-rank LoRA."""
+    layers = sdxl.inject(unet, "adalora", targets=ADALORA_TARGETS, init_r=12)
+    alloc = adalora.RankAllocator(unet, target_r=8, tinit=steps // 6, tfinal=steps // 4, deltaT=2, total_step=steps)
+    opt = torch.optim.AdamW(sdxl.param_groups(unet, lr=1e-2).euclidean)
+    losses, budgets, times = [], [], []
+    for step in _progress(range(steps), progress, "adalora"):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = sdxl.denoising_loss(unet, batch)
+        (loss + ADALORA_REG * alloc.regularizer()).backward()
+        opt.step()
+        budgets.append(alloc.update_and_allocate(step))
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    ranks = alloc.ranks()
+    alloc.compact()
+    if [m.rank for m in layers.values()] != list(ranks.values()):
+        raise RuntimeError("demo: compaction did not keep each layer's kept rank")
+    files = {"adalora adapters": os.path.join(out_dir, "adalora_adapters.safetensors"),
+             "adalora lora (kohya)": os.path.join(out_dir, "adalora_lora.safetensors")}
+    lora_io.save_adapters(unet, files["adalora adapters"])
+    report = lora_io.export_lora(unet, files["adalora lora (kohya)"], format="kohya")
+    reloaded = lora_io.load_lora(files["adalora lora (kohya)"], model={"unet": unet})
+    kept = {n: m for n, m in layers.items() if m.rank}
+    if set(reloaded) != {f"unet.{n}" for n in kept}:
+        raise RuntimeError("demo: the AdaLoRA export does not hold every layer that kept a triplet")
+    with torch.no_grad():
+        reload_error = max(((B @ A - m.delta_weight()).norm() / m.delta_weight().norm()).item()
+                           for (B, A), m in zip((reloaded[f"unet.{n}"] for n in kept), kept.values()))
+    blocks: dict[str, list[int]] = {}
+    for name, r in ranks.items():
+        blocks.setdefault(lora_io.block_of(name) or "BASE", []).append(r)
+    sdxl.remove(unet)
+    return {"layers": len(layers), "budgets": budgets, "init_budget": alloc.init_budget,
+            "target_budget": alloc.target_budget, "loss_first": losses[0], "loss_last": losses[-1],
+            "step_ms": 1e3 * sorted(times)[len(times) // 2], "blocks": blocks,
+            "export_max_rel_error": report["max_rel_error"], "reload_max_rel_error": reload_error, "files": files}
+
+
 def run(out_dir: str = "demo_out", soda_steps: int = 24, lora_steps: int = 15, zip_steps: int = 20,
-        progress: bool = True, seed: int = 0) -> dict:
+        adalora_steps: int = 24, progress: bool = True, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
@@ -113,6 +162,12 @@ def run(out_dir: str = "demo_out", soda_steps: int = 24, lora_steps: int = 15, z
     summary["zip"] = {"layers": len(merged), "rank": sorted(rank), "export_max_rel_error": report["max_rel_error"],
                       "reload_max_abs_diff": diff}
     summary["files"]["merged lora (diffusers)"] = path
+    sdxl.remove(unet)
+
+    # 4. AdaLoRA: the budget falls to the target, pruned triplets are compacted away, files written.
+    unet.train()
+    summary["adalora"] = _adalora(unet, batch, adalora_steps, out_dir, progress)
+    summary["files"].update(summary["adalora"].pop("files"))
     summary["total_s"] = time.perf_counter() - t_start
     return summary
 
@@ -128,6 +183,17 @@ def _print(summary: dict) -> None:
     z = summary["zip"]
     print(f"ZipLoRA merge: {z['layers']} layers, rank {z['rank']}, export error {z['export_max_rel_error']:.1e}, "
           f"reload max |diff| {z['reload_max_abs_diff']:.1e}")
+    a = summary["adalora"]
+    b = a["budgets"]
+    marks = sorted({0, len(b) // 3, 2 * len(b) // 3, len(b) - 1})
+    print(f"AdaLoRA on {a['layers']} attention + feed-forward layers (init_r 12 -> target 8): loss "
+          f"{a['loss_first']:.4f} -> {a['loss_last']:.4f}, step {a['step_ms']:.0f} ms (median)")
+    print(f"  budget {a['init_budget']} -> " + " -> ".join(f"{b[i]} (step {i})" for i in marks)
+          + f"; target {a['target_budget']}")
+    print(f"  compacted, exported as a kept-rank LoRA (kohya): export error {a['export_max_rel_error']:.1e}, "
+          f"reloaded B A vs ΔW {a['reload_max_rel_error']:.1e}")
+    print("  triplets kept per layer, by block (mean, min-max): " + ", ".join(
+        f"{blk} {sum(r) / len(r):.1f} ({min(r)}-{max(r)})" for blk, r in a["blocks"].items()))
     print("files:")
     for what, path in summary["files"].items():
         print(f"  {path}  ({what}, {os.path.getsize(path) / 1e6:.2f} MB)")
@@ -141,10 +207,12 @@ def main(argv=None) -> int:
     ap.add_argument("--soda-steps", type=int, default=24)
     ap.add_argument("--lora-steps", type=int, default=15)
     ap.add_argument("--zip-steps", type=int, default=20)
+    ap.add_argument("--adalora-steps", type=int, default=24)
     ap.add_argument("--json", help="also write the summary here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    summary = run(args.out, args.soda_steps, args.lora_steps, args.zip_steps, progress=not args.no_progress)
+    summary = run(args.out, args.soda_steps, args.lora_steps, args.zip_steps, args.adalora_steps,
+                  progress=not args.no_progress)
     _print(summary)
     if args.json:
         with open(args.json, "w") as f:

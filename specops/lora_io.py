@@ -730,6 +730,7 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
     rank: None keeps LoRA factors as they are and exports other methods at full rank min(out, in)
         (exact up to rounding); an int truncates every ΔW of higher rank by SVD (a conv's as the
         (out, in·kh·kw) matrix, written as a plain LoCon).
+    A layer whose exact factors have rank 0 (an AdaLoRA layer that kept no triplet) gets no entry.
     Report: {"format", "rank": {name: r}, "rel_error": {name: ||ΔW - B A||/||ΔW||}, "max_rel_error"},
     names as in `model` ("unet.<module>", ...).
     """
@@ -770,6 +771,9 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
         else:
             B, A, errors[name] = _lora_of(adapter, rank)
             parts = {"lora_down.weight": A, "lora_up.weight": B}
+        if "lora_down.weight" in parts and parts["lora_down.weight"].shape[0] == 0:
+            ranks[name] = 0  # ΔW = 0 exactly (an AdaLoRA layer that kept no triplet): no entry
+            continue
         if "lora_down.weight" in parts:
             algos.add("lora")
         wrote_dora = wrote_dora or "dora_scale" in parts

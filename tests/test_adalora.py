@@ -194,7 +194,8 @@ def test_conv_adapter_is_locon_shaped_and_exports_exactly(tmp_path):
 
 def test_param_groups_and_diffusers_export(tmp_path):
     """sdxl.param_groups: P and Qt of the Stiefel variant in the orthogonal group, λ Euclidean;
-    export_lora (diffusers keys) holds each layer's kept rank, B A == ΔW."""
+    export_lora (diffusers keys) holds each layer's kept rank, B A == ΔW, and no entry for a layer
+    that kept none."""
     model = _plain()
     layers = sdxl.inject(model, "adalora", targets=["l1", "l2", "l3"], init_r=6, orthogonal="stiefel")
     groups = sdxl.param_groups(model, lr=1e-3)
@@ -204,9 +205,11 @@ def test_param_groups_and_diffusers_export(tmp_path):
         for i, m in enumerate(layers.values()):
             m.lam.normal_()
             m.lam[: i + 1] = 0
-    lora_io.export_lora(model, tmp_path / "d.safetensors")
+        layers["l3"].lam.zero_()  # kept no triplet: ΔW = 0, no entry
+    report = lora_io.export_lora(model, tmp_path / "d.safetensors")
     loaded = lora_io.load_lora(tmp_path / "d.safetensors", model={"unet": model})
-    for i, (name, m) in enumerate(layers.items()):
+    assert report["rank"]["unet.l3"] == 0 and set(loaded) == {"unet.l1", "unet.l2"}
+    for i, (name, m) in enumerate(list(layers.items())[:2]):
         B, A = loaded[f"unet.{name}"]
         assert A.shape[0] == 6 - (i + 1)
         assert rel_err(B @ A, m.delta_weight()) <= 1e-12
