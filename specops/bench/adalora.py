@@ -9,6 +9,9 @@ zeros), where the rank shows: "kept r=k" has k of the 12 triplets left; PEFT kee
 (masked ones as zeros), specops r=k is compacted to k. flops / bytes: 6·T·k·(in+out) FLOPs, and the
 rank-independent traffic of reading x and the output gradient and writing x's gradient, (2·in + out)·T
 floats; at r <= 12 the bytes dominate, so compaction cannot cut the time in proportion to k.
+"block" shape: the same step of every attention and feed-forward Linear of one 1280-wide SDXL
+transformer block (attn1 q/k/v/out and attn2 q/out on 2x1024 tokens, attn2 k/v 2048->1280 on the 2x77
+text tokens, ff 1280->10240 and 5120->1280), each on its own input, all adapted (init_r 12).
 "allocate" shapes: one update_and_allocate of the allocator over the tiny UNet's 722 attention,
 feed-forward and proj layers (init_r 12, target_r 8), gradients set, at a step that masks and at one
 that only updates the importance.
@@ -82,6 +85,38 @@ def _step_setup(in_f, out_f, provider, kept=INIT_R, branch=False):
     return setup
 
 
+# (name, in, out, tokens) of the Linear layers of one 1280-wide SDXL transformer block
+BLOCK = [(f"attn1_{p}", 1280, 1280, TOKENS) for p in ("to_q", "to_k", "to_v", "to_out")] + [
+    ("attn2_to_q", 1280, 1280, TOKENS), ("attn2_to_k", 2048, 1280, 2 * 77), ("attn2_to_v", 2048, 1280, 2 * 77),
+    ("attn2_to_out", 1280, 1280, TOKENS), ("ff_proj", 1280, 10240, TOKENS), ("ff_out", 5120, 1280, TOKENS)]
+
+
+def _block_setup(provider):
+    def setup():
+        gen = rng()
+        block = nn.ModuleDict({n: nn.Linear(i, o) for n, i, o, _ in BLOCK})
+        xs = {n: torch.randn(t, i, generator=gen, requires_grad=True) for n, i, _, t in BLOCK}
+        gys = {n: torch.randn(t, o, generator=gen) for n, _, o, t in BLOCK}
+        if provider == "frozen":
+            block.requires_grad_(False)
+        elif provider == "peft":
+            from peft import inject_adapter_in_model
+
+            block = inject_adapter_in_model(_peft_config([n for n, *_ in BLOCK]), block)
+        else:
+            sdxl.inject(block, "adalora", targets=[n for n, *_ in BLOCK], init_r=INIT_R)
+        _randomise([p for n, p in block.named_parameters() if p.requires_grad and "lora_E" not in n])
+
+        def step():
+            sum((block[n](xs[n]) * gys[n]).sum() for n in xs).backward()
+            for t in (*xs.values(), *block.parameters()):
+                t.grad = None
+
+        return step
+
+    return setup
+
+
 def unet_targets(unet: nn.Module) -> list[str]:
     """The tiny UNet's Linear layers inside its transformer blocks (attention, feed-forward, proj): 722."""
     return [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and ".attentions." in n]
@@ -127,6 +162,8 @@ def cases(quick: bool = False) -> list[Case]:
         cost = dict(flops=6.0 * TOKENS * kept * (in_f + out_f), bytes=4.0 * TOKENS * (2 * in_f + out_f))
         out += [Case("adalora", shape, p, _step_setup(in_f, out_f, p, kept, branch=True), **cost) for p in providers]
     if not quick:
+        out += [Case("adalora", "block 1280 (10 layers) r=12", p, _block_setup(p))
+                for p in ("peft", "specops", "frozen") if p != "peft" or installed("peft")]
         for masking in (True, False):
             shape = f"allocate 722 layers {'masking' if masking else 'importance only'}"
             out += [Case("adalora", shape, p, _allocate_setup(p, masking)) for p in ("peft", "specops")
