@@ -2,14 +2,14 @@
 
 Each op family has a module specops.bench.<family> with `cases(quick)`: a list of `Case`, one per
 (shape, provider). A case's `setup()` allocates its inputs and returns the zero-argument callable
-to time, so building every case up front costs no memory. Providers of one shape are timed side
-by side in one run; ratios are taken against the case's `baseline` provider.
+to time; the providers of one shape are set up together and take turns (ROUNDS), so a slow spell
+of the machine hits them alike; ratios are taken against the family's BASELINE provider.
 
 The roof is measured at the start of a run, on the device and threads the run uses (`roof()`: fp32 and
 bf16 GEMM with torch.mm, copy bandwidth), never assumed: the machine differs between sessions. A case's
 roofline time is max(bytes / copy bandwidth, flops / fp32 GEMM rate); "roof" is that over the measured
-time. A family may instead define `measure(quick)`, which times and returns its own rows (to interleave
-its providers). `run(family, device="cuda")` allocates every input on the GPU (setups draw from `rng()` and the
+time. A family may instead define `measure(quick)`, which times and returns its own rows (its own
+interleaving and rounds). `run(family, device="cuda")` allocates every input on the GPU (setups draw from `rng()` and the
 default device) and times with CUDA events.
 """
 from __future__ import annotations
@@ -198,27 +198,56 @@ def run(family: str, quick: bool = False, memory: bool = False, device: str = "c
         with _on(device):
             return [{"family": family, **row} for row in mod.measure(quick)]
     rows = []
+    shapes: dict[str, list[Case]] = {}
+    for case in mod.cases(quick):
+        shapes.setdefault(case.shape, []).append(case)
     with _on(device):
-        for case in mod.cases(quick):
-            fn = case.setup()
-            sec = timeit(fn)
-            row = {"family": family, "shape": case.shape, "provider": case.provider, "ms": sec * 1e3}
-            if case.flops:
-                row["GFLOP/s"] = case.flops / sec / 1e9
-            if case.bytes:
-                row["GB/s"] = case.bytes / sec / 1e9
-            if case.flops or case.bytes:
-                row["roof"] = max(case.bytes / peak["copy B/s"], case.flops / peak["fp32 FLOP/s"]) / sec
-            if memory:
-                row["peak MB"] = peak_bytes(fn) / 2**20
-            del fn
-            rows.append(row)
+        for cases in shapes.values():
+            fns = [case.setup() for case in cases]
+            for sec, case, fn in zip(_interleaved(fns), cases, fns):
+                rows.append(_row(family, case, fn, sec, peak, memory))
+            del fns
     baseline = getattr(mod, "BASELINE", None)
     for row in rows:
         ref = [r for r in rows if r["shape"] == row["shape"] and r["provider"] == baseline]
         if ref:
             row[f"x vs {baseline}"] = ref[0]["ms"] / row["ms"]
     return rows
+
+
+ROUNDS = 3  # the providers of a shape take turns this often, so a slow spell of the machine hits them alike
+
+
+def _interleaved(fns: list[Callable[[], object]], min_time: float = 0.3) -> list[float]:
+    """Median seconds per call of each of `fns`, timed in ROUNDS turns of at least 2 calls and
+    min_time / ROUNDS seconds each, after 2 warm-up calls."""
+    for fn in fns:
+        for _ in range(2):
+            fn()
+    _sync()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(ROUNDS):
+        for fn, t in zip(fns, times):
+            start, n = time.perf_counter(), 0
+            while n < 2 or time.perf_counter() - start < min_time / ROUNDS:
+                t.append(_time_call(fn))
+                n += 1
+                if n >= 70:
+                    break
+    return [statistics.median(t) for t in times]
+
+
+def _row(family: str, case: Case, fn: Callable[[], object], sec: float, peak: dict, memory: bool) -> dict:
+    row = {"family": family, "shape": case.shape, "provider": case.provider, "ms": sec * 1e3}
+    if case.flops:
+        row["GFLOP/s"] = case.flops / sec / 1e9
+    if case.bytes:
+        row["GB/s"] = case.bytes / sec / 1e9
+    if case.flops or case.bytes:
+        row["roof"] = max(case.bytes / peak["copy B/s"], case.flops / peak["fp32 FLOP/s"]) / sec
+    if memory:
+        row["peak MB"] = peak_bytes(fn) / 2**20
+    return row
 
 
 def by_shape(rows: list[dict]) -> dict[str, dict[str, dict]]:
