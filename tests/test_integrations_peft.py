@@ -346,3 +346,32 @@ def test_activation_memory_at_most_peft(case):
     peft_bytes = saved_for_backward(lambda: model(x, z), [x, z, *model.parameters()])
     sp.apply(model)
     assert 0 < saved_for_backward(lambda: model(x, z), [x, z, *model.parameters()]) <= peft_bytes
+
+
+def test_adalora_linear_matches_peft_and_keeps_its_allocator(monkeypatch, tmp_path):
+    """PEFT's AdaLoRA SVDLinear: PEFT's outputs and gradients, its SVDConv2d reported
+    skipped; update_and_allocate and save_pretrained run unchanged on the patched model; with
+    lora_dropout > 0 training runs PEFT's path and says so."""
+    config = peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=6, target_modules=TARGETS, total_step=20)
+    model = _model(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:
+                p.normal_()
+    x, z = _inputs()
+    want = _step(model, x, z)
+    model.save_pretrained(tmp_path / "before")
+    report = sp.apply(model)
+    assert report["patched"] == ["base_model.model.lin"]
+    assert "SVDConv2d: no specops path" in report["skipped"]["base_model.model.conv"] and report["notes"] == {}
+    with monkeypatch.context() as mp:
+        mp.setattr(type(model.base_model.model.lin), "forward", lambda *a, **k: pytest.fail("PEFT's forward ran"))
+        got = _step(model, x, z)
+    _assert_close(got, want)
+    sum(o.sum() for o in model(x, z)).backward()  # (PEFT's allocator reads .grad)
+    model.base_model.update_and_allocate(0)
+    model.save_pretrained(tmp_path / "after")
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "before" / f).read_bytes() == (tmp_path / "after" / f).read_bytes()
+    dropped = _model(peft.AdaLoraConfig(init_r=4, target_r=2, lora_dropout=0.1, target_modules=["lin"], total_step=20))
+    assert "dropout > 0" in sp.apply(dropped)["notes"]["base_model.model.lin"]

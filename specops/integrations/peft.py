@@ -1,4 +1,4 @@
-"""Run an existing HF PEFT model's LoKr and LoHa layers through specops ops, in place.
+"""Run an existing HF PEFT model's LoKr, LoHa and AdaLoRA layers through specops ops, in place.
 
     report = apply(model)    # model: a PeftModel, or any nn.Module with PEFT layers injected
     ...                      # train / infer / save exactly as before
@@ -21,6 +21,8 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
     lokr.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            training: base(x) + Σ_a ΔW_a's conv factored; else one
                                                           conv(x, W0 + Σ_a ΔW_a, b) (below)
     loha.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
+    adalora         base(x) + Σ_a (x (A_a ⊙ E_a)ᵀ B_aᵀ)     base(x) + Σ_a scaled_matmul(x A_aᵀ, c_a E_a, B_aᵀ),
+      SVDLinear       · s_a / (ranknum_a + 1e-5)            c_a = s_a / (ranknum_a + 1e-5), added in place
 
 LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
@@ -35,8 +37,9 @@ specops.adapters.hadamard_delta); a factored LoKr conv keeps its per-group outpu
 values for a batch of N, W2 of rank r) in place of ΔW.
 
 The patched forward hands the call to PEFT's own forward whenever it would not compute the same
-thing: adapters merged or disabled, extra forward arguments, module_dropout or rank_dropout > 0 on
-an active adapter in training mode (random masks: PEFT's own path, reported in report["notes"]),
+thing: adapters merged or disabled, extra forward arguments, module_dropout or rank_dropout > 0
+(AdaLoRA: lora_dropout > 0) on an active adapter in training mode (random masks: PEFT's own path,
+reported in report["notes"]),
 and, for the fused layers, dtypes that differ between the input, the base weight and the adapters
 outside torch.autocast (PEFT then adds results of two dtypes). In training mode it draws PEFT's
 module-dropout number (torch.rand(1)) for every active adapter, as PEFT does even at dropout 0, so
@@ -50,7 +53,7 @@ hada_w1_a and hada_w2_a (it reuses the other half's rebuild); the patched layer 
 ones and says so in report["notes"].
 
 Not covered, left on PEFT's path and listed in report["skipped"] with the reason: every other
-tuner layer type (LoRA, OFT, BOFT, Conv1d, quantized layers, ...), layers whose forward is
+tuner layer type (LoRA, OFT, BOFT, AdaLoRA's SVDConv2d, Conv1d, quantized layers, ...), layers whose forward is
 already replaced on the instance (e.g. accelerate hooks), nested tuner layers, fused layers whose
 base layer is not a plain nn.Linear / nn.Conv2d, has hooks, or (conv) pads other than with zeros.
 
@@ -65,7 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import _add_kron_conv, _add_kron_linear
+from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear
+from ..spectral import scaled_matmul
 from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
@@ -156,17 +160,49 @@ def _lokr_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
     return y
 
 
+def _adalora_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
+    """y = base(x) + Σ_a ((x Aᵀ) diag(c_a E)) Bᵀ through scaled_matmul, c_a = s_a / (ranknum_a + 1e-5),
+    added in place as PEFT's `+=` adds (ranknum's gradient included: PEFT 0.21 leaves it trainable)."""
+    out = layer.base_layer(x)
+    for a in adapters:
+        A, B = layer.lora_A[a], layer.lora_B[a]
+        xa = layer._cast_input_dtype(x, A.dtype)
+        lam = (layer.lora_E[a].view(-1) * (layer.scaling[a] / (layer.ranknum[a] + EPS_RANKNUM))).to(A.dtype)
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            xa, A, B, lam = xa.to(dtype), A.to(dtype), B.to(dtype), lam.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):  # scaled_matmul takes one dtype
+            x2 = xa.reshape(-1, xa.shape[-1])
+            branch = scaled_matmul(x2 @ A.mT, lam, B.mT)
+        out = out.add_(branch.view(*out.shape))
+    return out
+
+
 @functools.cache
 def _table() -> dict[type, tuple]:
     """PEFT layer class -> (patched computation, whether it fuses into the base layer's weight)."""
-    from peft.tuners import loha, lokr
+    from peft.tuners import adalora, loha, lokr
 
     return {
         lokr.Linear: (_lokr_linear, False),
         loha.Linear: (_loha_fused, True),
         lokr.Conv2d: (_lokr_conv, True),
         loha.Conv2d: (_loha_fused, True),
+        adalora.SVDLinear: (_adalora_linear, False),
     }
+
+
+def _available(layer) -> set[str]:
+    """The adapters the layer holds (LoKr / LoHa say so; AdaLoRA's are its lora_A keys)."""
+    return layer._available_adapters if hasattr(layer, "module_dropout") else set(layer.lora_A)
+
+
+def _draws_masks(layer, a: str) -> bool:
+    """Whether adapter a draws random masks in training mode (module / rank dropout; AdaLoRA's lora_dropout)."""
+    if hasattr(layer, "module_dropout"):
+        return bool(layer.module_dropout[a] or layer.rank_dropout[a])
+    dropout = layer.lora_dropout[a]
+    return isinstance(dropout, nn.Dropout) and dropout.p > 0
 
 
 def _adapter_params(layer, a: str):
@@ -179,15 +215,15 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     if args or kwargs or self.disable_adapters or self.merged:
         return peft_forward(self, x, *args, **kwargs)
     run, fuses = _table()[type(self)]
-    adapters = [a for a in self.active_adapters if a in self._available_adapters]
-    if self.training and any(self.module_dropout[a] or self.rank_dropout[a] for a in adapters):
+    adapters = [a for a in self.active_adapters if a in _available(self)]
+    if self.training and any(_draws_masks(self, a) for a in adapters):
         return peft_forward(self, x, *args, **kwargs)
     if fuses and not torch.is_autocast_enabled(x.device.type):
         dtypes = {x.dtype, self.get_base_layer().weight.dtype}
         dtypes.update(p.dtype for a in adapters for p in _adapter_params(self, a))
         if len(dtypes) > 1:
             return peft_forward(self, x, *args, **kwargs)
-    if self.training:  # PEFT's module-dropout draw, made even at dropout 0 (module docstring)
+    if self.training and hasattr(self, "module_dropout"):  # PEFT's draw, made even at dropout 0 (module docstring)
         adapters = [a for a in adapters if torch.rand(1) > self.module_dropout[a]]
     return run(self, x, adapters).to(x.dtype)
 
@@ -247,9 +283,9 @@ def apply(model: nn.Module) -> dict:
     def install(layer):
         layer.forward = PatchedForward(_forward, layer)
         notes = []
-        dropped = [a for a in layer._available_adapters if layer.module_dropout[a] or layer.rank_dropout[a]]
+        dropped = [a for a in _available(layer) if _draws_masks(layer, a)]
         if dropped:
-            notes.append(f"adapters {sorted(dropped)} have module/rank dropout > 0: in training mode this layer "
+            notes.append(f"adapters {sorted(dropped)} have module/rank (or lora) dropout > 0: in training mode this layer "
                          "runs PEFT's forward while they are active")
         if getattr(layer, "hada_t1", None):
             notes.append("PEFT 0.21's Tucker LoHa backward (HadaWeightCP) returns wrong gradients for hada_w1_a and "
