@@ -458,6 +458,11 @@ def _tucker_rebuild(B: Tensor, T: Tensor, A: Tensor) -> Tensor:
     return torch.einsum("op,pqhw,qi->oihw", B, T, A)
 
 
+def _add_svd_branch(y: Tensor, x: Tensor, Q: Tensor, lam: Tensor, P: Tensor) -> Tensor:
+    """y += ((x Qᵀ) diag(lam)) Pᵀ in place through scaled_matmul (AdaLoRA's update; y, x 2-D rows)."""
+    return y.add_(scaled_matmul(x @ Q.mT, lam, P.mT))
+
+
 ADALORA_ORTHOGONAL = (None, "stiefel")
 EPS_RANKNUM = 1e-5  # PEFT's ranknum + 1e-5 in AdaLoRA's scaling
 # AdaLoRA's factors: the dim of each that indexes triplets, and the dim an importance is averaged over
@@ -531,10 +536,9 @@ class AdaLoRA(Adapter):
             Q = self.q().reshape(self.rank, *conv.weight.shape[1:])
             h = F.conv2d(x, Q, None, *_conv_geometry(conv))
             return _add_up_projection(conv(x), self.P * (self._c() * self.lam), h)
-        # c goes on the small λ and the branch adds onto base's output in place: no output-sized
-        # product by c, forward or backward
+        # c goes on the small λ: no output-sized product by c, forward or backward
         x2 = x.reshape(-1, x.shape[-1])
-        y = self.base(x2).add_(scaled_matmul(x2 @ self.q().mT, self._c() * self.lam, self.P.mT))
+        y = _add_svd_branch(self.base(x2), x2, self.q(), self._c() * self.lam, self.P)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _delta(self, scale):

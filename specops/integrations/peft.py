@@ -68,8 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear
-from ..spectral import scaled_matmul
+from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_svd_branch
 from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
@@ -173,8 +172,7 @@ def _adalora_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
             xa, A, B, lam = xa.to(dtype), A.to(dtype), B.to(dtype), lam.to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # scaled_matmul takes one dtype
             x2 = xa.reshape(-1, xa.shape[-1])
-            branch = scaled_matmul(x2 @ A.mT, lam, B.mT)
-        out = out.add_(branch.view(*out.shape))
+            _add_svd_branch(out.view(x2.shape[0], -1), x2, A, lam, B)  # onto out, in place
     return out
 
 
