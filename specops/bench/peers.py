@@ -57,7 +57,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import _sync, _time_call, device, installed, peak_bytes
+from . import ROUNDS, _sync, _time_call, device, installed, peak_bytes
 
 RANK = 8
 METHODS = ("locon", "locon-tucker", "loha", "lokr", "oft")
@@ -66,7 +66,6 @@ PEERS = ("lycoris", "lycoris-bypass", "peft")
 PATCHED = ("lycoris+specops", "peft+specops")  # a peer's own model after specops.integrations.<peer>.apply()
 IMPLS = ("frozen", "specops", *PEERS, *PATCHED)
 MODES = ("in-network", "first-layer")
-ROUNDS = 3  # timed calls per row (the median is reported)
 TARGET = 1.10  # over the bound (loha: over the bound plus one weight gradient)
 
 
