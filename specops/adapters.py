@@ -65,6 +65,7 @@ from .spectral import (
     decompose,
     kron_factor_sizes,
     spectral_linear,
+    lowrank_linear,
     scaled_matmul,
     spectral_linear_lq,
     spectral_shift,
@@ -393,16 +394,14 @@ class LoRA(Adapter):
         return (self.scale if scale is None else scale) * self.alpha / self.rank
 
     def _forward(self, x):
-        # c goes on the small B; the up-projection is one GEMM that adds onto base(x) (addmm /
-        # baddbmm), with no output-sized temporary
-        B = self.B * self._c()
         if not self.is_conv:
-            # Rows flattened so the sum lands in base's own 2-D output, in place (no view to rebase,
-            # no copy). (r, out) contiguous: autograd then takes B's gradient as h^T g, a wide GEMM,
-            # not the (out, rows) x (rows, r) product a transposed B gives, which ran ~6x slower.
+            # one lowrank_linear pass onto base's 2-D output, c as the diagonal (its gradient unused)
             x2 = x.reshape(-1, x.shape[-1])
-            y = self.base(x2).addmm_(F.linear(x2, self.A), B.mT.contiguous())
+            c = self.A.new_full((self.rank,), self._c())
+            y = lowrank_linear(x2, self.A, c, self.B, self.base(x2))
             return y.view(*x.shape[:-1], y.shape[-1])
+        # c goes on the small B; the up-projection is one GEMM that adds onto base(x) (baddbmm)
+        B = self.B * self._c()
         conv = self.base
         geometry = (conv.stride, conv.padding, conv.dilation)
         if self.mid is None:
@@ -458,11 +457,6 @@ def _tucker_rebuild(B: Tensor, T: Tensor, A: Tensor) -> Tensor:
     return torch.einsum("op,pqhw,qi->oihw", B, T, A)
 
 
-def _add_svd_branch(y: Tensor, x: Tensor, Q: Tensor, lam: Tensor, P: Tensor) -> Tensor:
-    """y += ((x Qᵀ) diag(lam)) Pᵀ in place through scaled_matmul (AdaLoRA's update; y, x 2-D rows)."""
-    return y.add_(scaled_matmul(x @ Q.mT, lam, P.mT))
-
-
 ADALORA_ORTHOGONAL = (None, "stiefel")
 EPS_RANKNUM = 1e-5  # PEFT's ranknum + 1e-5 in AdaLoRA's scaling
 # AdaLoRA's factors: the dim of each that indexes triplets, and the dim an importance is averaged over
@@ -477,8 +471,8 @@ class AdaLoRA(Adapter):
     ranknum), so one model's numbers carry over to the other. specops.adalora.RankAllocator masks
     λ by importance; `rank` triplets are computed (init_r, or the kept ones after compact()).
 
-    Forward, Linear: base(x) + c · ((x Qᵀ) diag(λ)) Pᵀ through specops.scaled_matmul; ΔW is never
-    formed. On an nn.Conv2d, Q is the (r, in·kh·kw) matrix of an r-channel conv with the base's
+    Forward, Linear: base(x) + c · ((x Qᵀ) diag(λ)) Pᵀ through specops.lowrank_linear (one pass
+    over the rows, work proportional to the rank); ΔW is never formed. On an nn.Conv2d, Q is the (r, in·kh·kw) matrix of an r-channel conv with the base's
     geometry and P diag(λ) a 1x1 conv: y = base(x) + (c P diag λ) * (Q * x), as LoCon.
     orthogonal="stiefel" keeps P and Q exactly orthonormal instead of regularising them: P and
     Qt = Qᵀ (n, r) start as random orthonormal columns (init_r <= min(out, n)) and are trained by
@@ -538,7 +532,7 @@ class AdaLoRA(Adapter):
             return _add_up_projection(conv(x), self.P * (self._c() * self.lam), h)
         # c goes on the small λ: no output-sized product by c, forward or backward
         x2 = x.reshape(-1, x.shape[-1])
-        y = _add_svd_branch(self.base(x2), x2, self.q(), self._c() * self.lam, self.P)
+        y = lowrank_linear(x2, self.q(), self._c() * self.lam, self.P, self.base(x2))
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _delta(self, scale):

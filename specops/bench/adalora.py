@@ -6,9 +6,10 @@ SVDLinear), specops (specops.adapters.AdaLoRA), specops r=8 (the same layer comp
 after the final phase; PEFT keeps computing all 12), frozen (the base layer alone).
 "branch" shapes: the same step of the adapter's update alone (a base that costs nothing: it returns
 zeros), where the rank shows: "kept r=k" has k of the 12 triplets left; PEFT keeps computing all 12
-(masked ones as zeros), specops r=k is compacted to k. flops / bytes: 6·T·k·(in+out) FLOPs, and the
-rank-independent traffic of reading x and the output gradient and writing x's gradient, (2·in + out)·T
-floats; at r <= 12 the bytes dominate, so compaction cannot cut the time in proportion to k.
+(masked ones as zeros), specops r=k is compacted to k. flops / bytes: 6·T·k·(in+out) FLOPs (the two
+products of the forward, four of the backward), and the rank-independent traffic of reading x and the
+output gradient and writing x's gradient, (2·in + out)·T floats: a step takes a fixed time for those
+bytes plus a time proportional to k, so compaction cuts the second part in proportion to k.
 "block" shape: the same step of every attention and feed-forward Linear of one 1280-wide SDXL
 transformer block (attn1 q/k/v/out and attn2 q/out on 2x1024 tokens, attn2 k/v 2048->1280 on the 2x77
 text tokens, ff 1280->10240 and 5120->1280), each on its own input, all adapted (init_r 12).

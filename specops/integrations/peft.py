@@ -21,8 +21,8 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
     lokr.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            training: base(x) + Σ_a ΔW_a's conv factored; else one
                                                           conv(x, W0 + Σ_a ΔW_a, b) (below)
     loha.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
-    adalora         base(x) + Σ_a (x (A_a ⊙ E_a)ᵀ B_aᵀ)     base(x) + Σ_a scaled_matmul(x A_aᵀ, c_a E_a, B_aᵀ),
-      SVDLinear       · s_a / (ranknum_a + 1e-5)            c_a = s_a / (ranknum_a + 1e-5), added in place
+    adalora         base(x) + Σ_a (x (A_a ⊙ E_a)ᵀ B_aᵀ)     base(x) + Σ_a lowrank_linear(x, A_a, c_a E_a, B_a),
+      SVDLinear       · s_a / (ranknum_a + 1e-5)            c_a = s_a / (ranknum_a + 1e-5): one pass per adapter
 
 LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
@@ -68,7 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_svd_branch
+from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear
+from ..spectral import lowrank_linear
 from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
@@ -160,8 +161,8 @@ def _lokr_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
 
 
 def _adalora_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
-    """y = base(x) + Σ_a ((x Aᵀ) diag(c_a E)) Bᵀ through scaled_matmul, c_a = s_a / (ranknum_a + 1e-5),
-    added in place as PEFT's `+=` adds (ranknum's gradient included: PEFT 0.21 leaves it trainable)."""
+    """y = base(x) + Σ_a ((x Aᵀ) diag(c_a E)) Bᵀ through lowrank_linear, c_a = s_a / (ranknum_a + 1e-5)
+    (ranknum's gradient included: PEFT 0.21 leaves it trainable)."""
     out = layer.base_layer(x)
     for a in adapters:
         A, B = layer.lora_A[a], layer.lora_B[a]
@@ -170,9 +171,10 @@ def _adalora_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             xa, A, B, lam = xa.to(dtype), A.to(dtype), B.to(dtype), lam.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):  # scaled_matmul takes one dtype
+        with torch.autocast(x.device.type, enabled=False):  # lowrank_linear takes one dtype
             x2 = xa.reshape(-1, xa.shape[-1])
-            _add_svd_branch(out.view(x2.shape[0], -1), x2, A, lam, B)  # onto out, in place
+            y = out.reshape(x2.shape[0], -1)
+            out = lowrank_linear(x2, A, lam, B, y.to(x2.dtype)).to(y.dtype).view(out.shape)
     return out
 
 
