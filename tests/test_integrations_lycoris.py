@@ -1,4 +1,4 @@
-"""specops.integrations.lycoris: apply() runs a LyCORIS network's LoKr / LoHa / diag-OFT modules through specops
+"""specops.integrations.lycoris: apply() runs a LyCORIS network's LoCon / LoKr / LoHa / diag-OFT modules through specops
 with LyCORIS's outputs and gradients, state and files unchanged; revert() gives LyCORIS's forward back.
 LyCORIS keeps its configuration in class attributes, which every test here restores."""
 import copy
@@ -14,6 +14,7 @@ lycoris = pytest.importorskip("lycoris")
 
 from lycoris import LycorisNetwork, create_lycoris  # noqa: E402
 from lycoris.modules.diag_oft import DiagOFTModule  # noqa: E402
+from lycoris.modules.locon import LoConModule  # noqa: E402
 from lycoris.modules.loha import LohaModule  # noqa: E402
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
@@ -34,6 +35,9 @@ CASES = {  # id: create_lycoris keyword arguments; dim 2 < half the factor sizes
     "loha-dora-tucker-in": dict(algo="loha", dora_wd=True, wd_on_output=False, use_tucker=True),
     "oft": dict(algo="diag-oft", linear_dim=4, conv_dim=4),
     "oft-rescaled-constraint": dict(algo="diag-oft", linear_dim=4, conv_dim=4, rescaled=True, constraint=0.01),
+    "locon": dict(algo="lora"),
+    "locon-tucker-scalar": dict(algo="lora", use_tucker=True, use_scalar=True),
+    "locon-bypass": dict(algo="lora", bypass_mode=True),
 }
 NAMES = ["lycoris_lin", "lycoris_conv"]
 
@@ -79,11 +83,11 @@ def _assert_close(got, want):
 
 
 def _lycoris_forward_forbidden(monkeypatch):
-    """Make LyCORIS's own LoKr / LoHa / diag-OFT forward raise: the patched path must not fall back."""
+    """Make LyCORIS's own LoCon / LoKr / LoHa / diag-OFT forward raise: the patched path must not fall back."""
     def forbidden(*args, **kwargs):
         raise AssertionError("LyCORIS's forward ran")
 
-    for cls in (LokrModule, LohaModule, DiagOFTModule):
+    for cls in (LoConModule, LokrModule, LohaModule, DiagOFTModule):
         monkeypatch.setattr(cls, "forward", forbidden)
 
 
@@ -101,9 +105,18 @@ def test_apply_matches_lycoris(case, monkeypatch):
     _assert_close(got, want)
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha-bypass", "lokr-dora", "oft"])
+class UngroupedGeomNet(GeomNet):
+    """GeomNet's strided, dilated conv without groups (a grouped conv's LoCon stays on LyCORIS's path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2)
+
+
+@pytest.mark.parametrize("case", ["lokr", "loha-bypass", "lokr-dora", "oft", "locon"])
 def test_apply_matches_lycoris_on_odd_geometry(case, monkeypatch):
-    net, network = _network(case, GeomNet)
+    net_cls = UngroupedGeomNet if case.startswith("locon") else GeomNet
+    net, network = _network(case, net_cls)
     x, z = _inputs(GeomNet)
     want = _step(net, network, x, z)
     assert sl.apply(network)["patched"] == NAMES
@@ -136,7 +149,7 @@ def test_multiplier_is_read_at_every_call():
 
 
 @pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker-scalar", "loha-dora-tucker-in",
-                                  "oft-rescaled-constraint"])
+                                  "oft-rescaled-constraint", "locon-tucker-scalar"])
 def test_patched_gradcheck_float64(case, monkeypatch):
     """Fast-mode gradcheck of the patched modules w.r.t. the input and every adapter parameter."""
     net, network = _network(case)
@@ -148,19 +161,23 @@ def test_patched_gradcheck_float64(case, monkeypatch):
     for name, layer, inp in (("lycoris_lin", net.lin, x), ("lycoris_conv", net.conv, z)):
         mod = getattr(network, name)
         keys = [k for k, p in mod.named_parameters() if p.requires_grad]
-        leaves = [mod._parameters[k].detach().clone().requires_grad_() for k in keys]
+        leaves = [mod.get_parameter(k).detach().clone().requires_grad_() for k in keys]
         f = lambda i, *ps: _call_with(layer, mod, keys, i, ps)  # noqa: E731
         assert torch.autograd.gradcheck(f, (inp, *leaves), fast_mode=True)
 
 
 def _call_with(layer, mod, keys, inp, values):
-    """layer(inp) with mod's parameters temporarily swapped for `values` (differentiable tensors)."""
-    saved = {k: mod._parameters[k] for k in keys}
-    mod._parameters.update(zip(keys, values))
+    """layer(inp) with mod's parameters (dotted names: LoCon's sit in submodules) temporarily swapped
+    for `values` (differentiable tensors)."""
+    owners = [(mod.get_submodule(k.rpartition(".")[0]), k.rpartition(".")[2]) for k in keys]
+    saved = [o._parameters[n] for o, n in owners]
+    for (o, n), v in zip(owners, values):
+        o._parameters[n] = v
     try:
         return layer(inp)
     finally:
-        mod._parameters.update(saved)
+        for (o, n), p in zip(owners, saved):
+            o._parameters[n] = p
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -236,7 +253,7 @@ def test_dropout_modules_run_lycoris_in_training_and_are_noted():
 
 
 @pytest.mark.parametrize("case, why", [
-    (dict(algo="lora"), "lycoris.modules.locon.LoConModule: no specops path"),
+    (dict(algo="lora", dora_wd=True), "dora_wd on LoConModule: not covered"),
     (dict(algo="full"), "lycoris.modules.full.FullModule: no specops path"),
     (dict(algo="diag-oft", bypass_mode=True), "diag-OFT in bypass_mode"),
     (dict(algo="lokr", dora_wd=True, bypass_mode=True), "dora_wd in bypass_mode"),
@@ -250,6 +267,12 @@ def test_uncovered_modules_are_reported_and_untouched(case, why):
     assert report["patched"] == [] and set(report["skipped"]) == set(NAMES)
     assert all(w.startswith(why) for w in report["skipped"].values()), report["skipped"]
     assert not any("forward" in m.__dict__ for m in network.modules())
+
+
+def test_grouped_conv_locon_is_reported():
+    report = sl.apply(_network("locon", GeomNet)[1])
+    assert report["patched"] == ["lycoris_lin"]
+    assert report["skipped"]["lycoris_conv"].startswith("grouped conv (groups=2)")
 
 
 def test_reflect_padding_and_unapplied_network_are_reported():
@@ -289,7 +312,7 @@ def test_unsupported_lycoris_version_warns_and_changes_nothing(monkeypatch):
         assert sl.apply(network)["patched"] == NAMES
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha", "loha-tucker-scalar", "oft"])
+@pytest.mark.parametrize("case", ["lokr", "loha", "loha-tucker-scalar", "oft", "locon"])
 def test_activation_memory_at_most_lycoris(case):
     net, network = _network(case)
     net.requires_grad_(False)  # a frozen base, as LyCORIS trains
@@ -299,7 +322,7 @@ def test_activation_memory_at_most_lycoris(case):
     assert 0 < saved_for_backward(lambda: net(x, z), [x, z, *net.parameters(), *network.parameters()]) <= lycoris_bytes
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha", "oft"])
+@pytest.mark.parametrize("case", ["lokr", "loha", "oft", "locon"])
 def test_autocast_matches_lycoris(case, monkeypatch):
     """Under bf16 autocast every patched path runs; outputs and gradients agree to bf16 precision."""
     net, network = _network(case)

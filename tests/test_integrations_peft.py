@@ -1,4 +1,4 @@
-"""specops.integrations.peft: apply() runs PEFT's LoKr / LoHa layers through specops with PEFT's
+"""specops.integrations.peft: apply() runs PEFT's LoRA / LoKr / LoHa / AdaLoRA layers through specops with PEFT's
 outputs and gradients, state and files unchanged; revert() gives PEFT's forward back."""
 import copy
 import io
@@ -25,6 +25,7 @@ CASES = {  # id: PEFT config; r=2 < half the factor sizes factors LoKr's W2 (and
     "loha": lambda: peft.LoHaConfig(r=2, alpha=3.0, target_modules=TARGETS, init_weights=False),
     "loha-tucker": lambda: peft.LoHaConfig(r=2, alpha=0.5, target_modules=TARGETS, init_weights=False,
                                            use_effective_conv2d=True),
+    "lora": lambda: peft.LoraConfig(r=3, lora_alpha=5.0, target_modules=TARGETS, init_lora_weights=False),
 }
 # PEFT 0.21's HadaWeightCP.backward (LoHa Tucker conv) returns wrong gradients for these two (it reuses
 # the other half's rebuild); the patched path gives autograd's, checked by gradcheck below.
@@ -122,7 +123,7 @@ def test_factored_lokr_conv_matches_peft(case, monkeypatch):
     _assert_close(got, want)
 
 
-@pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker"])
+@pytest.mark.parametrize("case", ["lokr-factored-tucker", "loha-tucker", "lora"])
 def test_patched_gradcheck_float64(case, monkeypatch):
     """Fast-mode gradcheck of the patched layers (PEFT's own Tucker LoHa conv fails it)."""
     model = _model(CASES[case]()).double()
@@ -187,7 +188,7 @@ def test_deepcopy_and_torch_save_keep_the_patch():
             assert sp.revert(other) == ["base_model.model.lin", "base_model.model.conv"]
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha"])
+@pytest.mark.parametrize("case", ["lokr", "loha", "lora"])
 def test_merge_unmerge_and_merge_and_unload(case):
     x, z = _inputs()
     ref, model = _model(CASES[case]()), _model(CASES[case]())
@@ -208,7 +209,7 @@ def test_merge_unmerge_and_merge_and_unload(case):
         assert type(merged.lin) is nn.Linear
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha"])
+@pytest.mark.parametrize("case", ["lokr", "loha", "lora"])
 def test_two_adapters_switching_and_both_active(case):
     x, z = _inputs()
     ref, model = _model(CASES[case](), "one"), _model(CASES[case](), "one")
@@ -285,7 +286,8 @@ def test_uncovered_layers_are_reported_and_untouched():
     net = nn.ModuleDict({"lin": nn.Linear(24, 36), "conv": nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect"),
                          "extra": nn.Linear(24, 36)})
     net = peft.inject_adapter_in_model(peft.LoHaConfig(r=2, target_modules=["lin", "conv"]), net)
-    net = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["extra"]), net, adapter_name="lora")
+    net = peft.inject_adapter_in_model(peft.OFTConfig(r=4, oft_block_size=0, target_modules=["extra"]), net,
+                                       adapter_name="oft")
     net = nn.ModuleDict({"m": net})
     net = peft.inject_adapter_in_model(peft.LoKrConfig(r=2, target_modules=["lin"]), net, adapter_name="outer")
     report = sp.apply(net)
@@ -293,7 +295,7 @@ def test_uncovered_layers_are_reported_and_untouched():
     assert set(report["skipped"]) == {"m.lin", "m.conv", "m.extra"}
     assert "nested" in report["skipped"]["m.lin"]
     assert "padding_mode='reflect'" in report["skipped"]["m.conv"]
-    assert "peft.tuners.lora.layer.Linear: no specops path" in report["skipped"]["m.extra"]
+    assert "peft.tuners.oft.layer.Linear: no specops path" in report["skipped"]["m.extra"]
     assert sp.revert(net) == ["m.lin.base_layer"]
     assert not any("forward" in m.__dict__ for m in net.modules())
 
@@ -311,9 +313,9 @@ def test_unsupported_peft_version_warns_and_changes_nothing(monkeypatch):
         assert len(sp.apply(model)["patched"]) == 2
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha"])
+@pytest.mark.parametrize("case", ["lokr", "loha", "lora"])
 def test_low_precision_base_and_autocast(case, monkeypatch):
-    """A bf16 base with PEFT's float32 adapters: LoKr's Linear adds in float32 as PEFT does; the fused
+    """A bf16 base with PEFT's float32 adapters: LoKr's and LoRA's Linear add in float32 as PEFT does; the fused
     layers, whose dtypes differ, run PEFT's own forward (bit-equal). Under autocast every patched path runs."""
     torch.manual_seed(0)
     ref, model = (peft.get_peft_model(TwoLayerNet().to(torch.bfloat16), CASES[case]()) for _ in range(2))
@@ -324,7 +326,7 @@ def test_low_precision_base_and_autocast(case, monkeypatch):
     with torch.no_grad():
         got, want = model(x, z), ref(x, z)
         assert all(g.dtype == torch.bfloat16 for g in got)
-        lin_tol = {"rtol": 1e-2, "atol": 1e-2} if case == "lokr" else {"rtol": 0, "atol": 0}
+        lin_tol = {"rtol": 1e-2, "atol": 1e-2} if case in ("lokr", "lora") else {"rtol": 0, "atol": 0}
         torch.testing.assert_close(got[0], want[0], **lin_tol)
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
     for m in (ref, model):
@@ -339,7 +341,7 @@ def test_low_precision_base_and_autocast(case, monkeypatch):
         torch.testing.assert_close(got[k].float(), w.float(), rtol=3e-2, atol=3e-2 * w.abs().max().item(), msg=k)
 
 
-@pytest.mark.parametrize("case", ["lokr", "loha", "loha-tucker"])
+@pytest.mark.parametrize("case", ["lokr", "loha", "loha-tucker", "lora"])
 def test_activation_memory_at_most_peft(case):
     model = _model(CASES[case]())
     x, z = _inputs()

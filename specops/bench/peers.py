@@ -174,8 +174,8 @@ def _available(shape: Shape, method: str, impl: str) -> bool:
         return True
     if (method == "locon-tucker" and shape.kind != "conv") or (method == "oft" and shape.kind != "attn"):
         return False
-    if impl in PATCHED and (method.startswith("locon") or (method, impl) == ("oft", "peft+specops")):
-        return False  # apply() leaves LoRA / LoCon and PEFT's OFT on the peer's path
+    if (method, impl) == ("oft", "peft+specops"):
+        return False  # apply() leaves PEFT's OFT on PEFT's path
     if impl.startswith("lycoris"):
         return installed("lycoris")
     if impl.startswith("peft"):

@@ -10,17 +10,24 @@ Providers, side by side:
   soda_authors  the SODA authors' formulation: R = kron(kron(R1, R2), R3) materialised, x @ R, then a
                 freshly rebuilt U @ diag(relu(S + delta)) @ Vh and F.linear: torch autograd
   svdiff        (no rotation) the SVDiff rebuild U @ diag(relu(S + delta)) @ Vh then F.linear
-Shapes marked "rot" compare specops with soda_authors, "norot" with svdiff. Plus the one-time
+Shapes marked "rot" compare specops with soda_authors, "norot" with svdiff. "lowrank" shapes: one
+training step of specops.lowrank_linear (y + ((x Aᵀ) diag(s)) Bᵀ at rank r, x, A, s and B requiring
+gradients, as a LoRA / AdaLoRA branch inside a UNet), provider specops (the device default: the cpp
+kernel on the CPU) beside torch (the op's torch kernel: BLAS GEMMs, PEFT's LoRA composition); flops
+are the six products' 6·M·r·(in + out), bytes the rank-independent reads of x (twice), y and the output
+gradient and writes of the output and x's gradient. Plus the one-time
 `decompose` (SVD and LQ) for every distinct SDXL attention weight shape; `summarize` multiplies by
 the number of such layers (560 in all) for the total a user pays first.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
+import specops
 from specops import spectral as sp
 
 from . import SDXL_LAYERS, Case, by_shape, rng, sdxl_attention_layers
@@ -74,6 +81,26 @@ def _setup_step(M, n, out, rotated, fn):
     return setup
 
 
+def _setup_lowrank(M, n, out, r, backend):
+    def setup():
+        g = rng()
+        x = torch.randn(M, n, generator=g, requires_grad=True)
+        A, s = torch.randn(r, n, generator=g) / n**0.5, torch.rand(r, generator=g)
+        B, y = torch.randn(out, r, generator=g), torch.randn(M, out, generator=g)
+        gy = torch.randn(M, out, generator=g)
+        params = [x, A.requires_grad_(), s.requires_grad_(), B.requires_grad_()]
+
+        def step():
+            with specops.backend(backend) if backend else contextlib.nullcontext():
+                sp.lowrank_linear(x, A, s, B, y).backward(gy)
+            for p in params:
+                p.grad = None
+
+        return step
+
+    return setup
+
+
 def _setup_decompose(out, n, method, raw):
     def setup():
         W = 0.02 * torch.randn(out, n, generator=rng())
@@ -97,6 +124,11 @@ def cases(quick: bool = False) -> list[Case]:
                 for name in ("specops", "soda_authors" if rotated else "svdiff"):
                     out.append(Case("spectral", shape, name, _setup_step(M, n, o, rotated, PROVIDERS[name]),
                                     flops, nbytes))
+    for n, o in SDXL_LAYERS[1:]:
+        for r in (8,) if quick else (4, 8, 16):
+            cost = dict(flops=6.0 * 2048 * r * (n + o), bytes=4.0 * 2048 * (3 * n + 3 * o))
+            out += [Case("spectral", f"lowrank {n}->{o} M=2048 r={r}", name, _setup_lowrank(2048, n, o, r, backend),
+                         **cost) for name, backend in (("specops", None), ("torch", "torch"))]
     shapes = sdxl_attention_shapes()
     for (o, n), count in shapes.items() if not quick else list(shapes.items())[:1]:
         for method in ("svd", "lq"):
@@ -111,7 +143,7 @@ def summarize(rows: list[dict]) -> str:
     """The issue's targets per shape, and the one-time decompose cost of all SDXL attention layers."""
     lines = []
     for shape, by in by_shape(rows).items():
-        if shape.startswith("decompose") or "specops" not in by:
+        if shape.startswith(("decompose", "lowrank")) or "specops" not in by:
             continue
         other, target = ("soda_authors", 2.0) if "soda_authors" in by else ("svdiff", 1.15)
         ratio = by[other]["ms"] / by["specops"]["ms"]

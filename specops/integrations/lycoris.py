@@ -1,4 +1,4 @@
-"""Run an existing LyCORIS network's LoKr, LoHa and diag-OFT modules through specops ops, in place.
+"""Run an existing LyCORIS network's LoCon, LoKr, LoHa and diag-OFT modules through specops ops, in place.
 
     network = create_lycoris(model, ...); network.apply_to()
     report = apply(network)    # network: a LycorisNetwork (or any nn.Module holding LyCORIS modules)
@@ -18,6 +18,9 @@ with rs_lora), σ = module.scalar (1, or a trained scalar with use_scalar), W0 a
 weight and bias, c = m σ s:
 
     LyCORIS module    LyCORIS computes                      patched forward
+    LoCon, Linear     base(x) + x (c up down)^T              lowrank_linear(x, down, c·1, up, base(x)): no ΔW
+    LoCon, Conv2d     base(x) + conv(x, c up down)           base(x) + c up * (down * x): the 1x1 up one batched
+                      (Tucker: up mid down)                  GEMM onto base(x) (Tucker: down 1x1, then mid)
     LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              the same as two GEMMs over x viewed (rows, n1, n2)
     LoKr, Conv2d      base(x) + conv(x, c W1 ⊗ W2)           training: base(x) + the ΔW conv factored (below);
                                                              else conv(x, W0 + c W1 ⊗ W2, b): one conv
@@ -56,9 +59,13 @@ paths run (F.linear / conv cast as usual, LoKr's factors cast to the autocast dt
 round differently from LyCORIS's own mix of autocast and float32 ops, to the autocast dtype's
 precision.
 
+LyCORIS's default-mode LoCon forms ΔW = c up down, runs a second dense GEMM / conv with it and, in the
+backward, a dense weight gradient; the patched LoCon never forms ΔW (its conv geometry is the layer's,
+or in bypass_mode the down / mid conv's own, as LyCORIS's bypass has it).
+
 Not covered, left on LyCORIS's path and listed in report["skipped"] with the reason: every other
-LyCORIS module type (LoCon, BOFT, GLoRA, full, norms, ...), these three on Conv1d / Conv3d,
-dora_wd in bypass_mode (where LyCORIS leaves the decomposition out), diag-OFT in bypass_mode,
+LyCORIS module type (BOFT, GLoRA, full, norms, ...), these four on Conv1d / Conv3d, LoCon with dora_wd
+or on a grouped conv, dora_wd in bypass_mode (where LyCORIS leaves the decomposition out), diag-OFT in bypass_mode,
 quantized / fp8 / PEFT-wrapped / non-plain base layers, base layers with forward hooks or
 padding_mode other than zeros, and modules whose layer does not call them directly (apply_to() not
 run, or another wrapper stacked on top).
@@ -74,7 +81,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import _add_kron_conv, _add_kron_linear
+from ..adapters import _add_kron_conv, _add_kron_linear, _add_up_projection
+from ..spectral import lowrank_linear
 from ..stiefel import cayley
 from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
@@ -230,15 +238,50 @@ def _oft_fused(mod, x: Tensor) -> Tensor:
     return _run_layer(layer, x, _oft_weight(mod))
 
 
+def _locon_linear(mod, x: Tensor) -> Tensor:
+    """y = base(x) + x (c up down)^T through lowrank_linear, c the diagonal: ΔW never formed."""
+    y = mod.org_forward(x)
+    A, B = mod.lora_down.weight, mod.lora_up.weight
+    s = _coef(mod, mod.multiplier).to(A.dtype).expand(A.shape[0])
+    xa = x
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        xa, A, s, B = xa.to(dtype), A.to(dtype), s.to(dtype), B.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):  # lowrank_linear takes one dtype
+        x2 = xa.reshape(-1, xa.shape[-1])
+        y2 = y.reshape(x2.shape[0], -1)
+        return lowrank_linear(x2, A, s, B, y2.to(x2.dtype)).to(y2.dtype).view(y.shape)
+
+
+def _locon_conv(mod, x: Tensor) -> Tensor:
+    """y = base(x) + c up * (down * x) (Tucker: up * (mid * (down * x)), down 1x1): the down conv with
+    the layer's geometry (bypass_mode: its own conv's, as LyCORIS's bypass), the 1x1 up-projection one
+    batched GEMM onto base(x) (specops.adapters._add_up_projection); ΔW never formed."""
+    layer = mod.org_module[0]
+    down, B = mod.lora_down.weight, mod.lora_up.weight
+    op = mod.lora_mid if mod.tucker else mod.lora_down
+    geometry = (op.stride, op.padding, op.dilation) if mod.bypass_mode else (layer.stride, layer.padding, layer.dilation)
+    h = F.conv2d(F.conv2d(x, down), mod.lora_mid.weight, None, *geometry) if mod.tucker else F.conv2d(x, down, None, *geometry)
+    B = B.flatten(1) * _coef(mod, mod.multiplier)
+    y = mod.org_forward(x)
+    if torch.is_autocast_enabled(x.device.type):
+        h, B = h.to(torch.get_autocast_dtype(x.device.type)), B.to(torch.get_autocast_dtype(x.device.type))
+    with torch.autocast(x.device.type, enabled=False):
+        return _add_up_projection(y.to(h.dtype), B, h)
+
+
 @functools.cache
 def _table() -> dict[tuple[type, str], tuple]:
     """(LyCORIS module class, module_type) -> (patched computation, whether it fuses into the weight,
     the computation with dora_wd or None)."""
     from lycoris.modules.diag_oft import DiagOFTModule
+    from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
 
     return {
+        (LoConModule, "linear"): (_locon_linear, False, None),
+        (LoConModule, "conv2d"): (_locon_conv, False, None),
         (LokrModule, "linear"): (_lokr_linear, False, _lokr_dora),
         (LokrModule, "conv2d"): (_lokr_conv, True, _lokr_dora),
         (LohaModule, "linear"): (_loha_fused, True, _loha_dora),
@@ -253,7 +296,7 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     own = type(self).forward
     if args or kwargs:
         return own(self, x, *args, **kwargs)
-    if self.training and (self.dropout or self.rank_dropout or self.module_dropout):
+    if self.training and _draws_masks(self):
         return own(self, x)
     dtypes = {x.dtype, self.org_module[0].weight.dtype}
     dtypes.update(p.dtype for p in self.parameters())
@@ -263,6 +306,12 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     return (dora if getattr(self, "wd", False) else run)(self, x)
 
 
+
+
+def _draws_masks(mod) -> bool:
+    """Whether the module draws random masks in training mode (LoCon keeps its dropout as a module)."""
+    dropout = getattr(mod.dropout, "p", 0.0) if isinstance(mod.dropout, nn.Module) else mod.dropout
+    return bool(dropout or mod.rank_dropout or mod.module_dropout)
 
 
 def _calls_own_forward(f, module: nn.Module) -> bool:
@@ -281,6 +330,8 @@ def _why_not(mod, table) -> str | None:
             return f"{cls.__name__} on a {mod.module_type} layer: no specops path (Linear and Conv2d are covered)"
         return f"{cls.__module__}.{cls.__qualname__}: no specops path for this module type"
     wd = getattr(mod, "wd", False)
+    if wd and table[cls, mod.module_type][2] is None:
+        return f"dora_wd on {cls.__name__}: not covered"
     if wd and mod.bypass_mode:
         return "dora_wd in bypass_mode: LyCORIS's bypass forward leaves the weight decomposition out, not covered"
     if cls.__name__ == "DiagOFTModule" and mod.bypass_mode:
@@ -295,6 +346,8 @@ def _why_not(mod, table) -> str | None:
     kind = nn.Conv2d if mod.module_type == "conv2d" else nn.Linear
     if type(layer) is not kind:
         return f"base layer is a {type(layer).__name__}, not a plain {kind.__name__}"
+    if kind is nn.Conv2d and layer.groups != 1 and not table[cls, mod.module_type][1]:
+        return f"grouped conv (groups={layer.groups}): the factored path convolves with all input channels"
     if table[cls, mod.module_type][1] or wd:
         if not _calls_own_forward(mod.org_forward, layer):
             return "its base forward is not the layer's own (stacked LyCORIS modules); the fused path runs the weight"
@@ -336,7 +389,7 @@ def apply(network: nn.Module) -> dict:
     def install(mod):
         mod.forward = PatchedForward(_forward, mod)
         mod.org_module[0].forward = mod.forward
-        if mod.dropout or mod.rank_dropout or mod.module_dropout:
+        if _draws_masks(mod):
             return "dropout, rank_dropout or module_dropout > 0: in training mode this module runs LyCORIS's forward"
         return None
 

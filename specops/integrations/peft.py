@@ -1,4 +1,4 @@
-"""Run an existing HF PEFT model's LoKr, LoHa and AdaLoRA layers through specops ops, in place.
+"""Run an existing HF PEFT model's LoRA, LoKr, LoHa and AdaLoRA layers through specops ops, in place.
 
     report = apply(model)    # model: a PeftModel, or any nn.Module with PEFT layers injected
     ...                      # train / infer / save exactly as before
@@ -23,6 +23,8 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
     loha.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
     adalora         base(x) + Σ_a (x (A_a ⊙ E_a)ᵀ B_aᵀ)     base(x) + Σ_a lowrank_linear(x, A_a, c_a E_a, B_a),
       SVDLinear       · s_a / (ranknum_a + 1e-5)            c_a = s_a / (ranknum_a + 1e-5): one pass per adapter
+    lora.Linear     base(x) + Σ_a s_a x A_aᵀ B_aᵀ          base(x) + Σ_a lowrank_linear(x, A_a, s_a·1, B_a)
+    lora.Conv2d     base(x) + Σ_a s_a B_a * (A_a * x)      the same, B_a's 1x1 conv one batched GEMM onto base(x)
 
 LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
@@ -44,7 +46,8 @@ and, for the fused layers, dtypes that differ between the input, the base weight
 outside torch.autocast (PEFT then adds results of two dtypes). In training mode it draws PEFT's
 module-dropout number (torch.rand(1)) for every active adapter, as PEFT does even at dropout 0, so
 the global RNG stream, and with it every later dropout mask, stays PEFT's. Input casting follows
-PEFT (layer._cast_input_dtype, the output cast back to the input's dtype). Under torch.autocast,
+PEFT (layer._cast_input_dtype; the output in the input's dtype for LoKr / LoHa, the base output's for LoRA
+and AdaLoRA). Under torch.autocast,
 LoKr's factors and input are cast to the autocast dtype, as F.linear would cast them.
 
 Gradients are autograd's through the ops above, equal to PEFT's except on LoHa Tucker convs
@@ -52,8 +55,14 @@ Gradients are autograd's through the ops above, equal to PEFT's except on LoHa T
 hada_w1_a and hada_w2_a (it reuses the other half's rebuild); the patched layer gives the true
 ones and says so in report["notes"].
 
+LoRA's and AdaLoRA's Linear run lowrank_linear: one pass over x's rows forward and one over the output
+gradient's backward, where PEFT's two nn.Linear calls are skinny GEMMs far below the machine's GEMM rate.
+LoRA adapters that are variants (DoRA, aLoRA, ...: layer.lora_variant) or have a lora_B bias run PEFT's
+forward while active (report["notes"]).
+
 Not covered, left on PEFT's path and listed in report["skipped"] with the reason: every other
-tuner layer type (LoRA, OFT, BOFT, AdaLoRA's SVDConv2d, Conv1d, quantized layers, ...), layers whose forward is
+tuner layer type (OFT, BOFT, AdaLoRA's SVDConv2d, Conv1d, quantized layers, ...), LoRA on a grouped
+conv, layers whose forward is
 already replaced on the instance (e.g. accelerate hooks), nested tuner layers, fused layers whose
 base layer is not a plain nn.Linear / nn.Conv2d, has hooks, or (conv) pads other than with zeros.
 
@@ -68,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear
+from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection
 from ..spectral import lowrank_linear
 from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
@@ -160,35 +169,69 @@ def _lokr_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
     return y
 
 
-def _adalora_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
-    """y = base(x) + Σ_a ((x Aᵀ) diag(c_a E)) Bᵀ through lowrank_linear, c_a = s_a / (ranknum_a + 1e-5)
-    (ranknum's gradient included: PEFT 0.21 leaves it trainable)."""
+def _lowrank(factors):
+    """The forward of a layer type whose adapter a adds ((x Aᵀ) diag(s)) Bᵀ, (A, s, B) = factors(layer, a):
+    one lowrank_linear pass per adapter onto the base output (in the adapters' dtype, cast back)."""
+
+    def run(layer, x: Tensor, adapters: list[str]) -> Tensor:
+        out = layer.base_layer(x)
+        for a in adapters:
+            A, s, B = factors(layer, a)
+            xa = layer._cast_input_dtype(x, A.dtype)
+            if torch.is_autocast_enabled(x.device.type):
+                dtype = torch.get_autocast_dtype(x.device.type)
+                xa, A, s, B = xa.to(dtype), A.to(dtype), s.to(dtype), B.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):  # lowrank_linear takes one dtype
+                x2 = xa.reshape(-1, xa.shape[-1])
+                y = out.reshape(x2.shape[0], -1)
+                out = lowrank_linear(x2, A, s, B, y.to(x2.dtype)).to(y.dtype).view(out.shape)
+        return out
+
+    return run
+
+
+def _adalora_factors(layer, a: str) -> tuple[Tensor, Tensor, Tensor]:
+    """AdaLoRA's (A, c E, B), c = s_a / (ranknum_a + 1e-5) (ranknum's gradient kept: PEFT 0.21 leaves it trainable)."""
+    A = layer.lora_A[a]
+    return A, (layer.lora_E[a].view(-1) * (layer.scaling[a] / (layer.ranknum[a] + EPS_RANKNUM))).to(A.dtype), layer.lora_B[a]
+
+
+def _lora_factors(layer, a: str) -> tuple[Tensor, Tensor, Tensor]:
+    """LoRA's (A, s_a·1, B): the scaling as the diagonal."""
+    A = layer.lora_A[a].weight
+    return A, A.new_full((A.shape[0],), layer.scaling[a]), layer.lora_B[a].weight
+
+
+def _lora_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
+    """y = base(x) + Σ_a s_a B_a * (A_a * x): A_a's conv with its own geometry (PEFT's lora_A), the 1x1
+    up-projection one batched GEMM onto the output (specops.adapters._add_up_projection)."""
     out = layer.base_layer(x)
+    dtype = out.dtype  # PEFT's result dtype: the sum in the promoted one, cast back
     for a in adapters:
-        A, B = layer.lora_A[a], layer.lora_B[a]
-        xa = layer._cast_input_dtype(x, A.dtype)
-        lam = (layer.lora_E[a].view(-1) * (layer.scaling[a] / (layer.ranknum[a] + EPS_RANKNUM))).to(A.dtype)
+        conv_a, B = layer.lora_A[a], layer.lora_B[a].weight
+        xa = layer._cast_input_dtype(x, conv_a.weight.dtype)
+        h = conv_a(xa)
+        B = B.view(B.shape[0], B.shape[1]) * layer.scaling[a]
         if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            xa, A, B, lam = xa.to(dtype), A.to(dtype), B.to(dtype), lam.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):  # lowrank_linear takes one dtype
-            x2 = xa.reshape(-1, xa.shape[-1])
-            y = out.reshape(x2.shape[0], -1)
-            out = lowrank_linear(x2, A, lam, B, y.to(x2.dtype)).to(y.dtype).view(out.shape)
-    return out
+            h, B = h.to(torch.get_autocast_dtype(x.device.type)), B.to(torch.get_autocast_dtype(x.device.type))
+        with torch.autocast(x.device.type, enabled=False):
+            out = _add_up_projection(out.to(torch.promote_types(out.dtype, h.dtype)), B, h)
+    return out.to(dtype)
 
 
 @functools.cache
 def _table() -> dict[type, tuple]:
     """PEFT layer class -> (patched computation, whether it fuses into the base layer's weight)."""
-    from peft.tuners import adalora, loha, lokr
+    from peft.tuners import adalora, loha, lokr, lora
 
     return {
         lokr.Linear: (_lokr_linear, False),
         loha.Linear: (_loha_fused, True),
         lokr.Conv2d: (_lokr_conv, True),
         loha.Conv2d: (_loha_fused, True),
-        adalora.SVDLinear: (_adalora_linear, False),
+        adalora.SVDLinear: (_lowrank(_adalora_factors), False),
+        lora.Linear: (_lowrank(_lora_factors), False),
+        lora.Conv2d: (_lora_conv, False),
     }
 
 
@@ -205,6 +248,11 @@ def _draws_masks(layer, a: str) -> bool:
     return isinstance(dropout, nn.Dropout) and dropout.p > 0
 
 
+def _peft_only(layer, a: str) -> bool:
+    """Adapter a computes what no patched path does: a LoRA variant (DoRA, aLoRA, ...) or a bias on lora_B."""
+    return a in getattr(layer, "lora_variant", {}) or bool(getattr(layer, "lora_bias", {}).get(a))
+
+
 def _adapter_params(layer, a: str):
     return [d[a] for d in (getattr(layer, n) for n in layer.adapter_layer_names) if a in d]
 
@@ -216,7 +264,7 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         return peft_forward(self, x, *args, **kwargs)
     run, fuses = _table()[type(self)]
     adapters = [a for a in self.active_adapters if a in _available(self)]
-    if self.training and any(_draws_masks(self, a) for a in adapters):
+    if any(_peft_only(self, a) for a in adapters) or (self.training and any(_draws_masks(self, a) for a in adapters)):
         return peft_forward(self, x, *args, **kwargs)
     if fuses and not torch.is_autocast_enabled(x.device.type):
         dtypes = {x.dtype, self.get_base_layer().weight.dtype}
@@ -225,7 +273,9 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
             return peft_forward(self, x, *args, **kwargs)
     if self.training and hasattr(self, "module_dropout"):  # PEFT's draw, made even at dropout 0 (module docstring)
         adapters = [a for a in adapters if torch.rand(1) > self.module_dropout[a]]
-    return run(self, x, adapters).to(x.dtype)
+    out = run(self, x, adapters)
+    # PEFT's LoKr / LoHa return the input's dtype; its LoRA and AdaLoRA the base output's (run's)
+    return out.to(x.dtype) if hasattr(self, "module_dropout") else out
 
 
 
@@ -234,7 +284,6 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
 
 
 _UNCOVERED = {  # PEFT tuner package -> why specops has nothing to offer it
-    "peft.tuners.lora": " (PEFT's LoRA already runs two skinny GEMMs; specops has no faster form)",
     "peft.tuners.oft": (" (PEFT's OFT defaults to a Neumann-series Cayley, not specops' exact one, and already "
                         "rotates the input before one GEMM)"),
 }
@@ -251,6 +300,8 @@ def _why_not(layer, table) -> str | None:
     base = layer.get_base_layer()
     if layer.base_layer is not base:
         return "nested tuner layers (its base_layer is itself a tuner layer)"
+    if table[cls][0] is _lora_conv and base.groups != 1:
+        return f"grouped conv (groups={base.groups}): PEFT's lora_B is then a grouped 1x1 conv"
     if table[cls][1]:
         kind = nn.Conv2d if isinstance(base, nn.Conv2d) else nn.Linear
         if type(base) is not kind or "forward" in base.__dict__:
@@ -283,6 +334,10 @@ def apply(model: nn.Module) -> dict:
     def install(layer):
         layer.forward = PatchedForward(_forward, layer)
         notes = []
+        own = sorted(a for a in _available(layer) if _peft_only(layer, a))
+        if own:
+            notes.append(f"adapters {own} are LoRA variants (DoRA, ...) or have lora_bias: this layer runs PEFT's "
+                         "forward while they are active")
         dropped = [a for a in _available(layer) if _draws_masks(layer, a)]
         if dropped:
             notes.append(f"adapters {sorted(dropped)} have module/rank (or lora) dropout > 0: in training mode this layer "
