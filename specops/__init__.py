@@ -12,7 +12,8 @@ from ._registry import BackendError, available_backends, last_backend
 from .kron import kron, kron_matmul, kron_matmul_reference, kron_reference
 from .optim import CayleyAdam, StiefelAdam, StiefelSGD
 from .spectral import (LQFactors, SODA_TABLE, SVDFactors, decompose, kron_factor_sizes, linear_path, lowrank_linear,
-                       lowrank_linear_reference, scaled_matmul, scaled_matmul_reference, spectral_linear, spectral_linear_lq, spectral_linear_lq_reference,
+                       lowrank_linear_reference, scaled_matmul, scaled_matmul_reference, spectral_linear,
+                       spectral_linear_lq, spectral_linear_lq_reference,
                        spectral_linear_reference, spectral_shift, spectral_shift_lq, spectral_shift_lq_reference,
                        spectral_shift_reference)
 from .adapters import ZipLoRALinear

@@ -472,8 +472,9 @@ class AdaLoRA(Adapter):
     λ by importance; `rank` triplets are computed (init_r, or the kept ones after compact()).
 
     Forward, Linear: base(x) + c · ((x Qᵀ) diag(λ)) Pᵀ through specops.lowrank_linear (one pass
-    over the rows, work proportional to the rank); ΔW is never formed. On an nn.Conv2d, Q is the (r, in·kh·kw) matrix of an r-channel conv with the base's
-    geometry and P diag(λ) a 1x1 conv: y = base(x) + (c P diag λ) * (Q * x), as LoCon.
+    over the rows, work proportional to the rank); ΔW is never formed. On an nn.Conv2d, Q is the
+    (r, in·kh·kw) matrix of an r-channel conv with the base's geometry and P diag(λ) a 1x1 conv:
+    y = base(x) + (c P diag λ) * (Q * x), as LoCon.
     orthogonal="stiefel" keeps P and Q exactly orthonormal instead of regularising them: P and
     Qt = Qᵀ (n, r) start as random orthonormal columns (init_r <= min(out, n)) and are trained by
     a Stiefel optimiser (orthogonal_parameters(), sdxl.param_groups' orthogonal group), λ by any.

@@ -473,8 +473,9 @@ lowrank_linear = declare(
     Differentiable in x, A, s, B and y. With G = dL/dout, u = G B and h = x Aᵀ: grad_s = colsum(u ⊙ h),
     grad_B = Gᵀ h diag(s), grad_A = (u diag(s))ᵀ x, grad_x = u diag(s) A, grad_y = G. ΔW = B diag(s) A
     is never formed, nor any (T, r) product kept for the backward (h is recomputed). The cpp kernel
-    (float32 / float64, r <= LOWRANK_MAX_RANK, else the torch kernel) makes one pass over blocks of rows for the forward and
-    one for the backward, with register tiles whose work is proportional to r: 2·T·r·(n + m) FLOPs
+    (float32 / float64, r <= LOWRANK_MAX_RANK, else the torch kernel) makes one pass over blocks of
+    rows for the forward and one for the backward, with register tiles whose work is proportional to
+    r: 2·T·r·(n + m) FLOPs
     forward, 2·T·r·(3n + 2m) backward with every gradient, and one read of x, y (forward), G and x
     (backward); library GEMMs of such skinny shapes run far below the machine's FMA rate.
     """,

@@ -9,6 +9,7 @@ from helpers import assert_rel
 
 import specops
 from specops import spectral as sp
+from specops.adapters import make_adapter
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 SMALL = [(37, 53), (53, 37), (1, 5), (12, 20)]  # (out, in)
@@ -500,3 +501,18 @@ def test_sdxl_attention_shapes():
     shapes = sdxl_attention_shapes()
     assert sum(shapes.values()) == 560
     assert shapes == {(640, 640): 60, (640, 2048): 20, (1280, 1280): 360, (1280, 2048): 120}
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_lora_and_adalora_linear_run_the_lowrank_cpp_kernel(method):
+    """Their hot path is lowrank_linear's cpp kernel in fp32 up to LOWRANK_MAX_RANK, the torch kernel beyond it
+    and in bf16 (the kernel's refusal, not an error)."""
+    if not specops.available_backends("lowrank_linear")["cpp"].startswith("available"):
+        pytest.skip("the C++ extension is not built")
+    x = torch.randn(5, 16, requires_grad=True)
+    for rank, dtype, want in ((4, torch.float32, "cpp"), (sp.LOWRANK_MAX_RANK + 1, torch.float32, "torch"),
+                              (4, torch.bfloat16, "torch")):
+        option = {"lora": "rank", "adalora": "init_r"}[method]
+        layer = make_adapter(method, torch.nn.Linear(16, 32).to(dtype), **{option: rank})
+        layer(x.to(dtype)).sum().backward()
+        assert (specops.last_backend("lowrank_linear"), specops.last_backend("lowrank_linear_backward")) == (want, want)

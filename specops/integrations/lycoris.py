@@ -259,9 +259,12 @@ def _locon_conv(mod, x: Tensor) -> Tensor:
     batched GEMM onto base(x) (specops.adapters._add_up_projection); ΔW never formed."""
     layer = mod.org_module[0]
     down, B = mod.lora_down.weight, mod.lora_up.weight
-    op = mod.lora_mid if mod.tucker else mod.lora_down
-    geometry = (op.stride, op.padding, op.dilation) if mod.bypass_mode else (layer.stride, layer.padding, layer.dilation)
-    h = F.conv2d(F.conv2d(x, down), mod.lora_mid.weight, None, *geometry) if mod.tucker else F.conv2d(x, down, None, *geometry)
+    src = (mod.lora_mid if mod.tucker else mod.lora_down) if mod.bypass_mode else layer  # whose geometry LyCORIS uses
+    geometry = (src.stride, src.padding, src.dilation)
+    if mod.tucker:
+        h = F.conv2d(F.conv2d(x, down), mod.lora_mid.weight, None, *geometry)
+    else:
+        h = F.conv2d(x, down, None, *geometry)
     B = B.flatten(1) * _coef(mod, mod.multiplier)
     y = mod.org_forward(x)
     if torch.is_autocast_enabled(x.device.type):

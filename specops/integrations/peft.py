@@ -62,9 +62,9 @@ forward while active (report["notes"]).
 
 Not covered, left on PEFT's path and listed in report["skipped"] with the reason: every other
 tuner layer type (OFT, BOFT, AdaLoRA's SVDConv2d, Conv1d, quantized layers, ...), LoRA on a grouped
-conv, layers whose forward is
-already replaced on the instance (e.g. accelerate hooks), nested tuner layers, fused layers whose
-base layer is not a plain nn.Linear / nn.Conv2d, has hooks, or (conv) pads other than with zeros.
+conv, layers whose forward is already replaced on the instance (e.g. accelerate hooks), nested tuner
+layers, fused layers whose base layer is not a plain nn.Linear / nn.Conv2d, has hooks, or (conv) pads
+other than with zeros.
 
 Supported PEFT versions: SUPPORTED_PEFT (0.21.x, whose layer attributes this module reads). Any
 other version warns and leaves the model untouched.
@@ -193,7 +193,8 @@ def _lowrank(factors):
 def _adalora_factors(layer, a: str) -> tuple[Tensor, Tensor, Tensor]:
     """AdaLoRA's (A, c E, B), c = s_a / (ranknum_a + 1e-5) (ranknum's gradient kept: PEFT 0.21 leaves it trainable)."""
     A = layer.lora_A[a]
-    return A, (layer.lora_E[a].view(-1) * (layer.scaling[a] / (layer.ranknum[a] + EPS_RANKNUM))).to(A.dtype), layer.lora_B[a]
+    c = layer.scaling[a] / (layer.ranknum[a] + EPS_RANKNUM)
+    return A, (layer.lora_E[a].view(-1) * c).to(A.dtype), layer.lora_B[a]
 
 
 def _lora_factors(layer, a: str) -> tuple[Tensor, Tensor, Tensor]:
