@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ._constants import FLOAT_DTYPES, acc_dtype
 from ._registry import declare
-from .adapters import ADALORA_MEAN_DIM, AdaLoRA
+from .adapters import ADALORA_EMAS, ADALORA_MEAN_DIM, AdaLoRA
 
 
 # ----------------------------------------------------------------------------- the regulariser op
@@ -115,7 +115,7 @@ orthogonality = declare(
 
 # ----------------------------------------------------------------------------- the allocator
 
-_EMAS = ("ema_ipt_", "ema_unc_")
+_IPT, _UNC = ADALORA_EMAS
 
 
 class _Group:
@@ -125,7 +125,7 @@ class _Group:
     def __init__(self, names: list[str], mods: list[AdaLoRA]):
         self.names, self.mods, self.factors = names, mods, mods[0].factors
         self.state, self._views = {}, {}
-        for key in [kind + f for kind in _EMAS for f in self.factors] + ["frozen_mask"]:
+        for key in [kind + f for kind in ADALORA_EMAS for f in self.factors] + ["frozen_mask"]:
             self.state[key] = torch.stack([m._buffers[key] for m in mods])
             self._views[key] = self.state[key].unbind(0)
             for m, view in zip(mods, self._views[key]):
@@ -143,7 +143,7 @@ class _Group:
 
     def scores(self) -> Tensor:
         """(layers, r): s(λ_i) + mean s(Q[i, :]) + mean s(P[:, i]), s = Ī · U."""
-        s = {f: self.state["ema_ipt_" + f] * self.state["ema_unc_" + f] for f in self.factors}
+        s = {f: self.state[_IPT + f] * self.state[_UNC + f] for f in self.factors}
         P, lam, Q = self.factors
         return s[lam] + (s[Q].mean(1 + ADALORA_MEAN_DIM[Q]) + s[P].mean(1 + ADALORA_MEAN_DIM[P]))
 
@@ -215,7 +215,7 @@ class RankAllocator:
                 w = torch.stack(params)
                 grad = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
                 ipt = w.mul_(grad).abs_()
-                ema, unc = g.state["ema_ipt_" + f], g.state["ema_unc_" + f]
+                ema, unc = g.state[_IPT + f], g.state[_UNC + f]
                 ema.mul_(b1).add_(ipt, alpha=1 - b1)
                 unc.mul_(b2).add_(ipt.sub_(ema).abs_(), alpha=1 - b2)
 
@@ -253,7 +253,7 @@ class RankAllocator:
             keeps = self._mask_to_budget(self.budget_schedule(step)[0])
             for g, keep in zip(self._groups, keeps):
                 g.state["frozen_mask"].copy_(keep)
-                for kind in _EMAS:
+                for kind in ADALORA_EMAS:
                     for f in g.factors:
                         g.state[kind + f].zero_()
             return self.target_budget

@@ -462,6 +462,7 @@ EPS_RANKNUM = 1e-5  # PEFT's ranknum + 1e-5 in AdaLoRA's scaling
 # AdaLoRA's factors: the dim of each that indexes triplets, and the dim an importance is averaged over
 ADALORA_TRIPLET_DIM = {"P": 1, "lam": 0, "Q": 0, "Qt": 1}
 ADALORA_MEAN_DIM = {"P": 0, "Q": 1, "Qt": 0}
+ADALORA_EMAS = ("ema_ipt_", "ema_unc_")  # buffer prefixes: the allocator's smoothed sensitivity, uncertainty
 
 
 class AdaLoRA(Adapter):
@@ -510,9 +511,8 @@ class AdaLoRA(Adapter):
             self.Q = nn.Parameter(torch.randn(r, cols, **like) * 0.02)
             self.factors = ("P", "lam", "Q")
         for f in self.factors:
-            p = getattr(self, f)
-            self.register_buffer(f"ema_ipt_{f}", torch.zeros_like(p))
-            self.register_buffer(f"ema_unc_{f}", torch.zeros_like(p))
+            for kind in ADALORA_EMAS:
+                self.register_buffer(kind + f, torch.zeros_like(getattr(self, f)))
         self.register_buffer("frozen_mask", torch.ones(r, dtype=torch.bool, device=W0.device))
         self._options = {"init_r": init_r, "alpha": self.alpha, "rank": r, "orthogonal": orthogonal}
 
@@ -575,7 +575,7 @@ class AdaLoRA(Adapter):
         for f in self.factors:
             dim = ADALORA_TRIPLET_DIM[f]
             setattr(self, f, nn.Parameter(getattr(self, f).index_select(dim, idx)))
-            for kind in ("ema_ipt_", "ema_unc_"):
+            for kind in ADALORA_EMAS:
                 setattr(self, kind + f, getattr(self, kind + f).index_select(dim, idx))
         self.frozen_mask = self.frozen_mask[keep]
         self._options["rank"] = self.rank
