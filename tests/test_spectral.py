@@ -516,3 +516,21 @@ def test_lora_and_adalora_linear_run_the_lowrank_cpp_kernel(method):
         layer = make_adapter(method, torch.nn.Linear(16, 32).to(dtype), **{option: rank})
         layer(x.to(dtype)).sum().backward()
         assert (specops.last_backend("lowrank_linear"), specops.last_backend("lowrank_linear_backward")) == (want, want)
+
+
+def test_lowrank_linear_errors():
+    x, A, s, B, y = torch.randn(5, 4), torch.randn(3, 4), torch.randn(3), torch.randn(6, 3), torch.randn(5, 6)
+    with pytest.raises(ValueError, match=r"lowrank_linear: expected x \(T, n\)"):
+        sp.lowrank_linear(x[0], A, s, B, y)
+    with pytest.raises(ValueError, match=r"x: expected shape \(5, 3\) to match A \(2, 3\)"):
+        sp.lowrank_linear(x, A[:2, :3], s[:2], B[:, :2], y)
+    with pytest.raises(ValueError, match=r"s: expected shape \(3,\)"):
+        sp.lowrank_linear(x, A, s[:2], B, y)
+    with pytest.raises(ValueError, match=r"B: expected shape \(6, 3\)"):
+        sp.lowrank_linear(x, A, s, B[:, :2], y)
+    with pytest.raises(ValueError, match=r"y: expected shape \(5, 6\)"):
+        sp.lowrank_linear(x, A, s, B, y[:4])
+    with pytest.raises(ValueError, match=r"s: dtype/device torch.float64/cpu != x's torch.float32/cpu"):
+        sp.lowrank_linear(x, A, s.double(), B, y)
+    with pytest.raises(ValueError, match=r"x: expected a floating dtype"):
+        sp.lowrank_linear(x.long(), A.long(), s.long(), B.long(), y.long())

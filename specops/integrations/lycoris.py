@@ -82,9 +82,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import _add_kron_conv, _add_kron_linear, _add_up_projection
-from ..spectral import lowrank_linear
 from ..stiefel import cayley
-from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -240,17 +239,8 @@ def _oft_fused(mod, x: Tensor) -> Tensor:
 
 def _locon_linear(mod, x: Tensor) -> Tensor:
     """y = base(x) + x (c up down)^T through lowrank_linear, c the diagonal: ΔW never formed."""
-    y = mod.org_forward(x)
     A, B = mod.lora_down.weight, mod.lora_up.weight
-    s = _coef(mod, mod.multiplier).to(A.dtype).expand(A.shape[0])
-    xa = x
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        xa, A, s, B = xa.to(dtype), A.to(dtype), s.to(dtype), B.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):  # lowrank_linear takes one dtype
-        x2 = xa.reshape(-1, xa.shape[-1])
-        y2 = y.reshape(x2.shape[0], -1)
-        return lowrank_linear(x2, A, s, B, y2.to(x2.dtype)).to(y2.dtype).view(y.shape)
+    return add_lowrank(mod.org_forward(x), x, A, _coef(mod, mod.multiplier).to(A.dtype).expand(A.shape[0]), B)
 
 
 def _locon_conv(mod, x: Tensor) -> Tensor:

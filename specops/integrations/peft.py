@@ -78,8 +78,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection
-from ..spectral import lowrank_linear
-from ._patch import PatchedForward, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
 
@@ -177,14 +176,7 @@ def _lowrank(factors):
         out = layer.base_layer(x)
         for a in adapters:
             A, s, B = factors(layer, a)
-            xa = layer._cast_input_dtype(x, A.dtype)
-            if torch.is_autocast_enabled(x.device.type):
-                dtype = torch.get_autocast_dtype(x.device.type)
-                xa, A, s, B = xa.to(dtype), A.to(dtype), s.to(dtype), B.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):  # lowrank_linear takes one dtype
-                x2 = xa.reshape(-1, xa.shape[-1])
-                y = out.reshape(x2.shape[0], -1)
-                out = lowrank_linear(x2, A, s, B, y.to(x2.dtype)).to(y.dtype).view(out.shape)
+            out = add_lowrank(out, layer._cast_input_dtype(x, A.dtype), A, s, B)
         return out
 
     return run
