@@ -97,6 +97,69 @@ def test_twenty_steps_lower_the_loss(method, small_batch):
             assert stiefel.orthogonality_error(p.detach()).max().item() <= 1e-5
 
 
+def _prior_batches(encoders, tokens=8):
+    return (sdxl.synthetic_batch(encoders, batch=1, seed=3, size=8),
+            sdxl.synthetic_batch(encoders, batch=1, seed=4, size=8, tokens=tokens))
+
+
+def test_prior_preservation_at_weight_zero_is_the_plain_step(encoders):
+    inst, prior = _prior_batches(encoders)
+    runs = []
+    for kwargs in ({}, dict(prior=prior, prior_weight=0.0), dict(prior=prior, prior_weight=1.0)):
+        torch.manual_seed(0)
+        unet = sdxl.tiny_unet(0)
+        sdxl.inject(unet, "lora", block_weights=TRAIN_BLOCKS)
+        _perturb(unet)
+        opt = torch.optim.AdamW(sdxl.param_groups(unet, 1e-3).euclidean)
+        loss = sdxl.train_step(unet, inst, [opt], **kwargs)
+        runs.append((loss, [p.detach().clone() for p in unet.parameters()]))
+    (loss0, plain), (loss_zero, zero), (loss_one, one) = runs
+    assert loss_zero == loss0 and all(torch.equal(a, b) for a, b in zip(plain, zero))
+    assert loss_one > loss0 and not all(torch.equal(a, b) for a, b in zip(plain, one))
+    with pytest.raises(ValueError, match="prior_weight must be a float >= 0"):
+        sdxl.denoising_loss(sdxl.tiny_unet(0), inst, prior, prior_weight=-1.0)
+
+
+@pytest.mark.parametrize("tokens", [8, 5], ids=["one-pass", "two-passes"])
+def test_prior_preservation_gradient_matches_the_written_loss(tokens):
+    """fp64: the gradient of denoising_loss with a prior batch (concatenated into one UNet pass, or
+    two passes when the prompts' lengths differ) equals autograd of the loss written out."""
+    enc = sdxl.tiny_text_encoders(0, dtype=torch.float64)
+    inst, prior = _prior_batches(enc, tokens)
+    unet = sdxl.tiny_unet(0, dtype=torch.float64)
+    sdxl.inject(unet, "lora", block_weights=TRAIN_BLOCKS)
+    _perturb(unet)
+    params = [p for g in sdxl.param_groups(unet, 1.0).euclidean for p in g["params"]]
+    lam = 0.7
+    got = torch.autograd.grad(sdxl.denoising_loss(unet, inst, prior, lam), params)
+    written = ((unet(**inst["unet"]).sample - inst["noise"]) ** 2).mean() \
+        + lam * ((unet(**prior["unet"]).sample - prior["noise"]) ** 2).mean()
+    want = torch.autograd.grad(written, params)
+    assert max(_rel(a, b) for a, b in zip(got, want) if b.norm() > 0) <= 1e-10
+    assert sum(b.norm() > 0 for b in want) == len(want)
+
+
+def test_prior_preservation_with_block_wise_plain_fine_tuning(encoders):
+    """train_blocks: the chosen blocks' own weights train beside the adapters; nothing else moves."""
+    inst, prior = _prior_batches(encoders)
+    unet = sdxl.tiny_unet(0)
+    sdxl.inject(unet, "lora", block_weights={"down_blocks.1": 1.0})
+    blocks = sdxl.train_blocks(unet, ["mid_block"])
+    names = {id(p): n for n, p in unet.named_parameters()}
+    assert blocks and all(names[id(p)].startswith("mid_block.") for p in blocks)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    adapter_params = {n for n in trainable if not n.startswith("mid_block.")}
+    assert adapter_params and all(n.startswith("down_blocks.1.") for n in adapter_params)
+    opt = torch.optim.AdamW([*sdxl.param_groups(unet, 1e-3).euclidean, {"params": blocks}], lr=1e-3)
+    losses = [sdxl.train_step(unet, inst, [opt], prior=prior, prior_weight=0.5) for _ in range(8)]
+    assert losses[-1] < losses[0]
+    moved = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
+    assert adapter_params <= moved <= trainable and moved - adapter_params
+    with pytest.raises(ValueError, match="unknown UNet block"):
+        sdxl.train_blocks(unet, ["middle"])
+
+
 def _perturb(unet, seed=0):
     """Random non-trivial adapter parameters (orthogonal ones stay orthogonal)."""
     g = torch.Generator().manual_seed(seed)

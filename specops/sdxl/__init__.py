@@ -5,7 +5,8 @@
                           UNET_TARGETS / TEXT_TARGETS
     specops.sdxl.injection  inject (LyCORIS presets, optionally block-wise), set_block_weights, remove, fuse,
                           unfuse, apply_lora, INJECT_METHODS, PRESETS, BLOCK_LISTS
-    specops.sdxl.train    denoising_loss, train_step, param_groups / ParamGroups, train_zip_mergers
+    specops.sdxl.train    denoising_loss, train_step (prior preservation), train_blocks, param_groups /
+                          ParamGroups, train_zip_mergers
                           (ZipLoRA: train the column mergers of two frozen LoRAs)
 
 Every public name of the three is re-exported here (specops.sdxl.inject(...) works). Adapter and
@@ -16,10 +17,10 @@ tiny model is built.
 """
 from .injection import BLOCK_LISTS, INJECT_METHODS, PRESETS, apply_lora, fuse, inject, remove, set_block_weights, unfuse
 from .model import TEXT_TARGETS, UNET_TARGETS, attention_linears, encode_prompt, synthetic_batch, tiny_text_encoders, tiny_unet
-from .train import ParamGroups, denoising_loss, param_groups, train_step, train_zip_mergers
+from .train import ParamGroups, denoising_loss, param_groups, train_blocks, train_step, train_zip_mergers
 
 __all__ = [
     "UNET_TARGETS", "TEXT_TARGETS", "tiny_unet", "tiny_text_encoders", "attention_linears", "encode_prompt",
     "synthetic_batch", "INJECT_METHODS", "PRESETS", "BLOCK_LISTS", "inject", "set_block_weights", "remove", "fuse", "unfuse", "apply_lora", "denoising_loss",
-    "train_step", "ParamGroups", "param_groups", "train_zip_mergers",
+    "train_step", "train_blocks", "ParamGroups", "param_groups", "train_zip_mergers",
 ]

@@ -1,6 +1,8 @@
 """Training on an injected model: the denoising loss and step, optimiser groups, ZipLoRA mergers.
 
-    denoising_loss / train_step                     the epsilon objective and one optimiser step on it
+    denoising_loss / train_step                     the epsilon objective and one optimiser step on it, with
+                                                    DreamBooth's prior preservation (prior=, prior_weight=)
+    train_blocks(unet, blocks)                      plain fine-tuning of chosen UNet blocks (block-wise)
     param_groups(model, lr, ...)                    Euclidean parameters vs. orthogonal (Stiefel) factors
     train_zip_mergers(unet, content, style, ...)    ZipLoRA: train only the column mergers of two frozen
                                                     LoRAs (the dense merge op is specops.zip_merge)
@@ -16,25 +18,84 @@ from torch import Tensor, nn
 from .. import adapters
 from ..lora_io import load_lora
 from ..zip import merger_penalty
-from .injection import _adapters, _install, _lora_adapters, _strip
+from .injection import _adapters, _install, _lora_adapters, _parse_block_weights, _strip, _weight_of
 
-__all__ = ["denoising_loss", "train_step", "ParamGroups", "param_groups", "train_zip_mergers"]
-
-
-def denoising_loss(unet: nn.Module, batch: dict) -> Tensor:
-    """Mean squared error of the UNet's noise prediction (the epsilon objective)."""
-    return torch.nn.functional.mse_loss(unet(**batch["unet"]).sample, batch["noise"])
+__all__ = ["denoising_loss", "train_step", "train_blocks", "ParamGroups", "param_groups", "train_zip_mergers"]
 
 
-def train_step(model: nn.Module, batch: dict, optimizers: Sequence[torch.optim.Optimizer]) -> float:
-    """One denoising training step: zero the gradients, loss, backward, every optimiser's step."""
+def _cat_batches(a, b):
+    """The UNet kwargs of two batches as one (concatenated along the batch dimension), or None when a
+    tensor's other dimensions differ (e.g. prompts of different lengths)."""
+    if isinstance(a, dict):
+        out = {k: _cat_batches(a[k], b[k]) for k in a}
+        return None if any(v is None for v in out.values()) else out
+    if isinstance(a, Tensor):
+        return torch.cat([a, b]) if a.shape[1:] == b.shape[1:] else None
+    return a if a == b else None
+
+
+def denoising_loss(unet: nn.Module, batch: dict, prior: dict | None = None, prior_weight: float = 1.0) -> Tensor:
+    """Mean squared error of the UNet's noise prediction (the epsilon objective), optionally with
+    DreamBooth's prior preservation:
+
+        L = mean((ε_θ(x_t, t, c) − ε)²) + λ · mean((ε_θ(x'_t', t', c_pr) − ε')²)
+
+    `batch` holds the instance images, `prior` a class-prior batch of the same form (images the
+    model generated for the class prompt, noised likewise), λ = prior_weight. The two go through
+    the UNet as one concatenated batch (one pass over the weights) when their shapes allow, as
+    two passes otherwise; λ = 0 or prior=None is the plain objective (the prior is not evaluated).
+    """
+    if not isinstance(prior_weight, (int, float)) or isinstance(prior_weight, bool) or not prior_weight >= 0:
+        raise ValueError(f"denoising_loss: prior_weight must be a float >= 0, got {prior_weight!r}")
+    if prior is None or prior_weight == 0:
+        return torch.nn.functional.mse_loss(unet(**batch["unet"]).sample, batch["noise"])
+    both = _cat_batches(batch["unet"], prior["unet"])
+    if both is None:
+        pred, pred_prior = unet(**batch["unet"]).sample, unet(**prior["unet"]).sample
+    else:
+        pred, pred_prior = unet(**both).sample.split([len(batch["noise"]), len(prior["noise"])])
+    mse = torch.nn.functional.mse_loss
+    return mse(pred, batch["noise"]) + prior_weight * mse(pred_prior, prior["noise"])
+
+
+def train_step(model: nn.Module, batch: dict, optimizers: Sequence[torch.optim.Optimizer], *,
+               prior: dict | None = None, prior_weight: float = 1.0) -> float:
+    """One denoising training step: zero the gradients, loss (denoising_loss, with its prior
+    preservation arguments), backward, every optimiser's step."""
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    loss = denoising_loss(model, batch)
+    loss = denoising_loss(model, batch, prior, prior_weight)
     loss.backward()
     for opt in optimizers:
         opt.step()
     return loss.item()
+
+
+def train_blocks(unet: nn.Module, blocks) -> list[nn.Parameter]:
+    """Plain fine-tuning of chosen UNet blocks (block-wise, as Block-wise LoRA's paper trains): the
+    parameters of those blocks become trainable and the UNet's other own parameters frozen; adapters
+    keep theirs as they are (call it after inject, which freezes the whole model, to train both).
+    `blocks`: block prefixes ("down_blocks.1",
+    "mid_block", "up_blocks.0.attentions.1") or inject's block_weights mapping (a nonzero weight
+    selects). Layers that hold a specops adapter keep their base weights frozen: several methods
+    (SVDiff, SODA) cache a decomposition of them. Returns the trainable parameters, for an
+    optimiser group of their own: AdamW([*param_groups(unet, lr).euclidean, {"params": train_blocks(...)}])."""
+    spec = blocks if isinstance(blocks, dict) else {b: 1.0 for b in blocks}
+    weights = _parse_block_weights(spec)
+    if not any(weights.values()):
+        raise ValueError("train_blocks: select at least one block (a prefix, or a nonzero weight)")
+    adapted = tuple(f"{n}." for n in _adapters(unet))
+    chosen = []
+    for name, p in unet.named_parameters():
+        if name.startswith(adapted):
+            continue
+        on = bool(_weight_of(name, weights))
+        p.requires_grad_(on)
+        if on:
+            chosen.append(p)
+    if not chosen:
+        raise ValueError(f"train_blocks: the blocks {sorted(weights)} hold no parameters of this UNet")
+    return chosen
 
 
 class ParamGroups(NamedTuple):
