@@ -83,7 +83,7 @@ cuda-check: $(CUDA_VENV)/.installed
 
 # -P: the installed wheel, not the source tree's specops/, is what the tests import. Left out (CI time), all
 # run by the CPU suite just before: the demo test (cuda-check has just run the demo on this wheel), the slowest
-# tests of Python-level logic (two-process DDP, damaged-file fuzzing, the training runs, Cut-Mix-Unmix) and the file
+# tests of Python-level logic (two-process DDP, damaged-file fuzzing, the training runs, Cut-Mix-Unmix, ControlNet) and the file
 # format tests (kohya/diffusers/LyCORIS keys, textual-inversion files: plain tensor I/O, the same under either
 # torch)
 WHEEL_DESELECT := tests/test_sdxl.py::test_demo_runs_end_to_end \
@@ -91,7 +91,8 @@ WHEEL_DESELECT := tests/test_sdxl.py::test_demo_runs_end_to_end \
 	tests/test_sdxl.py::test_twenty_steps_lower_the_loss tests/test_sdxl.py::test_prior_preservation \
 	tests/test_integrations_unet.py::test_twenty_steps_with_apply_match_without \
 	tests/test_fuzz_io.py::test_damaged_files_are_refused_or_read_exactly
-WHEEL_IGNORE := tests/test_lora_io.py tests/test_lycoris.py tests/test_textual_inversion.py tests/test_cut_mix.py
+WHEEL_IGNORE := tests/test_lora_io.py tests/test_lycoris.py tests/test_textual_inversion.py tests/test_cut_mix.py \
+	tests/test_control.py
 test-cuda-build: cuda-check
 	SPECOPS_EXPECT_CUDA_KERNELS=1 $(CU_PY) -P -m pytest -q -n auto $(addprefix --deselect ,$(WHEEL_DESELECT)) $(addprefix --ignore ,$(WHEEL_IGNORE))
 

@@ -56,6 +56,8 @@ _FINGERPRINT_RTOL = 1e-9
 
 # diffusers' component prefixes and kohya's names for them (SD1.x kohya files say lora_te_).
 _KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+# Components a diffusers-format file may name: kohya's three and a ControlNet (Control-LoRA).
+_DIFFUSERS_COMPONENTS = (*_KOHYA_PREFIX, "controlnet")
 _KOHYA_COMPONENT = {"lora_unet": "unet", "lora_te1": "text_encoder", "lora_te2": "text_encoder_2",
                     "lora_te": "text_encoder"}
 # LyCORIS's create_lycoris(module) names every key "lycoris_<module, '.' -> '_'>" for the one module
@@ -697,7 +699,7 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
     """Write the ΔW of every adapter in `model` as a LoRA file; returns an error report.
 
     format "diffusers": keys "<component>.<module>.lora_A.weight" (A, (r, in)) and ".lora_B.weight"
-        (B, (out, r)), components "unet", "text_encoder", "text_encoder_2"; diffusers' metadata says
+        (B, (out, r)), components "unet", "text_encoder", "text_encoder_2" (and "controlnet"); diffusers' metadata says
         lora_alpha = r for every module, so diffusers/PEFT apply exactly B A.
     format "kohya": keys "lora_unet_<module, '.' -> '_'>.lora_down.weight" (A), ".lora_up.weight"
         (B), ".alpha" (= r, scale 1); "lora_te1_" / "lora_te2_" for the two text encoders. A conv
@@ -1050,7 +1052,7 @@ def _parse_key(key: str, tables: dict, path) -> tuple[str, str, str, bool]:
     else:
         module, role = m.group(1), ("alpha" if pattern is _ALPHA_KEY else _ROLE[m.group(2)])
     head, _, rest = module.partition(".")
-    component, module = (head, rest) if head in _KOHYA_PREFIX and rest else ("unet", module)
+    component, module = (head, rest) if head in _DIFFUSERS_COMPONENTS and rest else ("unet", module)
     return component, module, role, False
 
 
@@ -1081,7 +1083,8 @@ def load_lora(path, model=None) -> dict[str, tuple[Tensor, ...]]:
     kohya keys (lora_unet_/lora_te1_/lora_te2_, lora_down/lora_up/alpha, scale alpha/r), including
     kohya SDXL files with Stability's block names (input_blocks_4_1_... -> down_blocks.1.attentions.0...)
     and LyCORIS's create_lycoris files ("lycoris_" keys: the model's only component, else the UNet).
-    Components: "unet", "text_encoder", "text_encoder_2" (unprefixed diffusers keys count as unet).
+    Components: "unet", "text_encoder", "text_encoder_2", and in diffusers keys "controlnet" (unprefixed
+    diffusers keys count as unet).
     Conv layers (LoCon): lora_down (r, in, kh, kw), lora_up (out, r, 1, 1) — PEFT / diffusers name
     them lora_A / lora_B —, or, kohya / LyCORIS only, Tucker lora_down (r, in, 1, 1), lora_mid
     (r, r, kh, kw), lora_up; the entry
