@@ -77,7 +77,7 @@ $(CUDA_VENV)/.installed: $(CUDA_VENV)/.torch $(SOURCES) $(PY_SOURCES)
 cuda-check: $(CUDA_VENV)/.installed
 	cd /tmp && $(CU_PY) -m specops info
 	cd /tmp && $(CU_PY) -c "import specops.sdxl" && $(CU_PY) -m specops bench kron --quick > /dev/null
-	cd /tmp && $(CU_PY) -m specops demo --out /tmp/specops-demo-cu --soda-steps 2 --lora-steps 2 --zip-steps 2 --adalora-steps 4 --no-progress > /dev/null
+	cd /tmp && $(CU_PY) -m specops demo --out /tmp/specops-demo-cu --soda-steps 2 --lora-steps 2 --zip-steps 2 --adalora-steps 4 --seed-method-steps 2 --no-progress > /dev/null
 	SPECOPS_EXPECT_CUDA_KERNELS=1 $(CU_PY) -P -m pytest -q tests/test_build.py
 	$(CU_PY) -P -m specops.gpu_check --no-triton --ptxas-log $(CUDA_VENV)/build.log
 

@@ -8,8 +8,12 @@
 4. AdaLoRA on the 700 attention and feed-forward layers (init_r 12, target 8): the rank allocator
    moves the budget to the target, the pruned triplets are compacted away, the live adapters saved
    (with the allocator's state) and the result exported as an exact LoRA of each layer's kept rank.
+5. The training-side methods, a few steps each on a fresh UNet: textual inversion (two new tokens in
+   both text encoders) with a LoRA and DreamBooth prior preservation, the embedding file reloaded;
+   SVDiff's Cut-Mix-Unmix on the two new subjects; a Control-LoRA in a ControlNet, exported and
+   reloaded; a T2I-Adapter trained to condition the UNet.
 Prints a summary: losses, orthogonality error, the share of step time spent inside specops ops, the
-AdaLoRA budget and the ranks each UNet block kept, files.
+AdaLoRA budget and the ranks each UNet block kept, each method's losses, files.
 """
 from __future__ import annotations
 
@@ -107,8 +111,91 @@ def _adalora(unet, batch, steps: int, out_dir: str, progress: bool) -> dict:
             "export_max_rel_error": report["max_rel_error"], "reload_max_rel_error": reload_error, "files": files}
 
 
+def _fit(params, loss_fn, steps: int, lr: float, progress: bool, desc: str) -> list[float]:
+    """`steps` AdamW steps on loss_fn(); the losses."""
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in _progress(range(steps), progress, desc):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+UNMIX_WEIGHT = 0.1  # of the unmix term beside the denoising loss
+
+
+def _seed_methods(seed: int, steps: int, out_dir: str, progress: bool) -> dict:
+    """Part 5: textual inversion + LoRA + prior preservation, Cut-Mix-Unmix, Control-LoRA, T2I-Adapter."""
+    out: dict = {"files": {}}
+    unet = sdxl.tiny_unet(seed).train()
+    enc = sdxl.tiny_text_encoders(seed)
+    first, second, prior = (sdxl.synthetic_batch(enc, seed=seed + k) for k in (3, 4, 5))
+    v1, v2 = sdxl.add_tokens(enc, 2, init_ids=[17, 18])
+    prompt = torch.tensor([[0, v1, 17, v2, 18, 2, 1, 1]]).expand(len(first["noise"]), -1)  # "[V1] a [V2] b"
+
+    sdxl.inject(unet, "lora", rank=4)
+    lora = sdxl.param_groups(unet, 1e-3).euclidean
+    losses = _fit([*lora, {"params": sdxl.token_parameters(enc), "lr": 1e-2}],
+                  lambda: sdxl.denoising_loss(unet, sdxl.with_prompt(first, enc, prompt), prior, 1.0),
+                  steps, 1e-3, progress, "textual inversion + prior")
+    path = os.path.join(out_dir, "textual_inversion.safetensors")
+    sdxl.save_textual_inversion(enc, path)
+    fresh = sdxl.tiny_text_encoders(seed)
+    sdxl.load_textual_inversion(fresh, path)
+    diff = max((a - b).abs().max().item() for a, b in zip(sdxl.token_parameters(fresh), sdxl.token_parameters(enc)))
+    out["textual_inversion"] = {"loss_first": losses[0], "loss_last": losses[-1], "reload_max_abs_diff": diff}
+    out["files"]["textual inversion (diffusers SDXL)"] = path
+
+    x0 = sdxl.cut_mix(first["x0"], second["x0"])
+    t = first["unet"]["timestep"]
+    mixed = {**first, "x0": x0, "unet": {**first["unet"], "sample": sdxl.noised(x0, first["noise"], t)}}
+    rec = sdxl.UnmixRecorder(unet, ([1], [3]), tuple(x0.shape[-2:]))
+    unmix = []
+
+    def mixed_loss():
+        loss = sdxl.denoising_loss(unet, sdxl.with_prompt(mixed, enc, prompt))
+        unmix.append(rec.loss().item())
+        return loss + UNMIX_WEIGHT * rec.loss()
+
+    losses = _fit([*lora, {"params": sdxl.token_parameters(enc), "lr": 1e-2}], mixed_loss, steps, 1e-3,
+                  progress, "cut-mix-unmix")
+    rec.remove()
+    out["cut_mix"] = {"loss_first": losses[0], "loss_last": losses[-1], "unmix_first": unmix[0], "unmix_last": unmix[-1]}
+    sdxl.remove(unet)
+    unet.requires_grad_(False)
+
+    image = torch.rand(len(first["noise"]), 3, *(8 * n for n in first["x0"].shape[-2:]),
+                       generator=torch.Generator().manual_seed(seed))
+    controlled = {**first, "unet": {**first["unet"], "control_image": image}}
+    net = sdxl.controlnet(unet)
+    sdxl.inject(net, "lora", preset="full")
+    # Control-LoRA trains the ControlNet's own zero convolutions and conditioning embedding beside the
+    # LoRAs: with the zero convolutions frozen at zero no gradient reaches the LoRAs
+    own = [p for m in (net.controlnet_cond_embedding, net.controlnet_down_blocks, net.controlnet_mid_block)
+           for p in m.parameters()]
+    for p in own:
+        p.requires_grad_(True)
+    model = sdxl.ControlledUNet(unet, controlnet=net)
+    losses = _fit([*sdxl.param_groups(net, 1e-3).euclidean, {"params": own}],
+                  lambda: sdxl.denoising_loss(model, controlled), steps, 1e-3, progress, "control-lora")
+    path = os.path.join(out_dir, "control_lora.safetensors")
+    report = lora_io.export_lora({"controlnet": net}, path)
+    out["controlnet"] = {"layers": len(report["rank"]), "loss_first": losses[0], "loss_last": losses[-1],
+                         "export_max_rel_error": report["max_rel_error"]}
+    out["files"]["control-lora (diffusers)"] = path
+
+    model = sdxl.ControlledUNet(unet, adapter=sdxl.t2i_adapter(unet))
+    losses = _fit(model.adapter.parameters(), lambda: sdxl.denoising_loss(model, controlled), steps, 1e-3,
+                  progress, "t2i-adapter")
+    out["t2i"] = {"loss_first": losses[0], "loss_last": losses[-1]}
+    return out
+
+
 def run(out_dir: str = "demo_out", soda_steps: int = 24, lora_steps: int = 15, zip_steps: int = 20,
-        adalora_steps: int = 24, progress: bool = True, seed: int = 0) -> dict:
+        adalora_steps: int = 24, seed_method_steps: int = 6, progress: bool = True, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.perf_counter()
@@ -168,6 +255,10 @@ def run(out_dir: str = "demo_out", soda_steps: int = 24, lora_steps: int = 15, z
     unet.train()
     summary["adalora"] = _adalora(unet, batch, adalora_steps, out_dir, progress)
     summary["files"].update(summary["adalora"].pop("files"))
+
+    # 5. Textual inversion, prior preservation, Cut-Mix-Unmix, ControlNet, T2I-Adapter.
+    summary["seed_methods"] = _seed_methods(seed, seed_method_steps, out_dir, progress)
+    summary["files"].update(summary["seed_methods"].pop("files"))
     summary["total_s"] = time.perf_counter() - t_start
     return summary
 
@@ -194,6 +285,15 @@ def _print(summary: dict) -> None:
           f"reloaded B A vs ΔW {a['reload_max_rel_error']:.1e}")
     print("  triplets kept per layer, by block (mean, min-max): " + ", ".join(
         f"{blk} {sum(r) / len(r):.1f} ({min(r)}-{max(r)})" for blk, r in a["blocks"].items()))
+    m = summary["seed_methods"]
+    ti, cm, cn, t2i = m["textual_inversion"], m["cut_mix"], m["controlnet"], m["t2i"]
+    print(f"textual inversion (2 tokens, both encoders) + LoRA + prior preservation: loss {ti['loss_first']:.4f} -> "
+          f"{ti['loss_last']:.4f}; embedding file reloaded, max diff {ti['reload_max_abs_diff']:.1e}")
+    print(f"Cut-Mix-Unmix: loss {cm['loss_first']:.4f} -> {cm['loss_last']:.4f}; unmix term "
+          f"{cm['unmix_first']:.2e} -> {cm['unmix_last']:.2e}")
+    print(f"Control-LoRA on {cn['layers']} ControlNet layers: loss {cn['loss_first']:.4f} -> {cn['loss_last']:.4f}; "
+          f"export error {cn['export_max_rel_error']:.1e}")
+    print(f"T2I-Adapter (full_adapter_xl): loss {t2i['loss_first']:.4f} -> {t2i['loss_last']:.4f}")
     print("files:")
     for what, path in summary["files"].items():
         print(f"  {path}  ({what}, {os.path.getsize(path) / 1e6:.2f} MB)")
@@ -208,11 +308,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-steps", type=int, default=15)
     ap.add_argument("--zip-steps", type=int, default=20)
     ap.add_argument("--adalora-steps", type=int, default=24)
+    ap.add_argument("--seed-method-steps", type=int, default=6, help="steps of each method of part 5")
     ap.add_argument("--json", help="also write the summary here")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     summary = run(args.out, args.soda_steps, args.lora_steps, args.zip_steps, args.adalora_steps,
-                  progress=not args.no_progress)
+                  args.seed_method_steps, progress=not args.no_progress)
     _print(summary)
     if args.json:
         with open(args.json, "w") as f:

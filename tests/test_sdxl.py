@@ -456,7 +456,8 @@ def test_ddp_two_processes_stay_identical_and_orthogonal(tmp_path):
 def test_demo_runs_end_to_end(tmp_path):
     from specops import demo
 
-    summary = demo.run(str(tmp_path), soda_steps=2, lora_steps=2, zip_steps=2, adalora_steps=4, progress=False)
+    summary = demo.run(str(tmp_path), soda_steps=2, lora_steps=2, zip_steps=2, adalora_steps=4, seed_method_steps=2,
+                       progress=False)
     assert summary["soda"]["layers"] == 560
     a = summary["adalora"]
     assert a["layers"] == 700 and a["budgets"][-1] == a["target_budget"] == 8 * 700
@@ -465,6 +466,9 @@ def test_demo_runs_end_to_end(tmp_path):
     assert summary["soda"]["orthogonality_error"] <= 1e-5
     assert 0 < summary["soda"]["specops_share"] < 1
     assert summary["zip"]["reload_max_abs_diff"] == 0
+    m = summary["seed_methods"]
+    assert m["textual_inversion"]["reload_max_abs_diff"] == 0 and m["controlnet"]["export_max_rel_error"] <= 1e-6
+    assert all(v["loss_first"] > 0 for v in m.values()) and m["cut_mix"]["unmix_first"] > 0
     assert all(os.path.getsize(p) > 0 for p in summary["files"].values())
 
 

@@ -20,14 +20,6 @@ def _tables(encoders):
     return [te.get_input_embeddings() for te in encoders]
 
 
-def _batch(encoders, base, ids=PROMPT):
-    """base's latents and noise, conditioned on `ids` through the encoders (with grad)."""
-    context, pooled = sdxl.encode_prompt(encoders, ids)
-    cond = {**base["unet"]["added_cond_kwargs"], "text_embeds": pooled}
-    return {"unet": {**base["unet"], "encoder_hidden_states": context, "added_cond_kwargs": cond},
-            "noise": base["noise"]}
-
-
 def test_textual_inversion_trains_only_the_new_rows_beside_an_adapter():
     torch.manual_seed(0)
     enc = sdxl.tiny_text_encoders(0)
@@ -42,7 +34,7 @@ def test_textual_inversion_trains_only_the_new_rows_beside_an_adapter():
     losses = []
     for _ in range(20):
         opt.zero_grad(set_to_none=True)
-        loss = sdxl.denoising_loss(unet, _batch(enc, base))
+        loss = sdxl.denoising_loss(unet, sdxl.with_prompt(base, enc, PROMPT))
         loss.backward()
         assert all(p.grad is None for te in enc for n, p in te.named_parameters() if not n.endswith(".rows"))
         opt.step()

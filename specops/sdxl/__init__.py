@@ -1,7 +1,7 @@
 """The thin SDXL layer: put specops adapters on the hot path of a diffusers UNet and CLIP encoders.
 
     specops.sdxl.model    tiny_unet / tiny_text_encoders (random-init models with SDXL-base's exact
-                          structure, built offline), encode_prompt, synthetic_batch, attention_linears,
+                          structure, built offline), encode_prompt, synthetic_batch, noised, with_prompt, attention_linears,
                           UNET_TARGETS / TEXT_TARGETS
     specops.sdxl.injection  inject (LyCORIS presets, optionally block-wise), set_block_weights, remove, fuse,
                           unfuse, apply_lora, INJECT_METHODS, PRESETS, BLOCK_LISTS
@@ -23,13 +23,14 @@ tiny model is built.
 from .control import ControlledUNet, controlnet, t2i_adapter
 from .cut_mix import UnmixRecorder, cut_mix, cut_mix_prompt, unmix_loss
 from .injection import BLOCK_LISTS, INJECT_METHODS, PRESETS, apply_lora, fuse, inject, remove, set_block_weights, unfuse
-from .model import TEXT_TARGETS, UNET_TARGETS, attention_linears, encode_prompt, synthetic_batch, tiny_text_encoders, tiny_unet
+from .model import (TEXT_TARGETS, UNET_TARGETS, attention_linears, encode_prompt, noised, synthetic_batch, tiny_text_encoders,
+                    tiny_unet, with_prompt)
 from .textual_inversion import add_tokens, load_textual_inversion, merge_tokens, save_textual_inversion, token_parameters
 from .train import ParamGroups, denoising_loss, param_groups, train_blocks, train_step, train_zip_mergers
 
 __all__ = [
     "UNET_TARGETS", "TEXT_TARGETS", "tiny_unet", "tiny_text_encoders", "attention_linears", "encode_prompt",
-    "synthetic_batch", "INJECT_METHODS", "PRESETS", "BLOCK_LISTS", "inject", "set_block_weights", "remove", "fuse", "unfuse", "apply_lora", "denoising_loss",
+    "synthetic_batch", "noised", "with_prompt", "INJECT_METHODS", "PRESETS", "BLOCK_LISTS", "inject", "set_block_weights", "remove", "fuse", "unfuse", "apply_lora", "denoising_loss",
     "train_step", "train_blocks", "add_tokens", "token_parameters", "save_textual_inversion",
     "load_textual_inversion", "merge_tokens", "cut_mix", "cut_mix_prompt", "unmix_loss", "UnmixRecorder",
     "controlnet", "t2i_adapter", "ControlledUNet", "ParamGroups", "param_groups", "train_zip_mergers",

@@ -90,11 +90,18 @@ def encode_prompt(text_encoders, input_ids: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([h1, out2.hidden_states[-2]], dim=-1), out2.text_embeds
 
 
+def noised(x0: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise with the SDXL (scaled-linear, 1000-step) schedule."""
+    abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)[timestep]
+    abar = abar.to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
 def synthetic_batch(text_encoders, batch: int = 2, tokens: int = 8, seed: int = 0, size: int = 16) -> dict:
     """A fixed synthetic denoising batch: noisy latents, timesteps, text conditioning and the noise.
 
-    Returns {"unet": kwargs for UNet2DConditionModel.forward, "noise": the target (batch, 4, size, size)}.
-    Latents are x_t = sqrt(abar) x0 + sqrt(1 - abar) noise with the SDXL (scaled-linear) schedule.
+    Returns {"unet": kwargs for UNet2DConditionModel.forward, "noise": the target (batch, 4, size, size),
+    "x0": the clean latents}; the latents are noised(x0, noise, t).
     """
     g = torch.Generator().manual_seed(seed)
     dtype = next(text_encoders[0].parameters()).dtype
@@ -104,14 +111,20 @@ def synthetic_batch(text_encoders, batch: int = 2, tokens: int = 8, seed: int = 
     x0 = torch.randn(batch, 4, size, size, generator=g, dtype=dtype)
     noise = torch.randn(batch, 4, size, size, generator=g, dtype=dtype)
     t = torch.randint(0, 1000, (batch,), generator=g)
-    abar = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)[t]
-    abar = abar.to(dtype).view(-1, 1, 1, 1)
     time_ids = torch.tensor([size * 8, size * 8, 0, 0, size * 8, size * 8], dtype=dtype).expand(batch, 6)
     return {
-        "unet": dict(sample=abar.sqrt() * x0 + (1 - abar).sqrt() * noise, timestep=t, encoder_hidden_states=context,
+        "unet": dict(sample=noised(x0, noise, t), timestep=t, encoder_hidden_states=context,
                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}),
-        "noise": noise,
+        "noise": noise, "x0": x0,
     }
+
+
+def with_prompt(batch: dict, text_encoders, input_ids: Tensor) -> dict:
+    """`batch` conditioned on `input_ids` through the encoders, with gradient (textual inversion,
+    text-encoder adapters): a new dict, the latents, timesteps and noise shared."""
+    context, pooled = encode_prompt(text_encoders, input_ids)
+    cond = {**batch["unet"]["added_cond_kwargs"], "text_embeds": pooled}
+    return {**batch, "unet": {**batch["unet"], "encoder_hidden_states": context, "added_cond_kwargs": cond}}
 
 
 # Which layers are targets; inject uses the same rules.
