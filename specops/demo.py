@@ -157,8 +157,9 @@ def _seed_methods(seed: int, steps: int, out_dir: str, progress: bool) -> dict:
 
     def mixed_loss():
         loss = sdxl.denoising_loss(unet, sdxl.with_prompt(mixed, enc, prompt))
-        unmix.append(rec.loss().item())
-        return loss + UNMIX_WEIGHT * rec.loss()
+        term = rec.loss()
+        unmix.append(term.item())
+        return loss + UNMIX_WEIGHT * term
 
     losses = _fit([*lora, {"params": sdxl.token_parameters(enc), "lr": 1e-2}], mixed_loss, steps, 1e-3,
                   progress, "cut-mix-unmix")

@@ -6,7 +6,7 @@ subject token's cross-attention on its own half.
     cut_mix_prompt(first, second)       "<first> on the left, <second> on the right"
     unmix_loss(probs, tokens, width)    the unmix term of one layer's attention probabilities
     UnmixRecorder(unet, tokens, size)   records, in every cross-attention layer, only the columns of the
-                                        subject tokens; .loss() sums unmix_loss over the layers
+                                        subject tokens; .loss() is unmix_loss's mean over the layers
 
 The unmix term, for attention probabilities P (N, h·w, K) over a feature map of width w (queries in
 row-major order) and subject token sets T1 (left) and T2 (right):
@@ -97,7 +97,7 @@ class UnmixRecorder:
 
     tokens: (T1, T2), the prompt positions of subject 1 (left) and 2 (right); size: the latent's
     (H, W), from which each layer's feature-map width follows. Each forward replaces the recorded
-    maps; loss() is Σ over layers of unmix_loss (averaged over layers). remove() restores the
+    maps; loss() is the mean of unmix_loss over the layers. remove() restores the
     original processors. Only the subject columns are kept: (B·heads, h·w, |T1| + |T2|) per layer.
     """
 

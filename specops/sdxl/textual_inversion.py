@@ -44,31 +44,21 @@ class NewTokens(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         V, n = self.vocab, len(self.rows)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V + n):
-            raise IndexError(f"textual inversion: token ids must lie in [0, {V + n}), got "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
-        new = ids >= V
-        out = self.table(ids.clamp(max=V - 1))
-        if not bool(new.any()):
-            return out
-        return torch.where(new.unsqueeze(-1), nn.functional.embedding((ids - V).clamp(min=0), self.rows), out)
-
-
-def _token_embeddings(encoder: nn.Module) -> nn.Module:
-    return encoder.get_input_embeddings()
+        if ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(ids))  # one host sync per forward
+            if lo < 0 or hi >= V + n:
+                raise IndexError(f"textual inversion: token ids must lie in [0, {V + n}), got [{lo}, {hi}]")
+        old = self.table(ids.clamp(max=V - 1))
+        return torch.where((ids >= V).unsqueeze(-1), nn.functional.embedding((ids - V).clamp(min=0), self.rows), old)
 
 
 def _table(encoder: nn.Module) -> nn.Embedding:
-    m = _token_embeddings(encoder)
+    m = encoder.get_input_embeddings()
     return m.table if isinstance(m, NewTokens) else m
 
 
-def _set_token_embeddings(encoder: nn.Module, module: nn.Module) -> None:
-    encoder.set_input_embeddings(module)
-
-
 def _new_tokens(text_encoders) -> list[NewTokens]:
-    found = [_token_embeddings(te) for te in text_encoders]
+    found = [te.get_input_embeddings() for te in text_encoders]
     if not all(isinstance(m, NewTokens) for m in found):
         raise ValueError("textual inversion: the text encoders hold no new tokens; call add_tokens first")
     return found
@@ -96,7 +86,7 @@ def add_tokens(text_encoders, n: int | None = None, *, init: Tensor | list[Tenso
         raise ValueError(f"add_tokens: init_ids holds {len(init_ids)} ids for {n} new tokens")
     if tokens is not None and len(tokens) != n:
         raise ValueError(f"add_tokens: tokens holds {len(tokens)} strings for {n} new tokens")
-    current = [_token_embeddings(te) for te in text_encoders]
+    current = [te.get_input_embeddings() for te in text_encoders]
     sizes = {m.vocab + len(m.rows) if isinstance(m, NewTokens) else m.num_embeddings for m in current}
     if len(sizes) != 1:
         raise ValueError(f"add_tokens: the text encoders' vocabularies differ ({sorted(sizes)}); SDXL's share one")
@@ -122,10 +112,11 @@ def add_tokens(text_encoders, n: int | None = None, *, init: Tensor | list[Tenso
                 rows = table.weight.mean(0, keepdim=True).expand(n, -1)
             if isinstance(m, NewTokens):
                 rows = torch.cat([m.rows, rows.to(m.rows)])
-        _set_token_embeddings(te, NewTokens(table, rows))
+        new = NewTokens(table, rows)
+        te.set_input_embeddings(new)
         adapted = tuple(f"{name}." for name in _adapters(te))
         for name, p in te.named_parameters():
-            if not name.startswith(adapted) and not name.endswith("token_embedding.rows"):
+            if p is not new.rows and not name.startswith(adapted):
                 p.requires_grad_(False)
     return ids
 
@@ -190,5 +181,5 @@ def merge_tokens(text_encoders) -> None:
         emb = nn.Embedding(m.vocab + len(m.rows), table.shape[1], device=table.device, dtype=table.dtype)
         with torch.no_grad():
             emb.weight.copy_(torch.cat([table, m.rows]))
-        _set_token_embeddings(te, emb.requires_grad_(False))
+        te.set_input_embeddings(emb.requires_grad_(False))
         te.config.vocab_size = emb.num_embeddings
