@@ -25,13 +25,14 @@ __all__ = ["denoising_loss", "train_step", "train_blocks", "ParamGroups", "param
 
 def _cat_batches(a, b):
     """The UNet kwargs of two batches as one (concatenated along the batch dimension), or None when a
-    tensor's other dimensions differ (e.g. prompts of different lengths)."""
+    tensor's other dimensions differ (e.g. prompts of different lengths) or a value is neither a
+    tensor, a dict nor the same plain value in both."""
     if isinstance(a, dict):
         out = {k: _cat_batches(a[k], b[k]) for k in a}
         return None if any(v is None for v in out.values()) else out
     if isinstance(a, Tensor):
         return torch.cat([a, b]) if a.shape[1:] == b.shape[1:] else None
-    return a if a == b else None
+    return a if a is b or (isinstance(a, (int, float, str, type(None))) and a == b) else None
 
 
 def denoising_loss(unet: nn.Module, batch: dict, prior: dict | None = None, prior_weight: float = 1.0) -> Tensor:
@@ -75,9 +76,8 @@ def train_blocks(unet: nn.Module, blocks) -> list[nn.Parameter]:
     """Plain fine-tuning of chosen UNet blocks (block-wise, as Block-wise LoRA's paper trains): the
     parameters of those blocks become trainable and the UNet's other own parameters frozen; adapters
     keep theirs as they are (call it after inject, which freezes the whole model, to train both).
-    `blocks`: block prefixes ("down_blocks.1",
-    "mid_block", "up_blocks.0.attentions.1") or inject's block_weights mapping (a nonzero weight
-    selects). Layers that hold a specops adapter keep their base weights frozen: several methods
+    `blocks`: block prefixes ("down_blocks.1", "mid_block", "up_blocks.0.attentions.1") or inject's
+    block_weights mapping (a nonzero weight selects). Layers that hold a specops adapter keep their base weights frozen: several methods
     (SVDiff, SODA) cache a decomposition of them. Returns the trainable parameters, for an
     optimiser group of their own: AdamW([*param_groups(unet, lr).euclidean, {"params": train_blocks(...)}])."""
     spec = blocks if isinstance(blocks, dict) else {b: 1.0 for b in blocks}
