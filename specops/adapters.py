@@ -10,7 +10,7 @@ padding and dilation. An input-side rotation then acts on in·kh·kw, and n belo
 Two kinds:
 
   additive  (LoRA, LoHa, LoKr, AdaLoRA, ZipLoRA):  y = x W0^T + b + scale · x ΔW'^T,  ΔW = scale · ΔW'
-  rebuild   (OFT, KOFT, SVDiff, SODA-SVD, SODA-LQ): the method gives the adapted weight W itself;
+  rebuild   (OFT, BOFT, KOFT, SVDiff, SODA-SVD, SODA-LQ): the method gives the adapted weight W itself;
             scale 1 runs the adapted layer y = x W^T + b, any other scale s runs
             y = base(x) + s (x W^T - x W0^T), so ΔW = s (W - W0).
 
@@ -22,6 +22,8 @@ Two kinds:
     oft         W = W0 R, R = diag(cayley(Q_i - Q_i^T))             Q (b, n/b, n/b) = 0
                 (side "output": W = R W0, R over m; optional
                  rescale W = diag(g) ..., LyCORIS's diag-oft)        g (m,) = 1
+    boft        W = W0 R, R = B_{m-1} ⋯ B_0, B_i = Π_i^T diag(cayley(.)) Π_i   Q (m, n/b, b, b) = 0
+                (butterfly stages; side "output" and rescale as OFT's)
     koft        W = W0 (R_1 ⊗ ... ⊗ R_r)                            R_i = I (Stiefel)
     svdiff      W = U diag(act(S + δ)) Vh                           δ (k,) = 0
     soda-svd    svdiff rotated by R_1 ⊗ ... ⊗ R_r (side "input" or "basis")   δ, R_i = I (Stiefel)
@@ -74,8 +76,9 @@ from .spectral import (
 from .stiefel import cayley
 from .zip import _check_linear, _lora_parts, zip_lora_linear, zip_merge_lora
 
-__all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "AdaLoRA", "OFT", "KOFT", "SVDiff", "SODASVD", "SODALQ", "ZipLoRA",
-           "ADAPTER_TYPES", "CONV_METHODS", "OFT_SIDES", "ADALORA_ORTHOGONAL", "make_adapter"]
+__all__ = ["Adapter", "LoRA", "LoHa", "LoKr", "AdaLoRA", "OFT", "BOFT", "KOFT", "SVDiff", "SODASVD", "SODALQ", "ZipLoRA",
+           "ADAPTER_TYPES", "CONV_METHODS", "OFT_SIDES", "ADALORA_ORTHOGONAL", "make_adapter",
+           "butterfly", "butterfly_gathers", "boft_max_stages"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -1113,6 +1116,147 @@ class OFT(_Rotation):
         return W if self.g is None else self.g[:, None].to(self._cd) * W
 
 
+class _Permute(torch.autograd.Function):
+    """t.index_select(0, idx) for a permutation idx with inverse inv. Its backward is the inverse gather
+    (index_select's own backward scatters with index_add, several times slower on the CPU)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t, idx, inv):
+        return t.index_select(0, idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.idx, ctx.inv = inputs[1], inputs[2]  # integer constants: nothing to version-check
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _Permute.apply(grad, ctx.inv, ctx.idx), None, None
+
+    @staticmethod
+    def jvp(ctx, tangent, _idx, _inv):
+        return _Permute.apply(tangent, ctx.idx, ctx.inv)
+
+
+def _permute_rows(t: Tensor, idx: Tensor | None) -> Tensor:
+    return t if idx is None else _Permute.apply(t, idx, torch.argsort(idx))
+
+
+def butterfly(t: Tensor, blocks: Tensor, gathers: Sequence[Tensor | None]) -> Tensor:
+    """B_{m-1} ⋯ B_1 B_0 t over t's first dim (t (n, ...), n = D b), never forming an n x n matrix:
+
+        B_i = Π_i^T diag(blocks[i, 0], ..., blocks[i, D-1]) Π_i,
+
+    blocks (m, D, b, b), Π_i the row gather t -> t[gathers[i]] (a permutation of range(n), on t's
+    device; None for the identity). Between stages the scatter of one and the gather of the next are
+    one gather (Π_{i+1} Π_i^T), so t is moved m + 1 times, and each move's backward is the inverse
+    gather. Stage i costs 2 n b · t[0].numel() FLOPs."""
+    m, D, b, _ = blocks.shape
+    n, shape = t.shape[0], t.shape
+    u, back = t.reshape(n, -1), None  # back: Π_{i-1}^T as a gather (None: the identity)
+    for i in range(m):
+        g = gathers[i]
+        u = _permute_rows(u, g if back is None else (back if g is None else back[g]))
+        u = torch.matmul(blocks[i], u.view(D, b, -1)).view(n, -1)
+        back = None if g is None else torch.argsort(g)
+    return _permute_rows(u, back).view(shape)
+
+
+def butterfly_gathers(n: int, block_size: int, stages: int, device=None) -> list[Tensor]:
+    """The butterfly gathers of BOFT: stage i splits range(n) into segments of 2^i b and lists each
+    segment as the pairs (e, e + 2^{i-1} b), e < 2^{i-1} b, side by side, so a block of b mixes b/2
+    offsets of one half with the same offsets of the other (stage 0: within each block of b, its two
+    halves interleaved). Needs b even and 2^{stages-1} b dividing n. LyCORIS's BOFT stages."""
+    out = []
+    for i in range(stages):
+        k = 2 ** i * block_size // 2
+        out.append(torch.arange(n, device=device).view(-1, 2, k).transpose(1, 2).reshape(-1))
+    return out
+
+
+def boft_max_stages(n: int, block_size: int) -> int:
+    """The most butterfly stages a rotated dim n takes with blocks of block_size: the largest m with
+    2^{m-1} b | n (b even), LyCORIS's BOFT depth when n / b is a power of two."""
+    m = 0
+    while block_size % 2 == 0 and n % (2 ** m * block_size) == 0:
+        m += 1
+    return m
+
+
+class BOFT(_Rebuild):
+    """Butterfly orthogonal fine-tuning: R = B_{m-1} ⋯ B_0 (specops.adapters.butterfly), each stage B_i
+    block-diagonal with D = d / b orthogonal blocks R_ij = cayley(Q_ij - Q_ij^T) between the butterfly
+    permutations Π_i of butterfly_gathers, so m = log2(d / b) + 1 stages of b x b blocks reach a dense
+    orthogonal R with m d b parameters:
+
+        side "input"  (default):  W = diag(g) W0 R,  R over the d = in (conv: in·kh·kw) columns
+        side "output":            W = diag(g) R W0,  R over the d = out rows (LyCORIS's BOFT)
+
+    block_size b (even) and stages m (default the most, boft_max_stages: 2^{m-1} b must divide d);
+    one stage is block-diagonal OFT with its blocks' halves interleaved. Q (m, D, b, b) is zero-initialised
+    (R = I) and unconstrained. rescale and constraint κ as OFT's (κ > 0: ||S||_F / 2 <= κ d over all
+    stages' S = Q - Q^T together).
+    Forward: W built stage by stage on W0 (2 m d b · W0.numel() / d FLOPs; never a d x d matrix), then
+    one Linear or conv with it.
+
+    LyCORIS's BOFT file (oft_blocks B (m, D, b, b), rescale, alpha = κ) is side "output" with Q = 2 B:
+    its stage blocks (I + q)(I - q)^-1, q = B - B^T, are cayley(2 q); its stages are Π_i's.
+    """
+
+    method = "boft"
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, *, block_size: int = 8, stages: int | None = None,
+                 side: str = "input", rescale: bool = False, constraint: float = 0.0, scale: float = 1.0):
+        super().__init__(base, scale=scale)
+        W0 = base.weight
+        self.side = _choice("side", side, OFT_SIDES)
+        if not isinstance(rescale, bool):
+            raise ValueError(f"rescale: expected a bool, got {rescale!r}")
+        if isinstance(constraint, bool) or not isinstance(constraint, (int, float)) or not constraint >= 0:
+            raise ValueError(f"constraint: expected a number >= 0, got {constraint!r}")
+        b = _positive_int("block_size", block_size)
+        d, name = (self.out_features, self._rows_name) if side == "output" else (self.cols, self._cols_name)
+        if b % 2 or d % b:
+            raise ValueError(f"block_size: expected an even divisor of {name} = {d}, got {b}")
+        most = boft_max_stages(d, b)
+        m = most if stages is None else _positive_int("stages", stages)
+        if m > most:
+            raise ValueError(f"stages: {name} = {d} with blocks of {b} takes at most {most} stages "
+                             f"(2^(stages-1)·block_size must divide it), got {m}")
+        self.Q = nn.Parameter(W0.new_zeros(m, d // b, b, b))
+        g = torch.ones(self.out_features, dtype=acc_dtype(W0.dtype), device=W0.device)
+        self.register_parameter("g", nn.Parameter(g) if rescale else None)
+        self.constraint = float(constraint)
+        self._options = {"block_size": b, "stages": m, "side": side, "rescale": rescale,
+                         "constraint": self.constraint}
+
+    @property
+    def _cd(self):
+        return acc_dtype(self.Q.dtype)
+
+    def rotation_blocks(self) -> Tensor:
+        """(m, D, b, b): every stage's orthogonal blocks, in the compute dtype."""
+        S = (self.Q - self.Q.mT).to(self._cd)
+        if self.constraint > 0:
+            bound = self.constraint * self.Q.shape[1] * self.Q.shape[2]
+            S = S * (bound / torch.maximum(torch.linalg.vector_norm(S) / 2, S.new_tensor(bound)))
+        return cayley(S.flatten(0, 1)).view(S.shape)
+
+    def adapted_weight(self):
+        W0 = self._w0_matrix().to(self._cd)
+        blocks = self.rotation_blocks()
+        gathers = butterfly_gathers(blocks.shape[1] * blocks.shape[2], blocks.shape[2], blocks.shape[0], W0.device)
+        if self.side == "output":
+            W = butterfly(W0, blocks, gathers)
+        else:  # W^T = R^T W0^T, R^T = B_0^T ⋯ B_{m-1}^T
+            W = butterfly(W0.mT, blocks.mT.flip(0), gathers[::-1]).mT
+        return W if self.g is None else self.g[:, None].to(self._cd) * W
+
+    def _forward(self, x):
+        return self._dense_forward(x)
+
+
 class KOFT(_Rotation):
     """W = W0 R, R = R_1 ⊗ ... ⊗ R_r (torch.kron order), R_i square orthogonal, identity at start.
 
@@ -1264,7 +1408,7 @@ class SODALQ(_Spectral):
 # ----------------------------------------------------------------------------- registry
 
 ADAPTER_TYPES: dict[str, type[Adapter]] = {
-    cls.method: cls for cls in (LoRA, LoHa, LoKr, AdaLoRA, OFT, KOFT, SVDiff, SODASVD, SODALQ, ZipLoRA)
+    cls.method: cls for cls in (LoRA, LoHa, LoKr, AdaLoRA, OFT, BOFT, KOFT, SVDiff, SODASVD, SODALQ, ZipLoRA)
 }
 # The methods whose adapter also wraps an nn.Conv2d: all but ZipLoRA.
 CONV_METHODS: tuple[str, ...] = tuple(m for m, cls in ADAPTER_TYPES.items() if nn.Conv2d in cls.bases)

@@ -425,7 +425,7 @@ def test_loha_lokr_on_a_conv(case, kernel):
             dense = c * torch.einsum("ap,bqhw->abpqhw", W1, W2).reshape(12, 8, kernel, kernel)
     assert_rel(adapter.delta_weight(), dense, F64)
     assert_rel(adapter(x), ref, F64)
-    assert adapters.CONV_METHODS == ("lora", "loha", "lokr", "adalora", "oft", "koft", "svdiff", "soda-svd", "soda-lq")
+    assert adapters.CONV_METHODS == ("lora", "loha", "lokr", "adalora", "oft", "boft", "koft", "svdiff", "soda-svd", "soda-lq")
 
 
 @pytest.mark.parametrize("tucker", [False, True], ids=["matrix", "tucker"])

@@ -202,7 +202,8 @@ def test_bad_sizes_on_a_conv_name_the_flattened_dimension(method, options, match
 
 def test_every_inject_method_takes_a_conv():
     assert set(sdxl.INJECT_METHODS) <= set(adapters.CONV_METHODS)
-    assert adapters.CONV_METHODS == ("lora", "loha", "lokr", "adalora", "oft", "koft", "svdiff", "soda-svd", "soda-lq")
+    assert adapters.CONV_METHODS == ("lora", "loha", "lokr", "adalora", "oft", "boft", "koft", "svdiff",
+                                     "soda-svd", "soda-lq")
 
 
 def _unet_inputs():

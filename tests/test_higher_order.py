@@ -130,7 +130,7 @@ def _adapter(method, conv):
     """A small float64 adapter of `method` with perturbed trainable state, and a batch of 4 inputs."""
     torch.manual_seed(3)
     base = (nn.Conv2d(4, 6, 3, padding=1) if conv else nn.Linear(12, 8)).double()
-    options = {"rank": 2} if method in ("lora", "loha", "lokr") else {}
+    options = {"rank": 2} if method in ("lora", "loha", "lokr") else {"block_size": 4} if method == "boft" else {}
     if method == "ziplora":
         m, n = base.weight.shape
         lora = lambda r: (torch.randn(m, r, dtype=F64), torch.randn(r, n, dtype=F64) / n)  # noqa: E731
