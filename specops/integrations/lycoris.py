@@ -1,4 +1,4 @@
-"""Run an existing LyCORIS network's LoCon, LoKr, LoHa and diag-OFT modules through specops ops, in place.
+"""Run an existing LyCORIS network's LoCon, LoKr, LoHa, diag-OFT and BOFT modules through specops ops, in place.
 
     network = create_lycoris(model, ...); network.apply_to()
     report = apply(network)    # network: a LycorisNetwork (or any nn.Module holding LyCORIS modules)
@@ -28,6 +28,8 @@ weight and bias, c = m σ s:
     LoHa, Conv2d      base(x) + conv(x, c ΔH)                conv(x, W0 + c ΔH, b): one conv
     diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
     diag-OFT, Conv2d  base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
+    BOFT, Linear      base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
+    BOFT, Conv2d      base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
     LoKr / LoHa with dora_wd (not in bypass_mode): one GEMM / conv with LyCORIS's decomposed weight
     (_dora's docstring).
 
@@ -51,6 +53,13 @@ LyCORIS's base weight is not detached inside W', so W0's gradient gets base(x)'s
 W''s; the patched forward adds W0 - W0.detach() (zero) to W' to give the same gradient. LyCORIS's
 bypass_mode diag-OFT rotates base(x), bias included: another function, left to LyCORIS.
 
+BOFT (oft_blocks B of shape (s, k, b, b), s butterfly stages of k blocks, k b = out): stage i's
+blocks are m cayley(2 q_i) + (1 - m) I, q = B - B^T under diag-OFT's bound, placed by LyCORIS's
+butterfly permutation of stage i; R = B_{s-1} ⋯ B_0 acts on W0's rows (specops.adapters.butterfly:
+s gathers and s batched (b, b) GEMMs on W0, never an out x out matrix), W' = diag(g) R W0. The
+default mode adds W0 - W0.detach() as diag-OFT does; bypass_mode rotates base(x) including the
+bias, which is the single layer call with W' and bias diag(g) R b.
+
 The patched forward hands the call to LyCORIS's own forward whenever it would not compute the same
 thing: extra forward arguments, training mode with dropout, rank_dropout or module_dropout > 0
 (random masks and LyCORIS's torch.rand draws: listed in report["notes"]), and dtypes that differ
@@ -64,7 +73,7 @@ backward, a dense weight gradient; the patched LoCon never forms ΔW (its conv g
 or in bypass_mode the down / mid conv's own, as LyCORIS's bypass has it).
 
 Not covered, left on LyCORIS's path and listed in report["skipped"] with the reason: every other
-LyCORIS module type (BOFT, GLoRA, full, norms, ...), these four on Conv1d / Conv3d, LoCon with dora_wd
+LyCORIS module type (GLoRA, full, norms, ...), these five on Conv1d / Conv3d, LoCon with dora_wd
 or on a grouped conv, dora_wd in bypass_mode (where LyCORIS leaves the decomposition out), diag-OFT in bypass_mode,
 quantized / fp8 / PEFT-wrapped / non-plain base layers, base layers with forward hooks or
 padding_mode other than zeros, and modules whose layer does not call them directly (apply_to() not
@@ -81,7 +90,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import _add_kron_conv, _add_kron_linear, _add_up_projection
+from ..adapters import _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly, butterfly_gathers
 from ..stiefel import cayley
 from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
@@ -148,11 +157,11 @@ def _loha_delta(mod, m: float) -> Tensor:
     return loha_delta(mod.hada_w1_a, mod.hada_w1_b, mod.hada_w2_a, mod.hada_w2_b, *t, _coef(mod, m), mod.shape)
 
 
-def _run_layer(layer, x: Tensor, W: Tensor) -> Tensor:
-    """The base layer's own op (F.linear, or F.conv2d with its geometry) with weight W."""
+def _run_layer(layer, x: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
+    """The base layer's own op (F.linear, or F.conv2d with its geometry) with weight W and bias."""
     if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x, W, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return F.linear(x, W, layer.bias)
+        return F.conv2d(x, W, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, W, bias)
 
 
 def _fused(delta_fn):
@@ -160,7 +169,7 @@ def _fused(delta_fn):
 
     def run(mod, x: Tensor) -> Tensor:
         layer = mod.org_module[0]
-        return _run_layer(layer, x, layer.weight + delta_fn(mod, mod.multiplier))
+        return _run_layer(layer, x, layer.weight + delta_fn(mod, mod.multiplier), layer.bias)
 
     return run
 
@@ -191,7 +200,7 @@ def _dora(delta_fn):
         W = V * scale
         if W0.requires_grad:
             W = W + (W0 - W0.detach())
-        return _run_layer(layer, x, W)
+        return _run_layer(layer, x, W, layer.bias)
 
     return run
 
@@ -234,7 +243,34 @@ def _oft_weight(mod) -> Tensor:
 def _oft_fused(mod, x: Tensor) -> Tensor:
     """y = layer(x) run once with W' (_oft_weight) in place of W0."""
     layer = mod.org_module[0]
-    return _run_layer(layer, x, _oft_weight(mod))
+    return _run_layer(layer, x, _oft_weight(mod), layer.bias)
+
+
+def _boft_fused(mod, x: Tensor) -> Tensor:
+    """BOFT: the layer run once with W' = diag(g) R W0 (bias b; in bypass_mode, which rotates base(x) bias
+    included, diag(g) R b), R = B_{k-1} ⋯ B_0 applied to W0's rows stage by stage (specops.adapters.butterfly
+    with LyCORIS's butterfly gathers); stage blocks m cayley(2 q_i) + (1 - m) I (module docstring)."""
+    q = mod.oft_blocks - mod.oft_blocks.mT
+    if mod.constraint > 0:  # LyCORIS's bound, as diag-OFT's
+        q = q * (mod.constraint / torch.clamp(torch.linalg.vector_norm(q) + 1e-8, min=mod.constraint))
+    blocks = cayley(2.0 * q.flatten(0, 1)).view(q.shape)
+    m = mod.multiplier
+    if m != 1:  # LyCORIS interpolates every stage toward the identity
+        blocks = m * blocks + (1 - m) * torch.eye(blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    layer = mod.org_module[0]
+    W0, bias = layer.weight, layer.bias
+    k, D, b, _ = blocks.shape
+    gathers = butterfly_gathers(D * b, b, k, W0.device)
+    W = butterfly(W0, blocks, gathers)
+    if mod.bypass_mode and bias is not None:
+        bias = butterfly(bias, blocks, gathers)
+        if mod.rescaled:
+            bias = mod.rescale.view(-1) * bias
+    if mod.rescaled:
+        W = mod.rescale * W
+    if W0.requires_grad and not mod.bypass_mode:  # as _oft_weight: LyCORIS's default mode counts W0's gradient twice
+        W = W + (W0 - W0.detach())
+    return _run_layer(layer, x, W, bias)
 
 
 def _locon_linear(mod, x: Tensor) -> Tensor:
@@ -267,6 +303,7 @@ def _locon_conv(mod, x: Tensor) -> Tensor:
 def _table() -> dict[tuple[type, str], tuple]:
     """(LyCORIS module class, module_type) -> (patched computation, whether it fuses into the weight,
     the computation with dora_wd or None)."""
+    from lycoris.modules.boft import ButterflyOFTModule
     from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
@@ -281,6 +318,8 @@ def _table() -> dict[tuple[type, str], tuple]:
         (LohaModule, "conv2d"): (_loha_fused, True, _loha_dora),
         (DiagOFTModule, "linear"): (_oft_fused, True, None),
         (DiagOFTModule, "conv2d"): (_oft_fused, True, None),
+        (ButterflyOFTModule, "linear"): (_boft_fused, True, None),
+        (ButterflyOFTModule, "conv2d"): (_boft_fused, True, None),
     }
 
 

@@ -1,4 +1,4 @@
-"""Run an existing HF PEFT model's LoRA, LoKr, LoHa and AdaLoRA layers through specops ops, in place.
+"""Run an existing HF PEFT model's LoRA, LoKr, LoHa, BOFT and AdaLoRA layers through specops ops, in place.
 
     report = apply(model)    # model: a PeftModel, or any nn.Module with PEFT layers injected
     ...                      # train / infer / save exactly as before
@@ -25,6 +25,8 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
       SVDLinear       · s_a / (ranknum_a + 1e-5)            c_a = s_a / (ranknum_a + 1e-5): one pass per adapter
     lora.Linear     base(x) + Σ_a s_a x A_aᵀ B_aᵀ          base(x) + Σ_a lowrank_linear(x, A_a, s_a·1, B_a)
     lora.Conv2d     base(x) + Σ_a s_a B_a * (A_a * x)      the same, B_a's 1x1 conv one batched GEMM onto base(x)
+    boft.Linear     base(x M) ⊙ s, M = Π_a M_a (n x n)      F.linear(x, diag(s) (M W0ᵀ)ᵀ, b): M applied to W0 stage
+    boft.Conv2d     conv(x, diag(s) (M W0ᵀ)ᵀ)               by stage (specops.adapters.butterfly), never formed
 
 LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
@@ -60,8 +62,14 @@ gradient's backward, where PEFT's two nn.Linear calls are skinny GEMMs far below
 LoRA adapters that are variants (DoRA, aLoRA, ...: layer.lora_variant) or have a lora_B bias run PEFT's
 forward while active (report["notes"]).
 
+BOFT's M_a = B_{N-1} ⋯ B_0, B_i = P_i diag(cayley blocks) P_iᵀ with PEFT's boft_P permutations (the identity
+when N = 1, which PEFT forces without its CUDA block-diagonal extension): PEFT builds every B_i and M as dense
+n x n matrices (two n³ bmm per stage) and rotates x (rows·n² FLOPs); the patched path costs 2 N n b · out FLOPs
+per adapter on W0 plus the one GEMM / conv, and its backward one weight-gradient GEMM in place of PEFT's dense
+rotation gradients. boft_dropout > 0 in training mode runs PEFT's forward (random blocks).
+
 Not covered, left on PEFT's path and listed in report["skipped"] with the reason: every other
-tuner layer type (OFT, BOFT, AdaLoRA's SVDConv2d, Conv1d, quantized layers, ...), LoRA on a grouped
+tuner layer type (OFT, AdaLoRA's SVDConv2d, Conv1d, quantized layers, ...), LoRA on a grouped
 conv, layers whose forward is already replaced on the instance (e.g. accelerate hooks), nested tuner
 layers, fused layers whose base layer is not a plain nn.Linear / nn.Conv2d, has hooks, or (conv) pads
 other than with zeros.
@@ -77,7 +85,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly
+from ..stiefel import cayley
 from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
@@ -212,12 +223,51 @@ def _lora_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
     return out.to(dtype)
 
 
+_BOFT_GATHERS = WeakTensorKeyDictionary()  # a layer's boft_P buffer -> (its _version, its gathers)
+
+
+def _boft_gathers(P: Tensor) -> list[Tensor | None]:
+    """PEFT's boft_P (N, n, n) permutation matrices as specops.adapters.butterfly's gathers: PEFT's stage
+    P_i BD P_iᵀ is Π_iᵀ BD Π_i with Π_i t = t[P_i.argmax(0)] (None where P_i is the identity, as for N = 1).
+    Cached per buffer and version: a conv's P holds (in·k²)² values."""
+    hit = _BOFT_GATHERS.get(P)
+    if hit is None or hit[0] != P._version:
+        ident = torch.arange(P.shape[-1], device=P.device)
+        hit = (P._version, [None if torch.equal(g, ident) else g for g in P.argmax(dim=1)])
+        _BOFT_GATHERS[P] = hit
+    return hit[1]
+
+
+def _boft(layer, x: Tensor, adapters: list[str]) -> Tensor:
+    """PEFT's BOFT, x (M_{a_k} ⋯ M_{a_1}) run through the base, with the rotation moved onto W0 (one GEMM / conv):
+
+        W = diag(Π_a s_a) (M_{a_k} ⋯ M_{a_1} W0ᵀ)ᵀ,  M_a = B_{N-1} ⋯ B_0 = butterfly(·, cayley(Rᵀ - R), boft_P)
+
+    (PEFT's cayley_batch (I - S)(I + S)^-1, S = (R - Rᵀ)/2, is cayley(Rᵀ - R)); never an n x n matrix.
+    A conv runs F.conv2d with PEFT's arguments (stride[0], padding[0], no dilation)."""
+    base = layer.get_base_layer()
+    W0 = base.weight
+    gathers = _boft_gathers(layer.boft_P)
+    t, s = W0.flatten(1).mT, None
+    for a in adapters:
+        R = layer.boft_R[a]
+        t = butterfly(t, cayley((R.mT - R).flatten(0, 1)).view(R.shape), gathers)
+        s = layer.boft_s[a].view(-1) if s is None else s * layer.boft_s[a].view(-1)
+    W = t.mT if s is None else t.mT * s[:, None]
+    if isinstance(base, nn.Conv2d):
+        return F.conv2d(x, W.view(W0.shape), base.bias, padding=base.padding[0], stride=base.stride[0])
+    return F.linear(x, W, base.bias)
+
+
 @functools.cache
 def _table() -> dict[type, tuple]:
     """PEFT layer class -> (patched computation, whether it fuses into the base layer's weight)."""
     from peft.tuners import adalora, loha, lokr, lora
+    from peft.tuners.boft import layer as boft
 
     return {
+        boft.Linear: (_boft, True),
+        boft.Conv2d: (_boft, True),
         lokr.Linear: (_lokr_linear, False),
         loha.Linear: (_loha_fused, True),
         lokr.Conv2d: (_lokr_conv, True),
@@ -229,14 +279,19 @@ def _table() -> dict[type, tuple]:
 
 
 def _available(layer) -> set[str]:
-    """The adapters the layer holds (LoKr / LoHa say so; AdaLoRA's are its lora_A keys)."""
-    return layer._available_adapters if hasattr(layer, "module_dropout") else set(layer.lora_A)
+    """The adapters the layer holds (LoKr / LoHa say so; BOFT's are its boft_R keys, AdaLoRA's its lora_A keys)."""
+    if hasattr(layer, "module_dropout"):
+        return layer._available_adapters
+    return set(layer.boft_R if hasattr(layer, "boft_R") else layer.lora_A)
 
 
 def _draws_masks(layer, a: str) -> bool:
-    """Whether adapter a draws random masks in training mode (module / rank dropout; AdaLoRA's lora_dropout)."""
+    """Whether adapter a draws random masks in training mode (module / rank dropout; BOFT's multiplicative
+    block dropout; AdaLoRA's lora_dropout)."""
     if hasattr(layer, "module_dropout"):
         return bool(layer.module_dropout[a] or layer.rank_dropout[a])
+    if hasattr(layer, "boft_dropout"):
+        return getattr(layer.boft_dropout[a], "p", 0.0) > 0
     dropout = layer.lora_dropout[a]
     return isinstance(dropout, nn.Dropout) and dropout.p > 0
 
@@ -267,8 +322,8 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     if self.training and hasattr(self, "module_dropout"):  # PEFT's draw, made even at dropout 0 (module docstring)
         adapters = [a for a in adapters if torch.rand(1) > self.module_dropout[a]]
     out = run(self, x, adapters)
-    # PEFT's LoKr / LoHa return the input's dtype; its LoRA and AdaLoRA the base output's (run's)
-    return out.to(x.dtype) if hasattr(self, "module_dropout") else out
+    # PEFT's LoKr / LoHa / BOFT return the input's dtype; its LoRA and AdaLoRA the base output's (run's)
+    return out.to(x.dtype) if hasattr(self, "module_dropout") or run is _boft else out
 
 
 
@@ -302,7 +357,7 @@ def _why_not(layer, table) -> str | None:
                     "(the fused path runs its weight)")
         if base._forward_hooks or base._forward_pre_hooks:
             return "base layer has forward hooks, which the fused path would not run"
-        if kind is nn.Conv2d and base.padding_mode != "zeros":
+        if kind is nn.Conv2d and base.padding_mode != "zeros" and table[cls][0] is not _boft:  # PEFT's BOFT pads with zeros too
             return f"conv padding_mode={base.padding_mode!r}: PEFT pads ΔW's conv with zeros, the base's differently"
     return None
 
