@@ -12,7 +12,7 @@ from specops.optim import StiefelAdam  # noqa: E402
 
 ORTHO_METHODS = ("koft", "soda-svd", "soda-lq")
 # Learning rates that move each method visibly in 20 steps (spectral shifts need large ones).
-LR = {"lora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "adalora": 1e-2, "oft": 1e-2, "koft": 1e-2, "svdiff": 1e-2, "soda-svd": 1e-2, "soda-lq": 1e-2}
+LR = {"lora": 1e-3, "loha": 1e-3, "lokr": 1e-3, "adalora": 1e-2, "oft": 1e-2, "boft": 1e-2, "koft": 1e-2, "svdiff": 1e-2, "soda-svd": 1e-2, "soda-lq": 1e-2}
 # Small shapes keep the 20-step runs cheap: two adapted blocks, batch 1, 8x8 latents.
 TRAIN_BLOCKS = {"down_blocks.1": 1.0, "up_blocks.1": 1.0}
 

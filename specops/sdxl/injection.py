@@ -24,7 +24,7 @@ from .model import _is_text_encoder, _matches, _targets
 __all__ = ["INJECT_METHODS", "PRESETS", "BLOCK_LISTS", "inject", "set_block_weights", "remove", "fuse", "unfuse",
            "apply_lora"]
 
-INJECT_METHODS = ("lora", "loha", "lokr", "adalora", "oft", "koft", "svdiff", "soda-svd", "soda-lq")
+INJECT_METHODS = ("lora", "loha", "lokr", "adalora", "oft", "boft", "koft", "svdiff", "soda-svd", "soda-lq")
 
 
 class _Preset(NamedTuple):
