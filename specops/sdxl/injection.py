@@ -201,11 +201,12 @@ def inject(model: nn.Module, method: str, *, targets: Sequence[str] | None = Non
            block_weights=None, **options) -> dict[str, adapters.Adapter]:
     """Replace the selected Linear (and Conv2d) layers of `model` by `method` adapters, in place.
 
-    method: one of INJECT_METHODS ("lora", "loha", "lokr", "adalora", "oft", "koft", "svdiff",
+    method: one of INJECT_METHODS ("lora", "loha", "lokr", "adalora", "oft", "boft", "koft", "svdiff",
         "soda-svd", "soda-lq"); `options` go to the adapter class (specops.adapters, e.g. rank=8, side="basis",
         AdaLoRA's init_r=12 (its rank allocator: specops.adalora.RankAllocator),
-        or OFT's blocks=4: the number of diagonal rotation blocks, which must divide every adapted
-        layer's rotated dimension (in, a conv's in·kh·kw, or out with side="output");
+        OFT's blocks=4: the number of diagonal rotation blocks, which must divide every adapted
+        layer's rotated dimension (in, a conv's in·kh·kw, or out with side="output"), or BOFT's
+        block_size=8 and stages, the block size an even divisor of that dimension;
         LoRA's conv_rank / conv_alpha / tucker act on the convolutions, as LyCORIS's conv_dim /
         conv_alpha / use_tucker).
     preset: one of PRESETS, LyCORIS's preset names and layer sets: "attn-only" (the default: the
