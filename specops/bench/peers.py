@@ -17,7 +17,11 @@ Methods, all rank 8, alpha 8 (a coefficient of 1):
                 LokrModule, PEFT LoKrConfig(r=8) (the same rule);
   oft           attn shapes only, blocks of 8: specops OFT (input side, in / 8 blocks), LyCORIS DiagOFTModule
                 (lora_dim 8: output-side blocks of 8), PEFT OFTConfig(oft_block_size=8) (input side, its
-                default 5-term Neumann Cayley). PEFT's OFT stays on PEFT's path under apply() (no patched row).
+                default 5-term Neumann Cayley). PEFT's OFT stays on PEFT's path under apply() (no patched row);
+  boft          attn shapes only, the full butterfly on the output side: 1280 = 10 x 2^7, blocks of 10, 8
+                stages (what LyCORIS builds for lora_dim 10; _boft_block): specops BOFT(side="output"),
+                LyCORIS ButterflyOFTModule. No PEFT row: without its CUDA extension PEFT's BOFT runs one stage only
+                (another rotation), and it rotates the input side, where 10 does not divide 2048.
 The LyCORIS rows build its modules directly (what create_lycoris builds per layer) and apply_to() them.
 "lycoris+specops" and "peft+specops" are the same peer models after specops.integrations.lycoris / .peft
 apply(): the peer's layers and parameters, specops's forward (where apply() covers the layer).
@@ -30,7 +34,8 @@ adapter's weights trainable and the base frozen; gradients are dropped after eac
 the frozen layer's own step: forward + input gradient in-network, forward alone as a first layer.
 Targets for specops: locon, locon-tucker and lokr need no dense weight gradient, so within 10% of the
 bound; loha must form ΔW and its gradient, one weight-gradient GEMM more: 10% over bound + one dense
-weight gradient (counted as one forward's time). "x bound" is ms over the bound's ms, "x best peer"
+weight gradient (counted as one forward's time); boft too, as its rotation costs 2 n b FLOPs per
+stage and row, least on W0's out rows (a batch has more). "x bound" is ms over the bound's ms, "x best peer"
 specops's ms over the fastest LyCORIS / PEFT row of that method.
 
 The "tiny UNet" group is one whole training step (SGD, forward and backward of the mean square of
@@ -60,13 +65,20 @@ from torch import nn
 from . import ROUNDS, _sync, _time_call, device, installed, peak_bytes
 
 RANK = 8
-METHODS = ("locon", "locon-tucker", "loha", "lokr", "oft")
+METHODS = ("locon", "locon-tucker", "loha", "lokr", "oft", "boft")
 OFT_BLOCK = 8  # OFT block size on the attn shapes
+DENSE_GRAD = ("loha", "boft")  # methods whose target counts one dense weight gradient (module docstring)
 PEERS = ("lycoris", "lycoris-bypass", "peft")
 PATCHED = ("lycoris+specops", "peft+specops")  # a peer's own model after specops.integrations.<peer>.apply()
 IMPLS = ("frozen", "specops", *PEERS, *PATCHED)
 MODES = ("in-network", "first-layer")
-TARGET = 1.10  # over the bound (loha: over the bound plus one weight gradient)
+TARGET = 1.10  # over the bound (DENSE_GRAD: over the bound plus one weight gradient)
+
+
+def _boft_block(out: int) -> int:
+    """The BOFT block size b: the least even b >= 8 with out / b a power of two (a full butterfly; 10 for
+    1280, 8 for 256), the block LyCORIS builds for lora_dim b."""
+    return next(b for b in range(8, out + 1, 2) if out % b == 0 and (out // b) & (out // b - 1) == 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,10 +137,12 @@ class _Holder(nn.Module):
 
 
 def _specops(base, method):
-    from specops.adapters import OFT, LoHa, LoKr, LoRA
+    from specops.adapters import BOFT, OFT, LoHa, LoKr, LoRA
 
     if method == "oft":
         return OFT(base, blocks=base.in_features // OFT_BLOCK)
+    if method == "boft":
+        return BOFT(base, block_size=_boft_block(base.out_features), side="output")
     if method in ("locon", "locon-tucker"):
         return LoRA(base, rank=RANK, alpha=RANK, tucker=method == "locon-tucker")
     if method == "loha":
@@ -137,6 +151,7 @@ def _specops(base, method):
 
 
 def _lycoris(base, method, bypass):
+    from lycoris.modules.boft import ButterflyOFTModule
     from lycoris.modules.diag_oft import DiagOFTModule
     from lycoris.modules.locon import LoConModule
     from lycoris.modules.loha import LohaModule
@@ -145,6 +160,8 @@ def _lycoris(base, method, bypass):
     opts = dict(multiplier=1.0, lora_dim=RANK, alpha=RANK, bypass_mode=bypass)
     if method == "oft":
         mod = DiagOFTModule("layer", base, **{**opts, "lora_dim": OFT_BLOCK})
+    elif method == "boft":
+        mod = ButterflyOFTModule("layer", base, **{**opts, "lora_dim": _boft_block(base.out_features)})
     elif method in ("locon", "locon-tucker"):
         mod = LoConModule("layer", base, use_tucker=method == "locon-tucker", **opts)
     elif method == "loha":
@@ -172,14 +189,14 @@ def _peft(base, method):
 def _available(shape: Shape, method: str, impl: str) -> bool:
     if impl == "frozen":
         return True
-    if (method == "locon-tucker" and shape.kind != "conv") or (method == "oft" and shape.kind != "attn"):
+    if (method == "locon-tucker" and shape.kind != "conv") or (method in ("oft", "boft") and shape.kind != "attn"):
         return False
     if (method, impl) == ("oft", "peft+specops"):
         return False  # apply() leaves PEFT's OFT on PEFT's path
     if impl.startswith("lycoris"):
         return installed("lycoris")
     if impl.startswith("peft"):
-        return method != "locon-tucker" and installed("peft")
+        return method not in ("locon-tucker", "boft") and installed("peft")
     return True
 
 
@@ -371,8 +388,8 @@ def measure(quick: bool = False) -> list[dict]:
 
 
 def target(row: dict, bound_row: dict, fwd_ms: float) -> float:
-    """The ms specops should meet: TARGET x the bound, loha's bound counting one weight gradient more."""
-    extra = fwd_ms if row["method"] == "loha" else 0.0
+    """The ms specops should meet: TARGET x the bound, DENSE_GRAD's bound counting one weight gradient more."""
+    extra = fwd_ms if row["method"] in DENSE_GRAD else 0.0
     return TARGET * (bound_row["ms"] + extra)
 
 
