@@ -684,6 +684,35 @@ def _lycoris_oft_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float] | 
         return {**parts, "alpha": adapter.constraint}, (err / norm if norm > 0 else err)
 
 
+def _lycoris_boft_parts(adapter: nn.Module) -> tuple[dict[str, Tensor], float] | None:
+    """LyCORIS's BOFT tensors for a BOFT adapter, or None where LyCORIS cannot rebuild it: side "input",
+    scale ≠ 1, or not its full butterfly (LyCORIS rebuilds a file's structure from out and the block size
+    b alone: out / b blocks, a power of two, and log2(out / b) + 1 stages). oft_blocks = Q / 2 (exact),
+    rescale g as (out, 1[, 1, 1]), alpha the constraint; and the relative error of the written ΔW, rebuilt
+    in float64 with LyCORIS's stage blocks (I + q)(I - q)^-1, q = B - B^T norm-clipped."""
+    m, k, b, _ = adapter.Q.shape
+    if adapter.side != "output" or adapter.scale != 1.0 or k & (k - 1) or m != adapters.boft_max_stages(k * b, b):
+        return None
+    with torch.no_grad():
+        delta = adapter.delta_weight().detach()
+        W0 = adapter._w0().double()
+        parts = {"oft_blocks": (adapter.Q.detach() * 0.5).contiguous()}
+        if adapter.g is not None:
+            parts["rescale"] = adapter.g.detach().reshape(-1, *(1,) * (W0.dim() - 1)).clone()
+        q = parts["oft_blocks"].double() - parts["oft_blocks"].double().mT
+        bound = adapter.constraint * adapter.out_features
+        q_norm = q.norm() + 1e-8
+        if bound > 0 and q_norm > bound:
+            q = q * bound / q_norm
+        blocks = cayley_reference(2.0 * q.flatten(0, 1)).view(q.shape)  # (I - q)^-1 (I + q), block by block
+        W = adapters.butterfly(W0.flatten(1), blocks, adapters.butterfly_gathers(k * b, b, m, W0.device)).view(W0.shape)
+        if adapter.g is not None:
+            W = parts["rescale"].double() * W
+        err = (delta.double() - (W - W0)).norm().item()
+        norm = delta.double().norm().item()
+        return {**parts, "alpha": adapter.constraint}, (err / norm if norm > 0 else err)
+
+
 def _is_flat_clip(root: nn.Module) -> bool:
     # transformers >= 5 builds CLIPTextModel without its .text_model level (CLIPTextModelWithProjection keeps it)
     return not hasattr(root, "text_model") and hasattr(root, "embeddings") and hasattr(root, "encoder")
@@ -715,6 +744,9 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
         side="output" at scale 1 whose block size p has p² <= out (the files LyCORIS rebuilds)
         keeps LyCORIS's diag-oft keys (oft_blocks = -Q/2, rescale, alpha = constraint; see
         lycoris_adapters), its report rank the block count; any other OFT is written as LoRA factors.
+        Likewise a BOFT adapter with side="output" at scale 1 that is LyCORIS's full butterfly (out / b
+        blocks, a power of two, all log2(out / b) + 1 stages) keeps LyCORIS's BOFT keys (4-D
+        oft_blocks = Q/2, rescale, alpha = constraint), its report rank the block count per stage.
     DoRA adapters (dora=True; see specops.adapters.Adapter): "lycoris" (LoRA, LoHa, LoKr) and
         "kohya" (LoRA) write the factors of ΔW' and the magnitude as dora_scale, which LyCORIS
         reloads as its weight_decompose (it reads (out, 1[, 1, 1]), the default wd_on_out=True,
@@ -756,12 +788,13 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
             raise ValueError(f"format {format!r}: {name} is a DoRA adapter at scale {adapter.scale:g}; a file holds "
                              "DoRA at scale 1 (its multiplier is the reader's): set scale = 1.0, or pass rank= to "
                              "write W' - W0 as plain LoRA factors")
-        oft = _lycoris_oft_parts(adapter) if format == "lycoris" and rank is None and adapter.method == "oft" else None
+        rotation = {"oft": _lycoris_oft_parts, "boft": _lycoris_boft_parts}.get(adapter.method)
+        oft = rotation(adapter) if format == "lycoris" and rank is None and rotation is not None else None
         if dora and adapter.method == "lora":
             parts, errors[name] = _dora_lora_parts(adapter)
         elif oft is not None:
             parts, errors[name] = oft
-            algos.add("diag-oft")
+            algos.add("diag-oft" if adapter.method == "oft" else "boft")
         elif format == "lycoris" and rank is None and adapter.method in ("loha", "lokr"):
             parts, errors[name] = _lycoris_parts(adapter)
             algos.add(adapter.method)
@@ -780,8 +813,8 @@ def export_lora(model, path, format: str = "diffusers", rank: int | None = None,
             algos.add("lora")
         wrote_dora = wrote_dora or "dora_scale" in parts
         alpha = parts.pop("alpha", None)
-        if oft is not None:  # OFT's alpha is its constraint; report the block count
-            ranks[name] = parts["oft_blocks"].shape[0]
+        if oft is not None:  # (B)OFT's alpha is its constraint; report the block count
+            ranks[name] = parts["oft_blocks"].shape[-3]
         else:
             ranks[name] = parts["lora_down.weight"].shape[0] if alpha is None else int(alpha)
         module = _file_name(roots[component], module)
@@ -1333,7 +1366,8 @@ def _lycoris_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tupl
     return method, options, own
 
 
-# LyCORIS's diag-oft keys: oft_blocks (blocks, p, p), rescale (out, 1[, 1, 1]) and alpha (its constraint).
+# LyCORIS's diag-oft keys: oft_blocks (blocks, p, p), rescale (out, 1[, 1, 1]) and alpha (its constraint);
+# BOFT's the same with a 4-D oft_blocks (stages, blocks, b, b).
 _OFT_KEY = re.compile(r"^(lora_unet|lora_te1|lora_te2|lora_te|lycoris)_([^.]+)\.(oft_blocks|rescale)\Z")
 
 
@@ -1342,23 +1376,29 @@ def _lycoris_match(key: str):
 
 
 def _oft_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tuple[str, dict, dict[str, Tensor]]:
-    """("oft", make_adapter options, {parameter: tensor}) of one LyCORIS diag-oft module: OFT with
-    side "output", blocks = oft_blocks' count, Q = -2 oft_blocks, g = rescale, constraint = alpha
-    (specops.adapters.OFT shows why these give LyCORIS's W); ValueError if they do not fit `base`."""
+    """(method, make_adapter options, {parameter: tensor}) of one LyCORIS diag-oft or BOFT module, both
+    with side "output", g = rescale and constraint = alpha: diag-oft (3-D oft_blocks) is OFT with blocks =
+    oft_blocks' count and Q = -2 oft_blocks, BOFT (4-D: stages, blocks, b, b) is BOFT with block_size b,
+    those stages and Q = 2 oft_blocks (specops.adapters.OFT / BOFT show why these give LyCORIS's W);
+    ValueError if they do not fit `base`."""
     unknown = sorted(set(parts) - {"oft_blocks", "rescale", "alpha"})
     if unknown:
-        raise ValueError(f"{where}: keys {unknown} are not diag-oft keys specops reads (oft_blocks, rescale, alpha)")
+        raise ValueError(f"{where}: keys {unknown} are not diag-oft / BOFT keys specops reads (oft_blocks, "
+                         "rescale, alpha)")
     if not isinstance(base, (nn.Linear, nn.Conv2d)):
-        raise ValueError(f"{where}: a diag-oft entry for a {type(base).__name__}; expected an nn.Linear or nn.Conv2d")
+        raise ValueError(f"{where}: a diag-oft / BOFT entry for a {type(base).__name__}; expected an nn.Linear "
+                         "or nn.Conv2d")
     out_f = base.weight.shape[0]
     blocks, rescale = parts.get("oft_blocks"), parts.get("rescale")
     if blocks is None:
         raise ValueError(f"{where}: lacks ['oft_blocks']")
-    if blocks.dtype not in _FACTOR_DTYPES or blocks.ndim != 3 or blocks.shape[1] != blocks.shape[2] \
-            or blocks.shape[0] * blocks.shape[1] != out_f:
+    butterfly = blocks.ndim == 4
+    if blocks.dtype not in _FACTOR_DTYPES or blocks.ndim not in (3, 4) or blocks.shape[-1] != blocks.shape[-2] \
+            or blocks.shape[-3] * blocks.shape[-1] != out_f or (butterfly and (
+                blocks.shape[-1] % 2 or not 1 <= blocks.shape[0] <= adapters.boft_max_stages(out_f, blocks.shape[-1]))):
         raise ValueError(f"{where}: oft_blocks is {blocks.dtype} of shape {tuple(blocks.shape)}; expected float "
-                         f"(blocks, p, p) with blocks·p = out = {out_f} (a 4-D one is BOFT, which specops "
-                         "does not read)")
+                         f"(blocks, p, p) (diag-oft) or (stages, blocks, b, b) (BOFT: b even, "
+                         f"2^(stages-1)·b dividing out) with blocks·p = out = {out_f}")
     want = (out_f, *(1,) * (base.weight.dim() - 1))
     if rescale is not None and (rescale.dtype not in _FACTOR_DTYPES or tuple(rescale.shape) != want):
         raise ValueError(f"{where}: rescale is {rescale.dtype} of shape {tuple(rescale.shape)}, expected float {want}")
@@ -1367,12 +1407,16 @@ def _oft_plan(where: str, parts: dict[str, Tensor], base: nn.Module) -> tuple[st
         raise ValueError(f"{where}: alpha is {alpha.dtype} of shape {tuple(alpha.shape)}, expected a number")
     constraint = 0.0 if alpha is None else alpha.double().item()
     if not constraint >= 0:
-        raise ValueError(f"{where}: alpha (diag-oft's constraint) is {constraint}, expected a number >= 0")
-    options = {"blocks": blocks.shape[0], "side": "output", "rescale": rescale is not None, "constraint": constraint}
-    own = {"Q": blocks * -2.0}
+        raise ValueError(f"{where}: alpha (the rotation's constraint) is {constraint}, expected a number >= 0")
+    options = {"side": "output", "rescale": rescale is not None, "constraint": constraint}
+    if butterfly:
+        options.update(block_size=blocks.shape[-1], stages=blocks.shape[0])
+    else:
+        options["blocks"] = blocks.shape[0]
+    own = {"Q": blocks * (2.0 if butterfly else -2.0)}
     if rescale is not None:
         own["g"] = rescale.flatten()
-    return "oft", options, own
+    return ("boft" if butterfly else "oft"), options, own
 
 
 def _lycoris_module(key: str, tables: dict, path) -> str:
@@ -1411,6 +1455,10 @@ def lycoris_adapters(path, model, *, scale: float = 1.0, strict: bool = True) ->
     side="output", Q = -2 B, g and constraint κ: LyCORIS's W = diag(g) R^T W0 (R = (I + q)(I - q)^-1,
     q = B - B^T, norm-clipped to κ·out), on a conv over the out channels. At scale ≠ 1 the OFT's
     ΔW is scale·(W - W0), LyCORIS's multiplier leaves g unscaled: they agree where g = 1.
+    BOFT keys: the same with oft_blocks B (stages, blocks, b, b), blocks·b = out, give
+    specops.adapters.BOFT with side="output", block_size b, those stages and Q = 2 B: LyCORIS's
+    W = diag(g) B_{stages-1} ⋯ B_0 W0, stage blocks (I + q)(I - q)^-1 = cayley(2 q). At scale ≠ 1 its
+    ΔW is scale·(W - W0), where LyCORIS's multiplier interpolates every stage toward I: they agree at 1.
     Every other module is LoRA / LoCon (any naming load_lora reads). A module's dora_scale
     (LyCORIS's DoRA, on LoRA, LoHa or LoKr) makes its adapter dora=True with that magnitude: shape
     (out, 1) / (out, 1, 1, 1) is LyCORIS's norm per output row, (1, in) / (1, in, 1, 1)
@@ -1451,7 +1499,7 @@ def lycoris_adapters(path, model, *, scale: float = 1.0, strict: bool = True) ->
             m = _lycoris_match(key)
             if m is None:
                 attempt(key, _refuse, f"{path}: key {key!r} is not a LoHa / LoKr key (.hada_* / .lokr_* / .alpha / "
-                                      ".dora_scale) nor a diag-OFT one (.oft_blocks / .rescale)")
+                                      ".dora_scale) nor a diag-OFT / BOFT one (.oft_blocks / .rescale)")
             elif (name := attempt(key, _lycoris_module, key, tables, path)) is not None:
                 groups.setdefault(name, {})[m.group(3)] = value
         elif _is_dora_key(key):

@@ -203,8 +203,8 @@ def test_fused_optimiser(device, backend, name, dtype):
 # ----------------------------------------------------------------------------- adapters
 
 _LORA = [torch.randn(12, r, dtype=F64, generator=torch.Generator().manual_seed(r)) for r in (2, 3)]
-ADAPTERS = [("lora", {"rank": 3}), ("loha", {"rank": 2}), ("lokr", {}), ("oft", {"blocks": 2}), ("boft", {"block_size": 4}),
-            ("koft", {}), ("svdiff", {}), ("soda-svd", {}), ("soda-lq", {}),
+ADAPTERS = [("lora", {"rank": 3}), ("loha", {"rank": 2}), ("lokr", {}), ("oft", {"blocks": 2}),
+            ("boft", {"block_size": 4}), ("koft", {}), ("svdiff", {}), ("soda-svd", {}), ("soda-lq", {}),
             ("ziplora", {"content": (_LORA[0], _LORA[0].mT.repeat(1, 8)[:, :16] / 16),
                          "style": (_LORA[1], _LORA[1].mT.repeat(1, 8)[:, :16] / 16, 0.7)})]
 

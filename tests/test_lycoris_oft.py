@@ -1,9 +1,11 @@
-"""LyCORIS's diag-oft files (oft_blocks, rescale, alpha = constraint) both ways, on the resnets of
-the tiny SDXL UNet: their time_emb_proj Linear layers, 3x3 conv1 / conv2 and 1x1 conv_shortcut.
+"""LyCORIS's diag-oft and BOFT files (oft_blocks, rescale, alpha = constraint) both ways, on the
+resnets of the tiny SDXL UNet: their time_emb_proj Linear layers, 3x3 conv1 / conv2 and 1x1 conv_shortcut.
 
-LyCORIS rotates the output side, W = diag(g) R^T W0 with R = (I + q)(I - q)^-1; specops reads that
-as OFT(side="output") with Q = -2 oft_blocks (see specops.adapters.OFT). Block sizes stay <= 8:
-LyCORIS inverts its blocks in one batched call, which stalls on large blocks here.
+LyCORIS rotates the output side: diag-oft W = diag(g) R^T W0 with R = (I + q)(I - q)^-1, which specops
+reads as OFT(side="output") with Q = -2 oft_blocks (see specops.adapters.OFT); BOFT W = diag(g)
+B_{m-1} ⋯ B_0 W0 with stage blocks (I + q)(I - q)^-1 and 4-D oft_blocks, read as BOFT(side="output")
+with Q = 2 oft_blocks (specops.adapters.BOFT). Block sizes stay <= 8: LyCORIS inverts its blocks in
+one batched call, which stalls on large blocks here.
 """
 import pytest
 import torch
@@ -23,12 +25,17 @@ pytestmark = pytest.mark.usefixtures("one_thread", "lycoris_state")  # small ops
 RESNET_LAYERS = ["time_emb_proj", "conv1", "conv2", "conv_shortcut"]  # 62 layers, 11 of them 1x1 shortcuts
 
 
-def _oft_network(unet, **options):
-    """LyCORIS's diag-oft on the resnets (its own module walk), blocks of size <= 8 (its
-    factorization(out, dim) puts the smaller factor on the block), random oft_blocks, rescale near 1."""
+# per algorithm: specops's method, LyCORIS's module class, LyCORIS's lora_dim
+ALGOS = {"diag-oft": ("oft", "DiagOFTModule", 8), "boft": ("boft", "ButterflyOFTModule", 4)}
+
+
+def _oft_network(unet, algo, **options):
+    """LyCORIS's diag-oft or BOFT on the resnets (its own module walk), blocks of size <= 8 (diag-oft's
+    factorization(out, dim) puts the smaller factor on the block; BOFT's lora_dim 4 gives blocks of 4),
+    random oft_blocks, rescale near 1."""
     LycorisNetwork.apply_preset({"enable_conv": True, "lora_prefix": "lycoris", "target_module": ["ResnetBlock2D"],
                                  "target_name": []})
-    net = LycorisNetwork(unet, lora_dim=8, conv_lora_dim=4, alpha=1, network_module="diag-oft",
+    net = LycorisNetwork(unet, lora_dim=ALGOS[algo][2], conv_lora_dim=4, alpha=1, network_module=algo,
                          warn_on_unmatched=False, **options)
     net.apply_to()
     g = torch.Generator().manual_seed(1)
@@ -38,12 +45,14 @@ def _oft_network(unet, **options):
     return net
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("options", [{}, {"rescaled": True, "constraint": 0.005}],
                          ids=["plain", "rescaled-constrained"])
-def test_lycoris_diag_oft_files_both_ways(tmp_path, options):
+def test_lycoris_oft_files_both_ways(tmp_path, algo, options):
+    method, module, _ = ALGOS[algo]
     unet = sdxl.tiny_unet(0)
     base = _run(unet)
-    net = _oft_network(unet, **options)
+    net = _oft_network(unet, algo, **options)
     theirs = _run(unet)
     assert _rel(theirs, base) > 1e-2  # the file changes the model
     path = tmp_path / "oft.safetensors"
@@ -52,7 +61,9 @@ def test_lycoris_diag_oft_files_both_ways(tmp_path, options):
     mine = sdxl.tiny_unet(0)
     built = sdxl.apply_lora(mine, str(path))  # lycoris_adapters, installed
     assert len(built) == len(net.loras) == 62 and sum(a.is_conv for a in built.values()) == 45
-    assert {a.method for a in built.values()} == {"oft"} and {a.side for a in built.values()} == {"output"}
+    assert {a.method for a in built.values()} == {method} and {a.side for a in built.values()} == {"output"}
+    if method == "boft":  # blocks of 4 in several butterfly stages, not one block-diagonal stage
+        assert {a.Q.shape[-1] for a in built.values()} == {4} and max(a.Q.shape[0] for a in built.values()) >= 4
     assert all((a.g is not None) == options.get("rescaled", False) for a in built.values())
     kappa = options.get("constraint", 0.0)
     assert all(a.constraint == pytest.approx(kappa) for a in built.values())
@@ -62,25 +73,36 @@ def test_lycoris_diag_oft_files_both_ways(tmp_path, options):
 
     out = tmp_path / "specops.safetensors"
     report = lora_io.export_lora(mine, out, format="lycoris")
-    assert report["max_rel_error"] <= 1e-6
-    # 32 outputs, lora_dim 8: LyCORIS's factorization(32, 8) makes 8 blocks of 4
+    # the tensors written are exact; the error is the fp32 adapter's own rounding, over several stages in BOFT
+    assert report["max_rel_error"] <= (1e-5 if method == "boft" else 1e-6)
+    # 32 outputs: diag-oft's factorization(32, 8) makes 8 blocks of 4, BOFT 8 blocks of 4 per stage
     assert report["rank"]["unet.down_blocks.0.resnets.0.time_emb_proj"] == 8
     net, back = _lycoris_from_file(out)
-    assert len(net.loras) == 62 and {type(lora).__name__ for lora in net.loras} == {"DiagOFTModule"}
+    assert len(net.loras) == 62 and {type(lora).__name__ for lora in net.loras} == {module}
     assert _rel(back, theirs) <= 1e-5
 
 
-def test_oft_adapters_lycoris_cannot_hold_are_exported_as_locon(tmp_path):
-    """Output-side OFT at scale 1 goes out as diag-oft; an input-side OFT, a scaled one and blocks
-    LyCORIS would rebuild at another size (p² > out) go out as exact LoRA factors of their ΔW;
-    LyCORIS and specops both read the mixed file."""
+# per method: inject's options, and two adapters LyCORIS cannot rebuild (besides a scaled one)
+_ODD = {
+    "oft": (dict(blocks=16), {"down_blocks.0.resnets.0.conv1": dict(blocks=16, side="input"),  # in·kh·kw = 288
+                              "up_blocks.0.resnets.0.conv1": dict(blocks=2, side="output")}),  # p = out / 2: p² > out
+    "boft": (dict(block_size=4), {"down_blocks.0.resnets.0.conv1": dict(block_size=4, side="input"),
+                                  "up_blocks.0.resnets.0.conv1": dict(block_size=4, stages=2, side="output")}),
+}
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_oft_adapters_lycoris_cannot_hold_are_exported_as_locon(tmp_path, algo):
+    """Output-side OFT at scale 1 goes out as diag-oft, BOFT as LyCORIS's BOFT; an input-side one, a
+    scaled one and one LyCORIS would rebuild otherwise (OFT blocks with p² > out, a BOFT short of
+    the full butterfly) go out as exact LoRA factors of their ΔW; LyCORIS and specops both read the
+    mixed file."""
+    method, module, _ = ALGOS[algo]
+    options, odd = _ODD[method]
     unet = sdxl.tiny_unet(0)
-    torch.manual_seed(0)
-    found = sdxl.inject(unet, "oft", targets=RESNET_LAYERS, blocks=16, side="output", rescale=True, constraint=0.01)
-    odd = {"down_blocks.0.resnets.0.conv1": dict(blocks=16, side="input"),   # in·kh·kw = 288
-           "up_blocks.0.resnets.0.conv1": dict(blocks=2, side="output")}     # p = out / 2: p² > out
-    for name, options in odd.items():
-        found[name] = adapters.OFT(found[name].base, **options)
+    found = sdxl.inject(unet, method, targets=RESNET_LAYERS, side="output", rescale=True, constraint=0.01, **options)
+    for name, own in odd.items():
+        found[name] = adapters.make_adapter(method, found[name].base, **own)
         parent, _, child = name.rpartition(".")
         setattr(unet.get_submodule(parent), child, found[name])
     g = torch.Generator().manual_seed(2)
@@ -93,16 +115,16 @@ def test_oft_adapters_lycoris_cannot_hold_are_exported_as_locon(tmp_path):
     mine = _run(unet)
     out = tmp_path / "specops.safetensors"
     report = lora_io.export_lora(unet, out, format="lycoris")
-    assert report["max_rel_error"] <= 1e-6
+    assert report["max_rel_error"] <= (1e-5 if method == "boft" else 1e-6)  # as above
     tensors = lora_io._read(out)[0]
     locon = {k.partition(".")[0] for k in tensors if k.endswith("lora_down.weight")}
     assert locon == {"lora_unet_" + n.replace(".", "_") for n in [*odd, "down_blocks.1.resnets.0.conv2"]}
-    assert sum(k.endswith("oft_blocks") for k in tensors) == 62 - 3
+    assert sum(k.endswith("oft_blocks") and tensors[k].dim() == (4 if method == "boft" else 3) for k in tensors) == 62 - 3
     net, theirs = _lycoris_from_file(out)
     kinds = [type(lora).__name__ for lora in net.loras]
-    assert len(kinds) == 62 and kinds.count("LoConModule") == 3 and kinds.count("DiagOFTModule") == 59
+    assert len(kinds) == 62 and kinds.count("LoConModule") == 3 and kinds.count(module) == 59
     assert _rel(theirs, mine) <= 1e-5
-    # and specops reads the mixed file back: diag-oft modules as OFT, the others as LoRA
+    # and specops reads the mixed file back: diag-oft / BOFT modules as OFT / BOFT, the others as LoRA
     again = sdxl.tiny_unet(0)
     built = lora_io.lycoris_adapters(out, again)
     assert sorted(a.method for a in built.values()).count("lora") == 3 and len(built) == 62
@@ -116,11 +138,12 @@ def test_diag_oft_entries_are_checked_before_building(tmp_path):
     good = {f"{name}.oft_blocks": torch.zeros(4, 8, 8), f"{name}.alpha": torch.tensor(0.0),
             f"{conv}.oft_blocks": torch.zeros(8, 4, 4), f"{conv}.rescale": torch.ones(32, 1, 1, 1)}
     cases = [
-        ({**good, f"{name}.oft_blocks": torch.zeros(4, 8, 2, 2)}, r"oft_blocks is .* \(a 4-D one is BOFT"),
+        ({**good, f"{name}.oft_blocks": torch.zeros(4, 8, 3, 3)}, r"oft_blocks is .* \(stages, blocks, b, b\) \(BOFT: b even"),
+        ({**good, f"{name}.oft_blocks": torch.zeros(6, 16, 2, 2)}, r"2\^\(stages-1\)·b dividing out"),
         ({**good, f"{name}.oft_blocks": torch.zeros(3, 8, 8)}, r"blocks·p = out = 32"),
         ({**good, f"{conv}.rescale": torch.ones(32, 1)}, r"rescale is .* expected float \(32, 1, 1, 1\)"),
-        ({**good, f"{name}.alpha": torch.tensor(-1.0)}, r"alpha \(diag-oft's constraint\) is -1.0"),
-        ({**good, f"{name}.lokr_w1": torch.zeros(4, 4)}, r"keys \['lokr_w1'\] are not diag-oft keys"),
+        ({**good, f"{name}.alpha": torch.tensor(-1.0)}, r"alpha \(the rotation's constraint\) is -1.0"),
+        ({**good, f"{name}.lokr_w1": torch.zeros(4, 4)}, r"keys \['lokr_w1'\] are not diag-oft / BOFT keys"),
         ({k: v for k, v in good.items() if k != f"{conv}.oft_blocks"}, r"conv1: lacks \['oft_blocks'\]"),
     ]
     target = sdxl.tiny_unet(0)
