@@ -26,7 +26,8 @@ weight and bias, c = m σ s:
                                                              else conv(x, W0 + c W1 ⊗ W2, b): one conv
     LoHa, Linear      base(x) + x (c ΔH)^T                   F.linear(x, W0 + c ΔH, b): one GEMM
     LoHa, Conv2d      base(x) + conv(x, c ΔH)                conv(x, W0 + c ΔH, b): one conv
-    diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
+    diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM; training (W0
+                                                             frozen): the blocks on W0 x, no dense dW
     diag-OFT, Conv2d  base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
     BOFT, Linear      base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
     BOFT, Conv2d      base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
@@ -221,9 +222,9 @@ _loha_dora = _dora(_loha_delta)
 _lokr_dora = _dora(_lokr_delta)
 
 
-def _oft_weight(mod) -> Tensor:
-    """diag-OFT's adapted weight W' = diag(g) blockdiag(m R_i^T + (1 - m) I) W0, R_i^T = cayley(-2 q_i)
-    with q = oft_blocks - oft_blocks^T (module docstring)."""
+def _oft_blocks(mod) -> Tensor:
+    """diag-OFT's row blocks m R_i^T + (1 - m) I, R_i^T = cayley(-2 q_i) with q = oft_blocks - oft_blocks^T
+    (module docstring)."""
     q = mod.oft_blocks - mod.oft_blocks.mT
     if mod.constraint > 0:  # LyCORIS's bound: q <- q κd / (||q|| + 1e-8) once that norm passes κd
         q = q * (mod.constraint / torch.clamp(torch.linalg.vector_norm(q) + 1e-8, min=mod.constraint))
@@ -231,6 +232,12 @@ def _oft_weight(mod) -> Tensor:
     m = mod.multiplier
     if m != 1:
         Rt = m * Rt + (1 - m) * torch.eye(Rt.shape[-1], dtype=Rt.dtype, device=Rt.device)
+    return Rt
+
+
+def _oft_weight(mod) -> Tensor:
+    """diag-OFT's adapted weight W' = diag(g) blockdiag(_oft_blocks) W0."""
+    Rt = _oft_blocks(mod)
     W0 = mod.org_module[0].weight
     W = torch.einsum("kij,kjc->kic", Rt, W0.reshape(*Rt.shape[:2], -1)).reshape(W0.shape)
     if mod.rescaled:
@@ -241,8 +248,19 @@ def _oft_weight(mod) -> Tensor:
 
 
 def _oft_fused(mod, x: Tensor) -> Tensor:
-    """y = layer(x) run once with W' (_oft_weight) in place of W0."""
+    """y = layer(x) run once with W' (_oft_weight) in place of W0; while a Linear's blocks train (W0
+    frozen), y = diag(g) blockdiag(_oft_blocks) (W0 x) + b instead: the same function with the blocks on
+    the output's features, so the backward has no dense weight gradient (rows · out · p FLOPs per
+    rotation against rows · out · in for that gradient)."""
     layer = mod.org_module[0]
+    if isinstance(layer, nn.Linear) and not layer.weight.requires_grad and torch.is_grad_enabled() \
+            and mod.oft_blocks.requires_grad:
+        Rt = _oft_blocks(mod)
+        y = F.linear(x, layer.weight)
+        y = torch.einsum("...ki,kji->...kj", y.unflatten(-1, Rt.shape[:2]), Rt.to(y.dtype)).flatten(-2)
+        if mod.rescaled:
+            y = y * mod.rescale.view(-1).to(y.dtype)
+        return y if layer.bias is None else y + layer.bias
     return _run_layer(layer, x, _oft_weight(mod), layer.bias)
 
 
