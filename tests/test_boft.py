@@ -192,3 +192,37 @@ def test_lycoris_boft_patched_matches_lycoris(conv, bypass, multiplier, rescaled
     assert sl.apply(mod)["patched"] == ["l"]
     _assert_all_close(_grads(base, x, params), want)
     assert sl.revert(mod) == ["l"]
+
+
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("peer", ["peft", "lycoris"])
+def test_patched_boft_gradcheck_float64(peer, conv):
+    """Fast-mode gradcheck of the patched path w.r.t. the input and every adapter parameter, which it
+    reads in place at each call (LyCORIS's own BOFT cannot run in float64; the patched path does)."""
+    pytest.importorskip(peer)
+    torch.manual_seed(0)
+    if peer == "peft":
+        import peft
+
+        from specops.integrations import peft as integration
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PEFT's note that its CUDA block-diagonal extension did not load
+            owner = peft.inject_adapter_in_model(
+                peft.BOFTConfig(boft_block_size=4, target_modules=["layer"], init_weights=False), _Holder(_layer(conv)))
+    else:
+        from lycoris.modules.boft import ButterflyOFTModule
+
+        from specops.integrations import lycoris as integration
+        base = _layer(conv).double()  # LyCORIS keeps its layer outside its module tree
+        owner = ButterflyOFTModule("l", base, lora_dim=4, rescaled=True, constraint=1e-3)
+        owner.apply_to()
+        with torch.no_grad():
+            owner.oft_blocks.normal_(0, 0.3)
+            owner.rescale.normal_(1, 0.2)
+    owner.double()
+    assert integration.apply(owner)["patched"]
+    names = [n for n, p in owner.named_parameters() if p.requires_grad]
+    leaves = [owner.get_parameter(n).detach().clone().requires_grad_() for n in names]
+    x = torch.randn((1, 8, 4, 4) if conv else (1, 2, 32), dtype=torch.float64, requires_grad=True)
+    f = lambda i, *ps: torch.func.functional_call(owner, dict(zip(names, ps)), (i,))  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, *leaves), fast_mode=True)
