@@ -9,7 +9,7 @@ from ._build import show_build
 from ._version import __version__
 from ._backend import backend
 from ._registry import BackendError, available_backends, last_backend
-from .kron import kron, kron_matmul, kron_matmul_reference, kron_reference
+from .kron import block_diag_matmul, block_diag_matmul_reference, kron, kron_matmul, kron_matmul_reference, kron_reference
 from .optim import CayleyAdam, StiefelAdam, StiefelSGD
 from .spectral import (LQFactors, SODA_TABLE, SVDFactors, decompose, kron_factor_sizes, linear_path, lowrank_linear,
                        lowrank_linear_reference, scaled_matmul, scaled_matmul_reference, spectral_linear,
@@ -39,6 +39,8 @@ __all__ = [
     "kron_matmul",
     "kron_matmul_reference",
     "kron_reference",
+    "block_diag_matmul",
+    "block_diag_matmul_reference",
     "adalora",
     "adapters",
     "optim",

@@ -1,0 +1,287 @@
+// Block-diagonal matmul on the CPU: y = x @ blockdiag(B_0, ..., B_{k-1}), x (..., k·b), B (k, b, b);
+// row block i of y is y_i = x_i B_i (x_i: the i-th b columns of a row).
+//
+// Forward (and grad_x, the same with the blocks transposed): a tile of rows at a time; for each block,
+// its output vectors are accumulated in registers over the block's b inputs, one broadcast of x and
+// one FMA with a row of B_i each. B is packed once (rows padded to whole vectors, zeros beyond b), so
+// the weights load as full vectors whatever b is; outputs of a partial vector go through a local copy.
+// grad_B[i] = Σ_t x_i[t]^T g_i[t] accumulates per thread, while the tile that grad_x just read is
+// still in L2: one pass over x and the output gradient for both gradients.
+//
+// bf16 / fp16 tiles are staged to fp32 and back (accumulation in fp32).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+#include "simd.h"
+
+namespace specops {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTileRows = 32;  // rows per tile: a 1280-wide fp32 tile of x and of g is 160 KiB each
+constexpr int64_t kRegRows = 4;    // rows per register tile of the forward
+
+// 32-byte vectors: 8 fp32 / 4 fp64 lanes, which divide the usual block sizes (4, 8, 16, ...).
+template <typename T>
+struct V32 {
+  static constexpr int64_t L = 32 / sizeof(T);
+  typedef T vec __attribute__((vector_size(32), aligned(sizeof(T))));
+  static inline vec load(const T* p) { return *reinterpret_cast<const vec*>(p); }
+  static inline void store(T* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
+  static inline vec load_part(const T* p, int64_t n) {  // the first n < L lanes, zeros after
+    vec v = {};
+    std::memcpy(&v, p, n * sizeof(T));
+    return v;
+  }
+  static inline void store_part(T* p, vec v, int64_t n) { std::memcpy(p, &v, n * sizeof(T)); }
+};
+
+inline int64_t padded(int64_t b, int64_t L) { return (b + L - 1) / L * L; }
+
+// y[r, i b + c] = Σ_j x[r, i b + j] Bp[i, j, c] for R rows, C vectors of columns from c0 in every block.
+template <typename T, int R, int C>
+inline void fwd_cols(const T* x, int64_t ldx, const T* Bp, int64_t k, int64_t b, int64_t bp, T* y, int64_t ldy,
+                     int64_t c0) {
+  using S = V32<T>;
+  constexpr int64_t L = S::L;
+  const int64_t rem = b - c0;  // columns left in each block from c0: the last vector may be partial
+  for (int64_t i = 0; i < k; ++i) {
+    const T* xi = x + i * b;
+    const T* Bi = Bp + i * b * bp + c0;
+    typename S::vec acc[R][C] = {};
+    for (int64_t j = 0; j < b; ++j) {
+      typename S::vec w[C];
+#pragma GCC unroll 2
+      for (int c = 0; c < C; ++c) w[c] = S::load(Bi + j * bp + c * L);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const T xv = xi[r * ldx + j];
+#pragma GCC unroll 2
+        for (int c = 0; c < C; ++c) acc[r][c] += xv * w[c];
+      }
+    }
+    T* yi = y + i * b + c0;
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) {
+        const int64_t n = std::min<int64_t>(L, rem - c * L);
+        if (n == L)
+          S::store(yi + r * ldy + c * L, acc[r][c]);
+        else
+          S::store_part(yi + r * ldy + c * L, acc[r][c], n);
+      }
+  }
+}
+
+template <typename T, int R>
+inline void fwd_rows(const T* x, int64_t ldx, const T* Bp, int64_t k, int64_t b, int64_t bp, T* y, int64_t ldy) {
+  constexpr int64_t L = V32<T>::L;
+  int64_t c0 = 0;
+  for (; c0 + L < b; c0 += 2 * L) fwd_cols<T, R, 2>(x, ldx, Bp, k, b, bp, y, ldy, c0);
+  if (c0 < b) fwd_cols<T, R, 1>(x, ldx, Bp, k, b, bp, y, ldy, c0);
+}
+
+// y (rows, k b) = x blockdiag(Bp), both with unit column stride.
+template <typename T>
+void fwd_tile(const T* x, int64_t ldx, int64_t rows, const T* Bp, int64_t k, int64_t b, int64_t bp, T* y,
+              int64_t ldy) {
+  int64_t r = 0;
+  for (; r + kRegRows <= rows; r += kRegRows) fwd_rows<T, kRegRows>(x + r * ldx, ldx, Bp, k, b, bp, y + r * ldy, ldy);
+  for (; r < rows; ++r) fwd_rows<T, 1>(x + r * ldx, ldx, Bp, k, b, bp, y + r * ldy, ldy);
+}
+
+// Acc[i, j, c] += Σ_r x[r, i b + j] g[r, i b + c] over a tile of rows (Acc (k, b, bp)).
+template <typename T>
+void grad_blocks(const T* x, int64_t ldx, const T* g, int64_t ldg, int64_t rows, int64_t k, int64_t b, int64_t bp,
+                 T* Acc) {
+  using S = V32<T>;
+  constexpr int64_t L = S::L;
+  constexpr int64_t J = 8;  // rows of Acc held in registers
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t c0 = 0; c0 < b; c0 += L) {
+      const int64_t n = std::min<int64_t>(L, b - c0);
+      const T* gi = g + i * b + c0;
+      for (int64_t j0 = 0; j0 < b; j0 += J) {
+        const int64_t nj = std::min<int64_t>(J, b - j0);
+        T* A = Acc + (i * b + j0) * bp + c0;
+        typename S::vec a[J];
+        for (int64_t jj = 0; jj < nj; ++jj) a[jj] = S::load(A + jj * bp);
+        const T* xi = x + i * b + j0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const typename S::vec gv = n == L ? S::load(gi + r * ldg) : S::load_part(gi + r * ldg, n);
+          if (nj == J) {
+#pragma GCC unroll 8
+            for (int64_t jj = 0; jj < J; ++jj) a[jj] += xi[r * ldx + jj] * gv;
+          } else {
+            for (int64_t jj = 0; jj < nj; ++jj) a[jj] += xi[r * ldx + jj] * gv;
+          }
+        }
+        for (int64_t jj = 0; jj < nj; ++jj) S::store(A + jj * bp, a[jj]);
+      }
+    }
+}
+
+// (k, b, b) blocks (transposed if asked) -> (k, b, bp) in acc_t, rows zero padded to whole vectors.
+template <typename acc_t>
+at::Tensor pack(const at::Tensor& B, bool transpose) {
+  const int64_t b = B.size(1), bp = padded(b, V32<acc_t>::L);
+  at::Tensor src = (transpose ? B.transpose(1, 2) : B).to(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor out = at::zeros({B.size(0), b, bp}, src.options());
+  out.narrow(2, 0, b).copy_(src);
+  return out;
+}
+
+// A tile's rows [t0, t0 + rows) of a (T, n) matrix as acc_t with unit column stride: the tensor's own
+// memory when it already is that, else a staged copy in `buf`.
+template <typename scalar_t, typename acc_t>
+const acc_t* rows_as(const at::Tensor& t, int64_t t0, int64_t rows, acc_t* buf, int64_t* ld) {
+  const int64_t n = t.size(1);
+  const scalar_t* p = t.const_data_ptr<scalar_t>() + t0 * t.stride(0);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (t.stride(1) == 1) {
+      *ld = t.stride(0);
+      return p;
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; ++c) buf[r * n + c] = static_cast<acc_t>(p[r * t.stride(0) + c * t.stride(1)]);
+  *ld = n;
+  return buf;
+}
+
+template <typename scalar_t, typename acc_t>
+void store_rows(const acc_t* src, int64_t rows, int64_t n, scalar_t* dst) {
+  for (int64_t i = 0; i < rows * n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// out = x blockdiag(Bp) for every row of x (T, n), Bp packed.
+template <typename scalar_t, typename acc_t>
+void forward(const at::Tensor& x, const at::Tensor& Bp, int64_t b, at::Tensor& out) {
+  const int64_t T = x.size(0), n = x.size(1), k = Bp.size(0), bp = Bp.size(2);
+  const acc_t* bpp = Bp.const_data_ptr<acc_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  constexpr bool staged = !std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, (T + kTileRows - 1) / kTileRows, 1, [&](int64_t q0, int64_t q1) {
+    Scratch<acc_t> xbuf(kTileRows * n), ybuf(staged ? kTileRows * n : 0);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t t0 = q * kTileRows, rows = std::min(kTileRows, T - t0);
+      int64_t ldx;
+      const acc_t* xs = rows_as<scalar_t, acc_t>(x, t0, rows, xbuf.get(), &ldx);
+      if constexpr (staged) {
+        fwd_tile(xs, ldx, rows, bpp, k, b, bp, ybuf.get(), n);
+        store_rows(ybuf.get(), rows, n, op + t0 * n);
+      } else {
+        fwd_tile(xs, ldx, rows, bpp, k, b, bp, op + t0 * n, n);
+      }
+    }
+  });
+}
+
+// grad_x (when need_x: into gx) and grad_B (returned) in one pass over tiles of rows of g and x.
+template <typename scalar_t, typename acc_t>
+at::Tensor backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& B, bool need_x, at::Tensor& gx) {
+  const int64_t T = x.size(0), n = x.size(1), k = B.size(0), b = B.size(1);
+  constexpr bool staged = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t bp = padded(b, V32<acc_t>::L);
+  const at::Tensor Bt = pack<acc_t>(B, true);
+  const acc_t* btp = Bt.const_data_ptr<acc_t>();
+  const int64_t threads = at::get_num_threads();
+  at::Tensor acc = at::zeros({threads, k, b, bp}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* accp = acc.mutable_data_ptr<acc_t>();
+  scalar_t* gxp = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, (T + kTileRows - 1) / kTileRows, 1, [&](int64_t q0, int64_t q1) {
+    acc_t* A = accp + at::get_thread_num() * k * b * bp;
+    Scratch<acc_t> xbuf(kTileRows * n), gbuf(kTileRows * n), obuf(staged && need_x ? kTileRows * n : 0);
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t t0 = q * kTileRows, rows = std::min(kTileRows, T - t0);
+      int64_t ldx, ldg;
+      const acc_t* gs = rows_as<scalar_t, acc_t>(g, t0, rows, gbuf.get(), &ldg);
+      if (need_x) {
+        if constexpr (staged) {
+          fwd_tile(gs, ldg, rows, btp, k, b, bp, obuf.get(), n);
+          store_rows(obuf.get(), rows, n, gxp + t0 * n);
+        } else {
+          fwd_tile(gs, ldg, rows, btp, k, b, bp, gxp + t0 * n, n);
+        }
+      }
+      const acc_t* xs = rows_as<scalar_t, acc_t>(x, t0, rows, xbuf.get(), &ldx);
+      grad_blocks(xs, ldx, gs, ldg, rows, k, b, bp, A);
+    }
+  });
+  return acc.sum(0).narrow(2, 0, b).to(x.scalar_type()).contiguous();
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& B) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && B.dim() == 3 && B.size(1) == B.size(2) && B.size(0) * B.size(1) == x.size(-1),
+                    "block_diag_matmul: expected x (..., k b) and blocks (k, b, b); got x ", x.sizes(), ", blocks ",
+                    B.sizes());
+  TORCH_CHECK_VALUE(B.scalar_type() == x.scalar_type(), "block_diag_matmul: blocks dtype ", B.scalar_type(),
+                    " != x dtype ", x.scalar_type());
+}
+
+// x (..., n) as (T, n) rows (a copy only where the leading dims do not flatten).
+at::Tensor rows_of(const at::Tensor& x) {
+  const int64_t n = x.size(-1);
+  int64_t T = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) T *= x.size(d);
+  return x.reshape({T, n});
+}
+
+// Outputs are allocated in x's shape (never a view of a (T, n) buffer, so callers may write them in place).
+at::Tensor block_diag_matmul_fwd_cpu(const at::Tensor& x_in, const at::Tensor& B) {
+  check_inputs(x_in, B);
+  at::Tensor out = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  if (x_in.numel() == 0) return out;
+  const at::Tensor x = rows_of(x_in);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "block_diag_matmul_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward<scalar_t, acc_t>(x, pack<acc_t>(B, false), B.size(1), out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> block_diag_matmul_bwd_cpu(const at::Tensor& g_in, const at::Tensor& x_in,
+                                                             const at::Tensor& B, bool need_x, bool need_B) {
+  check_inputs(x_in, B);
+  TORCH_CHECK_VALUE(g_in.sizes() == x_in.sizes() && g_in.scalar_type() == x_in.scalar_type(), "grad: expected a ",
+                    x_in.sizes(), " ", x_in.scalar_type(), " tensor, got ", g_in.sizes(), " ", g_in.scalar_type());
+  const at::Tensor x = rows_of(x_in), g = rows_of(g_in);
+  const int64_t b = B.size(1);
+  const auto opt = x.options();
+  at::Tensor gx = need_x ? at::empty(x_in.sizes(), opt) : at::empty({0}, opt);
+  at::Tensor gB = at::empty({0}, opt);
+  if (!need_B) {
+    if (need_x && x.numel() > 0)
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "block_diag_matmul_bwd", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        forward<scalar_t, acc_t>(g, pack<acc_t>(B, true), b, gx);
+      });
+    return {gx, gB};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "block_diag_matmul_bwd", [&] {
+    gB = backward<scalar_t, at::opmath_type<scalar_t>>(g, x, B, need_x, gx);
+  });
+  return {gx, gB};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(specops_ext, m) {
+  m.def("block_diag_matmul_fwd(Tensor x, Tensor blocks) -> Tensor");
+  m.def("block_diag_matmul_bwd(Tensor grad, Tensor x, Tensor blocks, bool need_x, bool need_blocks) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(specops_ext, CPU, m) {
+  m.impl("block_diag_matmul_fwd", &block_diag_matmul_fwd_cpu);
+  m.impl("block_diag_matmul_bwd", &block_diag_matmul_bwd_cpu);
+}
+
+}  // namespace cpu
+}  // namespace specops
