@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._constants import acc_dtype
-from .kron import kron, kron_matmul
+from .kron import block_diag_matmul, kron, kron_matmul
 from .spectral import (
     ACTIVATIONS,
     SIDES,
@@ -1046,9 +1046,10 @@ class OFT(_Rotation):
     constraint κ >= 0 (LyCORIS's constraint): κ > 0 shrinks all blocks together so that
         ||S||_F / 2 <= κ d: S <- S · κd / max(||S||_F / 2, κd) (LyCORIS divides by that norm plus
         1e-8: a relative difference below 1e-8 / (κd)). 0 leaves S as it is.
-    Forward: a Linear input side without rescale rotates x in place (x viewed as (..., blocks, n/blocks),
-    block i times R_i^T) and runs base; otherwise (output side, rescale, a conv) it builds W
-    and runs one Linear or conv.
+    Forward: a Linear input side without rescale rotates x (specops.kron.block_diag_matmul, block i times
+    R_i^T) and runs base; a Linear output side while Q trains runs base's GEMM and rotates its output's
+    features (no dense weight gradient in the backward); otherwise (inference on the output side,
+    rescale on the input side, a conv) it builds W and runs one Linear or conv.
 
     LyCORIS's diag-oft file (oft_blocks B, rescale, alpha = κ) is side "output" with Q = -2 B:
     its R_ly = (I + q)(I - q)^-1, q = B - B^T, acts as W_ly = diag(g) R_ly^T W0, and R_ly^T =
@@ -1096,15 +1097,35 @@ class OFT(_Rotation):
 
     def _rotate(self, t, transpose):
         R = self.rotation_blocks()
-        if transpose:
-            R = R.mT
-        b, p, _ = R.shape
-        return torch.einsum("...ik,ikj->...ij", t.unflatten(-1, (b, p)), R).flatten(-2)
+        return block_diag_matmul(t, R.mT if transpose else R)
 
     def _forward(self, x):
         if self.side == "input" and self.g is None:
             return super()._forward(x)
+        if self.side == "output" and not self.is_conv and torch.is_grad_enabled() and self.Q.requires_grad:
+            return self._output_rotated(x)
         return self._dense_forward(x)
+
+    def _output_rotated(self, x):
+        """A Linear's diag(g) R (W0 x) + b with the blocks on the base output's features, as
+        block_diag_matmul(y0, R^T) ⊙ g + (b - g ⊙ R b) for y0 = base(x) (one pass, one in-place
+        add); at scale s, lerp from y0. The backward needs no dense weight gradient (rows · out · p
+        FLOPs per rotation against rows · out · in), so training takes this path and inference the one
+        GEMM with W. While R = I and g = 1 it returns base(x) bit for bit."""
+        base = self.base
+        y0 = base(x).to(self._cd)
+        Rt = self.rotation_blocks().mT
+        y = block_diag_matmul(y0, Rt)
+        g = None if self.g is None else self.g.to(self._cd)
+        if g is not None:
+            y = y * g
+        if base.bias is not None:
+            b = base.bias.to(self._cd)
+            Rb = block_diag_matmul(b[None], Rt)[0]
+            y = y.add_(b - (Rb if g is None else g * Rb))
+        if self.scale != 1.0:
+            y = torch.lerp(y0, y, self.scale)
+        return y.to(x.dtype)
 
     def adapted_weight(self):
         W0 = self._w0_matrix().to(self._cd)

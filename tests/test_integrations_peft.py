@@ -284,7 +284,7 @@ def test_dropout_layers_run_peft_in_training_and_are_noted():
 def test_uncovered_layers_are_reported_and_untouched():
     torch.manual_seed(0)
     net = nn.ModuleDict({"lin": nn.Linear(24, 36), "conv": nn.Conv2d(6, 8, 3, padding=1, padding_mode="reflect"),
-                         "extra": nn.Linear(24, 36)})
+                         "extra": nn.Conv2d(8, 8, 1)})
     net = peft.inject_adapter_in_model(peft.LoHaConfig(r=2, target_modules=["lin", "conv"]), net)
     net = peft.inject_adapter_in_model(peft.OFTConfig(r=4, oft_block_size=0, target_modules=["extra"]), net,
                                        adapter_name="oft")
@@ -295,7 +295,7 @@ def test_uncovered_layers_are_reported_and_untouched():
     assert set(report["skipped"]) == {"m.lin", "m.conv", "m.extra"}
     assert "nested" in report["skipped"]["m.lin"]
     assert "padding_mode='reflect'" in report["skipped"]["m.conv"]
-    assert "peft.tuners.oft.layer.Linear: no specops path" in report["skipped"]["m.extra"]
+    assert "peft.tuners.oft.layer.Conv2d: no specops path" in report["skipped"]["m.extra"]
     assert sp.revert(net) == ["m.lin.base_layer"]
     assert not any("forward" in m.__dict__ for m in net.modules())
 

@@ -15,9 +15,11 @@ Methods, all rank 8, alpha 8 (a coefficient of 1):
   lokr          LyCORIS's defaults: factor -1 (the balanced split), W1 dense, W2 = B2 A2 of rank 8 (every
                 W2 here has max(m2, n2) / 2 > 8, so LyCORIS decomposes it); specops LoKr(rank=8),
                 LokrModule, PEFT LoKrConfig(r=8) (the same rule);
-  oft           attn shapes only, blocks of 8: specops OFT (input side, in / 8 blocks), LyCORIS DiagOFTModule
-                (lora_dim 8: output-side blocks of 8), PEFT OFTConfig(oft_block_size=8) (input side, its
-                default 5-term Neumann Cayley). PEFT's OFT stays on PEFT's path under apply() (no patched row);
+  oft           attn shapes only, blocks of 8: specops OFT(side="output", out / 8 blocks) and LyCORIS
+                DiagOFTModule (lora_dim 8), the same function; PEFT OFTConfig(oft_block_size=8) rotates the
+                input side (its default 5-term Neumann Cayley). specops's own row takes the output side because
+                the input side cannot reach the bound as a first layer: its rotation's gradient needs the
+                base's input gradient g W0, one dense GEMM more;
   boft          attn shapes only, the full butterfly on the output side: 1280 = 10 x 2^7, blocks of 10, 8
                 stages (what LyCORIS builds for lora_dim 10; _boft_block): specops BOFT(side="output"),
                 LyCORIS ButterflyOFTModule. No PEFT row: without its CUDA extension PEFT's BOFT runs one stage only
@@ -140,7 +142,7 @@ def _specops(base, method):
     from specops.adapters import BOFT, OFT, LoHa, LoKr, LoRA
 
     if method == "oft":
-        return OFT(base, blocks=base.in_features // OFT_BLOCK)
+        return OFT(base, blocks=base.out_features // OFT_BLOCK, side="output")
     if method == "boft":
         return BOFT(base, block_size=_boft_block(base.out_features), side="output")
     if method in ("locon", "locon-tucker"):
@@ -191,8 +193,6 @@ def _available(shape: Shape, method: str, impl: str) -> bool:
         return True
     if (method == "locon-tucker" and shape.kind != "conv") or (method in ("oft", "boft") and shape.kind != "attn"):
         return False
-    if (method, impl) == ("oft", "peft+specops"):
-        return False  # apply() leaves PEFT's OFT on PEFT's path
     if impl.startswith("lycoris"):
         return installed("lycoris")
     if impl.startswith("peft"):

@@ -92,6 +92,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly, butterfly_gathers
+from ..kron import block_diag_matmul
 from ..stiefel import cayley
 from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
@@ -257,7 +258,7 @@ def _oft_fused(mod, x: Tensor) -> Tensor:
             and mod.oft_blocks.requires_grad:
         Rt = _oft_blocks(mod)
         y = F.linear(x, layer.weight)
-        y = torch.einsum("...ki,kji->...kj", y.unflatten(-1, Rt.shape[:2]), Rt.to(y.dtype)).flatten(-2)
+        y = block_diag_matmul(y, Rt.mT.to(y.dtype))
         if mod.rescaled:
             y = y * mod.rescale.view(-1).to(y.dtype)
         return y if layer.bias is None else y + layer.bias

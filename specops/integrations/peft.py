@@ -1,4 +1,4 @@
-"""Run an existing HF PEFT model's LoRA, LoKr, LoHa, BOFT and AdaLoRA layers through specops ops, in place.
+"""Run an existing HF PEFT model's LoRA, LoKr, LoHa, OFT, BOFT and AdaLoRA layers through specops ops, in place.
 
     report = apply(model)    # model: a PeftModel, or any nn.Module with PEFT layers injected
     ...                      # train / infer / save exactly as before
@@ -27,6 +27,8 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
     lora.Conv2d     base(x) + Σ_a s_a B_a * (A_a * x)      the same, B_a's 1x1 conv one batched GEMM onto base(x)
     boft.Linear     base(x M) ⊙ s, M = Π_a M_a (n x n)      F.linear(x, diag(s) (M W0ᵀ)ᵀ, b): M applied to W0 stage
     boft.Conv2d     conv(x, diag(s) (M W0ᵀ)ᵀ)               by stage (specops.adapters.butterfly), never formed
+    oft.Linear      base(x R_{a_1} ⋯ R_{a_k}), R_a block-     the same, each x R_a one block_diag_matmul pass with
+                    diagonal (einsum over (rows, r, b))       PEFT's own R_a (its Neumann-series Cayley, coft)
 
 LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
@@ -69,10 +71,10 @@ per adapter on W0 plus the one GEMM / conv, and its backward one weight-gradient
 rotation gradients. boft_dropout > 0 in training mode runs PEFT's forward (random blocks).
 
 Not covered, left on PEFT's path and listed in report["skipped"] with the reason: every other
-tuner layer type (OFT, AdaLoRA's SVDConv2d, Conv1d, quantized layers, ...), LoRA on a grouped
-conv, layers whose forward is already replaced on the instance (e.g. accelerate hooks), nested tuner
-layers, fused layers whose base layer is not a plain nn.Linear / nn.Conv2d, has hooks, or (conv) pads
-other than with zeros.
+tuner layer type (OFT's Conv2d, which rotates unfolded patches and folds them back; AdaLoRA's
+SVDConv2d, Conv1d, quantized layers, ...), LoRA on a grouped conv, layers whose forward is already
+replaced on the instance (e.g. accelerate hooks), nested tuner layers, fused layers whose base layer
+is not a plain nn.Linear / nn.Conv2d, has hooks, or (conv) pads other than with zeros.
 
 Supported PEFT versions: SUPPORTED_PEFT (0.21.x, whose layer attributes this module reads). Any
 other version warns and leaves the model untouched.
@@ -88,6 +90,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly
+from ..kron import block_diag_matmul
 from ..stiefel import cayley
 from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
@@ -259,13 +262,33 @@ def _boft(layer, x: Tensor, adapters: list[str]) -> Tensor:
     return F.linear(x, W, base.bias)
 
 
+def _oft(layer, x: Tensor, adapters: list[str]) -> Tensor:
+    """PEFT's OFT Linear: x rotated by each active adapter's blocks in turn (x_i R_i on the i-th block of
+    features), then the base layer. R is PEFT's own (OFTRotationModule._cayley_batch: its Neumann series by
+    default, coft's projection first), so the function is PEFT's; the rotation runs as one
+    block_diag_matmul pass forward and one backward instead of einsum's batched GEMMs of inner size b."""
+    dtype = x.dtype
+    for a in adapters:
+        mod = layer.oft_R[a]
+        x = layer._cast_input_dtype(x, mod.weight.dtype)
+        if mod.coft:  # PEFT projects the weight in place, under no_grad, at every call
+            with torch.no_grad():
+                mod.weight.copy_(mod._project_batch(mod.weight, eps=mod.eps))
+        R = mod._cayley_batch(mod.weight, mod.block_size, mod.use_cayley_neumann, mod.num_cayley_neumann_terms)
+        k = mod.in_features // mod.block_size if mod.block_share else mod.r
+        x = block_diag_matmul(x.to(R.dtype), R.expand(k, -1, -1)).to(x.dtype)
+    return layer.base_layer(x.to(dtype))
+
+
 @functools.cache
 def _table() -> dict[type, tuple]:
     """PEFT layer class -> (patched computation, whether it fuses into the base layer's weight)."""
     from peft.tuners import adalora, loha, lokr, lora
     from peft.tuners.boft import layer as boft
+    from peft.tuners.oft import layer as oft
 
     return {
+        oft.Linear: (_oft, False),
         boft.Linear: (_boft, True),
         boft.Conv2d: (_boft, True),
         lokr.Linear: (_lokr_linear, False),
@@ -279,10 +302,14 @@ def _table() -> dict[type, tuple]:
 
 
 def _available(layer) -> set[str]:
-    """The adapters the layer holds (LoKr / LoHa say so; BOFT's are its boft_R keys, AdaLoRA's its lora_A keys)."""
+    """The adapters the layer holds (LoKr / LoHa say so; BOFT's are its boft_R keys, OFT's its oft_R keys,
+    AdaLoRA's its lora_A keys)."""
     if hasattr(layer, "module_dropout"):
         return layer._available_adapters
-    return set(layer.boft_R if hasattr(layer, "boft_R") else layer.lora_A)
+    for name in ("boft_R", "oft_R"):
+        if hasattr(layer, name):
+            return set(getattr(layer, name))
+    return set(layer.lora_A)
 
 
 def _draws_masks(layer, a: str) -> bool:
@@ -292,6 +319,8 @@ def _draws_masks(layer, a: str) -> bool:
         return bool(layer.module_dropout[a] or layer.rank_dropout[a])
     if hasattr(layer, "boft_dropout"):
         return getattr(layer.boft_dropout[a], "p", 0.0) > 0
+    if hasattr(layer, "oft_R"):  # PEFT 0.21's OFT forward never runs its oft_dropout
+        return False
     dropout = layer.lora_dropout[a]
     return isinstance(dropout, nn.Dropout) and dropout.p > 0
 
@@ -322,8 +351,8 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     if self.training and hasattr(self, "module_dropout"):  # PEFT's draw, made even at dropout 0 (module docstring)
         adapters = [a for a in adapters if torch.rand(1) > self.module_dropout[a]]
     out = run(self, x, adapters)
-    # PEFT's LoKr / LoHa / BOFT return the input's dtype; its LoRA and AdaLoRA the base output's (run's)
-    return out.to(x.dtype) if hasattr(self, "module_dropout") or run is _boft else out
+    # PEFT's LoKr / LoHa / BOFT / OFT return the input's dtype; its LoRA and AdaLoRA the base output's (run's)
+    return out.to(x.dtype) if hasattr(self, "module_dropout") or run in (_boft, _oft) else out
 
 
 
@@ -332,8 +361,8 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
 
 
 _UNCOVERED = {  # PEFT tuner package -> why specops has nothing to offer it
-    "peft.tuners.oft": (" (PEFT's OFT defaults to a Neumann-series Cayley, not specops' exact one, and already "
-                        "rotates the input before one GEMM)"),
+    "peft.tuners.oft": (" (PEFT's OFT Conv2d rotates the unfolded patches and folds them back, overlaps "
+                        "summed: not a rotation of the weight)"),
 }
 
 
