@@ -23,7 +23,10 @@ Methods, all rank 8, alpha 8 (a coefficient of 1):
   boft          attn shapes only, the full butterfly on the output side: 1280 = 10 x 2^7, blocks of 10, 8
                 stages (what LyCORIS builds for lora_dim 10; _boft_block): specops BOFT(side="output"),
                 LyCORIS ButterflyOFTModule. No PEFT row: without its CUDA extension PEFT's BOFT runs one stage only
-                (another rotation), and it rotates the input side, where 10 does not divide 2048.
+                (another rotation), and it rotates the input side, where 10 does not divide 2048;
+  boft1         attn shapes only, what PEFT's BOFT runs without its CUDA extension: one butterfly stage on the
+                input side, blocks of 8: specops BOFT(block_size=8, stages=1), PEFT BOFTConfig(boft_block_size=8,
+                boft_n_butterfly_factor=1) (it builds the n x n rotation densely); LyCORIS has no such module.
 The LyCORIS rows build its modules directly (what create_lycoris builds per layer) and apply_to() them.
 "lycoris+specops" and "peft+specops" are the same peer models after specops.integrations.lycoris / .peft
 apply(): the peer's layers and parameters, specops's forward (where apply() covers the layer).
@@ -67,9 +70,9 @@ from torch import nn
 from . import ROUNDS, _sync, _time_call, device, installed, peak_bytes
 
 RANK = 8
-METHODS = ("locon", "locon-tucker", "loha", "lokr", "oft", "boft")
+METHODS = ("locon", "locon-tucker", "loha", "lokr", "oft", "boft", "boft1")
 OFT_BLOCK = 8  # OFT block size on the attn shapes
-DENSE_GRAD = ("loha", "boft")  # methods whose target counts one dense weight gradient (module docstring)
+DENSE_GRAD = ("loha", "boft", "boft1")  # methods whose target counts one dense weight gradient (module docstring)
 PEERS = ("lycoris", "lycoris-bypass", "peft")
 PATCHED = ("lycoris+specops", "peft+specops")  # a peer's own model after specops.integrations.<peer>.apply()
 IMPLS = ("frozen", "specops", *PEERS, *PATCHED)
@@ -145,6 +148,8 @@ def _specops(base, method):
         return OFT(base, blocks=base.out_features // OFT_BLOCK, side="output")
     if method == "boft":
         return BOFT(base, block_size=_boft_block(base.out_features), side="output")
+    if method == "boft1":
+        return BOFT(base, block_size=OFT_BLOCK, stages=1)
     if method in ("locon", "locon-tucker"):
         return LoRA(base, rank=RANK, alpha=RANK, tucker=method == "locon-tucker")
     if method == "loha":
@@ -175,9 +180,11 @@ def _lycoris(base, method, bypass):
 
 
 def _peft(base, method):
-    from peft import LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, inject_adapter_in_model
+    from peft import BOFTConfig, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, inject_adapter_in_model
 
-    if method == "oft":
+    if method == "boft1":
+        cfg = BOFTConfig(boft_block_size=OFT_BLOCK, boft_n_butterfly_factor=1, target_modules=["layer"])
+    elif method == "oft":
         cfg = OFTConfig(oft_block_size=OFT_BLOCK, r=0, target_modules=["layer"])
     elif method == "locon":
         cfg = LoraConfig(r=RANK, lora_alpha=RANK, target_modules=["layer"])
@@ -191,10 +198,10 @@ def _peft(base, method):
 def _available(shape: Shape, method: str, impl: str) -> bool:
     if impl == "frozen":
         return True
-    if (method == "locon-tucker" and shape.kind != "conv") or (method in ("oft", "boft") and shape.kind != "attn"):
+    if (method == "locon-tucker" and shape.kind != "conv") or (method in ("oft", "boft", "boft1") and shape.kind != "attn"):
         return False
     if impl.startswith("lycoris"):
-        return installed("lycoris")
+        return method != "boft1" and installed("lycoris")
     if impl.startswith("peft"):
         return method not in ("locon-tucker", "boft") and installed("peft")
     return True
