@@ -7,9 +7,10 @@ after the final phase; PEFT keeps computing all 12), frozen (the base layer alon
 "branch" shapes: the same step of the adapter's update alone (a base that costs nothing: it returns
 zeros), where the rank shows: "kept r=k" has k of the 12 triplets left; PEFT keeps computing all 12
 (masked ones as zeros), specops r=k is compacted to k. flops / bytes: 6·T·k·(in+out) FLOPs (the two
-products of the forward, four of the backward), and the rank-independent traffic of reading x and the
-output gradient and writing x's gradient, (2·in + out)·T floats: a step takes a fixed time for those
-bytes plus a time proportional to k, so compaction cuts the second part in proportion to k.
+products of the forward, four of the backward), and the rank-independent traffic, 3·(in + out)·T floats:
+the forward reads x and the base output and writes its sum with the update, the backward reads the
+output gradient and x and writes x's gradient. A step takes a fixed time for those bytes plus a time
+proportional to k, so compaction cuts the second part in proportion to k.
 "block" shape: the same step of every attention and feed-forward Linear of one 1280-wide SDXL
 transformer block (attn1 q/k/v/out and attn2 q/out on 2x1024 tokens, attn2 k/v 2048->1280 on the 2x77
 text tokens, ff 1280->10240 and 5120->1280), each on its own input, all adapted (init_r 12).
@@ -160,7 +161,7 @@ def cases(quick: bool = False) -> list[Case]:
     for kept in (INIT_R,) if quick else (INIT_R, TARGET_R, 4):
         shape = f"branch {in_f}->{out_f} kept r={kept}"
         providers = (["peft"] if installed("peft") else []) + [f"specops r={kept}"]
-        cost = dict(flops=6.0 * TOKENS * kept * (in_f + out_f), bytes=4.0 * TOKENS * (2 * in_f + out_f))
+        cost = dict(flops=6.0 * TOKENS * kept * (in_f + out_f), bytes=4.0 * TOKENS * 3 * (in_f + out_f))
         out += [Case("adalora", shape, p, _step_setup(in_f, out_f, p, kept, branch=True), **cost) for p in providers]
     if not quick:
         out += [Case("adalora", "block 1280 (10 layers) r=12", p, _block_setup(p))
