@@ -340,7 +340,7 @@ kron = declare(
 # ----------------------------------------------------------------------------- block_diag_matmul op
 
 
-def _check_block_diag(x: Tensor, blocks: Tensor) -> None:
+def _check_block_diag(x: Tensor, blocks: Tensor, perm: Tensor | None = None) -> None:
     if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
         raise ValueError(f"blocks: expected (k, b, b) square blocks, got shape {tuple(blocks.shape)}")
     if x.dim() < 1:
@@ -353,43 +353,56 @@ def _check_block_diag(x: Tensor, blocks: Tensor) -> None:
         raise ValueError(f"blocks: dtype/device {blocks.dtype}/{blocks.device} != x's {x.dtype}/{x.device}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x: expected a floating dtype {FLOAT_DTYPES}, got {x.dtype}")
+    if perm is not None:
+        if perm.dim() != 1 or perm.dtype != torch.int64 or perm.device != x.device:
+            raise ValueError(f"perm: expected a 1-D int64 permutation on {x.device}, got {tuple(perm.shape)} "
+                             f"{perm.dtype} on {perm.device}")
+        torch._check_with(ValueError, perm.shape[0] == x.shape[-1], lambda: (
+            f"perm: expected length {x.shape[-1]} (x's last dim), got {perm.shape[0]}"))
 
 
-def block_diag_matmul_reference(x: Tensor, blocks: Tensor) -> Tensor:
-    """x @ torch.block_diag(*blocks) in plain torch (the dense (k b, k b) matrix; differentiable)."""
-    _check_block_diag(x, blocks)
-    return x @ torch.block_diag(*blocks.unbind(0)) if blocks.shape[0] else x.clone()
+def block_diag_matmul_reference(x: Tensor, blocks: Tensor, perm: Tensor | None = None) -> Tensor:
+    """x Pᵀ blockdiag(blocks) P in plain torch, the dense (k b, k b) matrix (differentiable)."""
+    _check_block_diag(x, blocks, perm)
+    M = torch.block_diag(*blocks.unbind(0)) if blocks.shape[0] else x.new_zeros(0, 0)
+    if perm is not None:
+        P = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)[perm]  # (x Pᵀ)[j] = x[perm[j]]
+        M = P.mT @ M @ P
+    return x @ M
 
 
-def _bdm_torch(x: Tensor, blocks: Tensor) -> Tensor:
-    return torch.einsum("...ki,kij->...kj", x.unflatten(-1, blocks.shape[:2]), blocks).flatten(-2)
+def _bdm_torch(x: Tensor, blocks: Tensor, perm: Tensor | None = None) -> Tensor:
+    xp = x if perm is None else x.index_select(-1, perm)
+    y = torch.einsum("...ki,kij->...kj", xp.unflatten(-1, blocks.shape[:2]), blocks).flatten(-2)
+    return y if perm is None else y.index_select(-1, torch.argsort(perm))
 
 
-def _bdm_bwd_torch(g, x, blocks, need_x, need_blocks):
-    gb = g.unflatten(-1, blocks.shape[:2])
-    gx = torch.einsum("...kj,kij->...ki", gb, blocks).flatten(-2) if need_x else None
+def _bdm_bwd_torch(g, x, blocks, perm, need_x, need_blocks):
+    gx = _bdm_torch(g, blocks.mT, perm) if need_x else None
     gB = None
     if need_blocks:
         acc = acc_dtype(x.dtype)
-        xb = x.unflatten(-1, blocks.shape[:2]).to(acc)
-        gB = torch.einsum("...ki,...kj->kij", xb, gb.to(acc))
+        if perm is not None:
+            x, g = x.index_select(-1, perm), g.index_select(-1, perm)
+        xb, gb = x.unflatten(-1, blocks.shape[:2]).to(acc), g.unflatten(-1, blocks.shape[:2]).to(acc)
+        gB = torch.einsum("...ki,...kj->kij", xb, gb)
     return gx, gB
 
 
-def _bdm_ext(x, blocks):
-    return torch.ops.specops_ext.block_diag_matmul_fwd(x, blocks)
+def _bdm_ext(x, blocks, perm=None):
+    return torch.ops.specops_ext.block_diag_matmul_fwd(x, blocks, perm)
 
 
-def _bdm_bwd_ext(g, x, blocks, need_x, need_blocks):
-    gx, gB = torch.ops.specops_ext.block_diag_matmul_bwd(g, x, blocks, need_x, need_blocks)
+def _bdm_bwd_ext(g, x, blocks, perm, need_x, need_blocks):
+    gx, gB = torch.ops.specops_ext.block_diag_matmul_bwd(g, x, blocks, perm, need_x, need_blocks)
     return (gx if need_x else None), (gB if need_blocks else None)
 
 
 def _bdm_backward_kernel(kernel):
     """The backward op's kernel: [grad_x, grad_blocks], one not asked for an empty tensor."""
 
-    def run(grad, x, blocks, need_x, need_blocks):
-        gx, gB = kernel(grad, x, blocks, need_x, need_blocks)
+    def run(grad, x, blocks, perm, need_x, need_blocks):
+        gx, gB = kernel(grad, x, blocks, perm, need_x, need_blocks)
         return [x.new_empty(0) if gx is None else gx, x.new_empty(0) if gB is None else gB.to(blocks.dtype)]
 
     return run
@@ -397,56 +410,61 @@ def _bdm_backward_kernel(kernel):
 
 _block_diag_matmul_backward = declare(
     "block_diag_matmul_backward",
-    "(Tensor grad, Tensor x, Tensor blocks, bool need_x, bool need_blocks) -> Tensor[]",
+    "(Tensor grad, Tensor x, Tensor blocks, Tensor? perm, bool need_x, bool need_blocks) -> Tensor[]",
     kernels={"torch": _bdm_backward_kernel(_bdm_bwd_torch), "cpp": _bdm_backward_kernel(_bdm_bwd_ext)},
-    check=lambda grad, x, blocks, need_x, need_blocks: _check_block_diag(x, blocks),
-    fake=lambda grad, x, blocks, need_x, need_blocks: [x.new_empty(x.shape if need_x else 0),
-                                                       blocks.new_empty(blocks.shape if need_blocks else 0)],
+    check=lambda grad, x, blocks, perm, need_x, need_blocks: _check_block_diag(x, blocks, perm),
+    fake=lambda grad, x, blocks, perm, need_x, need_blocks: [x.new_empty(x.shape if need_x else 0),
+                                                             blocks.new_empty(blocks.shape if need_blocks else 0)],
 )
 
 
 def _bdm_setup_context(ctx, inputs, output):
-    x, blocks = inputs
+    x, blocks, perm = inputs
     ctx.needs = (x.requires_grad, blocks.requires_grad)
-    ctx.save_for_backward(x, blocks)
+    ctx.save_for_backward(x, blocks, perm)
 
 
 def _bdm_backward(ctx, grad):
-    x, blocks = ctx.saved_tensors
+    x, blocks, perm = ctx.saved_tensors
     if not any(ctx.needs):
-        return None, None
-    gx, gB = _block_diag_matmul_backward(grad, x, blocks, *ctx.needs)
-    return (gx if ctx.needs[0] else None), (gB if ctx.needs[1] else None)
+        return None, None, None
+    gx, gB = _block_diag_matmul_backward(grad, x, blocks, perm, *ctx.needs)
+    return (gx if ctx.needs[0] else None), (gB if ctx.needs[1] else None), None
 
 
 def _bdm_samples(device, dtype):
     """Block sizes around the kernels' vectors (1, 3, 8, 10, 17: partial, whole and paired vectors),
-    rows around the register and row tiles, batch dims, no rows, and strided x and blocks."""
+    rows around the register and row tiles, batch dims, no rows, strided x and blocks, and permutations."""
     mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    perm = lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(n)).to(device)  # noqa: E731
     out = [(mk(T, k * b), mk(k, b, b)) for T, k, b in ((7, 3, 1), (5, 2, 3), (37, 4, 8), (6, 3, 10), (3, 2, 17))]
     return out + [(mk(2, 3, 16), mk(2, 8, 8)), (mk(0, 6), mk(2, 3, 3)),
-                  (mk(9, 12).mT, mk(3, 3, 3).mT), (mk(5, 24)[:, ::2], mk(4, 3, 3))]
+                  (mk(9, 12).mT, mk(3, 3, 3).mT), (mk(5, 24)[:, ::2], mk(4, 3, 3)),
+                  (mk(33, 20), mk(2, 10, 10), perm(20)), (mk(2, 3, 12), mk(4, 3, 3), perm(12))]
 
 
 block_diag_matmul = declare(
     "block_diag_matmul",
-    "(Tensor x, Tensor blocks) -> Tensor",
+    "(Tensor x, Tensor blocks, Tensor? perm=None) -> Tensor",
     kernels={"torch": _bdm_torch, "cpp": _bdm_ext},
     check=_check_block_diag,
-    fake=lambda x, blocks: x.new_empty(x.shape),
+    fake=lambda x, blocks, perm=None: x.new_empty(x.shape),
     reference=block_diag_matmul_reference,
     backward="block_diag_matmul_backward",
     setup_context=_bdm_setup_context,
     backward_fn=_bdm_backward,
     samples=_bdm_samples,
     doc="""y = x @ blockdiag(B_0, ..., B_{k-1}) for x (..., k b) and blocks (k, b, b): y_i = x_i B_i on the
-    i-th b features (OFT's block rotations, on a layer's input or output features).
+    i-th b features (OFT's block rotations, on a layer's input or output features). With perm, an int64
+    permutation of the n = k b features, y = x Pᵀ blockdiag(B) P, (x Pᵀ)[j] = x[perm[j]]: block i acts on
+    the features perm[i b : (i + 1) b] and writes its result there (one butterfly stage of BOFT).
 
-    Differentiable in x and blocks, to any order. With G = dL/dy: grad_x_i = G_i B_iᵀ and
-    grad_B_i = Σ_rows x_iᵀ G_i. 2·rows·k·b² FLOPs forward and twice that backward, against one read and
-    one write of x: memory-bound for the small blocks OFT uses. The cpp kernel (every float dtype; bf16
-    and fp16 accumulate in fp32) makes one pass over tiles of rows forward and one backward (grad_x and
-    grad_B from the same tile), with register tiles over each block's rows; the torch kernel is einsum,
-    whose batched GEMMs with inner size b run far below that on the CPU.
+    Differentiable in x and blocks, to any order. With G = dL/dy (gathered by perm): grad_x_i = G_i B_iᵀ
+    and grad_B_i = Σ_rows x_iᵀ G_i. 2·rows·k·b² FLOPs forward and twice that backward, against one
+    read and one write of x: memory-bound for the small blocks OFT uses. The cpp kernel (every float
+    dtype; bf16 and fp16 accumulate in fp32) makes one pass over tiles of rows forward and one backward
+    (grad_x and grad_B from the same tile; a permutation gathers and scatters each tile in cache), with
+    register tiles over each block's rows; the torch kernel is einsum (and index_select), whose batched
+    GEMMs with inner size b run far below that on the CPU.
     """,
 )

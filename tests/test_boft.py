@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from specops.adapters import BOFT, butterfly, butterfly_gathers
+from specops.adapters import BOFT, OFT, butterfly, butterfly_gathers
 
 
 def _dense_rotation(blocks, gathers):
@@ -21,6 +21,32 @@ def _dense_rotation(blocks, gathers):
 
 def _layer(conv):
     return nn.Conv2d(8, 16, 3, padding=1) if conv else nn.Linear(32, 16)
+
+
+@pytest.mark.parametrize("x_grad", [True, False], ids=["in-network", "first-layer"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("opts", [dict(side="output"), dict(side="output", rescale=True, scale=0.6), dict(side="input"),
+                                  dict(side="input", rescale=True)], ids=["out", "out-rescale-s", "in", "in-rescale"])
+@pytest.mark.parametrize("method", ["boft", "oft"])
+def test_training_linear_rotates_activations_as_its_weight(method, opts, bias, x_grad):
+    """While a Linear's rotation trains, OFT (output side) and BOFT rotate activations (block_diag_matmul with the
+    butterfly's gathers) instead of building W: the same outputs and gradients as one Linear with W (fp64)."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16, bias=bias).double()
+    ad = BOFT(base, block_size=4, stages=2, **opts) if method == "boft" else OFT(base, blocks=4, **opts)
+    with torch.no_grad():
+        ad.Q.normal_()
+        if ad.g is not None:
+            ad.g.normal_()
+    params = [ad.Q] + ([ad.g] if ad.g is not None else [])
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=x_grad)
+    gy = torch.randn(3, 5, 16, dtype=torch.float64)
+    outs = []
+    for run in (ad, ad._dense_forward):
+        y = run(x)
+        outs.append((y, *torch.autograd.grad(y, ([x] if x_grad else []) + params, gy)))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("conv", [False, True])
@@ -171,11 +197,14 @@ def test_peft_boft_dropout_runs_peft_in_training():
 @pytest.mark.parametrize("conv", [False, True])
 @pytest.mark.parametrize("bypass", [False, True])
 @pytest.mark.parametrize("multiplier, rescaled, constraint", [(1.0, False, 0.0), (0.7, True, 0.0), (1.0, True, 1e-3)])
-def test_lycoris_boft_patched_matches_lycoris(conv, bypass, multiplier, rescaled, constraint):
+@pytest.mark.parametrize("train_base", [True, False], ids=["base-trains", "base-frozen"])
+def test_lycoris_boft_patched_matches_lycoris(conv, bypass, multiplier, rescaled, constraint, train_base, monkeypatch):
     pytest.importorskip("lycoris")
     from lycoris.modules.boft import ButterflyOFTModule
 
     from specops.integrations import lycoris as sl
+
+    monkeypatch.setattr(sl, "BUTTERFLY_ROWS_MAX_STAGES", 8)  # LyCORIS's 3 stages here: the activation path too
 
     torch.manual_seed(0)
     base = _layer(conv)
@@ -186,7 +215,9 @@ def test_lycoris_boft_patched_matches_lycoris(conv, bypass, multiplier, rescaled
         mod.oft_blocks.normal_(0, 0.3)
         if rescaled:
             mod.rescale.normal_(1, 0.2)
-    params = [*mod.parameters(), *base.parameters()]  # the base weight trains too: LyCORIS counts its gradient twice
+    # a training base weight: LyCORIS counts its gradient twice; a frozen one: the patched Linear rotates W0 x
+    base.requires_grad_(train_base)
+    params = [*mod.parameters(), *(base.parameters() if train_base else ())]
     x = torch.randn((2, 8, 6, 6) if conv else (3, 5, 32), requires_grad=True)
     want = _grads(base, x, params)
     assert sl.apply(mod)["patched"] == ["l"]

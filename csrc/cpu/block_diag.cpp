@@ -1,5 +1,7 @@
 // Block-diagonal matmul on the CPU: y = x @ blockdiag(B_0, ..., B_{k-1}), x (..., k·b), B (k, b, b);
-// row block i of y is y_i = x_i B_i (x_i: the i-th b columns of a row).
+// row block i of y is y_i = x_i B_i (x_i: the i-th b columns of a row). With a permutation perm of the
+// columns, y = x P^T blockdiag(B) P: the columns perm[i b .. i b + b) form block i, read and written there
+// (one butterfly stage of BOFT in one pass).
 //
 // Forward (and grad_x, the same with the blocks transposed): a tile of rows at a time; for each block,
 // its output vectors are accumulated in registers over the block's b inputs, one broadcast of x and
@@ -17,6 +19,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 
@@ -138,47 +141,50 @@ at::Tensor pack(const at::Tensor& B, bool transpose) {
   return out;
 }
 
-// A tile's rows [t0, t0 + rows) of a (T, n) matrix as acc_t with unit column stride: the tensor's own
-// memory when it already is that, else a staged copy in `buf`.
+// A tile's rows [t0, t0 + rows) of a (T, n) matrix as acc_t with unit column stride, columns gathered by
+// perm (nullptr: in order): the tensor's own memory when it already is that, else a staged copy in `buf`.
 template <typename scalar_t, typename acc_t>
-const acc_t* rows_as(const at::Tensor& t, int64_t t0, int64_t rows, acc_t* buf, int64_t* ld) {
-  const int64_t n = t.size(1);
-  const scalar_t* p = t.const_data_ptr<scalar_t>() + t0 * t.stride(0);
+const acc_t* rows_as(const at::Tensor& t, int64_t t0, int64_t rows, const int64_t* perm, acc_t* buf, int64_t* ld) {
+  const int64_t n = t.size(1), s0 = t.stride(0), s1 = t.stride(1);
+  const scalar_t* p = t.const_data_ptr<scalar_t>() + t0 * s0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (t.stride(1) == 1) {
-      *ld = t.stride(0);
+    if (s1 == 1 && perm == nullptr) {
+      *ld = s0;
       return p;
     }
   }
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < n; ++c) buf[r * n + c] = static_cast<acc_t>(p[r * t.stride(0) + c * t.stride(1)]);
+    for (int64_t c = 0; c < n; ++c) buf[r * n + c] = static_cast<acc_t>(p[r * s0 + (perm ? perm[c] : c) * s1]);
   *ld = n;
   return buf;
 }
 
+// dst rows (n wide, contiguous) from a staged tile, column c to perm[c] (nullptr: in order).
 template <typename scalar_t, typename acc_t>
-void store_rows(const acc_t* src, int64_t rows, int64_t n, scalar_t* dst) {
-  for (int64_t i = 0; i < rows * n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+void store_rows(const acc_t* src, int64_t rows, int64_t n, const int64_t* perm, scalar_t* dst) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; ++c) dst[r * n + (perm ? perm[c] : c)] = static_cast<scalar_t>(src[r * n + c]);
 }
 
-// out = x blockdiag(Bp) for every row of x (T, n), Bp packed.
+// out = x P^T blockdiag(Bp) P for every row of x (T, n) (Bp packed; x P^T = x[:, perm]): a tile is
+// gathered, multiplied and scattered back to the same columns.
 template <typename scalar_t, typename acc_t>
-void forward(const at::Tensor& x, const at::Tensor& Bp, int64_t b, at::Tensor& out) {
+void forward(const at::Tensor& x, const at::Tensor& Bp, int64_t b, const int64_t* perm, at::Tensor& out) {
   const int64_t T = x.size(0), n = x.size(1), k = Bp.size(0), bp = Bp.size(2);
   const acc_t* bpp = Bp.const_data_ptr<acc_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  constexpr bool staged = !std::is_same_v<scalar_t, acc_t>;
+  const bool staged = !std::is_same_v<scalar_t, acc_t> || perm != nullptr;
   at::parallel_for(0, (T + kTileRows - 1) / kTileRows, 1, [&](int64_t q0, int64_t q1) {
     Scratch<acc_t> xbuf(kTileRows * n), ybuf(staged ? kTileRows * n : 0);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t t0 = q * kTileRows, rows = std::min(kTileRows, T - t0);
       int64_t ldx;
-      const acc_t* xs = rows_as<scalar_t, acc_t>(x, t0, rows, xbuf.get(), &ldx);
-      if constexpr (staged) {
+      const acc_t* xs = rows_as<scalar_t, acc_t>(x, t0, rows, perm, xbuf.get(), &ldx);
+      if (staged) {
         fwd_tile(xs, ldx, rows, bpp, k, b, bp, ybuf.get(), n);
-        store_rows(ybuf.get(), rows, n, op + t0 * n);
-      } else {
-        fwd_tile(xs, ldx, rows, bpp, k, b, bp, op + t0 * n, n);
+        store_rows(ybuf.get(), rows, n, perm, op + t0 * n);
+      } else {  // scalar_t is acc_t here (another dtype is always staged)
+        fwd_tile(xs, ldx, rows, bpp, k, b, bp, reinterpret_cast<acc_t*>(op) + t0 * n, n);
       }
     }
   });
@@ -186,9 +192,10 @@ void forward(const at::Tensor& x, const at::Tensor& Bp, int64_t b, at::Tensor& o
 
 // grad_x (when need_x: into gx) and grad_B (returned) in one pass over tiles of rows of g and x.
 template <typename scalar_t, typename acc_t>
-at::Tensor backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& B, bool need_x, at::Tensor& gx) {
+at::Tensor backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& B, const int64_t* perm, bool need_x,
+                    at::Tensor& gx) {
   const int64_t T = x.size(0), n = x.size(1), k = B.size(0), b = B.size(1);
-  constexpr bool staged = !std::is_same_v<scalar_t, acc_t>;
+  const bool staged = !std::is_same_v<scalar_t, acc_t> || perm != nullptr;
   const int64_t bp = padded(b, V32<acc_t>::L);
   const at::Tensor Bt = pack<acc_t>(B, true);
   const acc_t* btp = Bt.const_data_ptr<acc_t>();
@@ -202,28 +209,32 @@ at::Tensor backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t t0 = q * kTileRows, rows = std::min(kTileRows, T - t0);
       int64_t ldx, ldg;
-      const acc_t* gs = rows_as<scalar_t, acc_t>(g, t0, rows, gbuf.get(), &ldg);
+      const acc_t* gs = rows_as<scalar_t, acc_t>(g, t0, rows, perm, gbuf.get(), &ldg);
       if (need_x) {
-        if constexpr (staged) {
+        if (staged) {
           fwd_tile(gs, ldg, rows, btp, k, b, bp, obuf.get(), n);
-          store_rows(obuf.get(), rows, n, gxp + t0 * n);
+          store_rows(obuf.get(), rows, n, perm, gxp + t0 * n);
         } else {
-          fwd_tile(gs, ldg, rows, btp, k, b, bp, gxp + t0 * n, n);
+          fwd_tile(gs, ldg, rows, btp, k, b, bp, reinterpret_cast<acc_t*>(gxp) + t0 * n, n);
         }
       }
-      const acc_t* xs = rows_as<scalar_t, acc_t>(x, t0, rows, xbuf.get(), &ldx);
+      const acc_t* xs = rows_as<scalar_t, acc_t>(x, t0, rows, perm, xbuf.get(), &ldx);
       grad_blocks(xs, ldx, gs, ldg, rows, k, b, bp, A);
     }
   });
   return acc.sum(0).narrow(2, 0, b).to(x.scalar_type()).contiguous();
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& B) {
+void check_inputs(const at::Tensor& x, const at::Tensor& B, const std::optional<at::Tensor>& perm) {
   TORCH_CHECK_VALUE(x.dim() >= 1 && B.dim() == 3 && B.size(1) == B.size(2) && B.size(0) * B.size(1) == x.size(-1),
                     "block_diag_matmul: expected x (..., k b) and blocks (k, b, b); got x ", x.sizes(), ", blocks ",
                     B.sizes());
   TORCH_CHECK_VALUE(B.scalar_type() == x.scalar_type(), "block_diag_matmul: blocks dtype ", B.scalar_type(),
                     " != x dtype ", x.scalar_type());
+  if (perm)
+    TORCH_CHECK_VALUE(perm->dim() == 1 && perm->size(0) == x.size(-1) && perm->scalar_type() == at::kLong,
+                      "block_diag_matmul: perm must be an int64 (", x.size(-1), ",) permutation, got ", perm->sizes(),
+                      " ", perm->scalar_type());
 }
 
 // x (..., n) as (T, n) rows (a copy only where the leading dims do not flatten).
@@ -235,24 +246,29 @@ at::Tensor rows_of(const at::Tensor& x) {
 }
 
 // Outputs are allocated in x's shape (never a view of a (T, n) buffer, so callers may write them in place).
-at::Tensor block_diag_matmul_fwd_cpu(const at::Tensor& x_in, const at::Tensor& B) {
-  check_inputs(x_in, B);
+at::Tensor block_diag_matmul_fwd_cpu(const at::Tensor& x_in, const at::Tensor& B, const std::optional<at::Tensor>& perm) {
+  check_inputs(x_in, B, perm);
   at::Tensor out = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (x_in.numel() == 0) return out;
   const at::Tensor x = rows_of(x_in);
+  const at::Tensor idx = perm ? perm->contiguous() : at::Tensor();
+  const int64_t* pp = perm ? idx.const_data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "block_diag_matmul_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward<scalar_t, acc_t>(x, pack<acc_t>(B, false), B.size(1), out);
+    forward<scalar_t, acc_t>(x, pack<acc_t>(B, false), B.size(1), pp, out);
   });
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> block_diag_matmul_bwd_cpu(const at::Tensor& g_in, const at::Tensor& x_in,
-                                                             const at::Tensor& B, bool need_x, bool need_B) {
-  check_inputs(x_in, B);
+                                                             const at::Tensor& B, const std::optional<at::Tensor>& perm,
+                                                             bool need_x, bool need_B) {
+  check_inputs(x_in, B, perm);
   TORCH_CHECK_VALUE(g_in.sizes() == x_in.sizes() && g_in.scalar_type() == x_in.scalar_type(), "grad: expected a ",
                     x_in.sizes(), " ", x_in.scalar_type(), " tensor, got ", g_in.sizes(), " ", g_in.scalar_type());
   const at::Tensor x = rows_of(x_in), g = rows_of(g_in);
+  const at::Tensor idx = perm ? perm->contiguous() : at::Tensor();
+  const int64_t* pp = perm ? idx.const_data_ptr<int64_t>() : nullptr;
   const int64_t b = B.size(1);
   const auto opt = x.options();
   at::Tensor gx = need_x ? at::empty(x_in.sizes(), opt) : at::empty({0}, opt);
@@ -261,12 +277,12 @@ std::tuple<at::Tensor, at::Tensor> block_diag_matmul_bwd_cpu(const at::Tensor& g
     if (need_x && x.numel() > 0)
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "block_diag_matmul_bwd", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        forward<scalar_t, acc_t>(g, pack<acc_t>(B, true), b, gx);
+        forward<scalar_t, acc_t>(g, pack<acc_t>(B, true), b, pp, gx);
       });
     return {gx, gB};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "block_diag_matmul_bwd", [&] {
-    gB = backward<scalar_t, at::opmath_type<scalar_t>>(g, x, B, need_x, gx);
+    gB = backward<scalar_t, at::opmath_type<scalar_t>>(g, x, B, pp, need_x, gx);
   });
   return {gx, gB};
 }
@@ -274,8 +290,10 @@ std::tuple<at::Tensor, at::Tensor> block_diag_matmul_bwd_cpu(const at::Tensor& g
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(specops_ext, m) {
-  m.def("block_diag_matmul_fwd(Tensor x, Tensor blocks) -> Tensor");
-  m.def("block_diag_matmul_bwd(Tensor grad, Tensor x, Tensor blocks, bool need_x, bool need_blocks) -> (Tensor, Tensor)");
+  m.def("block_diag_matmul_fwd(Tensor x, Tensor blocks, Tensor? perm) -> Tensor");
+  m.def(
+      "block_diag_matmul_bwd(Tensor grad, Tensor x, Tensor blocks, Tensor? perm, bool need_x, bool need_blocks) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(specops_ext, CPU, m) {

@@ -29,7 +29,8 @@ weight and bias, c = m σ s:
     diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM; training (W0
                                                              frozen): the blocks on W0 x, no dense dW
     diag-OFT, Conv2d  base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
-    BOFT, Linear      base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM
+    BOFT, Linear      base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM; training (W0
+                                                             frozen, few stages): the stages on W0 x
     BOFT, Conv2d      base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
     LoKr / LoHa with dora_wd (not in bypass_mode): one GEMM / conv with LyCORIS's decomposed weight
     (_dora's docstring).
@@ -91,7 +92,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly, butterfly_gathers
+from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly,
+                        butterfly_gathers, butterfly_rows)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
 from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -268,7 +270,10 @@ def _oft_fused(mod, x: Tensor) -> Tensor:
 def _boft_fused(mod, x: Tensor) -> Tensor:
     """BOFT: the layer run once with W' = diag(g) R W0 (bias b; in bypass_mode, which rotates base(x) bias
     included, diag(g) R b), R = B_{k-1} ⋯ B_0 applied to W0's rows stage by stage (specops.adapters.butterfly
-    with LyCORIS's butterfly gathers); stage blocks m cayley(2 q_i) + (1 - m) I (module docstring)."""
+    with LyCORIS's butterfly gathers); stage blocks m cayley(2 q_i) + (1 - m) I (module docstring). While a
+    Linear's blocks train (W0 frozen), diag(g) R (W0 x) + b instead: the stages on the output's features
+    (specops.adapters.butterfly_rows, up to BUTTERFLY_ROWS_MAX_STAGES stages), so the backward has no dense
+    weight gradient."""
     q = mod.oft_blocks - mod.oft_blocks.mT
     if mod.constraint > 0:  # LyCORIS's bound, as diag-OFT's
         q = q * (mod.constraint / torch.clamp(torch.linalg.vector_norm(q) + 1e-8, min=mod.constraint))
@@ -280,11 +285,17 @@ def _boft_fused(mod, x: Tensor) -> Tensor:
     W0, bias = layer.weight, layer.bias
     k, D, b, _ = blocks.shape
     gathers = butterfly_gathers(D * b, b, k, W0.device)
-    W = butterfly(W0, blocks, gathers)
     if mod.bypass_mode and bias is not None:
         bias = butterfly(bias, blocks, gathers)
         if mod.rescaled:
             bias = mod.rescale.view(-1) * bias
+    if isinstance(layer, nn.Linear) and not W0.requires_grad and torch.is_grad_enabled() \
+            and mod.oft_blocks.requires_grad and k <= BUTTERFLY_ROWS_MAX_STAGES:  # as _oft_fused: on W0 x
+        y = butterfly_rows(F.linear(x, W0), blocks.to(x.dtype), gathers)
+        if mod.rescaled:
+            y = y * mod.rescale.view(-1).to(y.dtype)
+        return y if bias is None else y + bias
+    W = butterfly(W0, blocks, gathers)
     if mod.rescaled:
         W = mod.rescale * W
     if W0.requires_grad and not mod.bypass_mode:  # as _oft_weight: LyCORIS's default mode counts W0's gradient twice

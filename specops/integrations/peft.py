@@ -26,7 +26,9 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
     lora.Linear     base(x) + Σ_a s_a x A_aᵀ B_aᵀ          base(x) + Σ_a lowrank_linear(x, A_a, s_a·1, B_a)
     lora.Conv2d     base(x) + Σ_a s_a B_a * (A_a * x)      the same, B_a's 1x1 conv one batched GEMM onto base(x)
     boft.Linear     base(x M) ⊙ s, M = Π_a M_a (n x n)      F.linear(x, diag(s) (M W0ᵀ)ᵀ, b): M applied to W0 stage
-    boft.Conv2d     conv(x, diag(s) (M W0ᵀ)ᵀ)               by stage (specops.adapters.butterfly), never formed
+    boft.Conv2d     conv(x, diag(s) (M W0ᵀ)ᵀ)               by stage (specops.adapters.butterfly), never formed;
+                                                          a Linear in-network (x requires grad, W0 frozen, few
+                                                          stages): M applied to x, no dense weight gradient
     oft.Linear      base(x R_{a_1} ⋯ R_{a_k}), R_a block-     the same, each x R_a one block_diag_matmul pass with
                     diagonal (einsum over (rows, r, b))       PEFT's own R_a (its Neumann-series Cayley, coft)
 
@@ -89,7 +91,8 @@ from torch import Tensor, nn
 
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..adapters import EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly
+from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection,
+                        butterfly, butterfly_rows)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
 from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -251,6 +254,9 @@ def _boft(layer, x: Tensor, adapters: list[str]) -> Tensor:
     base = layer.get_base_layer()
     W0 = base.weight
     gathers = _boft_gathers(layer.boft_P)
+    if isinstance(base, nn.Linear) and x.requires_grad and torch.is_grad_enabled() and not W0.requires_grad \
+            and len(adapters) * len(gathers) <= BUTTERFLY_ROWS_MAX_STAGES:
+        return _boft_rotated_input(layer, x, adapters, gathers)
     t, s = W0.flatten(1).mT, None
     for a in adapters:
         R = layer.boft_R[a]
@@ -278,6 +284,22 @@ def _oft(layer, x: Tensor, adapters: list[str]) -> Tensor:
         k = mod.in_features // mod.block_size if mod.block_share else mod.r
         x = block_diag_matmul(x.to(R.dtype), R.expand(k, -1, -1)).to(x.dtype)
     return layer.base_layer(x.to(dtype))
+
+
+def _boft_rotated_input(layer, x: Tensor, adapters: list[str], gathers) -> Tensor:
+    """PEFT's BOFT Linear in-network with W0 frozen: x M (M = M_{a_k} ⋯ M_{a_1}, M_a = B_{N-1} ⋯ B_0) applied to
+    x stage by stage (specops.adapters.butterfly_rows: x M_a = x (M_aᵀ)ᵀ, M_aᵀ the butterfly of the transposed
+    blocks in reverse order), then (x M) W0ᵀ ⊙ s + b: no dense weight gradient, where x's gradient is
+    wanted anyway."""
+    base = layer.get_base_layer()
+    s = None
+    for a in reversed(adapters):
+        R = layer.boft_R[a]
+        blocks = cayley((R.mT - R).flatten(0, 1)).view(R.shape).to(x.dtype)
+        x = butterfly_rows(x, blocks.mT.flip(0), gathers[::-1])
+        s = layer.boft_s[a].view(-1) if s is None else s * layer.boft_s[a].view(-1)
+    y = F.linear(x, base.weight) * s.to(x.dtype)
+    return y if base.bias is None else y + base.bias
 
 
 @functools.cache
