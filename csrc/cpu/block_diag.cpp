@@ -49,46 +49,48 @@ struct V32 {
 
 inline int64_t padded(int64_t b, int64_t L) { return (b + L - 1) / L * L; }
 
-// y[r, i b + c] = Σ_j x[r, i b + j] Bp[i, j, c] for R rows, C vectors of columns from c0 in every block.
+// y[r, i b + c] = Σ_j x[r, i b + j] Bp[i, j, c] for R rows, block i, C vectors of its columns from c0.
 template <typename T, int R, int C>
 inline void fwd_cols(const T* x, int64_t ldx, const T* Bp, int64_t k, int64_t b, int64_t bp, T* y, int64_t ldy,
-                     int64_t c0) {
+                     int64_t i, int64_t c0) {
   using S = V32<T>;
   constexpr int64_t L = S::L;
-  const int64_t rem = b - c0;  // columns left in each block from c0: the last vector may be partial
-  for (int64_t i = 0; i < k; ++i) {
-    const T* xi = x + i * b;
-    const T* Bi = Bp + i * b * bp + c0;
-    typename S::vec acc[R][C] = {};
-    for (int64_t j = 0; j < b; ++j) {
-      typename S::vec w[C];
+  const int64_t rem = b - c0;  // the block's columns left from c0: the last vector may be partial
+  const T* xi = x + i * b;
+  const T* Bi = Bp + i * b * bp + c0;
+  typename S::vec acc[R][C] = {};
+  for (int64_t j = 0; j < b; ++j) {
+    typename S::vec w[C];
 #pragma GCC unroll 2
-      for (int c = 0; c < C; ++c) w[c] = S::load(Bi + j * bp + c * L);
+    for (int c = 0; c < C; ++c) w[c] = S::load(Bi + j * bp + c * L);
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const T xv = xi[r * ldx + j];
+    for (int r = 0; r < R; ++r) {
+      const T xv = xi[r * ldx + j];
 #pragma GCC unroll 2
-        for (int c = 0; c < C; ++c) acc[r][c] += xv * w[c];
-      }
+      for (int c = 0; c < C; ++c) acc[r][c] += xv * w[c];
     }
-    T* yi = y + i * b + c0;
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) {
-        const int64_t n = std::min<int64_t>(L, rem - c * L);
-        if (n == L)
-          S::store(yi + r * ldy + c * L, acc[r][c]);
-        else
-          S::store_part(yi + r * ldy + c * L, acc[r][c], n);
-      }
   }
+  T* yi = y + i * b + c0;
+  // A partial vector may spill into the next blocks' columns, which they write afterwards (blocks go in
+  // order, each whole), but never past the row's end.
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      const int64_t n = std::min<int64_t>(L, rem - c * L);
+      if (n == L || i * b + c0 + c * L + L <= k * b)
+        S::store(yi + r * ldy + c * L, acc[r][c]);
+      else
+        S::store_part(yi + r * ldy + c * L, acc[r][c], n);
+    }
 }
 
 template <typename T, int R>
 inline void fwd_rows(const T* x, int64_t ldx, const T* Bp, int64_t k, int64_t b, int64_t bp, T* y, int64_t ldy) {
   constexpr int64_t L = V32<T>::L;
-  int64_t c0 = 0;
-  for (; c0 + L < b; c0 += 2 * L) fwd_cols<T, R, 2>(x, ldx, Bp, k, b, bp, y, ldy, c0);
-  if (c0 < b) fwd_cols<T, R, 1>(x, ldx, Bp, k, b, bp, y, ldy, c0);
+  for (int64_t i = 0; i < k; ++i) {
+    int64_t c0 = 0;
+    for (; c0 + L < b; c0 += 2 * L) fwd_cols<T, R, 2>(x, ldx, Bp, k, b, bp, y, ldy, i, c0);
+    if (c0 < b) fwd_cols<T, R, 1>(x, ldx, Bp, k, b, bp, y, ldy, i, c0);
+  }
 }
 
 // y (rows, k b) = x blockdiag(Bp), both with unit column stride.
@@ -110,6 +112,7 @@ void grad_blocks(const T* x, int64_t ldx, const T* g, int64_t ldg, int64_t rows,
   for (int64_t i = 0; i < k; ++i)
     for (int64_t c0 = 0; c0 < b; c0 += L) {
       const int64_t n = std::min<int64_t>(L, b - c0);
+      const bool full = n == L || i * b + c0 + L <= k * b;
       const T* gi = g + i * b + c0;
       for (int64_t j0 = 0; j0 < b; j0 += J) {
         const int64_t nj = std::min<int64_t>(J, b - j0);
@@ -118,7 +121,9 @@ void grad_blocks(const T* x, int64_t ldx, const T* g, int64_t ldg, int64_t rows,
         for (int64_t jj = 0; jj < nj; ++jj) a[jj] = S::load(A + jj * bp);
         const T* xi = x + i * b + j0;
         for (int64_t r = 0; r < rows; ++r) {
-          const typename S::vec gv = n == L ? S::load(gi + r * ldg) : S::load_part(gi + r * ldg, n);
+          // a partial vector reads on into the next blocks while within the row (lanes past b land in Acc's
+          // padding, never used)
+          const typename S::vec gv = full ? S::load(gi + r * ldg) : S::load_part(gi + r * ldg, n);
           if (nj == J) {
 #pragma GCC unroll 8
             for (int64_t jj = 0; jj < J; ++jj) a[jj] += xi[r * ldx + jj] * gv;
@@ -153,8 +158,15 @@ const acc_t* rows_as(const at::Tensor& t, int64_t t0, int64_t rows, const int64_
       return p;
     }
   }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < n; ++c) buf[r * n + c] = static_cast<acc_t>(p[r * s0 + (perm ? perm[c] : c) * s1]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = p + r * s0;
+    acc_t* out = buf + r * n;
+    if (perm != nullptr && s1 == 1) {  // the common gathered case: one index, one load, one store per element
+      for (int64_t c = 0; c < n; ++c) out[c] = static_cast<acc_t>(row[perm[c]]);
+    } else {
+      for (int64_t c = 0; c < n; ++c) out[c] = static_cast<acc_t>(row[(perm ? perm[c] : c) * s1]);
+    }
+  }
   *ld = n;
   return buf;
 }
@@ -162,8 +174,15 @@ const acc_t* rows_as(const at::Tensor& t, int64_t t0, int64_t rows, const int64_
 // dst rows (n wide, contiguous) from a staged tile, column c to perm[c] (nullptr: in order).
 template <typename scalar_t, typename acc_t>
 void store_rows(const acc_t* src, int64_t rows, int64_t n, const int64_t* perm, scalar_t* dst) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < n; ++c) dst[r * n + (perm ? perm[c] : c)] = static_cast<scalar_t>(src[r * n + c]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* in = src + r * n;
+    scalar_t* row = dst + r * n;
+    if (perm != nullptr) {
+      for (int64_t c = 0; c < n; ++c) row[perm[c]] = static_cast<scalar_t>(in[c]);
+    } else {
+      for (int64_t c = 0; c < n; ++c) row[c] = static_cast<scalar_t>(in[c]);
+    }
+  }
 }
 
 // out = x P^T blockdiag(Bp) P for every row of x (T, n) (Bp packed; x P^T = x[:, perm]): a tile is
