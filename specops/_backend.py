@@ -128,6 +128,8 @@ def forced() -> tuple[str | None, bool]:
     if f is not None:
         return f
     name = os.environ.get("SPECOPS_BACKEND") or None
-    if name is not None and name not in BACKENDS:
+    if name is None:
+        return None, False
+    if name not in BACKENDS:
         raise ValueError(f"SPECOPS_BACKEND: unknown backend {name!r}; expected one of {BACKENDS}")
     return name, os.environ.get("SPECOPS_BACKEND_FALLBACK", "0") == "1"

@@ -86,6 +86,7 @@ class Op:
     autograd: tuple[Callable, Callable] | None = field(default=None, repr=False)
     body: Callable | None = field(default=None, repr=False)  # a composite's checked body
     function: type | None = field(default=None, repr=False)  # its autograd.Function (_function)
+    eager: type | None = field(default=None, repr=False)  # and its eager one (_eager_function)
     public: Callable | None = field(default=None, repr=False)  # the wrapper `declare` returns
     last: str | None = field(default=None, repr=False)
 
@@ -266,23 +267,27 @@ def _checked(fn, check, defaults):
 
 
 def _dispatcher(op: Op, defaults):
-    kernels, check, n = op.kernels, op.check, len(defaults)
+    n = len(defaults)
 
     def run(*args):
         if len(args) < n:
             args = (*args, *defaults[len(args):])
-        if check is not None:
-            check(*args)
-        device_type = _device_type(args)
-        name = choose(op, args, device_type)
-        op.last = name
-        if torch.is_autocast_enabled(device_type):
-            # No op has an autocast kernel: its kernels run in the inputs' dtypes, as its fake says.
-            with torch.autocast(device_type, enabled=False):
-                return kernels[name].fn(*args)
-        return kernels[name].fn(*args)
+        return _run(op, args)
 
     return run
+
+
+def _run(op: Op, args):
+    """The kernel call of a non-composite op on its full argument tuple: check, choose, run."""
+    if op.check is not None:
+        op.check(*args)
+    device_type = _device_type(args)
+    name = op.last = choose(op, args, device_type)
+    if torch.is_autocast_enabled(device_type):
+        # No op has an autocast kernel: its kernels run in the inputs' dtypes, as its fake says.
+        with torch.autocast(device_type, enabled=False):
+            return op.kernels[name].fn(*args)
+    return op.kernels[name].fn(*args)
 
 
 def _transformed() -> bool:
@@ -337,17 +342,7 @@ def _function(op: Op) -> type:
 
         @staticmethod
         def backward(ctx, *grads):
-            ctx.needs_input_grad = tuple(any(a) if isinstance(a, list) else a for a in ctx.arg_needs)
-            grads = pytree.tree_unflatten(list(grads), ctx.out_spec)
-            per_arg = backward(ctx, grads) if single else backward(ctx, *grads)
-            per_arg = per_arg if isinstance(per_arg, tuple) else (per_arg,)
-            flat = []
-            for a, g in zip(ctx.args, per_arg):
-                if _tensor_list(a):
-                    flat.extend(g if g is not None else [None] * len(a))
-                elif isinstance(a, torch.Tensor):
-                    flat.append(g)
-            return (None, *flat)
+            return _flat_backward(ctx, grads, backward, single)
 
         @staticmethod
         def jvp(ctx, _box, *tangents):
@@ -373,6 +368,50 @@ def _function(op: Op) -> type:
     return Function
 
 
+def _flat_backward(ctx, grads, backward, single: bool) -> tuple:
+    """An op Function's backward: the op's declared backward on its structured arguments and outputs,
+    its gradients flattened as the Function's inputs (None for the leading _Box)."""
+    ctx.needs_input_grad = tuple(any(a) if isinstance(a, list) else a for a in ctx.arg_needs)
+    grads = pytree.tree_unflatten(list(grads), ctx.out_spec)
+    per_arg = backward(ctx, grads) if single else backward(ctx, *grads)
+    per_arg = per_arg if isinstance(per_arg, tuple) else (per_arg,)
+    flat = []
+    for a, g in zip(ctx.args, per_arg):
+        if _tensor_list(a):
+            flat.extend(g if g is not None else [None] * len(a))
+        elif isinstance(a, torch.Tensor):
+            flat.append(g)
+    return (None, *flat)
+
+
+def _eager_function(op: Op) -> type:
+    """The op as a plain autograd.Function for eager calls (_call_eager): forward runs the chosen kernel
+    and the op's setup_context, backward its declared backward. (A forward(ctx, ...) Function: one with
+    a separate setup_context binds its arguments through inspect at every call.)"""
+    if op.eager is not None:
+        return op.eager
+    setup, backward = op.autograd
+    single = len(op.overload._schema.returns) == 1
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, box, *tensors):
+            out = _run(op, box.args)
+            setup(ctx, box.args, out)
+            ctx.args, ctx.arg_needs = box.args, box.needs
+            leaves, ctx.out_spec = pytree.tree_flatten(out)
+            box.spec = ctx.out_spec
+            return tuple(leaves)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return _flat_backward(ctx, grads, backward, single)
+
+    Eager.__name__ = Eager.__qualname__ = f"{op.name}_eager"
+    op.eager = Eager
+    return Eager
+
+
 def _call_transformed(op: Op, args):
     """One call of `op` under forward-mode AD or a torch.func transform (see _transformed)."""
     if op.composite:  # its body, at the transform's level: the ops inside take this path themselves
@@ -384,17 +423,52 @@ def _call_transformed(op: Op, args):
     return pytree.tree_unflatten(list(leaves), box.spec)
 
 
+def _eager() -> bool:
+    """A plain eager call, which may skip the dispatcher (_call_eager) if its tensors are plain ones (not
+    fake tensors or other subclasses): no torch.compile tracing, no torch.func transform (vmap included)
+    or forward-mode AD, no dispatch mode or profiler (they see the op as torch.ops.specops.*)."""
+    return not (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None
+                or forward_ad._current_level >= 0 or torch._C._len_torch_dispatch_stack() > 0
+                or torch.autograd.profiler._is_profiler_enabled)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _call_eager(op: Op, args, tensors):
+    """One eager call without the dispatcher's Python layers (half an op's fixed cost on a small layer):
+    the kernel itself when nothing needs a gradient, else _eager_function's Function calling it, with
+    the op's own autograd pair; torch.ops.specops.* runs the same check, choice and kernels."""
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return _run(op, args)
+    box = _Box(args)
+    box.needs = _unflat(args, [t.requires_grad for t in tensors], lambda a: False)
+    leaves = _eager_function(op).apply(box, *tensors)
+    return pytree.tree_unflatten(list(leaves), box.spec)
+
+
 def _wrapper(op: Op, doc: str | None):
     overload = op.overload
     signature = _signature(overload._schema)
+    defaults = tuple(p.default for p in signature.parameters.values())
 
     def call(*args, **kwargs):
-        # (not under torch.compile, which traces the op itself)
-        if not torch.compiler.is_compiling() and _transformed():
+        if kwargs:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            return _call_transformed(op, tuple(bound.arguments.values()))
-        return overload(*args, **kwargs)
+            args = tuple(bound.arguments.values())
+        elif len(args) < len(defaults):
+            args = (*args, *defaults[len(args):])
+        # (ops that write their inputs have no autograd and keep the dispatcher; a backward op's autograd
+        # is registered after its wrapper is made)
+        if not op.composite and op.autograd is not None and _eager():
+            tensors = _flat(args)
+            if all(type(t) in _PLAIN for t in tensors):
+                return _call_eager(op, args, tensors)
+        # (not under torch.compile, which traces the op itself)
+        if not torch.compiler.is_compiling() and _transformed():
+            return _call_transformed(op, args)
+        return overload(*args)
 
     call.__name__ = call.__qualname__ = op.name.split("::")[-1]
     call.__doc__ = doc
