@@ -25,7 +25,10 @@ From it come the torch.library registration (define, one dispatch kernel for eve
 the autograd), the public wrapper (returned by `declare`), `available_backends(op)` and the rows of
 tests/test_ops.py. Under forward-mode AD or a torch.func grad/jvp transform the wrapper runs the op as
 an autograd.Function of its own (_function: the same forward and backward, plus a jvp), which
-torch.library's autograd cannot provide there.
+torch.library's autograd cannot provide there. A plain eager call (no compile, transform, dispatch mode
+or profiler; plain tensors) skips the dispatcher: the same check, choice and kernel, differentiated by
+the op's own autograd pair in a plain autograd.Function (_call_eager) — torch.library's Python autograd
+and redispatches cost as much as a small layer's arithmetic. torch.ops.specops.* keeps the registered path.
 
 A composite op (composite=True) has no kernels: it is written in torch ops (and other specops ops,
 which choose their own backends) and registered as CompositeImplicitAutograd, so autograd, fake
@@ -390,26 +393,24 @@ def _eager_function(op: Op) -> type:
     a separate setup_context binds its arguments through inspect at every call.)"""
     if op.eager is not None:
         return op.eager
-    setup, backward = op.autograd
+    setup, declared_backward = op.autograd
     single = len(op.overload._schema.returns) == 1
 
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, box, *tensors):
-            out = _run(op, box.args)
-            setup(ctx, box.args, out)
-            ctx.args, ctx.arg_needs = box.args, box.needs
-            leaves, ctx.out_spec = pytree.tree_flatten(out)
-            box.spec = ctx.out_spec
-            return tuple(leaves)
+    def forward(ctx, box, *tensors):
+        out = _run(op, box.args)
+        setup(ctx, box.args, out)
+        ctx.args, ctx.arg_needs = box.args, box.needs
+        leaves, ctx.out_spec = pytree.tree_flatten(out)
+        box.spec = ctx.out_spec
+        return tuple(leaves)
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return _flat_backward(ctx, grads, backward, single)
+    def backward(ctx, *grads):
+        return _flat_backward(ctx, grads, declared_backward, single)
 
-    Eager.__name__ = Eager.__qualname__ = f"{op.name}_eager"
-    op.eager = Eager
-    return Eager
+    # made with type() so that its graph nodes are named after the op (kron_matmul_eagerBackward)
+    op.eager = type(f"{op.name.split('::')[-1]}_eager", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return op.eager
 
 
 def _call_transformed(op: Op, args):

@@ -676,12 +676,65 @@ def _adapted_layer(adapter: Adapter, x: Tensor) -> Tensor:
     return F.linear(x, W, base.bias)
 
 
+def hadamard_factors(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor) -> tuple[Tensor, Tensor]:
+    """(C, D) with C D = (B1 A1) ⊙ (B2 A2) exactly, for B_i (out, r_i) and A_i (r_i, cols): C (out, r1 r2)
+    has rows C[o] = B1[o] ⊗ B2[o] (the face-splitting product), D (r1 r2, cols) columns D[:, i] =
+    A1[:, i] ⊗ A2[:, i] (Khatri–Rao), since Σ_{p,q} B1[o,p] B2[o,q] A1[p,i] A2[q,i] = (B1 A1)[o,i] (B2 A2)[o,i].
+    LoHa is a LoRA of rank r1 r2: (out + cols) r1 r2 values, differentiable by autograd."""
+    C = (B1[:, :, None] * B2[:, None, :]).flatten(1)
+    D = (A1[:, None, :] * A2[None, :, :]).flatten(0, 1)
+    return C, D
+
+
+def hadamard_factored(rows: int, m: int, n: int, rank: int, trains: bool) -> bool:
+    """Whether LoHa (rank r, ΔW m x n; n = in·kh·kw on a conv) over `rows` rows (hadamard_rows) is cheaper
+    added as the rank-r² product (x Dᵀ) Cᵀ (hadamard_factors; never a weight-sized tensor) than merged
+    into W0 + ΔW.
+
+    FLOPs beyond the frozen layer's: factored, 2·rows·r²·(m + n) forward and twice that backward (the
+    gradients of C, D and x through them); merged, 4·r·m·n to build ΔW and, when it trains, the dense
+    weight gradient 2·rows·m·n plus 12·r·m·n to rebuild the halves and run their four vjp GEMMs."""
+    lowrank = 2 * rows * rank**2 * (m + n)
+    if trains:
+        return 3 * lowrank < 2 * rows * m * n + 16 * rank * m * n
+    return lowrank < 4 * rank * m * n
+
+
+def _add_hadamard(y: Tensor, x: Tensor, B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor, c,
+                  conv: nn.Conv2d | None = None) -> Tensor:
+    """y + c x ((B1 A1) ⊙ (B2 A2))ᵀ over x's rows, as one lowrank_linear pass of the rank-r² factors
+    (hadamard_factors), c (a number or a 0-dim tensor) on C: x (..., n) and y (..., m) in one dtype.
+    With `conv` (groups 1; A_i (r, in·kh·kw)): y + conv(x, c ΔW), as LoCon of rank r², D's conv with
+    conv's geometry then C's 1x1 up-projection."""
+    C, D = hadamard_factors(B1 * c, A1, B2, A2)
+    if conv is not None:
+        h = F.conv2d(x, D.view(D.shape[0], *conv.weight.shape[1:]), None, *_conv_geometry(conv))
+        return _add_up_projection(y, C, h)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = lowrank_linear(x2, D, D.new_ones(D.shape[0]), C, y.reshape(x2.shape[0], -1))
+    return out.view(y.shape)
+
+
+def hadamard_rows(layer: nn.Linear | nn.Conv2d, x: Tensor) -> int | None:
+    """The rows a LoHa ΔW of `layer` meets in layer(x) (output pixels on a conv, (N, C, H, W) input), or
+    None where it cannot run factored (a grouped conv)."""
+    if isinstance(layer, nn.Linear):
+        return x.numel() // layer.in_features
+    if layer.groups != 1 or x.dim() != 4:
+        return None
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    H, W = x.shape[-2:]
+    return x.shape[0] * ((H + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((W + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
 class LoHa(Adapter):
     """ΔW = scale·(alpha/rank)·(B1 A1) ⊙ (B2 A2), all four (out, rank) / (rank, in) (LyCORIS's LoHa).
 
     B1 = 0 (identity start), A1 uniform(±1/sqrt(in)), B2 ~ N(0, 1), A2 ~ N(0, 1/rank) so B2 A2 has
-    O(1) entries. The Hadamard product has no cheap factored form: forward builds W0 + ΔW and runs
-    one Linear (or conv).
+    O(1) entries. ΔW = C D has rank r² (hadamard_factors): forward adds (x Dᵀ) Cᵀ to the base output
+    (on a conv: D's conv, then C's 1x1) when that is the cheaper path (hadamard_factored: r² small
+    beside the widths, as at rank 8 on SDXL's layers), else it builds W0 + ΔW and runs one Linear (or
+    conv). Tucker convs and grouped convs always take W0 + ΔW.
 
     On an nn.Conv2d, W0 (out, in, kh, kw), as LyCORIS: A1, A2 are (rank, in·kh·kw) and ΔW is the
     product above reshaped to (out, in, kh, kw); or, tucker=True on a kernel larger than 1x1, each
@@ -720,6 +773,14 @@ class LoHa(Adapter):
         self._init_dora(dora, wd_on_out)
 
     def _forward(self, x):
+        rows = hadamard_rows(self.base, x) if self.T1 is None else None
+        if rows is not None:
+            m, n = self.B1.shape[0], self.A1.shape[1]
+            trains = torch.is_grad_enabled() and any(p.requires_grad for p in (self.B1, self.A1, self.B2, self.A2))
+            if hadamard_factored(rows, m, n, self.rank, trains):
+                c = self.scale * self.alpha / self.rank
+                return _add_hadamard(self.base(x), x, self.B1, self.A1, self.B2, self.A2, c,
+                                     self.base if self.is_conv else None)
         return _adapted_layer(self, x)
 
     def _delta(self, scale):

@@ -68,6 +68,25 @@ def factored_calls(monkeypatch, integration):
         yield calls
 
 
+@contextlib.contextmanager
+def loha_path(monkeypatch, factored: bool):
+    """LoHa's factored-or-merged choice (specops.adapters.hadamard_factored, read by specops's LoHa and by
+    both integrations) forced to `factored` while the block runs; yields the list of its calls."""
+    import specops.adapters
+    import specops.integrations._patch
+
+    calls = []
+
+    def forced(*args):
+        calls.append(args)
+        return factored
+
+    with monkeypatch.context() as mp:
+        for module in (specops.adapters, specops.integrations._patch):
+            mp.setattr(module, "hadamard_factored", forced)
+        yield calls
+
+
 def case_id(case) -> str:
     """Test id of a (method, options) adapter case: "oft-blocks=4"."""
     method, options = case

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REL_TOL, assert_rel, case_id, rel_err
+from helpers import REL_TOL, assert_rel, case_id, loha_path, rel_err
 from torch import nn
 
 from specops import SODA_TABLE, adapters
@@ -454,3 +454,42 @@ def test_hadamard_delta_gradients_and_saved_tensors(tucker):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         fn(*args)
     assert kept and all(any(t is a for a in args) for t in kept)  # the factors themselves, no weight-sized half
+
+
+def test_hadamard_factors_are_the_product():
+    """C D = (B1 A1) ⊙ (B2 A2) for unequal ranks: LoHa is a LoRA of rank r1 r2."""
+    g = torch.Generator().manual_seed(0)
+    B1, A1, B2, A2 = (torch.randn(*s, generator=g, dtype=F64) for s in ((7, 3), (3, 10), (7, 2), (2, 10)))
+    C, D = adapters.hadamard_factors(B1, A1, B2, A2)
+    assert C.shape == (7, 6) and D.shape == (6, 10)
+    torch.testing.assert_close(C @ D, (B1 @ A1) * (B2 @ A2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", ["linear", "conv", "conv-strided-dilated", "conv-1x1"])
+@pytest.mark.parametrize("factored", [True, False])
+def test_loha_factored_and_merged_paths(layer, factored, monkeypatch):
+    """LoHa's rank-r² path and its W0 + ΔW path, each forced: the same values and gradients (x and the
+    four factors) as the layer run with W0 + delta_weight(); fp64 gradcheck of the path; and the rule
+    picks the factored path at rank 8 on an SDXL width, the merged one at rank 32."""
+    base = {"linear": lambda: nn.Linear(12, 10), "conv": lambda: nn.Conv2d(6, 8, 3, padding=1),
+            "conv-strided-dilated": lambda: nn.Conv2d(6, 8, 3, stride=2, padding=2, dilation=2),
+            "conv-1x1": lambda: nn.Conv2d(6, 8, 1)}[layer]().to(F64).requires_grad_(False)
+    adapter = make_adapter("loha", base, rank=2, alpha=3.0)
+    _randomise(adapter)
+    x = torch.randn(2, 5, 12, dtype=F64) if layer == "linear" else torch.randn(2, 6, 7, 7, dtype=F64)
+    x.requires_grad_()
+    params = [adapter.B1, adapter.A1, adapter.B2, adapter.A2]
+    W = base.weight + adapter.delta_weight()
+    ref = F.linear(x, W, base.bias) if layer == "linear" else F.conv2d(x, W, base.bias, *adapters._conv_geometry(base))
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, [x, *params], g)
+    with loha_path(monkeypatch, factored) as calls:
+        y = adapter(x)
+        got = torch.autograd.grad(y, [x, *params], g)
+        assert torch.autograd.gradcheck(lambda x, *ps: adapter(x), (x, *params), fast_mode=True)
+    assert calls
+    assert_rel(y, ref, F64)
+    for a, b in zip(got, want):
+        assert_rel(a, b, F64)
+    assert adapters.hadamard_factored(2048, 1280, 1280, 8, True)
+    assert not adapters.hadamard_factored(2048, 1280, 1280, 32, True)

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import GeomNet, TwoLayerNet, WideConvNet, factored_calls, saved_for_backward
+from helpers import GeomNet, TwoLayerNet, WideConvNet, factored_calls, loha_path, saved_for_backward
 from torch import nn
 
 lycoris = pytest.importorskip("lycoris")
@@ -122,6 +122,22 @@ def test_apply_matches_lycoris_on_odd_geometry(case, monkeypatch):
     assert sl.apply(network)["patched"] == NAMES
     _lycoris_forward_forbidden(monkeypatch)
     _assert_close(_step(net, network, x, z), want)
+
+
+@pytest.mark.parametrize("case", ["loha", "loha-bypass"])
+@pytest.mark.parametrize("factored", [True, False])
+def test_loha_factored_and_merged_match_lycoris(case, factored, monkeypatch):
+    """LoHa's rank-r² path (C D, no ΔW) and its merged W0 + ΔW path, each forced on the Linear and the conv:
+    LyCORIS's values and gradients."""
+    net, network = _network(case, use_scalar=True)
+    x, z = _inputs()
+    want = _step(net, network, x, z)
+    sl.apply(network)
+    _lycoris_forward_forbidden(monkeypatch)
+    with loha_path(monkeypatch, factored) as calls:
+        got = _step(net, network, x, z)
+    assert len(calls) == 2
+    _assert_close(got, want)
 
 
 @pytest.mark.parametrize("case", ["lokr", "lokr-factored-tucker", "lokr-dense-scalar"])

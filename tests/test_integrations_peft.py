@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import GeomNet, TwoLayerNet, WideConvNet, factored_calls, saved_for_backward
+from helpers import GeomNet, TwoLayerNet, WideConvNet, factored_calls, loha_path, saved_for_backward
 from torch import nn
 
 peft = pytest.importorskip("peft")
@@ -105,6 +105,21 @@ def test_apply_matches_peft_on_odd_geometry(method, monkeypatch):
     assert len(sp.apply(model)["patched"]) == 2
     _peft_forward_forbidden(monkeypatch, model)
     _assert_close(_step(model, x, z), want)
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_loha_factored_and_merged_match_peft(factored, monkeypatch):
+    """LoHa's rank-r² path (C D, no ΔW) and its merged W0 + ΔW path, each forced on the Linear and the conv:
+    PEFT's values and gradients."""
+    model = _model(CASES["loha"]())
+    x, z = _inputs()
+    want = _step(model, x, z)
+    sp.apply(model)
+    _peft_forward_forbidden(monkeypatch, model)
+    with loha_path(monkeypatch, factored) as calls:
+        got = _step(model, x, z)
+    assert len(calls) == 2
+    _assert_close(got, want)
 
 
 @pytest.mark.parametrize("case", ["lokr", "lokr-factored-tucker", "lokr-dense"])

@@ -108,3 +108,36 @@ def test_kernels_run_in_the_inputs_dtype_under_autocast():
         assert torch.is_autocast_enabled("cpu")
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, specops.kron_matmul(x, f))
+
+
+def test_eager_calls_skip_the_dispatcher_and_match_it():
+    """A plain eager call runs the kernel through the op's own autograd.Function (no torch.ops.specops.*
+    frame), with the same values and gradients as the dispatcher's path; under a dispatch mode or the
+    profiler the wrapper goes through torch.ops.specops.* again, so both see the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(2, 3, requires_grad=True), torch.randn(3, requires_grad=True)
+    g = torch.randn(2, 3)
+    y = toy_scale(x, w, 0.5)
+    assert type(y.grad_fn).__name__ == "scale_eagerBackward"
+    gx, gw = torch.autograd.grad(y, (x, w), g)
+    y2 = torch.ops.specops_toy.scale(x, w, 0.5)
+    assert type(y2.grad_fn).__name__ != type(y.grad_fn).__name__
+    assert torch.equal(y, y2) and all(map(torch.equal, (gx, gw), torch.autograd.grad(y2, (x, w), g)))
+    with torch.no_grad():
+        assert toy_scale(x, w).grad_fn is None and torch.equal(toy_scale(x, w), 2 * x * w)
+    with Seen() as seen:
+        toy_scale(x.detach(), w.detach())
+    assert "specops_toy.scale.default" in seen.ops
+    with torch.profiler.profile() as prof:
+        toy_scale(x, w)
+    assert any(e.name == "specops_toy::scale" for e in prof.events())

@@ -24,8 +24,11 @@ weight and bias, c = m σ s:
     LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              the same as two GEMMs over x viewed (rows, n1, n2)
     LoKr, Conv2d      base(x) + conv(x, c W1 ⊗ W2)           training: base(x) + the ΔW conv factored (below);
                                                              else conv(x, W0 + c W1 ⊗ W2, b): one conv
-    LoHa, Linear      base(x) + x (c ΔH)^T                   F.linear(x, W0 + c ΔH, b): one GEMM
-    LoHa, Conv2d      base(x) + conv(x, c ΔH)                conv(x, W0 + c ΔH, b): one conv
+    LoHa, Linear      base(x) + x (c ΔH)^T                   base(x) + lowrank_linear of ΔH = C D, its rank-r²
+                                                             factors, where the FLOPs favour it (below); else
+                                                             F.linear(x, W0 + c ΔH, b): one GEMM
+    LoHa, Conv2d      base(x) + conv(x, c ΔH)                the same, C D as LoCon of rank r² where the FLOPs
+                                                             favour it; else conv(x, W0 + c ΔH, b): one conv
     diag-OFT, Linear  base(x) + x (W' - W0)^T                F.linear(x, W', b): one GEMM; training (W0
                                                              frozen): the blocks on W0 x, no dense dW
     diag-OFT, Conv2d  base(x) + conv(x, W' - W0)             conv(x, W', b): one conv
@@ -45,7 +48,11 @@ and LoHa in bypass_mode, where LyCORIS computes base(x) + drop(x-side ΔW term):
 that trains where the FLOPs favour it (specops.adapters._kron_conv_factored: the input's channel
 groups convolved with W2, then mixed by W1, with no dense weight gradient); the fused layers save
 LyCORIS's second GEMM / conv in the forward and its extra ones in the backward, and LoHa's two
-halves are rebuilt in the backward rather than kept (specops.adapters.hadamard_delta).
+halves are rebuilt in the backward rather than kept (specops.adapters.hadamard_delta). A LoHa (not
+Tucker) is the rank-r² LoRA C D (C's rows hada_w1_a[o] ⊗ hada_w2_a[o], D's columns hada_w1_b[:, i] ⊗
+hada_w2_b[:, i]: specops.adapters.hadamard_factors), added as one lowrank_linear pass (a conv: D's
+conv, C's 1x1) with no weight-sized tensor and no dense weight gradient where specops.adapters.hadamard_factored's FLOP
+count favours it (rank 8 on SDXL's widths).
 
 diag-OFT (oft_blocks B of shape (k, p, p), k p = out, rescale g, constraint κ = alpha): LyCORIS's
 R_i = (I + q_i)(I - q_i)^-1, q = B - B^T (scaled by κ out / (||q|| + 1e-8) once ||q|| passes κ out),
@@ -96,7 +103,7 @@ from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_lin
                         butterfly_gathers, butterfly_rows)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
-from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, add_loha, add_lowrank, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -211,6 +218,16 @@ def _dora(delta_fn):
 
 _loha_fused = _fused(_loha_delta)  # autograd keeps LoHa's factors, not its two halves
 _lokr_fused = _fused(_lokr_delta)  # torch.kron keeps only the factors
+
+
+def _loha(mod, x: Tensor) -> Tensor:
+    """LoHa (not Tucker): added as its rank-r² product when the FLOPs favour it (_patch.loha_factored /
+    add_loha: no weight-sized tensor), otherwise merged into one Linear or conv (_loha_fused)."""
+    layer = mod.org_module[0]
+    if not mod.tucker and loha_factored(layer, x, mod.hada_w1_a, any(p.requires_grad for p in mod.parameters())):
+        return add_loha(mod.org_forward(x), x, layer, mod.hada_w1_a, mod.hada_w1_b, mod.hada_w2_a, mod.hada_w2_b,
+                        _coef(mod, mod.multiplier))
+    return _loha_fused(mod, x)
 
 
 def _lokr_conv(mod, x: Tensor) -> Tensor:
@@ -344,8 +361,8 @@ def _table() -> dict[tuple[type, str], tuple]:
         (LoConModule, "conv2d"): (_locon_conv, False, None),
         (LokrModule, "linear"): (_lokr_linear, False, _lokr_dora),
         (LokrModule, "conv2d"): (_lokr_conv, True, _lokr_dora),
-        (LohaModule, "linear"): (_loha_fused, True, _loha_dora),
-        (LohaModule, "conv2d"): (_loha_fused, True, _loha_dora),
+        (LohaModule, "linear"): (_loha, True, _loha_dora),
+        (LohaModule, "conv2d"): (_loha, True, _loha_dora),
         (DiagOFTModule, "linear"): (_oft_fused, True, None),
         (DiagOFTModule, "conv2d"): (_oft_fused, True, None),
         (ButterflyOFTModule, "linear"): (_boft_fused, True, None),

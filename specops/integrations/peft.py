@@ -17,10 +17,13 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
 
     PEFT layer      PEFT computes                         patched forward
     lokr.Linear     base(x) + Σ_a x (s_a W1 ⊗ W2)^T        the same as two GEMMs over x viewed (rows, n1, n2)
-    loha.Linear     base(x) + Σ_a x ΔW_a^T                 F.linear(x, W0 + Σ_a ΔW_a, b): one GEMM
+    loha.Linear     base(x) + Σ_a x ΔW_a^T                 base(x) + Σ_a lowrank_linear of ΔW_a = C_a D_a, its
+                                                          rank-r² factors, where the FLOPs favour it (below);
+                                                          the other adapters merged: F.linear(x, W0 + Σ ΔW_a, b)
     lokr.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            training: base(x) + Σ_a ΔW_a's conv factored; else one
                                                           conv(x, W0 + Σ_a ΔW_a, b) (below)
-    loha.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            conv(x, W0 + Σ_a ΔW_a, b): one conv
+    loha.Conv2d     base(x) + Σ_a conv(x, ΔW_a)            the same, C_a D_a as LoCon of rank r² where the FLOPs
+                                                          favour it; the others merged: conv(x, W0 + Σ ΔW_a, b)
     adalora         base(x) + Σ_a (x (A_a ⊙ E_a)ᵀ B_aᵀ)     base(x) + Σ_a lowrank_linear(x, A_a, c_a E_a, B_a),
       SVDLinear       · s_a / (ranknum_a + 1e-5)            c_a = s_a / (ranknum_a + 1e-5): one pass per adapter
     lora.Linear     base(x) + Σ_a s_a x A_aᵀ B_aᵀ          base(x) + Σ_a lowrank_linear(x, A_a, s_a·1, B_a)
@@ -38,7 +41,10 @@ each half a core contracted with its two factors). LoKr's Linear never forms the
 GEMMs over x viewed (rows, n1, n2), specops.adapters.LoKr's path); a LoKr conv adapter that trains
 runs factored when the FLOPs favour it (specops.adapters._kron_conv_factored: the input's channel groups
 convolved with W2, then mixed by W1; no ΔW and no dense weight gradient), the other adapters merged;
-the fused layers save PEFT's second GEMM / conv in the forward and its extra ones in the backward.
+the fused layers save PEFT's second GEMM / conv in the forward and its extra ones in the backward. A LoHa
+adapter (not Tucker) is the rank-r² LoRA C D (C's rows w1_a[o] ⊗ w2_a[o], D's columns w1_b[:, i] ⊗ w2_b[:, i]:
+specops.adapters.hadamard_factors), added as one lowrank_linear pass (a conv: D's conv, C's 1x1) with no
+weight-sized tensor and no dense weight gradient where specops.adapters.hadamard_factored's FLOP count favours it (rank 8 on SDXL's widths).
 Activation memory is PEFT's or less on the Linear and merged paths: LoKr's Linear keeps no ΔW, the
 fused layers keep the one W (LoHa's halves are rebuilt in the backward rather than kept:
 specops.adapters.hadamard_delta); a factored LoKr conv keeps its per-group outputs (N·n1·(r + m2)·H'·W'
@@ -95,7 +101,7 @@ from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, 
                         butterfly, butterfly_rows)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
-from ._patch import PatchedForward, add_lowrank, is_patched, loha_delta, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, add_loha, add_lowrank, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
 
@@ -167,6 +173,20 @@ def _fused(delta_fn):
 
 
 _loha_fused = _fused(_loha_delta)  # autograd keeps LoHa's factors, not its two halves
+
+
+def _loha(layer, x: Tensor, adapters: list[str]) -> Tensor:
+    """PEFT's LoHa: the adapters (not Tucker) whose FLOPs favour it added as their rank-r² products
+    (_patch.loha_factored / add_loha: no weight-sized tensor), the others merged into one Linear or conv
+    (_loha_fused)."""
+    base = layer.get_base_layer()
+    factored = [a for a in adapters if a not in layer.hada_t1 and loha_factored(
+        base, x, layer.hada_w1_a[a], any(p.requires_grad for p in _adapter_params(layer, a)))]
+    y = _loha_fused(layer, x, [a for a in adapters if a not in factored])
+    for a in factored:
+        y = add_loha(y, x, base, layer.hada_w1_a[a], layer.hada_w1_b[a], layer.hada_w2_a[a], layer.hada_w2_b[a],
+                     layer.scaling[a])
+    return y
 _lokr_fused = _fused(_lokr_delta)  # torch.kron keeps only the factors
 
 
@@ -314,9 +334,9 @@ def _table() -> dict[type, tuple]:
         boft.Linear: (_boft, True),
         boft.Conv2d: (_boft, True),
         lokr.Linear: (_lokr_linear, False),
-        loha.Linear: (_loha_fused, True),
+        loha.Linear: (_loha, True),
         lokr.Conv2d: (_lokr_conv, True),
-        loha.Conv2d: (_loha_fused, True),
+        loha.Conv2d: (_loha, True),
         adalora.SVDLinear: (_lowrank(_adalora_factors), False),
         lora.Linear: (_lowrank(_lora_factors), False),
         lora.Conv2d: (_lora_conv, False),
