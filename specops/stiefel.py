@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ._constants import CAYLEY_ITERS, FLOAT_DTYPES, POLAR_MAX_ITER, acc_dtype, polar_tol
-from ._registry import declare
+from ._registry import Kernel, declare
 
 __all__ = [
     "project",
@@ -448,10 +448,19 @@ project = declare(
 )
 
 
+CAYLEY_CPP_MAX_N = 64  # cpp: unblocked elimination, for OFT / BOFT blocks; LAPACK above
+
+
+def _cayley_supports(A, *rest) -> str | None:
+    n = A.shape[-1]
+    return None if n <= CAYLEY_CPP_MAX_N else f"n = {n} > {CAYLEY_CPP_MAX_N}: LAPACK's blocked factorisations are faster there"
+
+
 _cayley_backward = declare(
     "cayley_backward",
     "(Tensor grad, Tensor Y) -> Tensor",
-    kernels={"torch": _cayley_backward_torch},
+    kernels={"torch": _cayley_backward_torch,
+             "cpp": Kernel(lambda grad, Y: torch.ops.specops_ext.cayley_bwd(grad, Y), lambda grad, Y: _cayley_supports(Y))},
     check=lambda grad, Y: _check_square(Y, "Y"),
     fake=lambda grad, Y: Y.new_empty(Y.shape),
 )
@@ -469,7 +478,7 @@ def _cayley_grad(ctx, grad):
 cayley = declare(
     "cayley",
     "(Tensor A) -> Tensor",
-    kernels={"torch": _cayley_torch},
+    kernels={"torch": _cayley_torch, "cpp": Kernel(lambda A: torch.ops.specops_ext.cayley_fwd(A), _cayley_supports)},
     check=_check_square,
     fake=lambda A: A.new_empty(A.shape),
     reference=cayley_reference,
@@ -481,8 +490,10 @@ cayley = declare(
     doc="""Cayley transform (I - A/2)^{-1} (I + A/2) of (..., n, n) matrices.
 
     Orthogonal (determinant +1) when A is skew-symmetric; defined whenever I - A/2 is invertible,
-    which a skew A guarantees. Exactly skew matrices (A^T == -A elementwise, e.g. Q - Q^T) take a
-    batched Cholesky path; any other matrix is solved on its own by LU (slower, same result).
+    which a skew A guarantees. The cpp kernel (n <= CAYLEY_CPP_MAX_N: OFT's and BOFT's blocks) runs
+    Gauss-Jordan elimination with partial pivoting on [I - A/2 | I] in float64, one matrix per task,
+    without LAPACK. The torch kernel takes a batched Cholesky path for exactly skew matrices (A^T == -A
+    elementwise, e.g. Q - Q^T) and solves any other matrix on its own by LU (slower, same result).
     Differentiable: dA = M^{-T} dY M^{-T} with M = I - A/2 (the full gradient, not projected onto
     skew matrices), computed from Y without a solve. bf16/fp16 compute in fp32.
     Raises ValueError for non-square input or a finite A whose I - A/2 is singular.

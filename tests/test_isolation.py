@@ -307,7 +307,14 @@ def test_zip_lora_linear_rows(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cayley_batch(dtype):
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in _registry.OPS["cayley"].kernels])
+def test_cayley_batch(backend, dtype):
+    with specops.backend(backend):
+        _cayley_batch(dtype)
+    assert specops.last_backend("cayley") == backend
+
+
+def _cayley_batch(dtype):
     gen = torch.Generator().manual_seed(8)
     for n in (1, 6, 13):
         A = _rand(gen, 4, n, n, dtype=dtype)
