@@ -302,8 +302,9 @@ def _oft(layer, x: Tensor, adapters: list[str]) -> Tensor:
                 mod.weight.copy_(mod._project_batch(mod.weight, eps=mod.eps))
         R = mod._cayley_batch(mod.weight, mod.block_size, mod.use_cayley_neumann, mod.num_cayley_neumann_terms)
         k = mod.in_features // mod.block_size if mod.block_share else mod.r
-        x = block_diag_matmul(x.to(R.dtype), R.expand(k, -1, -1)).to(x.dtype)
-    return layer.base_layer(x.to(dtype))
+        rotated = block_diag_matmul(x if x.dtype == R.dtype else x.to(R.dtype), R.expand(k, -1, -1))
+        x = rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
+    return layer.base_layer(x if x.dtype == dtype else x.to(dtype))
 
 
 def _boft_rotated_input(layer, x: Tensor, adapters: list[str], gathers) -> Tensor:
@@ -343,13 +344,19 @@ def _table() -> dict[type, tuple]:
     }
 
 
+def _has(layer, name: str) -> bool:
+    """hasattr for a module attribute, without nn.Module.__getattr__'s raised AttributeError when it is absent
+    (the patched forward asks several times per call)."""
+    return name in layer.__dict__ or name in layer._modules or name in layer._parameters or name in layer._buffers
+
+
 def _available(layer) -> set[str]:
     """The adapters the layer holds (LoKr / LoHa say so; BOFT's are its boft_R keys, OFT's its oft_R keys,
     AdaLoRA's its lora_A keys)."""
-    if hasattr(layer, "module_dropout"):
+    if _has(layer, "module_dropout"):
         return layer._available_adapters
     for name in ("boft_R", "oft_R"):
-        if hasattr(layer, name):
+        if _has(layer, name):
             return set(getattr(layer, name))
     return set(layer.lora_A)
 
@@ -357,11 +364,11 @@ def _available(layer) -> set[str]:
 def _draws_masks(layer, a: str) -> bool:
     """Whether adapter a draws random masks in training mode (module / rank dropout; BOFT's multiplicative
     block dropout; AdaLoRA's lora_dropout)."""
-    if hasattr(layer, "module_dropout"):
+    if _has(layer, "module_dropout"):
         return bool(layer.module_dropout[a] or layer.rank_dropout[a])
-    if hasattr(layer, "boft_dropout"):
+    if _has(layer, "boft_dropout"):
         return getattr(layer.boft_dropout[a], "p", 0.0) > 0
-    if hasattr(layer, "oft_R"):  # PEFT 0.21's OFT forward never runs its oft_dropout
+    if _has(layer, "oft_R"):  # PEFT 0.21's OFT forward never runs its oft_dropout
         return False
     dropout = layer.lora_dropout[a]
     return isinstance(dropout, nn.Dropout) and dropout.p > 0
@@ -369,7 +376,7 @@ def _draws_masks(layer, a: str) -> bool:
 
 def _peft_only(layer, a: str) -> bool:
     """Adapter a computes what no patched path does: a LoRA variant (DoRA, aLoRA, ...) or a bias on lora_B."""
-    return a in getattr(layer, "lora_variant", {}) or bool(getattr(layer, "lora_bias", {}).get(a))
+    return (_has(layer, "lora_variant") and a in layer.lora_variant) or (_has(layer, "lora_bias") and bool(layer.lora_bias.get(a)))
 
 
 def _adapter_params(layer, a: str):
@@ -390,11 +397,11 @@ def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         dtypes.update(p.dtype for a in adapters for p in _adapter_params(self, a))
         if len(dtypes) > 1:
             return peft_forward(self, x, *args, **kwargs)
-    if self.training and hasattr(self, "module_dropout"):  # PEFT's draw, made even at dropout 0 (module docstring)
+    if self.training and _has(self, "module_dropout"):  # PEFT's draw, made even at dropout 0 (module docstring)
         adapters = [a for a in adapters if torch.rand(1) > self.module_dropout[a]]
     out = run(self, x, adapters)
     # PEFT's LoKr / LoHa / BOFT / OFT return the input's dtype; its LoRA and AdaLoRA the base output's (run's)
-    return out.to(x.dtype) if hasattr(self, "module_dropout") or run in (_boft, _oft) else out
+    return out.to(x.dtype) if _has(self, "module_dropout") or run in (_boft, _oft) else out
 
 
 
