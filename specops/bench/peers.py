@@ -38,8 +38,9 @@ The step is forward, then backward of the scalar loss Σ y ⊙ g for a fixed g (
 adapter's weights trainable and the base frozen; gradients are dropped after each step. The bound is
 the frozen layer's own step: forward + input gradient in-network, forward alone as a first layer.
 Targets for specops: locon, locon-tucker and lokr need no dense weight gradient, so within 10% of the
-bound; loha must form ΔW and its gradient, one weight-gradient GEMM more: 10% over bound + one dense
-weight gradient (counted as one forward's time); boft too, as its rotation costs 2 n b FLOPs per
+bound; loha 10% over bound + one dense weight gradient (counted as one forward's time), what its merged
+path W0 + ΔW needs (specops takes the rank-r² path instead where it costs less, 6 rows r² (m + n)
+FLOPs: here, rank 8, everywhere; specops.adapters.hadamard_factored); boft too, as its rotation costs 2 n b FLOPs per
 stage and row, least on W0's out rows (a batch has more). "x bound" is ms over the bound's ms, "x best peer"
 specops's ms over the fastest LyCORIS / PEFT row of that method.
 
