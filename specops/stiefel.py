@@ -448,7 +448,7 @@ project = declare(
 )
 
 
-CAYLEY_CPP_MAX_N = 64  # cpp: unblocked elimination, for OFT / BOFT blocks; LAPACK above
+CAYLEY_CPP_MAX_N = 160  # cpp: unblocked elimination, faster than batched Cholesky up to here (OFT / BOFT blocks)
 
 
 def _cayley_supports(A, *rest) -> str | None:
