@@ -717,10 +717,10 @@ def _add_hadamard(y: Tensor, x: Tensor, B1: Tensor, A1: Tensor, B2: Tensor, A2: 
 
 def hadamard_rows(layer: nn.Linear | nn.Conv2d, x: Tensor) -> int | None:
     """The rows a LoHa ΔW of `layer` meets in layer(x) (output pixels on a conv, (N, C, H, W) input), or
-    None where it cannot run factored (a grouped conv)."""
+    None where it is not counted here (a grouped conv, or padding given as "same" / "valid"): the merged path."""
     if isinstance(layer, nn.Linear):
         return x.numel() // layer.in_features
-    if layer.groups != 1 or x.dim() != 4:
+    if layer.groups != 1 or x.dim() != 4 or isinstance(layer.padding, str):
         return None
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
     H, W = x.shape[-2:]

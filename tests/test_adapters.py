@@ -493,3 +493,16 @@ def test_loha_factored_and_merged_paths(layer, factored, monkeypatch):
         assert_rel(a, b, F64)
     assert adapters.hadamard_factored(2048, 1280, 1280, 8, True)
     assert not adapters.hadamard_factored(2048, 1280, 1280, 32, True)
+
+
+def test_loha_on_a_same_padded_conv_takes_the_merged_path(monkeypatch):
+    """padding="same" has no integer output size to count: hadamard_rows says None, LoHa merges W0 + ΔW."""
+    conv = nn.Conv2d(6, 8, 3, padding="same").to(F64)
+    adapter = make_adapter("loha", conv, rank=2)
+    _randomise(adapter)
+    x = torch.randn(2, 6, 7, 7, dtype=F64)
+    assert adapters.hadamard_rows(conv, x) is None
+    with loha_path(monkeypatch, True) as calls:
+        y = adapter(x)
+    assert not calls
+    assert_rel(y, F.conv2d(x, conv.weight + adapter.delta_weight(), conv.bias, padding="same"), F64)

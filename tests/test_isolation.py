@@ -307,14 +307,8 @@ def test_zip_lora_linear_rows(backend, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in _registry.OPS["cayley"].kernels])
-def test_cayley_batch(backend, dtype):
-    with specops.backend(backend):
-        _cayley_batch(dtype)
-    assert specops.last_backend("cayley") == backend
-
-
-def _cayley_batch(dtype):
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in _registry.OPS["cayley"].kernels], indirect=True)
+def test_cayley_batch(backend, dtype):  # (backend: conftest's fixture forces it)
     gen = torch.Generator().manual_seed(8)
     for n in (1, 6, 13):
         A = _rand(gen, 4, n, n, dtype=dtype)
@@ -327,6 +321,7 @@ def _cayley_batch(dtype):
             clean, dirty = stiefel.cayley(inputs["A"]), stiefel.cayley(bad)
             assert not dirty[2].isfinite().all()
             _equal_except(clean, dirty, 0, 2, f"cayley skew inf {n}")
+    assert specops.last_backend("cayley") == backend
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
