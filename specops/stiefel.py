@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ._constants import CAYLEY_ITERS, FLOAT_DTYPES, POLAR_MAX_ITER, acc_dtype, polar_tol
-from ._registry import Kernel, declare
+from ._registry import declare
 
 __all__ = [
     "project",
@@ -374,11 +374,12 @@ def _project_samples(device, dtype):
 
 
 def _cayley_samples(device, dtype):
-    """Exactly skew batches (the Cholesky path), 1 x 1, a general (not skew) matrix among skew ones
-    (solved on its own), an empty batch."""
+    """Exactly skew batches (the Cholesky path; 37 x 37: the cpp kernel's block recursion), 1 x 1, a
+    general (not skew) matrix among skew ones (solved on its own), an empty batch."""
     mixed = _skew(device, dtype, 3, 4, 4)
     mixed[1] += 0.3 * _randn(device, dtype, 4, 4)
-    return [(_skew(device, dtype, 2, 5, 5),), (_skew(device, dtype, 1, 1),), (mixed,), (_skew(device, dtype, 0, 3, 3),)]
+    return [(_skew(device, dtype, 2, 5, 5),), (_skew(device, dtype, 2, 37, 37),), (_skew(device, dtype, 1, 1),), (mixed,),
+            (_skew(device, dtype, 0, 3, 3),)]
 
 
 def _retract_samples(device, dtype):
@@ -448,19 +449,11 @@ project = declare(
 )
 
 
-CAYLEY_CPP_MAX_N = 160  # cpp: unblocked elimination, faster than batched Cholesky up to here (OFT / BOFT blocks)
-
-
-def _cayley_supports(A, *rest) -> str | None:
-    n = A.shape[-1]
-    return None if n <= CAYLEY_CPP_MAX_N else f"n = {n} > {CAYLEY_CPP_MAX_N}: LAPACK's blocked factorisations are faster there"
-
-
 _cayley_backward = declare(
     "cayley_backward",
     "(Tensor grad, Tensor Y) -> Tensor",
     kernels={"torch": _cayley_backward_torch,
-             "cpp": Kernel(lambda grad, Y: torch.ops.specops_ext.cayley_bwd(grad, Y), lambda grad, Y: _cayley_supports(Y))},
+             "cpp": lambda grad, Y: torch.ops.specops_ext.cayley_bwd(grad, Y)},
     check=lambda grad, Y: _check_square(Y, "Y"),
     fake=lambda grad, Y: Y.new_empty(Y.shape),
 )
@@ -478,7 +471,7 @@ def _cayley_grad(ctx, grad):
 cayley = declare(
     "cayley",
     "(Tensor A) -> Tensor",
-    kernels={"torch": _cayley_torch, "cpp": Kernel(lambda A: torch.ops.specops_ext.cayley_fwd(A), _cayley_supports)},
+    kernels={"torch": _cayley_torch, "cpp": lambda A: torch.ops.specops_ext.cayley_fwd(A)},
     check=_check_square,
     fake=lambda A: A.new_empty(A.shape),
     reference=cayley_reference,
@@ -490,9 +483,11 @@ cayley = declare(
     doc="""Cayley transform (I - A/2)^{-1} (I + A/2) of (..., n, n) matrices.
 
     Orthogonal (determinant +1) when A is skew-symmetric; defined whenever I - A/2 is invertible,
-    which a skew A guarantees. The cpp kernel (n <= CAYLEY_CPP_MAX_N: OFT's and BOFT's blocks) runs
-    Gauss-Jordan elimination with partial pivoting on [I - A/2 | I] in float64, one matrix per task,
-    without LAPACK. The torch kernel takes a batched Cholesky path for exactly skew matrices (A^T == -A
+    which a skew A guarantees. The cpp kernel calls no LAPACK: an exactly skew, finite matrix larger
+    than 32 x 32 is inverted by 2 x 2 block recursion (M^{-1} from M11^{-1} and the Schur complement
+    M22 - M21 M11^{-1} M12, batched GEMMs in fp32 / fp64; no pivoting needed, as M = I - A/2 has
+    symmetric part I), any other matrix and the leaf blocks by Gauss-Jordan elimination with partial
+    pivoting in float64, one matrix per task. The torch kernel takes a batched Cholesky path for exactly skew matrices (A^T == -A
     elementwise, e.g. Q - Q^T) and solves any other matrix on its own by LU (slower, same result).
     Differentiable: dA = M^{-T} dY M^{-T} with M = I - A/2 (the full gradient, not projected onto
     skew matrices), computed from Y without a solve. bf16/fp16 compute in fp32.

@@ -84,7 +84,7 @@ def _skew(n, batch=(), dtype=torch.float64):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [1, 2, 7, 16, 64])
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 33, 64, 97, 160])  # above 32: the cpp kernel's block recursion
 def test_cayley_matches_scipy(n, dtype):
     A = _skew(n, (3,), dtype)
     Y = stiefel.cayley(A)
@@ -270,10 +270,26 @@ def test_cayley_general_matrices_one_by_one(backend):
 
 
 @pytest.mark.parametrize("backend", CAYLEY_BACKENDS, indirect=True)
+def test_cayley_path_chosen_matrix_by_matrix(backend):
+    """Past the cpp kernel's leaf size: skew, general and non-finite matrices in one batch each take
+    their own path, and each result is that matrix transformed alone (to rounding: batched GEMMs may
+    sum in another order for another batch size)."""
+    A = _skew(70, (4,))
+    A[1] += 0.1 * torch.randn(70, 70, dtype=torch.float64)  # not skew
+    A[2, 3, 5], A[2, 5, 3] = float("inf"), float("-inf")  # skew, not finite
+    Y = stiefel.cayley(A)
+    for b in (0, 1, 3):
+        assert_rel(Y[b], stiefel.cayley_reference(A[b]), torch.float64, scale=20.0)
+        assert_rel(Y[b], stiefel.cayley(A[b : b + 1])[0], torch.float64, scale=2.0)
+    assert Y[2].isnan().all()
+
+
+@pytest.mark.parametrize("backend", CAYLEY_BACKENDS, indirect=True)
 def test_cayley_gradcheck_skew_path(backend):
     """Q -> cayley(Q - Q^T) stays on the skew (Cholesky) path under gradcheck's perturbations."""
-    Q = 0.5 * torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q: stiefel.cayley(q - q.mT), (Q,))
+    for n in (5, 37):  # 37: the cpp kernel's block recursion
+        Q = 0.5 * torch.randn(2, n, n, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda q: stiefel.cayley(q - q.mT), (Q,))
 
 
 _LU = ("solve", "solve_ex", "inv", "inv_ex", "lu", "lu_factor", "lu_factor_ex", "lu_solve", "det", "slogdet")

@@ -8,7 +8,7 @@ to_k/to_v read the 2048-wide text context, every other layer the block width.
 
 Cayley rows: forward + backward of Σ cayley(A) ⊙ G for skew A, a batch of k blocks of b (1280 = k b:
 OFT's blocks from 32 to 320 wide) or the 1,680 SODA factors (one call per factor size). Providers:
-specops (the device default: the cpp kernel up to specops.stiefel.CAYLEY_CPP_MAX_N), torch (its
+specops (the device default: on the CPU the cpp kernel, block recursion above 32 x 32), torch (its
 torch kernel forced: batched Cholesky) and reference (specops.stiefel.cayley_reference, one dense
 LU solve per matrix, differentiated by autograd); 2 n³ (forward) + 4 n³ (backward) FLOPs per matrix.
 
