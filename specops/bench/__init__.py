@@ -215,7 +215,7 @@ def run(family: str, quick: bool = False, memory: bool = False, device: str = "c
     return rows
 
 
-ROUNDS = 3  # the providers of a shape take turns this often, so a slow spell of the machine hits them alike
+ROUNDS = 5  # the providers of a shape take turns this often, so a slow spell of the machine hits them alike
 
 
 def _interleaved(fns: list[Callable[[], object]], min_time: float = 0.3) -> list[float]:
