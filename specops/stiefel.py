@@ -378,8 +378,8 @@ def _cayley_samples(device, dtype):
     general (not skew) matrix among skew ones (solved on its own), an empty batch."""
     mixed = _skew(device, dtype, 3, 4, 4)
     mixed[1] += 0.3 * _randn(device, dtype, 4, 4)
-    return [(_skew(device, dtype, 2, 5, 5),), (_skew(device, dtype, 2, 37, 37),), (_skew(device, dtype, 1, 1),), (mixed,),
-            (_skew(device, dtype, 0, 3, 3),)]
+    return [(_skew(device, dtype, 2, 5, 5),), (_skew(device, dtype, 2, 37, 37),), (_skew(device, dtype, 1, 1),),
+            (mixed,), (_skew(device, dtype, 0, 3, 3),)]
 
 
 def _retract_samples(device, dtype):
@@ -487,8 +487,9 @@ cayley = declare(
     than 32 x 32 is inverted by 2 x 2 block recursion (M^{-1} from M11^{-1} and the Schur complement
     M22 - M21 M11^{-1} M12, batched GEMMs in fp32 / fp64; no pivoting needed, as M = I - A/2 has
     symmetric part I), any other matrix and the leaf blocks by Gauss-Jordan elimination with partial
-    pivoting in float64, one matrix per task. The torch kernel takes a batched Cholesky path for exactly skew matrices (A^T == -A
-    elementwise, e.g. Q - Q^T) and solves any other matrix on its own by LU (slower, same result).
+    pivoting in float64, one matrix per task. The torch kernel takes a batched Cholesky path for
+    exactly skew matrices (A^T == -A elementwise, e.g. Q - Q^T) and solves any other matrix on its
+    own by LU (slower, same result).
     Differentiable: dA = M^{-T} dY M^{-T} with M = I - A/2 (the full gradient, not projected onto
     skew matrices), computed from Y without a solve. bf16/fp16 compute in fp32.
     Raises ValueError for non-square input or a finite A whose I - A/2 is singular.
