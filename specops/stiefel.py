@@ -12,6 +12,9 @@ Matrices are (..., n, p) with orthonormal columns (batches broadcast over the le
   definite: one batched Cholesky, then one step of iterative refinement on M Z = B (M = I - A/2),
   which brings back the accuracy that forming C (condition number squared) costs. Other matrices
   of a batch are solved one by one (unbatched LU).
+- matrix_polynomial(A, c) = sum_k c_k A^k (c_0 multiplies I), by Horner's scheme: the truncated
+  Neumann series (I + A)(I - A)^{-1} ~ I + 2 A + 2 A^2 + ... that PEFT's OFT takes for its Cayley
+  transform, as one op on thousands of tiny blocks instead of a chain of batched GEMMs.
 - retract(X, V, method): a point of St(n, p) near X + V whose derivative along V at V = 0 is V.
       "cayley":      Cay(W) X with the canonical generator W = (P V) X^T - X (P V)^T,
                      P V = V - X (X^T V) / 2, so W X = V for tangent V (Li, Fuxin & Todorovic 2020).
@@ -33,6 +36,8 @@ Gradients: project and cayley are differentiable (their backward is itself a reg
         dG = dP - X dP^T X,     dX = -dP X^T G - G X^T dP
     cayley, Y = 2 M^{-1} - I with M = I - A/2:   dA = M^{-T} dY M^{-T} = (I + Y)^T dY (I + Y)^T / 4
         (M^{-1} = (I + Y)/2: the backward needs Y only, no solve).
+    matrix_polynomial, H_d = c_d I, H_k = c_k I + A H_{k+1}, P = H_0:
+        dA = sum_{k<d} dH_k H_{k+1}^T with dH_0 = dP, dH_{k+1} = A^T dH_k (H_k recomputed from A)
 """
 from __future__ import annotations
 
@@ -47,10 +52,12 @@ from ._registry import declare
 __all__ = [
     "project",
     "cayley",
+    "matrix_polynomial",
     "retract",
     "orthogonality_error",
     "project_reference",
     "cayley_reference",
+    "matrix_polynomial_reference",
     "retract_reference",
     "orthogonality_error_reference",
     "polar_ns",
@@ -145,6 +152,14 @@ def cayley_reference(A: Tensor) -> Tensor:
     flat = A.reshape(math.prod(A.shape[:-2]), n, n)
     out = [torch.linalg.solve(I - 0.5 * a, I + 0.5 * a) for a in flat]
     return (torch.stack(out) if out else flat.clone()).reshape(A.shape)
+
+
+def matrix_polynomial_reference(A: Tensor, coeffs: list[float]) -> Tensor:
+    """sum_k c_k A^k from the powers of A (not Horner's scheme)."""
+    P = coeffs[0] * _eye(A.shape[-1], A).expand(A.shape)
+    for k, c in enumerate(coeffs[1:], start=1):
+        P = P + c * torch.linalg.matrix_power(A, k)
+    return P
 
 
 def orthogonality_error_reference(X: Tensor) -> Tensor:
@@ -340,6 +355,29 @@ def _cayley_backward_torch(grad: Tensor, Y: Tensor) -> Tensor:
     return (0.25 * (Ht @ _acc(grad) @ Ht)).to(Y.dtype).contiguous()
 
 
+def _horner(A: Tensor, coeffs: list[float]) -> list[Tensor]:
+    """[H_d, H_{d-1}, ..., H_0] of Horner's scheme (module docstring) for (..., n, n) A."""
+    I = _eye(A.shape[-1], A)
+    H = [coeffs[-1] * I.expand(A.shape)]
+    for c in reversed(coeffs[:-1]):
+        H.append(A @ H[-1] + c * I)
+    return H
+
+
+def _polynomial_torch(A: Tensor, coeffs: list[float]) -> Tensor:
+    return _horner(_acc(A), coeffs)[-1].to(A.dtype).contiguous()
+
+
+def _polynomial_backward_torch(grad: Tensor, A: Tensor, coeffs: list[float]) -> Tensor:
+    A_ = _acc(A)
+    H = _horner(A_, coeffs)[::-1]  # H[k] = H_k
+    dH, dA = _acc(grad), torch.zeros_like(A_)
+    for k in range(len(coeffs) - 1):
+        dA = dA + dH @ H[k + 1].mT
+        dH = A_.mT @ dH
+    return dA.to(A.dtype).contiguous()
+
+
 def _orthogonality_error_torch(X: Tensor) -> Tensor:
     X_ = _acc(X)
     return _dev(X_.mT @ X_).to(X.dtype)
@@ -380,6 +418,15 @@ def _cayley_samples(device, dtype):
     mixed[1] += 0.3 * _randn(device, dtype, 4, 4)
     return [(_skew(device, dtype, 2, 5, 5),), (_skew(device, dtype, 2, 37, 37),), (_skew(device, dtype, 1, 1),),
             (mixed,), (_skew(device, dtype, 0, 3, 3),)]
+
+
+def _polynomial_samples(device, dtype):
+    """PEFT's 5-term Neumann series on small skew blocks (the cpp kernel's loops) and on 20 x 20 ones (its
+    batched GEMMs), a general matrix batch with two batch dims, a linear term, 1 x 1, empty."""
+    neumann = [1.0, 2.0, 2.0, 2.0, 1.0]
+    return [(0.3 * _skew(device, dtype, 6, 4, 4), neumann), (0.1 * _skew(device, dtype, 3, 20, 20), neumann),
+            (0.5 * _randn(device, dtype, 2, 3, 5, 5), [0.5, -1.0, 0.25]), (_randn(device, dtype, 2, 3, 3), [1.0, 2.0]), (_randn(device, dtype, 1, 1), [1.0, 2.0, 2.0, 1.0]),
+            (_randn(device, dtype, 0, 3, 3), neumann)]
 
 
 def _retract_samples(device, dtype):
@@ -493,6 +540,57 @@ cayley = declare(
     Differentiable: dA = M^{-T} dY M^{-T} with M = I - A/2 (the full gradient, not projected onto
     skew matrices), computed from Y without a solve. bf16/fp16 compute in fp32.
     Raises ValueError for non-square input or a finite A whose I - A/2 is singular.
+    """,
+)
+
+
+def _check_polynomial(A, coeffs):
+    _check_square(A)
+    if len(coeffs) < 1:
+        raise ValueError("coeffs: expected at least one coefficient (c_0, the multiple of I)")
+
+
+_polynomial_backward = declare(
+    "matrix_polynomial_backward",
+    "(Tensor grad, Tensor A, float[] coeffs) -> Tensor",
+    kernels={"torch": _polynomial_backward_torch,
+             "cpp": lambda grad, A, coeffs: torch.ops.specops_ext.matrix_polynomial_bwd(grad, A, coeffs)},
+    check=lambda grad, A, coeffs: _check_polynomial(A, coeffs),
+    fake=lambda grad, A, coeffs: A.new_empty(A.shape),
+)
+
+
+def _polynomial_setup(ctx, inputs, output):
+    A, ctx.coeffs = inputs
+    ctx.save_for_backward(A)
+
+
+def _polynomial_grad(ctx, grad):
+    (A,) = ctx.saved_tensors
+    return _polynomial_backward(grad, A, ctx.coeffs), None
+
+
+matrix_polynomial = declare(
+    "matrix_polynomial",
+    "(Tensor A, float[] coeffs) -> Tensor",
+    kernels={"torch": _polynomial_torch,
+             "cpp": lambda A, coeffs: torch.ops.specops_ext.matrix_polynomial_fwd(A, coeffs)},
+    check=_check_polynomial,
+    fake=lambda A, coeffs: A.new_empty(A.shape),
+    reference=matrix_polynomial_reference,
+    backward="matrix_polynomial_backward",
+    setup_context=_polynomial_setup,
+    backward_fn=_polynomial_grad,
+    samples=_polynomial_samples,
+    tol_scale=4.0,
+    doc="""P(A) = sum_k coeffs[k] A^k of (..., n, n) matrices (coeffs[0] multiplies I), by Horner's scheme.
+
+    H_d = c_d I, H_k = c_k I + A H_{k+1}, P = H_0: d - 1 matrix products for degree d. The use it is
+    made for: the truncated Neumann series of a Cayley transform, (I + Q)(I - Q)^{-1} ~ I + 2 sum_k Q^k,
+    on many small skew blocks at once (PEFT's OFT rotation, coefficients [1, 2, 2, 2, 1] by default).
+    The cpp kernel runs per-matrix loops up to 16 x 16 and batched GEMMs above; bf16/fp16 accumulate
+    in fp32. Differentiable in A: dA = sum_{k<d} dH_k H_{k+1}^T, dH_0 = dP, dH_{k+1} = A^T dH_k.
+    Raises ValueError for non-square input or an empty coefficient list.
     """,
 )
 

@@ -13,6 +13,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CASES = {  # id: OFTConfig keywords (oft_block_size 4: six blocks on the Linear's 24 inputs)
     "neumann": {},
+    **{f"neumann-{k}-terms": {"num_cayley_neumann_terms": k} for k in (2, 3, 4, 7)},
+    "neumann-one-24-block": {"oft_block_size": 24},  # above the cpp kernel's loop size
     "exact-cayley": {"use_cayley_neumann": False},
     "block-share": {"block_share": True},
     "coft": {"coft": True, "eps": 1e-3},
@@ -21,7 +23,7 @@ CASES = {  # id: OFTConfig keywords (oft_block_size 4: six blocks on the Linear'
 
 def _model(adapter="default", seed=0, **kw):
     torch.manual_seed(seed)
-    config = peft.OFTConfig(oft_block_size=4, r=0, target_modules=["lin"], init_weights=False, **kw)
+    config = peft.OFTConfig(**{"oft_block_size": 4, "r": 0, "target_modules": ["lin"], "init_weights": False, **kw})
     return peft.get_peft_model(TwoLayerNet(), config, adapter_name=adapter)
 
 

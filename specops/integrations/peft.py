@@ -32,8 +32,8 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
     boft.Conv2d     conv(x, diag(s) (M W0ᵀ)ᵀ)               by stage (specops.adapters.butterfly), never formed;
                                                           a Linear in-network (x requires grad, W0 frozen, few
                                                           stages): M applied to x, no dense weight gradient
-    oft.Linear      base(x R_{a_1} ⋯ R_{a_k}), R_a block-     the same, each x R_a one block_diag_matmul pass with
-                    diagonal (einsum over (rows, r, b))       PEFT's own R_a (its Neumann-series Cayley, coft)
+    oft.Linear      base(x R_{a_1} ⋯ R_{a_k}), R_a block-     the same, each x R_a one block_diag_matmul pass; R_a
+                    diagonal (einsum over (rows, r, b))       PEFT's function of its weight (_oft_blocks)
 
 LoKr's W_i is the dense lokr_w_i or lokr_w_i_a @ lokr_w_i_b (on a Tucker conv, W2 is the core
 lokr_t2 contracted with lokr_w2_a, lokr_w2_b); LoHa's ΔW = s (w1_a w1_b) ⊙ (w2_a w2_b) (Tucker:
@@ -100,7 +100,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection,
                         butterfly, butterfly_rows)
 from ..kron import block_diag_matmul
-from ..stiefel import cayley
+from ..stiefel import cayley, matrix_polynomial
 from ._patch import PatchedForward, add_loha, add_lowrank, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
@@ -288,19 +288,39 @@ def _boft(layer, x: Tensor, adapters: list[str]) -> Tensor:
     return F.linear(x, W, base.bias)
 
 
+def _neumann_coeffs(terms: int) -> list[float]:
+    """The coefficients of PEFT's truncated Neumann series for its Cayley transform, (I + Q)(I - Q)^{-1} ~
+    I + 2 Q + 2 Q^2 + ... (OFTRotationModule._cayley_batch with `terms`): I, then 2 Q for 2 terms; from 3
+    terms, 2 Q^k for k <= max(2, terms - 2) and a last Q^k of coefficient 1 (3 and 4 terms alike)."""
+    if terms <= 1:
+        return [1.0]
+    if terms == 2:
+        return [1.0, 2.0]
+    return [1.0] + [2.0] * max(2, terms - 2) + [1.0]
+
+
+def _oft_blocks(mod) -> Tensor:
+    """PEFT's blocks R (r, b, b) of an OFTRotationModule, from its own skew matrices Q (_pytorch_skew_symmetric of
+    its weight; coft's projection first): its Neumann series as one matrix_polynomial op, or its exact
+    (I - Q)(I + Q)^{-1} as cayley(-2 Q), never a batched LU solve."""
+    if mod.coft:  # PEFT projects the weight in place, under no_grad, at every call
+        with torch.no_grad():
+            mod.weight.copy_(mod._project_batch(mod.weight, eps=mod.eps))
+    Q = mod._pytorch_skew_symmetric(mod.weight, mod.block_size)
+    if mod.use_cayley_neumann:
+        return matrix_polynomial(Q, _neumann_coeffs(mod.num_cayley_neumann_terms))
+    return cayley(-2.0 * Q)
+
+
 def _oft(layer, x: Tensor, adapters: list[str]) -> Tensor:
     """PEFT's OFT Linear: x rotated by each active adapter's blocks in turn (x_i R_i on the i-th block of
-    features), then the base layer. R is PEFT's own (OFTRotationModule._cayley_batch: its Neumann series by
-    default, coft's projection first), so the function is PEFT's; the rotation runs as one
-    block_diag_matmul pass forward and one backward instead of einsum's batched GEMMs of inner size b."""
+    features), then the base layer. R is PEFT's function of its weight (_oft_blocks); the rotation runs as
+    one block_diag_matmul pass forward and one backward instead of einsum's batched GEMMs of inner size b."""
     dtype = x.dtype
     for a in adapters:
         mod = layer.oft_R[a]
         x = layer._cast_input_dtype(x, mod.weight.dtype)
-        if mod.coft:  # PEFT projects the weight in place, under no_grad, at every call
-            with torch.no_grad():
-                mod.weight.copy_(mod._project_batch(mod.weight, eps=mod.eps))
-        R = mod._cayley_batch(mod.weight, mod.block_size, mod.use_cayley_neumann, mod.num_cayley_neumann_terms)
+        R = _oft_blocks(mod)
         k = mod.in_features // mod.block_size if mod.block_share else mod.r
         rotated = block_diag_matmul(x if x.dtype == R.dtype else x.to(R.dtype), R.expand(k, -1, -1))
         x = rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
