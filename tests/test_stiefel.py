@@ -384,3 +384,35 @@ def test_large_shapes_finish_with_two_threads(items):
         pytest.fail(f"did not finish in {e.timeout} s; progress: {e.stdout}")
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
     assert out.stdout.split() == [w for it in items for w in ("start", it, "done", it)]
+
+
+# ----------------------------------------------------------------------------- matrix_polynomial
+
+
+POLY_BACKENDS = [b for b in CPU_BACKENDS if b in _registry.OPS["matrix_polynomial"].kernels]
+
+
+@pytest.mark.parametrize("backend", POLY_BACKENDS, indirect=True)
+@pytest.mark.parametrize("n", [3, 16, 17, 40])
+def test_matrix_polynomial_neumann_cayley(backend, n):
+    """The truncated Neumann series I + 2 sum_{k=1}^{d} Q^k of the Cayley transform (I + Q)(I - Q)^{-1} =
+    cayley(2 Q) is off by at most 2 q^{d+1} / (1 - q), q = ||Q||_2 (both sides of the cpp kernel's loop size)."""
+    Q = _skew(n, (3,))
+    Q = 0.2 * Q / torch.linalg.matrix_norm(Q, 2)[:, None, None]
+    exact = stiefel.cayley(2.0 * Q)
+    for d in (1, 2, 4, 6):
+        err = (stiefel.matrix_polynomial(Q, [1.0] + [2.0] * d) - exact).abs().amax()
+        assert 0.2 ** (d + 1) / 100 < err <= 2 * 0.2 ** (d + 1) / 0.8
+
+
+@pytest.mark.parametrize("backend", POLY_BACKENDS, indirect=True)
+def test_matrix_polynomial_constant_and_bad_coefficients(backend):
+    A = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    P = stiefel.matrix_polynomial(A, [1.5])
+    assert torch.equal(P.detach(), 1.5 * torch.eye(4, dtype=torch.float64).expand(2, 4, 4))
+    (gA,) = torch.autograd.grad(P.sum(), A)
+    assert torch.equal(gA, torch.zeros_like(A))
+    with pytest.raises(ValueError, match="coeffs: expected at least one coefficient"):
+        stiefel.matrix_polynomial(A, [])
+    with pytest.raises(ValueError, match="square"):
+        stiefel.matrix_polynomial(torch.randn(3, 4), [1.0, 1.0])
