@@ -3,7 +3,8 @@
 Each op family has a module specops.bench.<family> with `cases(quick)`: a list of `Case`, one per
 (shape, provider). A case's `setup()` allocates its inputs and returns the zero-argument callable
 to time; the providers of one shape are set up together and take turns (ROUNDS), so a slow spell
-of the machine hits them alike; ratios are taken against the family's BASELINE provider.
+of the machine hits them alike, and the fastest call is reported (`fastest`); ratios are taken against the
+family's BASELINE provider.
 
 The roof is measured at the start of a run, on the device and threads the run uses (`roof()`: fp32 and
 bf16 GEMM with torch.mm, copy bandwidth), never assumed: the machine differs between sessions. A case's
@@ -20,7 +21,6 @@ import functools
 import importlib
 import importlib.util
 import pkgutil
-import statistics
 import time
 from collections.abc import Callable
 
@@ -117,8 +117,15 @@ def _time_call(fn: Callable[[], object]) -> float:
     return start.elapsed_time(end) / 1e3
 
 
+def fastest(times: list[float]) -> float:
+    """What a run reports for repeated timings of one call: the fastest. Other load on the machine only slows a
+    call down, so the minimum is the steadiest estimate of the call's own cost (on a shared 2-core VM, medians
+    of 5-9 interleaved rounds moved by 20% between runs, the minima by a few percent)."""
+    return min(times)
+
+
 def timeit(fn: Callable[[], object], min_time: float = 0.3, warmup: int = 2) -> float:
-    """Median seconds per call over at least `min_time` seconds and 5 calls, after warm-up."""
+    """Seconds per call (`fastest`) over at least `min_time` seconds and 5 calls, after warm-up."""
     for _ in range(warmup):
         fn()
     _sync()
@@ -128,7 +135,7 @@ def timeit(fn: Callable[[], object], min_time: float = 0.3, warmup: int = 2) -> 
         times.append(_time_call(fn))
         if len(times) >= 200:
             break
-    return statistics.median(times)
+    return fastest(times)
 
 
 @functools.cache
@@ -219,7 +226,7 @@ ROUNDS = 5  # the providers of a shape take turns this often, so a slow spell of
 
 
 def _interleaved(fns: list[Callable[[], object]], min_time: float = 0.3) -> list[float]:
-    """Median seconds per call of each of `fns`, timed in ROUNDS turns of at least 2 calls and
+    """Seconds per call (`fastest`) of each of `fns`, timed in ROUNDS turns of at least 2 calls and
     min_time / ROUNDS seconds each, after 2 warm-up calls."""
     for fn in fns:
         for _ in range(2):
@@ -234,7 +241,7 @@ def _interleaved(fns: list[Callable[[], object]], min_time: float = 0.3) -> list
                 n += 1
                 if n >= 70:
                     break
-    return [statistics.median(t) for t in times]
+    return [fastest(t) for t in times]
 
 
 def _row(family: str, case: Case, fn: Callable[[], object], sec: float, peak: dict, memory: bool) -> dict:

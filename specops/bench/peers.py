@@ -52,7 +52,7 @@ after apply(): "x unpatched" is its ms over the same model's without apply().
 
 Timing: every implementation of one (shape, mode) is built up front and warmed up by one step, then
 timed in interleaved rounds (each round calls each implementation once), so drift falls on all of them
-alike; the median over the rounds is reported. Peak memory is measured on the warm-up step: on CUDA
+alike; the fastest round is reported (specops.bench.fastest). Peak memory is measured on the warm-up step: on CUDA
 torch.cuda.max_memory_allocated over the step, on the CPU the running peak of the profiler's memory
 events (allocations minus frees while the step runs; specops.bench.peak_bytes). Both count only what
 the step allocates (activations kept for backward, gradients, temporaries), not the resident weights.
@@ -62,13 +62,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
 import warnings
 
 import torch
 from torch import nn
 
-from . import ROUNDS, _sync, _time_call, device, installed, peak_bytes
+from . import ROUNDS, _sync, _time_call, device, fastest, installed, peak_bytes
 
 RANK = 8
 METHODS = ("locon", "locon-tucker", "loha", "lokr", "oft", "boft", "boft1")
@@ -278,7 +277,7 @@ def _group(shape: Shape, mode: str, dtype, rounds: int, seed: int = 0) -> list[d
     rows = []
     for i, (method, impl, _, _) in enumerate(entries):
         rows.append({"shape": shape.label, "mode": mode, "method": method, "impl": impl,
-                     "ms": statistics.median(times[i]) * 1e3, "peak MB": peaks[i]})
+                     "ms": fastest(times[i]) * 1e3, "peak MB": peaks[i]})
     bound = rows[0]["ms"]
     for r in rows:
         r["x bound"] = r["ms"] / bound
@@ -376,7 +375,7 @@ def _unet_rows(dtype, rounds: int) -> list[dict]:
         for impl, call in calls.items():
             times[impl].append(_time_call(call))
     rows = [{"shape": "tiny UNet 2x16x16", "mode": "whole model", "method": "lokr+loha+oft", "impl": impl,
-             "ms": statistics.median(t) * 1e3, "peak MB": peaks[impl]} for impl, t in times.items()]
+             "ms": fastest(t) * 1e3, "peak MB": peaks[impl]} for impl, t in times.items()]
     for r in rows:
         if r["impl"] in PATCHED:
             r["x unpatched"] = r["ms"] / next(p["ms"] for p in rows if p["impl"] == r["impl"].split("+")[0])
