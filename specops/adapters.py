@@ -66,9 +66,10 @@ from .spectral import (
     SODA_TABLE,
     decompose,
     kron_factor_sizes,
-    spectral_linear,
+    lora_linear,
     lowrank_linear,
     scaled_matmul,
+    spectral_linear,
     spectral_linear_lq,
     spectral_shift,
     spectral_shift_lq,
@@ -398,11 +399,8 @@ class LoRA(Adapter):
 
     def _forward(self, x):
         if not self.is_conv:
-            # one lowrank_linear pass onto base's 2-D output, c as the diagonal (its gradient unused)
-            x2 = x.reshape(-1, x.shape[-1])
-            c = self.A.new_full((self.rank,), self._c())
-            y = lowrank_linear(x2, self.A, c, self.B, self.base(x2))
-            return y.view(*x.shape[:-1], y.shape[-1])
+            # one pass onto base's output, c as the diagonal (its gradient unused)
+            return lowrank_onto(self.base, x, self.A, self.A.new_full((self.rank,), self._c()), self.B)
         # c goes on the small B; the up-projection is one GEMM that adds onto base(x) (baddbmm)
         B = self.B * self._c()
         conv = self.base
@@ -435,6 +433,29 @@ class LoRA(Adapter):
         if self.mid is None:
             return (B @ self.A.flatten(1)).view(self.out_features, *self.A.shape[1:])
         return torch.einsum("op,pqhw,qi->oihw", B, self.mid, self.A)
+
+
+def add_lowrank(y: Tensor, x: Tensor, A: Tensor, s: Tensor, B: Tensor) -> Tensor:
+    """y + ((x Aᵀ) diag(s)) Bᵀ over x's rows through lowrank_linear, in y's shape and dtype: the operands in
+    x's dtype, or the autocast dtype under torch.autocast (as F.linear would cast them)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, A, s, B = x.to(dtype), A.to(dtype), s.to(dtype), B.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):  # lowrank_linear takes one dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.reshape(x2.shape[0], -1)
+        return lowrank_linear(x2, A, s, B, y2.to(x2.dtype)).to(y2.dtype).view(y.shape)
+
+
+def lowrank_onto(base: nn.Module, x: Tensor, A: Tensor, s: Tensor, B: Tensor, run=None) -> Tensor:
+    """base(x) + ((x Aᵀ) diag(s)) Bᵀ over x's rows, x (..., n): one lora_linear op (the base GEMM's output
+    the only (T, m) tensor made) when base is a plain nn.Linear without hooks in the operands' dtype outside
+    autocast; otherwise add_lowrank onto run(x) (default base(x)), which takes any base."""
+    if (type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+            and base.weight.dtype == x.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)):
+        x2 = x.reshape(-1, x.shape[-1])
+        return lora_linear(x2, base.weight, base.bias, A, s, B).view(*x.shape[:-1], base.out_features)
+    return add_lowrank((run or base)(x), x, A, s, B)
 
 
 def _add_up_projection(y: Tensor, B: Tensor, h: Tensor) -> Tensor:
@@ -535,9 +556,7 @@ class AdaLoRA(Adapter):
             h = F.conv2d(x, Q, None, *_conv_geometry(conv))
             return _add_up_projection(conv(x), self.P * (self._c() * self.lam), h)
         # c goes on the small λ: no output-sized product by c, forward or backward
-        x2 = x.reshape(-1, x.shape[-1])
-        y = lowrank_linear(x2, self.q(), self._c() * self.lam, self.P, self.base(x2))
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return lowrank_onto(self.base, x, self.q(), self._c() * self.lam, self.P)
 
     def _delta(self, scale):
         return (self._c(scale) * scaled_matmul(self.P, self.lam, self.q())).view(self.base.weight.shape)

@@ -60,6 +60,8 @@ __all__ = [
     "decompose",
     "kron_factor_sizes",
     "linear_path",
+    "lora_linear",
+    "lora_linear_reference",
     "lowrank_linear",
     "lowrank_linear_reference",
     "scaled_matmul",
@@ -346,19 +348,21 @@ scaled_matmul = declare(
 LOWRANK_MAX_RANK = 24  # the cpp kernel beats library GEMMs below this; level by r ~ 32 (fp32, 1280 wide, 2 threads)
 
 
-def _check_lowrank(x: Tensor, A: Tensor, s: Tensor, B: Tensor, y: Tensor) -> None:
-    if x.dim() != 2 or A.dim() != 2 or s.dim() != 1 or B.dim() != 2 or y.dim() != 2:
+def _check_lowrank(x: Tensor, A: Tensor, s: Tensor, B: Tensor, y: Tensor | None) -> None:
+    """lowrank_linear's operands (y None: all but y, for lora_linear)."""
+    if x.dim() != 2 or A.dim() != 2 or s.dim() != 1 or B.dim() != 2 or (y is not None and y.dim() != 2):
         raise ValueError(
             f"lowrank_linear: expected x (T, n), A (r, n), s (r,), B (m, r), y (T, m); got x {tuple(x.shape)}, "
-            f"A {tuple(A.shape)}, s {tuple(s.shape)}, B {tuple(B.shape)}, y {tuple(y.shape)}"
+            f"A {tuple(A.shape)}, s {tuple(s.shape)}, B {tuple(B.shape)}, y {None if y is None else tuple(y.shape)}"
         )
     r, n = A.shape
     for name, t, want in (("x", x, (x.shape[0], n)), ("s", s, (r,)), ("B", B, (B.shape[0], r)),
                           ("y", y, (x.shape[0], B.shape[0]))):
-        torch._check_with(ValueError, t.shape == want, lambda name=name, t=t, want=want: (
-            f"{name}: expected shape {tuple(want)} to match A {tuple(A.shape)}, got {tuple(t.shape)}"))
+        if t is not None:
+            torch._check_with(ValueError, t.shape == want, lambda name=name, t=t, want=want: (
+                f"{name}: expected shape {tuple(want)} to match A {tuple(A.shape)}, got {tuple(t.shape)}"))
     for name, t in (("A", A), ("s", s), ("B", B), ("y", y)):
-        if t.dtype != x.dtype or t.device != x.device:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
             raise ValueError(f"{name}: dtype/device {t.dtype}/{t.device} != x's {x.dtype}/{x.device}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x: expected a floating dtype {FLOAT_DTYPES}, got {x.dtype}")
@@ -478,6 +482,119 @@ lowrank_linear = declare(
     r: 2·T·r·(n + m) FLOPs
     forward, 2·T·r·(3n + 2m) backward with every gradient, and one read of x, y (forward), G and x
     (backward); library GEMMs of such skinny shapes run far below the machine's FMA rate.
+    """,
+)
+
+
+# ----------------------------------------------------------------------------- lora_linear op
+
+
+def _check_lora(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, s: Tensor, B: Tensor) -> None:
+    if W.dim() != 2:
+        raise ValueError(f"lora_linear: expected W (m, n), got {tuple(W.shape)}")
+    _check_lowrank(x, A, s, B, None)
+    torch._check_with(ValueError, W.shape[1] == x.shape[1] and W.shape[0] == B.shape[0], lambda: (
+        f"W: expected shape ({B.shape[0]}, {x.shape[1]}) to match B {tuple(B.shape)} and x {tuple(x.shape)}, "
+        f"got {tuple(W.shape)}"))
+    for name, t in (("W", W), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name}: dtype/device {t.dtype}/{t.device} != x's {x.dtype}/{x.device}")
+    if bias is not None:
+        torch._check_with(ValueError, bias.dim() == 1 and bias.shape[0] == W.shape[0], lambda: (
+            f"bias: expected shape ({W.shape[0]},), got {tuple(bias.shape)}"))
+
+
+def lora_linear_reference(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, s: Tensor, B: Tensor) -> Tensor:
+    """x Wᵀ + bias + ((x Aᵀ) diag(s)) Bᵀ in plain torch (differentiable by autograd)."""
+    _check_lora(x, W, bias, A, s, B)
+    y = x @ W.mT + ((x @ A.mT) * s) @ B.mT
+    return y if bias is None else y + bias
+
+
+def _lora_fwd_torch(x, W, bias, A, s, B):
+    return F.linear(x, W, bias).addmm_((x @ A.mT) * s, B.mT)  # into the base output: one (T, m) allocation
+
+
+def _lora_bwd_torch(G, x, W, A, s, B, need_x, need_W, need_bias, need_A, need_s, need_B):
+    gx, gA, gs, gB = _lrl_bwd_torch(G, x, A, s, B, need_x, need_A, need_s, need_B)
+    gx = None if gx is None else gx.addmm_(G, W)
+    return gx, G.mT @ x if need_W else None, G.sum(0) if need_bias else None, gA, gs, gB
+
+
+def _lora_bwd_ext(G, x, W, A, s, B, *needs):
+    outs = torch.ops.specops_ext.lora_linear_bwd(G, x, W, A, s, B, *needs)
+    return tuple(g if need else None for g, need in zip(outs, needs))
+
+
+def _lora_backward_kernel(kernel):
+    """The backward op's kernel: [grad_x, grad_W, grad_bias, grad_A, grad_s, grad_B], empty where not asked for."""
+
+    def run(grad, x, W, A, s, B, *needs):
+        outs = kernel(grad, x, W, A, s, B, *needs)
+        return [x.new_empty(0) if g is None else g.to(x.dtype) for g in outs]
+
+    return run
+
+
+def _lora_backward_fake(grad, x, W, A, s, B, *needs):
+    shapes = (x.shape, W.shape, W.shape[:1], A.shape, s.shape, B.shape)
+    return [x.new_empty(sh if need else (0,)) for sh, need in zip(shapes, needs)]
+
+
+_lora_linear_backward = declare(
+    "lora_linear_backward",
+    "(Tensor grad, Tensor x, Tensor W, Tensor A, Tensor s, Tensor B, bool need_x, bool need_W, bool need_bias, "
+    "bool need_A, bool need_s, bool need_B) -> Tensor[]",
+    kernels={"torch": _lora_backward_kernel(_lora_bwd_torch),
+             "cpp": Kernel(_lora_backward_kernel(_lora_bwd_ext), lambda G, x, W, A, *a: _lrl_supports(x, A))},
+    check=lambda grad, x, W, A, s, B, *needs: _check_lora(x, W, None, A, s, B),
+    fake=_lora_backward_fake,
+)
+
+
+def _lora_setup_context(ctx, inputs, output):
+    x, W, bias, A, s, B = inputs
+    ctx.needs = tuple(t is not None and t.requires_grad for t in inputs)
+    ctx.save_for_backward(x, W, A, s, B)
+
+
+def _lora_backward(ctx, grad):
+    x, W, A, s, B = ctx.saved_tensors
+    out = [None] * 6
+    if any(ctx.needs):
+        out = _lora_linear_backward(grad, x, W, A, s, B, *ctx.needs)
+    return tuple(g if need else None for g, need in zip(out, ctx.needs))
+
+
+def _lora_samples(device, dtype):
+    """lowrank_linear's shapes with a base weight, with and without bias, and a transposed x, W and B."""
+    mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    out = [(mk(T, n), mk(m, n), mk(m) if i % 2 == 0 else None, mk(r, n), mk(r), mk(m, r))
+           for i, (T, n, m, r) in enumerate(((7, 37, 19, 5), (33, 20, 40, 12), (1, 3, 2, 1), (0, 4, 3, 2), (3, 5, 4, 0)))]
+    return out + [(mk(6, 9).mT, mk(6, 5).mT, mk(5), mk(3, 6), mk(3), mk(3, 5).mT)]
+
+
+lora_linear = declare(
+    "lora_linear",
+    "(Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor s, Tensor B) -> Tensor",
+    kernels={"torch": _lora_fwd_torch,
+             "cpp": Kernel(lambda *a: torch.ops.specops_ext.lora_linear_fwd(*a), lambda x, W, b, A, *a: _lrl_supports(x, A))},
+    check=_check_lora,
+    fake=lambda x, W, bias, A, s, B: x.new_empty(x.shape[0], W.shape[0]),
+    reference=lora_linear_reference,
+    backward="lora_linear_backward",
+    setup_context=_lora_setup_context,
+    backward_fn=_lora_backward,
+    samples=_lora_samples,
+    doc="""x Wᵀ + bias + ((x Aᵀ) diag(s)) Bᵀ for x (T, n), W (m, n), bias (m,) or None, A (r, n), s (r,),
+    B (m, r): a Linear layer and its rank-r update (LoRA's, AdaLoRA's) in one op.
+
+    lowrank_linear(x, A, s, B, F.linear(x, W, bias)) computed with one (T, m) output instead of two: the
+    base GEMM allocates it and the update is added into it (a fresh tensor of that size costs more in
+    page faults than the update's arithmetic). The backward adds the update's part of grad_x into G W
+    the same way. Differentiable in every tensor: grad_x = G W + (G B diag(s)) A, grad_W = Gᵀ x,
+    grad_bias = colsum(G), and lowrank_linear's grad_A, grad_s, grad_B. The cpp kernel: lowrank_linear's
+    register tiles (float32 / float64, r <= LOWRANK_MAX_RANK), the base GEMMs through at::mm.
     """,
 )
 

@@ -31,6 +31,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -401,17 +402,11 @@ void check_lowrank(const at::Tensor& x, const at::Tensor& A, const at::Tensor& s
 // Rows with unit column stride (a copy only for inputs that lack it).
 at::Tensor rows_of(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
-at::Tensor lowrank_linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& s,
-                                  const at::Tensor& B, const at::Tensor& y_in) {
-  check_lowrank(x_in, A, s, B);
-  TORCH_CHECK_VALUE(y_in.dim() == 2 && y_in.size(0) == x_in.size(0) && y_in.size(1) == B.size(0) &&
-                        y_in.scalar_type() == x_in.scalar_type(),
-                    "lowrank_linear: y must be (", x_in.size(0), ", ", B.size(0), ") of x's dtype, got ",
-                    y_in.sizes());
-  const at::Tensor x = rows_of(x_in), y = rows_of(y_in), Ac = A.contiguous();
-  const at::Tensor Bts = (B.t() * s.unsqueeze(1)).contiguous();  // diag(s) B^T (r, m)
+// out = y + ((x A^T) diag(s)) B^T by row blocks; out may be y itself (each tile is read before it is written).
+void lowrank_rows(const at::Tensor& x, const at::Tensor& A, const at::Tensor& s, const at::Tensor& B,
+                  const at::Tensor& y, at::Tensor& out) {
+  const at::Tensor Ac = A.contiguous(), Bts = (B.t() * s.unsqueeze(1)).contiguous();  // diag(s) B^T (r, m)
   const int64_t T = x.size(0), n = x.size(1), r = A.size(0), m = B.size(0);
-  at::Tensor out = at::empty({T, m}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lowrank_linear_fwd", [&] {
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *yp = y.const_data_ptr<scalar_t>();
     const scalar_t *ap = Ac.const_data_ptr<scalar_t>(), *bp = Bts.const_data_ptr<scalar_t>();
@@ -422,17 +417,48 @@ at::Tensor lowrank_linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& A, c
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t t0 = b * kLowrankRows, rows = std::min(kLowrankRows, T - t0);
         dots(xp + t0 * x.stride(0), x.stride(0), rows, ap, r, n, H.data());
-        axpy(H.data(), rows, r, bp, m, yp + t0 * y.stride(0), y.stride(0), op + t0 * m, m);
+        axpy(H.data(), rows, r, bp, m, yp + t0 * y.stride(0), y.stride(0), op + t0 * out.stride(0), out.stride(0));
       }
     });
   });
+}
+
+at::Tensor lowrank_linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& s,
+                                  const at::Tensor& B, const at::Tensor& y_in) {
+  check_lowrank(x_in, A, s, B);
+  TORCH_CHECK_VALUE(y_in.dim() == 2 && y_in.size(0) == x_in.size(0) && y_in.size(1) == B.size(0) &&
+                        y_in.scalar_type() == x_in.scalar_type(),
+                    "lowrank_linear: y must be (", x_in.size(0), ", ", B.size(0), ") of x's dtype, got ",
+                    y_in.sizes());
+  const at::Tensor x = rows_of(x_in), y = rows_of(y_in);
+  at::Tensor out = at::empty({x.size(0), B.size(0)}, x.options());
+  lowrank_rows(x, A, s, B, y, out);
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd_cpu(
-    const at::Tensor& G_in, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& s, const at::Tensor& B,
-    bool need_x, bool need_A, bool need_s, bool need_B) {
+void check_base(const at::Tensor& x, const at::Tensor& W, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(W.dim() == 2 && W.size(1) == x.size(1) && W.scalar_type() == x.scalar_type(),
+                    "lora_linear: expected W (m, ", x.size(1), ") of x's dtype, got ", W.sizes());
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == W.size(0) && bias->scalar_type() == x.scalar_type()),
+                    "lora_linear: expected bias (", W.size(0), ") of x's dtype");
+}
+
+// x W^T + bias + ((x A^T) diag(s)) B^T: the base GEMM allocates the output, the update is added into it.
+at::Tensor lora_linear_fwd_cpu(const at::Tensor& x_in, const at::Tensor& W, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& A, const at::Tensor& s, const at::Tensor& B) {
   check_lowrank(x_in, A, s, B);
+  check_base(x_in, W, bias);
+  TORCH_CHECK_VALUE(B.size(0) == W.size(0), "lora_linear: B has ", B.size(0), " rows, W ", W.size(0));
+  const at::Tensor x = rows_of(x_in);
+  at::Tensor out = bias ? at::addmm(*bias, x, W.t()) : at::mm(x, W.t());
+  lowrank_rows(x, A, s, B, out, out);
+  return out;
+}
+
+// The backward of the update; with gx_into defined, grad_x is added into it (and returned as it).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_backward(
+    const at::Tensor& G_in, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& s, const at::Tensor& B,
+    bool need_x, bool need_A, bool need_s, bool need_B, const at::Tensor& gx_into) {
   TORCH_CHECK_VALUE(G_in.dim() == 2 && G_in.size(0) == x_in.size(0) && G_in.size(1) == B.size(0) &&
                         G_in.scalar_type() == x_in.scalar_type(),
                     "grad: expected a (", x_in.size(0), ", ", B.size(0), ") tensor of x's dtype, got ", G_in.sizes());
@@ -440,7 +466,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd_cp
   const int64_t T = x.size(0), n = x.size(1), r = A.size(0), m = B.size(0);
   const int64_t threads = at::get_num_threads();
   const auto opt = x.options();
-  at::Tensor gx = need_x ? at::empty({T, n}, opt) : at::empty({0}, opt);
+  const bool into = gx_into.defined();
+  at::Tensor gx = !need_x ? at::empty({0}, opt) : into ? gx_into : at::empty({T, n}, opt);
   // Per-thread accumulators: grad_A (r, n), h^T G (r, m), grad_s (r).
   at::Tensor accA = at::zeros({need_A ? threads : 0, r, n}, opt), accB = at::zeros({need_B ? threads : 0, r, m}, opt);
   at::Tensor accS = at::zeros({need_s ? threads : 0, r}, opt);
@@ -468,7 +495,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd_cp
         if (need_x || need_A) {
           for (int64_t i = 0; i < rows; ++i)
             for (int64_t j = 0; j < r; ++j) U[i * r + j] *= sp[j];
-          if (need_x) axpy<scalar_t>(U.data(), rows, r, ap, n, nullptr, 0, gx.mutable_data_ptr<scalar_t>() + t0 * n, n);
+          if (need_x) {
+            scalar_t* gxb = gx.mutable_data_ptr<scalar_t>() + t0 * n;
+            axpy<scalar_t>(U.data(), rows, r, ap, n, into ? gxb : nullptr, n, gxb, n);
+          }
           if (need_A) outer(U.data(), rows, r, xb, x.stride(0), accA.mutable_data_ptr<scalar_t>() + tid * r * n, n);
         }
       }
@@ -477,6 +507,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd_cp
   const at::Tensor none = at::empty({0}, opt);
   return {gx, need_A ? accA.sum(0) : none, need_s ? accS.sum(0) : none,
           need_B ? (accB.sum(0) * s.unsqueeze(1)).t().contiguous() : none};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_bwd_cpu(
+    const at::Tensor& G_in, const at::Tensor& x_in, const at::Tensor& A, const at::Tensor& s, const at::Tensor& B,
+    bool need_x, bool need_A, bool need_s, bool need_B) {
+  check_lowrank(x_in, A, s, B);
+  return lowrank_backward(G_in, x_in, A, s, B, need_x, need_A, need_s, need_B, at::Tensor());
+}
+
+// grad_x = G W + (G B diag(s)) A (the update's part added into G W), grad_W = G^T x, grad_bias = colsum G,
+// and the update's grad_A, grad_s, grad_B; gradients not asked for are empty.
+std::vector<at::Tensor> lora_linear_bwd_cpu(const at::Tensor& G_in, const at::Tensor& x_in, const at::Tensor& W,
+                                            const at::Tensor& A, const at::Tensor& s, const at::Tensor& B,
+                                            bool need_x, bool need_W, bool need_bias, bool need_A, bool need_s,
+                                            bool need_B) {
+  check_lowrank(x_in, A, s, B);
+  check_base(x_in, W, std::nullopt);
+  const at::Tensor G = rows_of(G_in), x = rows_of(x_in), none = at::empty({0}, x.options());
+  const at::Tensor gx = need_x ? at::mm(G, W) : at::Tensor();
+  auto [gX, gA, gs, gB] = lowrank_backward(G, x, A, s, B, need_x, need_A, need_s, need_B, gx);
+  return {gX, need_W ? at::mm(G.t(), x) : none, need_bias ? G.sum(0) : none, gA, gs, gB};
 }
 }  // namespace
 
@@ -489,6 +540,10 @@ TORCH_LIBRARY_FRAGMENT(specops_ext, m) {
   m.def(
       "lowrank_linear_bwd(Tensor grad, Tensor x, Tensor A, Tensor s, Tensor B, bool need_x, bool need_A, "
       "bool need_s, bool need_B) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lora_linear_fwd(Tensor x, Tensor W, Tensor? bias, Tensor A, Tensor s, Tensor B) -> Tensor");
+  m.def(
+      "lora_linear_bwd(Tensor grad, Tensor x, Tensor W, Tensor A, Tensor s, Tensor B, bool need_x, bool need_W, "
+      "bool need_bias, bool need_A, bool need_s, bool need_B) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(specops_ext, CPU, m) {
@@ -496,6 +551,8 @@ TORCH_LIBRARY_IMPL(specops_ext, CPU, m) {
   m.impl("scaled_matmul_bwd", &scaled_matmul_bwd_cpu);
   m.impl("lowrank_linear_fwd", &lowrank_linear_fwd_cpu);
   m.impl("lowrank_linear_bwd", &lowrank_linear_bwd_cpu);
+  m.impl("lora_linear_fwd", &lora_linear_fwd_cpu);
+  m.impl("lora_linear_bwd", &lora_linear_bwd_cpu);
 }
 
 }  // namespace cpu

@@ -8,9 +8,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..adapters import (_add_hadamard, _kron_conv_factored, _tucker_rebuild, hadamard_delta, hadamard_factored,
-                        hadamard_factors, hadamard_rows)
-from ..spectral import lowrank_linear
+from ..adapters import (_add_hadamard, _kron_conv_factored, _tucker_rebuild, add_lowrank, hadamard_delta,
+                        hadamard_factored, hadamard_factors, hadamard_rows)
 
 
 class PatchedForward:
@@ -87,18 +86,6 @@ def lokr_conv_factored(conv: nn.Conv2d, x: Tensor, W1: Tensor, parts: tuple, tra
         return False
     rank = parts[-1].shape[0] if len(parts) > 1 else None
     return _kron_conv_factored(conv, *W1.shape, rank, len(parts) == 3)
-
-
-def add_lowrank(y: Tensor, x: Tensor, A: Tensor, s: Tensor, B: Tensor) -> Tensor:
-    """y + ((x Aᵀ) diag(s)) Bᵀ over x's rows through lowrank_linear, in y's shape and dtype: the operands in
-    x's dtype, or the autocast dtype under torch.autocast (as F.linear would cast them)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, A, s, B = x.to(dtype), A.to(dtype), s.to(dtype), B.to(dtype)
-    with torch.autocast(x.device.type, enabled=False):  # lowrank_linear takes one dtype
-        x2 = x.reshape(-1, x.shape[-1])
-        y2 = y.reshape(x2.shape[0], -1)
-        return lowrank_linear(x2, A, s, B, y2.to(x2.dtype)).to(y2.dtype).view(y.shape)
 
 
 def is_patched(module: nn.Module) -> bool:

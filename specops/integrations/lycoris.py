@@ -18,7 +18,7 @@ with rs_lora), σ = module.scalar (1, or a trained scalar with use_scalar), W0 a
 weight and bias, c = m σ s:
 
     LyCORIS module    LyCORIS computes                      patched forward
-    LoCon, Linear     base(x) + x (c up down)^T              lowrank_linear(x, down, c·1, up, base(x)): no ΔW
+    LoCon, Linear     base(x) + x (c up down)^T              lora_linear(x, W0, b, down, c·1, up): no ΔW
     LoCon, Conv2d     base(x) + conv(x, c up down)           base(x) + c up * (down * x): the 1x1 up one batched
                       (Tucker: up mid down)                  GEMM onto base(x) (Tucker: down 1x1, then mid)
     LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              the same as two GEMMs over x viewed (rows, n1, n2)
@@ -100,10 +100,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly,
-                        butterfly_gathers, butterfly_rows)
+                        butterfly_gathers, butterfly_rows, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
-from ._patch import PatchedForward, add_loha, add_lowrank, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, add_loha, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -321,9 +321,11 @@ def _boft_fused(mod, x: Tensor) -> Tensor:
 
 
 def _locon_linear(mod, x: Tensor) -> Tensor:
-    """y = base(x) + x (c up down)^T through lowrank_linear, c the diagonal: ΔW never formed."""
+    """y = base(x) + x (c up down)^T, c the diagonal, ΔW never formed: one lora_linear op with the original
+    Linear's weight where specops.adapters.lowrank_onto can, else lowrank_linear onto its forward."""
     A, B = mod.lora_down.weight, mod.lora_up.weight
-    return add_lowrank(mod.org_forward(x), x, A, _coef(mod, mod.multiplier).to(A.dtype).expand(A.shape[0]), B)
+    c = _coef(mod, mod.multiplier).to(A.dtype).expand(A.shape[0])
+    return lowrank_onto(mod.org_module[0], x, A, c, B, run=mod.org_forward)
 
 
 def _locon_conv(mod, x: Tensor) -> Tensor:

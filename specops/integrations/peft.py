@@ -26,7 +26,9 @@ active_adapters that exist on the layer), W0 and b the base weight and bias:
                                                           favour it; the others merged: conv(x, W0 + Σ ΔW_a, b)
     adalora         base(x) + Σ_a (x (A_a ⊙ E_a)ᵀ B_aᵀ)     base(x) + Σ_a lowrank_linear(x, A_a, c_a E_a, B_a),
       SVDLinear       · s_a / (ranknum_a + 1e-5)            c_a = s_a / (ranknum_a + 1e-5): one pass per adapter
-    lora.Linear     base(x) + Σ_a s_a x A_aᵀ B_aᵀ          base(x) + Σ_a lowrank_linear(x, A_a, s_a·1, B_a)
+                                                          (the first with the base as lora_linear, as LoRA's)
+    lora.Linear     base(x) + Σ_a s_a x A_aᵀ B_aᵀ          the same: the first adapter and a plain nn.Linear base
+                                                          as one lora_linear op, the others lowrank_linear
     lora.Conv2d     base(x) + Σ_a s_a B_a * (A_a * x)      the same, B_a's 1x1 conv one batched GEMM onto base(x)
     boft.Linear     base(x M) ⊙ s, M = Π_a M_a (n x n)      F.linear(x, diag(s) (M W0ᵀ)ᵀ, b): M applied to W0 stage
     boft.Conv2d     conv(x, diag(s) (M W0ᵀ)ᵀ)               by stage (specops.adapters.butterfly), never formed;
@@ -98,7 +100,7 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection,
-                        butterfly, butterfly_rows)
+                        butterfly, butterfly_rows, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley, matrix_polynomial
 from ._patch import PatchedForward, add_loha, add_lowrank, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -207,14 +209,19 @@ def _lokr_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
 
 def _lowrank(factors):
     """The forward of a layer type whose adapter a adds ((x Aᵀ) diag(s)) Bᵀ, (A, s, B) = factors(layer, a):
-    one lowrank_linear pass per adapter onto the base output (in the adapters' dtype, cast back)."""
+    the first adapter with the base layer as one op where specops.adapters.lowrank_onto can, then one
+    lowrank_linear pass per adapter onto the base output (in the adapters' dtype, cast back)."""
 
     def run(layer, x: Tensor, adapters: list[str]) -> Tensor:
-        out = layer.base_layer(x)
+        out = None
         for a in adapters:
             A, s, B = factors(layer, a)
-            out = add_lowrank(out, layer._cast_input_dtype(x, A.dtype), A, s, B)
-        return out
+            xa = layer._cast_input_dtype(x, A.dtype)
+            if out is None and xa is x:
+                out = lowrank_onto(layer.base_layer, x, A, s, B)
+            else:
+                out = add_lowrank(layer.base_layer(x) if out is None else out, xa, A, s, B)
+        return layer.base_layer(x) if out is None else out
 
     return run
 
