@@ -11,7 +11,8 @@ from ._backend import backend
 from ._registry import BackendError, available_backends, last_backend
 from .kron import block_diag_matmul, block_diag_matmul_reference, kron, kron_matmul, kron_matmul_reference, kron_reference
 from .optim import CayleyAdam, StiefelAdam, StiefelSGD
-from .spectral import (LQFactors, SODA_TABLE, SVDFactors, decompose, kron_factor_sizes, linear_path, lowrank_linear,
+from .spectral import (LQFactors, SODA_TABLE, SVDFactors, decompose, kron_factor_sizes, linear_path, lora_linear,
+                       lora_linear_reference, lowrank_linear,
                        lowrank_linear_reference, scaled_matmul, scaled_matmul_reference, spectral_linear,
                        spectral_linear_lq, spectral_linear_lq_reference,
                        spectral_linear_reference, spectral_shift, spectral_shift_lq, spectral_shift_lq_reference,

@@ -719,19 +719,19 @@ def hadamard_factored(rows: int, m: int, n: int, rank: int, trains: bool) -> boo
     return lowrank < 4 * rank * m * n
 
 
-def _add_hadamard(y: Tensor, x: Tensor, B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor, c,
-                  conv: nn.Conv2d | None = None) -> Tensor:
-    """y + c x ((B1 A1) ⊙ (B2 A2))ᵀ over x's rows, as one lowrank_linear pass of the rank-r² factors
-    (hadamard_factors), c (a number or a 0-dim tensor) on C: x (..., n) and y (..., m) in one dtype.
-    With `conv` (groups 1; A_i (r, in·kh·kw)): y + conv(x, c ΔW), as LoCon of rank r², D's conv with
-    conv's geometry then C's 1x1 up-projection."""
+def add_hadamard(base: nn.Linear | nn.Conv2d, x: Tensor, B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor, c,
+                 y: Tensor | None = None, run=None) -> Tensor:
+    """y + c x ((B1 A1) ⊙ (B2 A2))ᵀ over x's rows, as one pass of the rank-r² factors (hadamard_factors), c (a
+    number or a 0-dim tensor) on C, where the update belongs to `base` (a Linear, or a conv of groups 1 whose
+    A_i are (r, in·kh·kw): y + conv(x, c ΔW), LoCon of rank r², D's conv with base's geometry then C's 1x1
+    up-projection). y None: base's own output, run(x) (default base(x)), on a Linear through lowrank_onto (one
+    lora_linear op with base's weight where it can)."""
     C, D = hadamard_factors(B1 * c, A1, B2, A2)
-    if conv is not None:
-        h = F.conv2d(x, D.view(D.shape[0], *conv.weight.shape[1:]), None, *_conv_geometry(conv))
-        return _add_up_projection(y, C, h)
-    x2 = x.reshape(-1, x.shape[-1])
-    out = lowrank_linear(x2, D, D.new_ones(D.shape[0]), C, y.reshape(x2.shape[0], -1))
-    return out.view(y.shape)
+    if isinstance(base, nn.Conv2d):
+        h = F.conv2d(x, D.view(D.shape[0], *base.weight.shape[1:]), None, *_conv_geometry(base))
+        return _add_up_projection((run or base)(x) if y is None else y, C, h)
+    ones = D.new_ones(D.shape[0])
+    return lowrank_onto(base, x, D, ones, C, run) if y is None else add_lowrank(y, x, D, ones, C)
 
 
 def hadamard_rows(layer: nn.Linear | nn.Conv2d, x: Tensor) -> int | None:
@@ -798,8 +798,7 @@ class LoHa(Adapter):
             trains = torch.is_grad_enabled() and any(p.requires_grad for p in (self.B1, self.A1, self.B2, self.A2))
             if hadamard_factored(rows, m, n, self.rank, trains):
                 c = self.scale * self.alpha / self.rank
-                return _add_hadamard(self.base(x), x, self.B1, self.A1, self.B2, self.A2, c,
-                                     self.base if self.is_conv else None)
+                return add_hadamard(self.base, x, self.B1, self.A1, self.B2, self.A2, c)
         return _adapted_layer(self, x)
 
     def _delta(self, scale):

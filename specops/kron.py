@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ._constants import FLOAT_DTYPES, acc_dtype
-from ._registry import Kernel, declare, triton_module
+from ._registry import declare, triton_module
 
 __all__ = ["kron_matmul", "kron", "kron_matmul_reference", "kron_reference", "block_diag_matmul",
            "block_diag_matmul_reference"]

@@ -8,8 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..adapters import (_add_hadamard, _kron_conv_factored, _tucker_rebuild, add_lowrank, hadamard_delta,
-                        hadamard_factored, hadamard_factors, hadamard_rows)
+from ..adapters import _kron_conv_factored, _tucker_rebuild, hadamard_delta, hadamard_factored, hadamard_rows
 
 
 class PatchedForward:
@@ -43,24 +42,13 @@ def loha_delta(w1_a: Tensor, w1_b: Tensor, w2_a: Tensor, w2_b: Tensor, t1: Tenso
 
 
 def loha_factored(layer: nn.Linear | nn.Conv2d, x: Tensor, w1_a: Tensor, trains: bool) -> bool:
-    """Whether a LoHa (not Tucker) of w1_a's rank on `layer` is added as its rank-r² product (add_loha)
+    """Whether a LoHa (not Tucker) of w1_a's rank on `layer` is added as its rank-r² product (add_hadamard)
     rather than merged into the weight: specops.adapters.hadamard_factored's FLOP count (`trains`: a
     parameter of it requires grad, under grad mode)."""
     rows = hadamard_rows(layer, x)
     W0 = layer.weight
     return rows is not None and hadamard_factored(rows, W0.shape[0], W0[0].numel(), w1_a.shape[1],
                                                   trains and torch.is_grad_enabled())
-
-
-def add_loha(y: Tensor, x: Tensor, layer: nn.Linear | nn.Conv2d, w1_a: Tensor, w1_b: Tensor, w2_a: Tensor,
-             w2_b: Tensor, c) -> Tensor:
-    """y + c x ((w1_a w1_b) ⊙ (w2_a w2_b))ᵀ (a conv: y + conv(x, c ΔW) with layer's geometry), the peers'
-    LoHa, as the rank-r² LoRA (C, D) of specops.adapters.hadamard_factors (c, a number or a 0-dim tensor,
-    on C): a Linear through add_lowrank, a conv as specops.adapters._add_hadamard's LoCon."""
-    if isinstance(layer, nn.Conv2d):
-        return _add_hadamard(y, x, w1_a, w1_b, w2_a, w2_b, c, layer)
-    C, D = hadamard_factors(w1_a * c, w1_b, w2_a, w2_b)
-    return add_lowrank(y, x, D, D.new_ones(D.shape[0]), C)
 
 
 def lokr_w2_parts(w2: Tensor | None, w2_a: Tensor | None, w2_b: Tensor | None, t2: Tensor | None) -> tuple:

@@ -100,10 +100,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly,
-                        butterfly_gathers, butterfly_rows, lowrank_onto)
+                        add_hadamard, butterfly_gathers, butterfly_rows, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
-from ._patch import PatchedForward, add_loha, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -222,11 +222,11 @@ _lokr_fused = _fused(_lokr_delta)  # torch.kron keeps only the factors
 
 def _loha(mod, x: Tensor) -> Tensor:
     """LoHa (not Tucker): added as its rank-r² product when the FLOPs favour it (_patch.loha_factored /
-    add_loha: no weight-sized tensor), otherwise merged into one Linear or conv (_loha_fused)."""
+    adapters.add_hadamard: no weight-sized tensor), otherwise merged into one Linear or conv (_loha_fused)."""
     layer = mod.org_module[0]
     if not mod.tucker and loha_factored(layer, x, mod.hada_w1_a, any(p.requires_grad for p in mod.parameters())):
-        return add_loha(mod.org_forward(x), x, layer, mod.hada_w1_a, mod.hada_w1_b, mod.hada_w2_a, mod.hada_w2_b,
-                        _coef(mod, mod.multiplier))
+        return add_hadamard(layer, x, mod.hada_w1_a, mod.hada_w1_b, mod.hada_w2_a, mod.hada_w2_b,
+                            _coef(mod, mod.multiplier), run=mod.org_forward)
     return _loha_fused(mod, x)
 
 

@@ -69,7 +69,8 @@ Gradients are autograd's through the ops above, equal to PEFT's except on LoHa T
 hada_w1_a and hada_w2_a (it reuses the other half's rebuild); the patched layer gives the true
 ones and says so in report["notes"].
 
-LoRA's and AdaLoRA's Linear run lowrank_linear: one pass over x's rows forward and one over the output
+LoRA's and AdaLoRA's Linear run lora_linear (the base GEMM, then the update added into its output: one
+(T, m) tensor, not PEFT's two) or lowrank_linear: one pass over x's rows forward and one over the output
 gradient's backward, where PEFT's two nn.Linear calls are skinny GEMMs far below the machine's GEMM rate.
 LoRA adapters that are variants (DoRA, aLoRA, ...: layer.lora_variant) or have a lora_B bias run PEFT's
 forward while active (report["notes"]).
@@ -100,10 +101,10 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection,
-                        butterfly, butterfly_rows, lowrank_onto)
+                        add_hadamard, add_lowrank, butterfly, butterfly_rows, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley, matrix_polynomial
-from ._patch import PatchedForward, add_loha, add_lowrank, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
 
@@ -179,15 +180,16 @@ _loha_fused = _fused(_loha_delta)  # autograd keeps LoHa's factors, not its two 
 
 def _loha(layer, x: Tensor, adapters: list[str]) -> Tensor:
     """PEFT's LoHa: the adapters (not Tucker) whose FLOPs favour it added as their rank-r² products
-    (_patch.loha_factored / add_loha: no weight-sized tensor), the others merged into one Linear or conv
+    (_patch.loha_factored / adapters.add_hadamard: no weight-sized tensor), the others merged into one Linear or conv
     (_loha_fused)."""
     base = layer.get_base_layer()
     factored = [a for a in adapters if a not in layer.hada_t1 and loha_factored(
         base, x, layer.hada_w1_a[a], any(p.requires_grad for p in _adapter_params(layer, a)))]
-    y = _loha_fused(layer, x, [a for a in adapters if a not in factored])
+    merged = [a for a in adapters if a not in factored]
+    y = _loha_fused(layer, x, merged) if merged or not factored else None  # None: the first onto base itself
     for a in factored:
-        y = add_loha(y, x, base, layer.hada_w1_a[a], layer.hada_w1_b[a], layer.hada_w2_a[a], layer.hada_w2_b[a],
-                     layer.scaling[a])
+        y = add_hadamard(base, x, layer.hada_w1_a[a], layer.hada_w1_b[a], layer.hada_w2_a[a], layer.hada_w2_b[a],
+                         layer.scaling[a], y=y)
     return y
 _lokr_fused = _fused(_lokr_delta)  # torch.kron keeps only the factors
 
