@@ -505,17 +505,25 @@ def test_sdxl_attention_shapes():
 
 @pytest.mark.parametrize("method", ["lora", "adalora"])
 def test_lora_and_adalora_linear_run_the_lowrank_cpp_kernel(method):
-    """Their hot path is lowrank_linear's cpp kernel in fp32 up to LOWRANK_MAX_RANK, the torch kernel beyond it
-    and in bf16 (the kernel's refusal, not an error)."""
+    """Their hot path on a plain nn.Linear is lora_linear's cpp kernel in fp32 up to LOWRANK_MAX_RANK, the torch
+    kernel beyond it and in bf16 (the kernel's refusal, not an error); a base with a forward hook is called as
+    itself, the update added by lowrank_linear."""
     if not specops.available_backends("lowrank_linear")["cpp"].startswith("available"):
         pytest.skip("the C++ extension is not built")
     x = torch.randn(5, 16, requires_grad=True)
+    option = {"lora": "rank", "adalora": "init_r"}[method]
     for rank, dtype, want in ((4, torch.float32, "cpp"), (sp.LOWRANK_MAX_RANK + 1, torch.float32, "torch"),
                               (4, torch.bfloat16, "torch")):
-        option = {"lora": "rank", "adalora": "init_r"}[method]
         layer = make_adapter(method, torch.nn.Linear(16, 32).to(dtype), **{option: rank})
         layer(x.to(dtype)).sum().backward()
-        assert (specops.last_backend("lowrank_linear"), specops.last_backend("lowrank_linear_backward")) == (want, want)
+        assert (specops.last_backend("lora_linear"), specops.last_backend("lora_linear_backward")) == (want, want)
+    base = torch.nn.Linear(16, 32)
+    calls = []
+    base.register_forward_hook(lambda *a: calls.append(1))
+    layer = make_adapter(method, base, **{option: 4})
+    specops._registry.OPS["lowrank_linear"].last = None
+    layer(x).sum().backward()
+    assert calls == [1] and specops.last_backend("lowrank_linear") == "cpp"
 
 
 def test_lowrank_linear_errors():
