@@ -49,6 +49,12 @@ struct V32 {
 
 inline int64_t padded(int64_t b, int64_t L) { return (b + L - 1) / L * L; }
 
+// Tiles per task: ~32k multiply-adds (a tile row costs n b), so a small layer's call stays on one thread
+// instead of paying a parallel region for a few microseconds of work.
+inline int64_t tile_grain(int64_t n, int64_t b) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kTileRows * n * b));
+}
+
 // y[r, i b + c] = Σ_j x[r, i b + j] Bp[i, j, c] for R rows, block i, C vectors of its columns from c0.
 template <typename T, int R, int C>
 inline void fwd_cols(const T* x, int64_t ldx, const T* Bp, int64_t k, int64_t b, int64_t bp, T* y, int64_t ldy,
@@ -193,7 +199,7 @@ void forward(const at::Tensor& x, const at::Tensor& Bp, int64_t b, const int64_t
   const acc_t* bpp = Bp.const_data_ptr<acc_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   const bool staged = !std::is_same_v<scalar_t, acc_t> || perm != nullptr;
-  at::parallel_for(0, (T + kTileRows - 1) / kTileRows, 1, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, (T + kTileRows - 1) / kTileRows, tile_grain(n, b), [&](int64_t q0, int64_t q1) {
     Scratch<acc_t> xbuf(kTileRows * n), ybuf(staged ? kTileRows * n : 0);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t t0 = q * kTileRows, rows = std::min(kTileRows, T - t0);
@@ -222,7 +228,7 @@ at::Tensor backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& 
   at::Tensor acc = at::zeros({threads, k, b, bp}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* accp = acc.mutable_data_ptr<acc_t>();
   scalar_t* gxp = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, (T + kTileRows - 1) / kTileRows, 1, [&](int64_t q0, int64_t q1) {
+  at::parallel_for(0, (T + kTileRows - 1) / kTileRows, tile_grain(n, b), [&](int64_t q0, int64_t q1) {
     acc_t* A = accp + at::get_thread_num() * k * b * bp;
     Scratch<acc_t> xbuf(kTileRows * n), gbuf(kTileRows * n), obuf(staged && need_x ? kTileRows * n : 0);
     for (int64_t q = q0; q < q1; ++q) {

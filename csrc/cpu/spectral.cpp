@@ -232,6 +232,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scaled_matmul_bwd_cpu(const at::T
 
 constexpr int64_t kLowrankRows = 32;  // rows per block: x, y and G rows of a block stay in L2
 
+// Blocks per task: ~32k multiply-adds (a block row costs r (n + m)), so a small layer's call stays on one
+// thread instead of paying a parallel region for a few microseconds of work.
+inline int64_t block_grain(int64_t r, int64_t n, int64_t m) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kLowrankRows * r * (n + m)));
+}
+
 // H[i, j] = Σ_k X[i, k] A[j, k] for R rows of X (stride ldx) and J rows of A (stride n).
 template <typename T, int R, int J>
 inline void dots_tile(const T* X, int64_t ldx, const T* A, int64_t n, T* H, int64_t ldh) {
@@ -412,7 +418,7 @@ void lowrank_rows(const at::Tensor& x, const at::Tensor& A, const at::Tensor& s,
     const scalar_t *ap = Ac.const_data_ptr<scalar_t>(), *bp = Bts.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t blocks = (T + kLowrankRows - 1) / kLowrankRows;
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, blocks, block_grain(r, n, m), [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> H(kLowrankRows * r);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t t0 = b * kLowrankRows, rows = std::min(kLowrankRows, T - t0);
@@ -478,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_backward(
     const at::Tensor sc = s.contiguous();
     const scalar_t* sp = sc.const_data_ptr<scalar_t>();
     const int64_t blocks = (T + kLowrankRows - 1) / kLowrankRows;
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, blocks, block_grain(r, n, m), [&](int64_t b0, int64_t b1) {
       const int64_t tid = at::get_thread_num();
       std::vector<scalar_t> U(kLowrankRows * r), H(kLowrankRows * r);
       for (int64_t b = b0; b < b1; ++b) {
