@@ -108,7 +108,7 @@ test-cuda-build-if-room:
 
 # --- On a GPU machine: `make gpu-validate` (DRY_RUN=1 lists the steps; QUICK=1 for the short run).
 # `make gpu-wheels` (here, with network) fetches what the lent GPU image lacks, for its Python 3.12.
-GPU_WHEELS ?= "diffusers>=0.35,<0.43" lycoris-lora==4.1.3 geotorch importlib_metadata toml
+GPU_WHEELS ?= "diffusers>=0.35,<0.43" peft==0.21.2 lycoris-lora==4.1.3 geotorch importlib_metadata toml
 gpu-validate:
 	$(PYTHON) specops/gpu_validate.py $(if $(DRY_RUN),--dry-run) $(if $(QUICK),--quick)
 

@@ -8,16 +8,21 @@ beforehand on a networked machine by `make gpu-wheels`. Steps, each with its own
 step is reported and the later ones still run (without the CUDA build, the tests and benchmarks cover
 the torch and triton backends only):
   probe   nvidia-smi, torch / CUDA / Triton versions, the GPU's name and compute capability
-  wheels  pip install --no-index --no-deps --target DIR/site wheels/*.whl (PYTHONPATH for what follows)
+  wheels  pip install --no-index --no-deps --target SITE wheels/*.whl (a temporary folder; PYTHONPATH for
+          what follows)
   build   the CUDA extension for this GPU's arch, in place (pip install --no-build-isolation -e .)
   info    python -m specops info: the CUDA kernels must be there
   tests   the device matrix (tests/test_devices.py: every op x GPU backend against the reference,
           fp64 gradcheck, opcheck, compile, fused optimisers, adapters) and the CUDA kernels'
-          registration; the full suite too unless --quick (pytest-xdist when installed)
-  bench   python -m specops.bench --device cuda --memory (CUDA events; roof measured on the GPU)
+          registration (pytest-xdist when installed)
+  suite   the rest of the test suite, unless --quick
+  bench   python -m specops.bench --device cuda --memory (CUDA events; roof measured on the GPU), the
+          kernel families first; its report is rewritten after every family, so a bench stopped at its
+          limit still leaves what it measured
 Everything lands in DIR (default $OUT when set, else gpu_validate_out/): gpu_validate.md and .json
-(each step's command, status, seconds and output tail), tests.xml, bench/report.md and report.json.
-The limits add up to 8 minutes (--quick: 5.5, about 3 expected) on one H100/H200-class GPU.
+(each step's command, status, seconds and output tail), gpu_validate.log (every step's whole output),
+tests.xml, suite.xml, bench/report.md, report.json and the plots.
+The limits add up to 9 minutes (--quick: 5.5, about 3 expected) on one H100/H200-class GPU.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,12 +46,18 @@ PROBE = ("import torch, importlib.util as u; c = torch.cuda.is_available(); "
 ARCH = "import torch; print('%d%d' % torch.cuda.get_device_capability())"
 
 
-def steps(out: Path, quick: bool) -> list[tuple[str, str, int]]:
+def steps(out: Path, site: Path, quick: bool) -> list[tuple[str, str, int]]:
     """(name, shell command, seconds allowed) in order."""
-    site = out / "site"
     xdist = "-n 8" if _has("xdist") else ""
-    test_files = "tests/test_devices.py tests/test_build.py" if quick else "tests"
-    families = "kron stiefel zip" if quick else ""
+    families = "kron stiefel zip" if quick else "kron spectral stiefel zip sdxl adalora peers"
+
+    def pytest(files: str, xml: str, limit: int) -> tuple[str, int]:
+        # SIGINT a little before the limit: pytest then still prints its summary and writes its xml
+        return (f"SPECOPS_EXPECT_CUDA_KERNELS=1 timeout -s INT -k 10 {limit - 15} {PY} -m pytest -q -p no:cacheprovider "
+                f"{xdist} --junitxml={out}/{xml} {files}", limit)
+
+    suite = [("suite", *pytest("tests --ignore=tests/test_devices.py --ignore=tests/test_build.py",
+                               "suite.xml", 120))] if not quick else []
     return [
         ("probe", f"nvidia-smi -L; {PY} -c {shlex.quote(PROBE)}", 30),
         ("wheels", f"{PY} -m pip install -q --no-index --no-deps --no-compile --upgrade --target {site} "
@@ -53,8 +65,8 @@ def steps(out: Path, quick: bool) -> list[tuple[str, str, int]]:
         ("build", f"SPECOPS_CUDA=1 SPECOPS_CUDA_ARCHS=$({PY} -c {shlex.quote(ARCH)}) MAX_JOBS=$(nproc) "
                   f"{PY} -m pip install -q --no-build-isolation --no-deps -e {ROOT}", 150),
         ("info", f"{PY} -m specops info", 30),
-        ("tests", f"SPECOPS_EXPECT_CUDA_KERNELS=1 {PY} -m pytest -q -p no:cacheprovider {xdist} "
-                  f"--junitxml={out}/tests.xml {test_files}", 45 if quick else 120),
+        ("tests", *pytest("tests/test_devices.py tests/test_build.py", "tests.xml", 60)),
+        *suite,
         ("bench", f"{PY} -m specops.bench {families} --device cuda --memory {'--quick' if quick else ''} "
                   f"--report {out}/bench", 45 if quick else 120),
     ]
@@ -74,7 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "gpu_validate_out"))
     args = ap.parse_args(argv)
     out = args.out.resolve()
-    plan = steps(out, args.quick)
+    site = Path(tempfile.gettempdir()) / "specops_gpu_site"  # installed wheels stay out of the report
+    plan = steps(out, site, args.quick)
     if args.dry_run:
         for i, (name, cmd, limit) in enumerate(plan, 1):
             print(f"{i}. {name} (at most {limit} s)\n   {cmd}")
@@ -82,8 +95,9 @@ def main(argv=None) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(out / "site"), os.environ.get("PYTHONPATH")]))}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     results = []
+    log = open(out / "gpu_validate.log", "w")
     for name, cmd, limit in plan:
         t0 = time.perf_counter()
         try:
@@ -98,6 +112,9 @@ def main(argv=None) -> int:
                         "output_tail": text[-4000:]})
         print(f"[{name}] {status} in {sec:.0f} s", flush=True)
         print(text[-1500:], flush=True)
+        log.write(f"===== {name}: {status} in {sec:.0f} s\n$ {cmd}\n{text}\n")
+        log.flush()
+    log.close()
     (out / "gpu_validate.json").write_text(json.dumps(results, indent=1))
     md = ["# specops gpu-validate", ""] + [f"- {r['step']}: {r['status']}, {r['seconds']} s" for r in results]
     for r in results:

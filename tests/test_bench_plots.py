@@ -1,7 +1,7 @@
-"""specops.bench.plots: the PNGs a --report run writes, from the rows of a run (no timing here)."""
+"""specops.bench._plots: the PNGs a --report run writes, from the rows of a run (no timing here)."""
 import pytest
 
-from specops.bench import plots
+from specops.bench import _plots as plots
 
 pytest.importorskip("matplotlib")
 

@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from . import FAMILIES, format_rows, plots, roof, run
+from . import FAMILIES, _plots, format_rows, roof, run
 
 
 def main(argv=None) -> int:
@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action="store_true", help="also measure peak allocated bytes")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where inputs live (cuda: CUDA events)")
     ap.add_argument("--json", help="write the rows to this file")
-    ap.add_argument("--report", help="write report.md, report.json and the PNG plots (specops.bench.plots) of the "
+    ap.add_argument("--report", help="write report.md, report.json and the PNG plots (specops.bench._plots) of the "
                                      "whole run into this directory")
     args = ap.parse_args(argv)
     unknown = [f for f in args.families if f not in FAMILIES]
@@ -41,17 +41,19 @@ def main(argv=None) -> int:
         print(section, flush=True)
         sections.append(section)
         rows += fam_rows
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        # written after every family, so a run that is stopped part-way still leaves what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        if args.report:
+            os.makedirs(args.report, exist_ok=True)
+            with open(os.path.join(args.report, "report.md"), "w") as f:
+                f.write("\n".join(sections))
+            with open(os.path.join(args.report, "report.json"), "w") as f:
+                json.dump({"device": args.device, "device_name": where, "torch": torch.__version__, "roof": peak,
+                           "rows": rows}, f, indent=1)
     if args.report:
-        os.makedirs(args.report, exist_ok=True)
-        with open(os.path.join(args.report, "report.md"), "w") as f:
-            f.write("\n".join(sections))
-        with open(os.path.join(args.report, "report.json"), "w") as f:
-            json.dump({"device": args.device, "device_name": where, "torch": torch.__version__, "roof": peak,
-                       "rows": rows}, f, indent=1)
-        plots.write(rows, args.report, header.replace("# ", "").replace("\n", "; "))
+        _plots.write(rows, args.report, header.replace("# ", "").replace("\n", "; "))
     return 0
 
 
