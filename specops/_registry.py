@@ -164,8 +164,8 @@ def declare(
         torch.library.impl(qual, "CompositeExplicitAutograd")(_dispatcher(op, defaults))
         torch.library.register_fake(qual)(_checked(fake, check, defaults))
     if backward_fn is not None:
-        op.autograd = (setup_context, _trimmed(backward_fn))
-        torch.library.register_autograd(qual, op.autograd[1], setup_context=setup_context)
+        op.autograd = _keeping_backend(setup_context, _trimmed(backward_fn))
+        torch.library.register_autograd(qual, op.autograd[1], setup_context=op.autograd[0])
     if backward is not None:
         _register_higher_order(_op(backward))
     if torch_autograd:
@@ -243,6 +243,25 @@ def _vmap_loop(op: Op):
         return kind(torch.stack(parts) for parts in zip(*outs)), kind([0] * len(outs[0]))
 
     return rule
+
+
+def _keeping_backend(setup_context, backward_fn):
+    """The autograd pair with the forward's forced backend (specops.backend, a context variable) carried
+    into the backward: autograd runs the backward of CUDA tensors on a device thread of its own, where
+    the caller's block is not set, and the backward op would run the device default instead."""
+
+    def setup(ctx, inputs, output):
+        ctx.forced_backend = _backend._forced.get()
+        setup_context(ctx, inputs, output)
+
+    def backward(ctx, *grads):
+        token = _backend._forced.set(ctx.forced_backend)
+        try:
+            return backward_fn(ctx, *grads)
+        finally:
+            _backend._forced.reset(token)
+
+    return setup, backward
 
 
 def _trimmed(backward_fn):

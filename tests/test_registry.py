@@ -141,3 +141,22 @@ def test_eager_calls_skip_the_dispatcher_and_match_it():
     with torch.profiler.profile() as prof:
         toy_scale(x, w)
     assert any(e.name == "specops_toy::scale" for e in prof.events())
+
+
+@pytest.mark.parametrize("path", ["eager", "dispatcher"])
+def test_forced_backend_reaches_a_backward_run_on_another_thread(path):
+    """Autograd runs the backward of CUDA tensors on a device thread of its own, outside the caller's
+    specops.backend block: the forward's forced backend must still choose the backward op's kernel.
+    Shown on the CPU with the backward run from a fresh thread (no context variables set there)."""
+    import threading
+
+    x, f = torch.randn(4, 6, requires_grad=True), [torch.randn(2, 3), torch.randn(3, 2)]
+    call = specops.kron_matmul if path == "eager" else torch.ops.specops.kron_matmul
+    with specops.backend("torch"):
+        y = call(x, f)
+    _registry.OPS["kron_matmul_backward"].last = None
+    thread = threading.Thread(target=lambda: y.sum().backward())
+    thread.start()
+    thread.join()
+    assert specops.last_backend("kron_matmul_backward") == "torch"
+    torch.testing.assert_close(x.grad, torch.ones(4, 6) @ torch.kron(*f).mT)
