@@ -99,7 +99,8 @@ def _bias_corrections(step_ptr, b, per, log_beta1, log_beta2, eye):
 
 
 @triton.jit
-def _sgd_kernel(X_ptr, G_ptr, M_ptr, n, p, lr, momentum, q, eps, tol, iters,
+def _sgd_kernel(X_ptr, G_ptr, M_ptr, n, p, lr: tl.float64, momentum: tl.float64, q: tl.float64, eps: tl.float64,
+                tol: tl.float64, iters,
                 BN: tl.constexpr, BP: tl.constexpr, F64: tl.constexpr, MAX_ITER: tl.constexpr):
     """Cayley SGD with momentum for matrix program_id(0)."""
     b = tl.program_id(0).to(tl.int64)
@@ -108,25 +109,32 @@ def _sgd_kernel(X_ptr, G_ptr, M_ptr, n, p, lr, momentum, q, eps, tol, iters,
     X = tl.load(X_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
     G = tl.load(G_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
     M = tl.load(M_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
-    M = momentum * M - G
+    # (float arguments come as fp64, which Triton would otherwise round to fp32; computed in eye's type,
+    # each cast where it is used so that no register holds it through the kernel)
+    M = tl.cast(momentum, eye.dtype) * M - G
     PM, wnorm = _generator(X, M)
     Mt = _apply_w(X, PM, X)
-    alpha = tl.minimum(lr, 2.0 * q / (wnorm + eps))
+    alpha = tl.minimum(tl.cast(lr, eye.dtype), 2.0 * tl.cast(q, eye.dtype) / (wnorm + tl.cast(eps, eye.dtype)))
     Y = X + alpha * Mt
+    tl.store(M_ptr + base + offs, Mt.to(M_ptr.dtype.element_ty), mask=mask)  # (here: Mt's registers are free after)
     for _ in range(iters):
         Y = X + 0.5 * alpha * _apply_w(X, PM, X + Y)
-    Y = _polar_ns(Y, eye, tol, MAX_ITER)
+    Y = _polar_ns(Y, eye, tl.cast(tol, eye.dtype), MAX_ITER)
     tl.store(X_ptr + base + offs, Y.to(X_ptr.dtype.element_ty), mask=mask)
-    tl.store(M_ptr + base + offs, Mt.to(M_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _cayley_adam_kernel(X_ptr, G_ptr, m_ptr, v_ptr, step_ptr, per, n, p, lr, beta1, beta2, log_beta1, log_beta2,
-                        eps, q, tol, iters, BN: tl.constexpr, BP: tl.constexpr, F64: tl.constexpr,
+def _cayley_adam_kernel(X_ptr, G_ptr, m_ptr, v_ptr, step_ptr, per, n, p, lr: tl.float64, beta1: tl.float64,
+                        beta2: tl.float64, log_beta1: tl.float64, log_beta2: tl.float64, eps: tl.float64,
+                        q: tl.float64, tol: tl.float64, iters, BN: tl.constexpr, BP: tl.constexpr, F64: tl.constexpr,
                         MAX_ITER: tl.constexpr):
     """Cayley Adam for matrix program_id(0); its parameter's step count is step[b // per]."""
     b = tl.program_id(0).to(tl.int64)
     offs, mask, _, _, eye = _tiles(n, p, BN, BP, F64)
+    # (float arguments come as fp64, which Triton would otherwise round to fp32; computed in eye's type)
+    lr, beta1, beta2 = tl.cast(lr, eye.dtype), tl.cast(beta1, eye.dtype), tl.cast(beta2, eye.dtype)
+    q, eps, tol = tl.cast(q, eye.dtype), tl.cast(eps, eye.dtype), tl.cast(tol, eye.dtype)
+    log_beta1, log_beta2 = tl.cast(log_beta1, eye.dtype), tl.cast(log_beta2, eye.dtype)
     base = b * n * p
     bc1, bc2 = _bias_corrections(step_ptr, b, per, log_beta1, log_beta2, eye)
     X = tl.load(X_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
@@ -149,12 +157,16 @@ def _cayley_adam_kernel(X_ptr, G_ptr, m_ptr, v_ptr, step_ptr, per, n, p, lr, bet
 
 
 @triton.jit
-def _stiefel_adam_kernel(X_ptr, G_ptr, Y_ptr, P_ptr, V_ptr, Q_ptr, step_ptr, per, n, p, lr, beta1, beta2,
-                         log_beta1, log_beta2, eps, tol, BN: tl.constexpr, BP: tl.constexpr, F64: tl.constexpr,
+def _stiefel_adam_kernel(X_ptr, G_ptr, Y_ptr, P_ptr, V_ptr, Q_ptr, step_ptr, per, n, p, lr: tl.float64,
+                         beta1: tl.float64, beta2: tl.float64, log_beta1: tl.float64, log_beta2: tl.float64,
+                         eps: tl.float64, tol: tl.float64, BN: tl.constexpr, BP: tl.constexpr, F64: tl.constexpr,
                          TALL: tl.constexpr, MAX_ITER: tl.constexpr):
     """StiefelAdam (Kong, Wang & Tao) for matrix program_id(0)."""
     b = tl.program_id(0).to(tl.int64)
     offs, mask, offs_pp, mask_pp, eye = _tiles(n, p, BN, BP, F64)
+    lr, beta1, beta2 = tl.cast(lr, eye.dtype), tl.cast(beta1, eye.dtype), tl.cast(beta2, eye.dtype)
+    eps, tol = tl.cast(eps, eye.dtype), tl.cast(tol, eye.dtype)
+    log_beta1, log_beta2 = tl.cast(log_beta1, eye.dtype), tl.cast(log_beta2, eye.dtype)
     base = b * n * p
     base_pp = b * p * p
     bc1, bc2 = _bias_corrections(step_ptr, b, per, log_beta1, log_beta2, eye)
@@ -254,17 +266,17 @@ def aot_specs() -> list[tuple[str, "triton.JITFunction", dict, dict]]:
         for bn, bp in _AOT_TILES:
             base = {"BN": bn, "BP": bp, "F64": f64, "MAX_ITER": POLAR_MAX_ITER}
             opts = {"num_warps": _warps(bn, bp)}
-            sig = {"X_ptr": ptr, "G_ptr": ptr, "M_ptr": ptr, "n": "i32", "p": "i32", "lr": "fp32",
-                   "momentum": "fp32", "q": "fp32", "eps": "fp32", "tol": "fp32", "iters": "i32"}
+            sig = {"X_ptr": ptr, "G_ptr": ptr, "M_ptr": ptr, "n": "i32", "p": "i32", "lr": "fp64",
+                   "momentum": "fp64", "q": "fp64", "eps": "fp64", "tol": "fp64", "iters": "i32"}
             specs.append((f"stiefel_sgd_{ty}_{bn}x{bp}", _sgd_kernel, sig, dict(base), opts))
             sig = {"X_ptr": ptr, "G_ptr": ptr, "m_ptr": ptr, "v_ptr": ptr, "step_ptr": "*fp64", "per": "i32",
-                   "n": "i32", "p": "i32", "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "log_beta1": "fp32",
-                   "log_beta2": "fp32", "eps": "fp32", "q": "fp32", "tol": "fp32", "iters": "i32"}
+                   "n": "i32", "p": "i32", "lr": "fp64", "beta1": "fp64", "beta2": "fp64", "log_beta1": "fp64",
+                   "log_beta2": "fp64", "eps": "fp64", "q": "fp64", "tol": "fp64", "iters": "i32"}
             specs.append((f"cayley_adam_{ty}_{bn}x{bp}", _cayley_adam_kernel, sig, dict(base), opts))
             for tall in (False, True):
                 sig = {"X_ptr": ptr, "G_ptr": ptr, "Y_ptr": ptr, "P_ptr": ptr, "V_ptr": ptr, "Q_ptr": ptr,
-                       "step_ptr": "*fp64", "per": "i32", "n": "i32", "p": "i32", "lr": "fp32", "beta1": "fp32",
-                       "beta2": "fp32", "log_beta1": "fp32", "log_beta2": "fp32", "eps": "fp32", "tol": "fp32"}
+                       "step_ptr": "*fp64", "per": "i32", "n": "i32", "p": "i32", "lr": "fp64", "beta1": "fp64",
+                       "beta2": "fp64", "log_beta1": "fp64", "log_beta2": "fp64", "eps": "fp64", "tol": "fp64"}
                 specs.append((f"stiefel_adam_{ty}_{bn}x{bp}{'_tall' if tall else ''}", _stiefel_adam_kernel, sig,
                                dict(base, TALL=tall), opts))
     return specs

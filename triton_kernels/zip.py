@@ -87,7 +87,7 @@ def _load_two(p1, p2, s1r, s1c, s2r, s2c, r1, r2, rows, cols, n_cols):
 
 
 @triton.jit
-def _lowrank_kernel(X, L1, L2, M1, M2, V1, V2, OUT, H, T, K, N, r1, r2, s1, s2,
+def _lowrank_kernel(X, L1, L2, M1, M2, V1, V2, OUT, H, T, K, N, r1, r2, s1: tl.float64, s2: tl.float64,
                     l1r, l1c, l2r, l2c, m1r, m1c, m2r, m2c, scale_l, scale_m, accum, store_h,
                     PRECISION: tl.constexpr, R_PAD: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -98,6 +98,7 @@ def _lowrank_kernel(X, L1, L2, M1, M2, V1, V2, OUT, H, T, K, N, r1, r2, s1, s2,
     accum: add OUT's current values; store_h: write h = X L^T to H (T, r1 + r2), acc dtype.
     """
     acc_ty = V1.dtype.element_ty
+    s1, s2 = tl.cast(s1, acc_ty), tl.cast(s2, acc_ty)  # (fp64 arguments: Triton would round a plain float to fp32)
     pid = tl.program_id(0)
     t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
@@ -134,7 +135,7 @@ def _lowrank_kernel(X, L1, L2, M1, M2, V1, V2, OUT, H, T, K, N, r1, r2, s1, s2,
 
 
 @triton.jit
-def _merger_grad_kernel(U, X, A1, A2, V1, V2, GM, GA, T, K, r1, r2, s1, s2, tokens_per_split,
+def _merger_grad_kernel(U, X, A1, A2, V1, V2, GM, GA, T, K, r1, r2, s1: tl.float64, s2: tl.float64, tokens_per_split,
                         need_m, need_a, PRECISION: tl.constexpr, R_PAD: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr):
     """Partial merger gradients of one token split over BLOCK_J columns (see the module docstring).
@@ -143,6 +144,7 @@ def _merger_grad_kernel(U, X, A1, A2, V1, V2, GM, GA, T, K, r1, r2, s1, s2, toke
     dtype). GM (splits, 2, K) and GA (splits, r1 + r2, K) receive acc-dtype partial sums.
     """
     acc_ty = V1.dtype.element_ty
+    s1, s2 = tl.cast(s1, acc_ty), tl.cast(s2, acc_ty)
     pid_j = tl.program_id(0)
     split = tl.program_id(1)
     j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -301,14 +303,14 @@ def aot_specs() -> list[tuple[str, "triton.JITFunction", dict, dict]]:
             for out_ty in dict.fromkeys(("*" + ty, acc)):
                 lsig = dict(sig, OUT=out_ty, H=acc)
                 lsig.update({n: "i32" for n in ("T", "K", "N", "r1", "r2")})
-                lsig.update({"s1": "fp32", "s2": "fp32"})
+                lsig.update({"s1": "fp64", "s2": "fp64"})
                 lsig.update({n: "i32" for n in ("l1r", "l1c", "l2r", "l2c", "m1r", "m1c", "m2r", "m2c", "scale_l",
                                                  "scale_m", "accum", "store_h")})
                 cx = {"PRECISION": _precision(dtype), "R_PAD": r_pad, **_lowrank_cfg(r_pad, dtype)}
                 name = f"zip_lowrank_{ty}_r{r_pad}" + ("" if out_ty == "*" + ty else "_hout")
                 specs.append((name, _lowrank_kernel, lsig, cx))
             msig = {"U": acc, "X": "*" + ty, "A1": "*" + ty, "A2": "*" + ty, "V1": acc, "V2": acc, "GM": acc,
-                    "GA": acc, "T": "i32", "K": "i32", "r1": "i32", "r2": "i32", "s1": "fp32", "s2": "fp32",
+                    "GA": acc, "T": "i32", "K": "i32", "r1": "i32", "r2": "i32", "s1": "fp64", "s2": "fp64",
                     "tokens_per_split": "i32", "need_m": "i32", "need_a": "i32"}
             cx = {"PRECISION": _precision(dtype), "R_PAD": r_pad, **_merger_cfg(r_pad, dtype)}
             specs.append((f"zip_merger_grad_{ty}_r{r_pad}", _merger_grad_kernel, msig, cx))
