@@ -12,12 +12,15 @@ was built with CUDA. Environment:
                              embedded too, so newer GPUs can JIT it)
   SPECOPS_CPU_ARCH=native    value for -march (empty: compiler default)
   MAX_JOBS=2                 parallel compile jobs (small machines run out of memory beyond that)
+  CXX=c++                    the C++ compiler; one that links libstdc++ statically into shared objects
+                             (a kernel's error would then crash Python) is replaced by c++ / g++ from PATH
 What was used is printed and written to specops/_build_info.json (`python -m specops info`).
 """
 import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -32,6 +35,43 @@ BUILD_INFO = os.path.join(ROOT, "specops", "_build_info.json")
 
 def _say(msg):
     print(f"specops build: {msg}", file=sys.stderr)
+
+
+def _links_shared_libstdcxx(cxx):
+    """Whether `cxx` links a shared object against the shared libstdc++ (None: the probe did not build).
+    A toolchain that has only the static one copies its own C++ runtime into the extension; an error
+    raised in a kernel (TORCH_CHECK) then crashes the process instead of reaching Python."""
+    with tempfile.TemporaryDirectory() as d:
+        src, so = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
+        with open(src, "w") as f:
+            f.write('#include <stdexcept>\nvoid specops_probe() { throw std::runtime_error("probe"); }\n')
+        try:
+            built = subprocess.run(shlex.split(cxx) + ["-shared", "-fPIC", src, "-o", so], capture_output=True,
+                                   timeout=120).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if not built:
+            return None
+        with open(so, "rb") as f:
+            return b"libstdc++.so" in f.read()  # the NEEDED entry's name, in the dynamic string table
+
+
+def _choose_cxx():
+    """CXX (default c++), unless it links libstdc++ statically: then the first c++ / g++ on PATH that
+    links it shared, said aloud and put in CXX for the build; an error when there is none."""
+    cxx = os.environ.get("CXX", "c++")
+    if _links_shared_libstdcxx(cxx) is not False:
+        return cxx
+    for name in ("c++", "g++"):
+        other = shutil.which(name)
+        if other and _links_shared_libstdcxx(other):
+            _say(f"CXX={cxx} links libstdc++ statically into shared objects, so an error raised in a kernel "
+                 f"would crash Python; building with {other} instead")
+            os.environ["CXX"] = other
+            return other
+    raise SystemExit(f"specops build: CXX={cxx} links libstdc++ statically into shared objects (an error raised "
+                     "in a kernel would crash Python), and no c++ / g++ on PATH links it shared; set CXX to one "
+                     "that does, or SPECOPS_NO_EXT=1 for the pure-Python install")
 
 
 def _compiler_accepts(flag):
@@ -100,6 +140,7 @@ def _extensions():
     import torch
 
     os.environ.setdefault("MAX_JOBS", "2")
+    _choose_cxx()
     cxx = ["-O3", f"-std={CXX_STD}", "-fopenmp", "-fno-math-errno"]
     arch = os.environ.get("SPECOPS_CPU_ARCH", "native")
     if arch and _compiler_accepts(f"-march={arch}"):

@@ -88,6 +88,25 @@ def test_cuda_home_from_nvcc_on_path(setup_py, tmp_path, monkeypatch):
     assert setup_py._nvcc_version(found) == "13.0"
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no c++ on PATH")
+def test_a_compiler_that_links_libstdcxx_statically_is_replaced(setup_py, tmp_path, monkeypatch, capsys):
+    """A GPU image's wrapper GCC had only the static libstdc++: the extension then carried its own C++
+    runtime and a kernel's TORCH_CHECK crashed Python. setup.py sees it and builds with c++ instead."""
+    static = tmp_path / "static-g++"
+    static.write_text(f'#!/bin/sh\nexec {shutil.which("c++")} -static-libstdc++ "$@"\n')
+    static.chmod(0o755)
+    assert setup_py._links_shared_libstdcxx("c++") is True
+    assert setup_py._links_shared_libstdcxx(str(static)) is False
+    assert setup_py._links_shared_libstdcxx(str(tmp_path / "missing")) is None  # cannot tell: left alone
+    monkeypatch.setenv("CXX", str(static))
+    assert setup_py._choose_cxx() == shutil.which("c++") == os.environ["CXX"]
+    assert "links libstdc++ statically" in capsys.readouterr().err
+    monkeypatch.setenv("CXX", str(static))
+    monkeypatch.setattr(setup_py.shutil, "which", lambda name: None)  # no other compiler to fall back on
+    with pytest.raises(SystemExit, match="links libstdc\\+\\+ statically"):
+        setup_py._choose_cxx()
+
+
 def test_cuda_home_env_wins_and_a_wrong_one_is_an_error(setup_py, tmp_path, monkeypatch):
     home, wrapper_dir = _fake_toolkit(tmp_path, "a")
     other, _ = _fake_toolkit(tmp_path / "x", "b")
