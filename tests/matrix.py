@@ -67,13 +67,17 @@ def _forced(backend):
 
 def _convert(op, args, device, dtype, grad):
     """args on `device`: floating tensors cast to `dtype` (but those the op names in fixed_dtype), as
-    leaves that require grad when `grad`."""
+    leaves that require grad when `grad`; other tensors (a permutation, say) moved as they are."""
+    def other(t):
+        return t.to(device) if isinstance(t, torch.Tensor) and not t.is_floating_point() else t
+
     out = []
     for spec, a in zip(op.overload._schema.arguments, args):
         keep = spec.name in op.fixed_dtype
         moved = [t.detach().to(device=device, dtype=t.dtype if keep else dtype, copy=True).requires_grad_(grad and not keep)
                  for t in testing.leaves([a])]
-        out.append(testing.rebuild([a], moved)[0])
+        a = testing.rebuild([a], moved)[0]
+        out.append([other(t) for t in a] if isinstance(a, (list, tuple)) else other(a))
     return tuple(out)
 
 

@@ -9,6 +9,7 @@ against the same numbers as a CPU run. The per-family files hold the exhaustive 
 keeps one compact case list per op so the same checks run on every device; gradcheck, opcheck and
 compile of every op are in tests/test_ops.py (the registry's matrix).
 """
+import copy
 import functools
 import math
 
@@ -210,10 +211,15 @@ ADAPTERS = [("lora", {"rank": 3}), ("loha", {"rank": 2}), ("lokr", {}), ("oft", 
 
 
 @functools.cache
-def _base():
+def _base_weights():
     base = nn.Linear(16, 12, dtype=F64)
     torch.nn.init.normal_(base.weight)
     return base
+
+
+def _base():
+    """A fresh copy: an adapter wraps its base, and .to(device) would move a shared one for every test."""
+    return copy.deepcopy(_base_weights())
 
 
 @pytest.mark.parametrize("device,backend", TORCH_ONLY)
