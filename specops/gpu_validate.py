@@ -48,7 +48,7 @@ ARCH = "import torch; print('%d%d' % torch.cuda.get_device_capability())"
 
 def steps(out: Path, site: Path, quick: bool) -> list[tuple[str, str, int]]:
     """(name, shell command, seconds allowed) in order."""
-    xdist = "-n 8" if _has("xdist") else ""
+    xdist = f"-n {max(2, min(12, os.cpu_count() or 2))}" if _has("xdist") else ""
     families = "kron stiefel zip" if quick else "kron spectral stiefel zip sdxl adalora peers"
 
     def pytest(files: str, xml: str, limit: int) -> tuple[str, int]:

@@ -206,9 +206,9 @@ def run(family: str, quick: bool = False, memory: bool = False, device: str = "c
             return [{"family": family, **row} for row in mod.measure(quick)]
     rows = []
     shapes: dict[str, list[Case]] = {}
-    for case in mod.cases(quick):
-        shapes.setdefault(case.shape, []).append(case)
-    with _on(device):
+    with _on(device):  # (cases too: which kernel backends they name depends on the device)
+        for case in mod.cases(quick):
+            shapes.setdefault(case.shape, []).append(case)
         for cases in shapes.values():
             fns = [case.setup() for case in cases]
             for sec, case, fn in zip(_interleaved(fns), cases, fns):
