@@ -1,7 +1,7 @@
 """Which implementation runs an op: "torch", "cpp", "triton" or "cuda".
 
-Defaults per device: CPU -> "cpp" when the extension is built, else "torch"; CUDA -> "triton"
-when Triton is installed, else "cuda" when the extension has CUDA kernels, else "torch".
+Defaults per device: CPU -> "cpp" when the extension is built, else "torch"; CUDA -> "cuda" when
+the extension has the op's CUDA kernel, else "triton" when Triton is installed, else "torch".
 `backend(name)` (a context manager) or the environment variable SPECOPS_BACKEND force one; what an
 op does with a forced backend it lacks (raise, or with fallback=True / SPECOPS_BACKEND_FALLBACK=1 run
 its device default) is the registry's rule (specops._registry.choose). Triton kernels run on CPU
