@@ -131,11 +131,11 @@ void store_block(const acc_t* buf, int64_t W, int64_t R, int64_t rows, scalar_t*
 // the output is too large to stay in the last-level cache (over 16 MiB, half the L3 one Zen 4
 // core complex shares; sysconf reports the socket's 320 MB, which no core sees) and its pages
 // are recycled ones, whose lines write-allocate would first read. glibc mmaps every allocation
-// over 32 MiB afresh, and a fresh page is zeroed into the cache by the kernel, so there streaming
-// only evicts. Measured (2 threads, fp32, M=4096): (4,16,20), 21 MB, 3.3 -> 3.0 ms;
-// (4,8,64), 34 MB, 19.2 -> 20.8 ms; M=1024 (4,16,20), 5 MB, 4% slower.
+// of 32 MiB or more afresh (its largest mmap threshold), and a fresh page is zeroed into the cache
+// by the kernel, so there streaming only evicts. Measured (2 threads, fp32, M=4096): (4,16,20),
+// 21 MB, 3.3 -> 3.0 ms; (4,8,64), 32 MiB, 19.2 -> 20.8 ms; M=1024 (4,16,20), 5 MB, 4% slower.
 inline bool stream_output(int64_t bytes) {
-  return bytes > (int64_t(16) << 20) && bytes <= (int64_t(32) << 20);
+  return bytes > (int64_t(16) << 20) && bytes < (int64_t(32) << 20);
 }
 
 // JB output columns of one mode product over one vector of the inner length:

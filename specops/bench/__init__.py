@@ -69,6 +69,7 @@ class Case:
     setup: Callable[[], Callable[[], object]]
     flops: float = 0.0  # useful FLOPs of the op (the same for every provider of a shape)
     bytes: float = 0.0  # minimal memory traffic of the op
+    dtype: torch.dtype = torch.float32  # of the inputs: 16-bit ones are held to the bf16 GEMM peak
 
     @property
     def id(self) -> str:
@@ -251,7 +252,8 @@ def _row(family: str, case: Case, fn: Callable[[], object], sec: float, peak: di
     if case.bytes:
         row["GB/s"] = case.bytes / sec / 1e9
     if case.flops or case.bytes:
-        row["roof"] = max(case.bytes / peak["copy B/s"], case.flops / peak["fp32 FLOP/s"]) / sec
+        flops_peak = peak["bf16 FLOP/s"] if case.dtype in (torch.bfloat16, torch.float16) else peak["fp32 FLOP/s"]
+        row["roof"] = max(case.bytes / peak["copy B/s"], case.flops / flops_peak) / sec
     if memory:
         row["peak MB"] = peak_bytes(fn) / 2**20
     return row

@@ -1,4 +1,4 @@
-"""kron_matmul on SODA's SDXL factor sizes: dense vs torch composites vs specops kernels."""
+"""kron_matmul on SODA's SDXL factor sizes, fp32 and bf16: dense vs torch composites vs specops kernels."""
 from __future__ import annotations
 
 import math
@@ -41,12 +41,12 @@ def _providers():
     return provs
 
 
-def _setup(M, dims, fn, backend, backward):
+def _setup(M, dims, fn, backend, backward, dtype):
     def setup():
         g = rng()
         P = math.prod(dims)
-        x = torch.randn(M, P, generator=g, requires_grad=backward)
-        fs = [torch.linalg.qr(torch.randn(p, p, generator=g))[0].requires_grad_(backward) for p in dims]
+        x = torch.randn(M, P, generator=g).to(dtype).requires_grad_(backward)
+        fs = [torch.linalg.qr(torch.randn(p, p, generator=g))[0].to(dtype).requires_grad_(backward) for p in dims]
         ctx = specops.backend(backend) if backend else None
 
         def call():
@@ -73,18 +73,20 @@ def cases(quick: bool = False) -> list[Case]:
     out = []
     rows = (1024,) if quick else (1024, 4096)
     widths = (1280,) if quick else tuple(SHAPES)
-    for M in rows:
+    # bf16 (what people train in) at M=4096, where a dense bf16 GEMM runs on the machine's matrix units
+    runs = [(M, torch.float32) for M in rows] + [(rows[-1], torch.bfloat16)]
+    for M, dtype in runs:
         for width in widths:
             dims = SHAPES[width]
             P = math.prod(dims)
             for backward in (False, True):
                 f = _flops(M, dims) * (3 if backward else 1)
-                b = 4.0 * M * P * (5 if backward else 2)
-                shape = f"M={M} {dims} {'fwd+bwd' if backward else 'fwd'}"
+                b = dtype.itemsize * M * P * (5 if backward else 2)
+                shape = f"M={M} {dims} {'fwd+bwd' if backward else 'fwd'}" + (" bf16" if dtype != torch.float32 else "")
                 for name, (fn, be) in _providers().items():
                     if name == "dense" and backward and P >= 4096:
                         continue  # 3 x 137 GFLOP per call: minutes, and nothing to learn
-                    out.append(Case("kron", shape, name, _setup(M, dims, fn, be, backward), f, b))
+                    out.append(Case("kron", shape, name, _setup(M, dims, fn, be, backward, dtype), f, b, dtype))
     return out
 
 
