@@ -29,3 +29,13 @@ def test_speedups_are_read_from_the_rows():
                                                ("attn 64 in-network lokr", "specops vs peft", 2.0)]
     kron = [r for r in _rows() if r["family"] == "kron"]
     assert plots._baseline_bars(kron) == [("M=64", "cpp vs dense", 4.0)]
+
+
+def test_the_zip_family_does_not_shadow_zip_in_the_bench_package():
+    """Importing specops.bench.zip binds the package attribute `zip` to that module: the timing loop
+    must still pair providers with their times (it raised "'module' object is not callable")."""
+    import specops.bench as bench
+    import specops.bench.zip  # noqa: F401
+
+    assert not callable(bench.zip)
+    assert len(bench._interleaved([lambda: None, lambda: None], min_time=0.0)) == 2

@@ -15,6 +15,7 @@ default device) and times with CUDA events.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import functools
@@ -27,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 _device = "cpu"  # the device of the run in progress (set by run())
+# (the zip family's module becomes this package's attribute `zip` once imported: builtins.zip here)
 FAMILIES = tuple(
     m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")
 )  # one module per op family beside this file
@@ -212,7 +214,7 @@ def run(family: str, quick: bool = False, memory: bool = False, device: str = "c
             shapes.setdefault(case.shape, []).append(case)
         for cases in shapes.values():
             fns = [case.setup() for case in cases]
-            for sec, case, fn in zip(_interleaved(fns), cases, fns):
+            for sec, case, fn in builtins.zip(_interleaved(fns), cases, fns):
                 rows.append(_row(family, case, fn, sec, peak, memory))
             del fns
     baseline = getattr(mod, "BASELINE", None)
@@ -235,7 +237,7 @@ def _interleaved(fns: list[Callable[[], object]], min_time: float = 0.3) -> list
     _sync()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(ROUNDS):
-        for fn, t in zip(fns, times):
+        for fn, t in builtins.zip(fns, times):
             start, n = time.perf_counter(), 0
             while n < 2 or time.perf_counter() - start < min_time / ROUNDS:
                 t.append(_time_call(fn))
