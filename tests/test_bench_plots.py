@@ -39,3 +39,22 @@ def test_the_zip_family_does_not_shadow_zip_in_the_bench_package():
 
     assert not callable(bench.zip)
     assert len(bench._interleaved([lambda: None, lambda: None], min_time=0.0)) == 2
+
+
+def test_targets_are_judged_against_the_flop_and_byte_count_bound():
+    """A speed-up target above what the counts allow is reported as such, with the fraction of the bound."""
+    from specops.bench import verdict
+    from specops.bench import zip as zip_bench
+
+    assert verdict(2.6, 2.5, 3.0) == "met"
+    assert verdict(2.2, 2.5, 3.0) == "MISSED"
+    assert verdict(2.2, 2.5, 2.4) == "target above its bound: 92% of the bound"
+    rows = [{"shape": "1280->1280 T=2048 layer", "provider": "specops", "ms": 30.0, "roof": 0.8},
+            {"shape": "1280->1280 T=2048 layer", "provider": "public", "ms": 72.0, "roof": 0.3},
+            {"shape": "1280->1280 T=2048 branch", "provider": "specops", "ms": 10.0, "roof": 0.8},
+            {"shape": "1280->1280 T=2048 branch", "provider": "public", "ms": 48.0, "roof": 0.2},
+            {"shape": "1280->1280 T=2048 base", "provider": "base", "ms": 20.0, "roof": 0.97}]
+    text = zip_bench.summarize(rows)
+    # layer: 72 / (20 + 0.8 * 10) = 2.57x bound; branch: 48 / 8 = 6x
+    assert "2.40x, bound 2.57x (target 2.5x: MISSED)" in text
+    assert "4.80x, bound 6.00x (target 3x: met)" in text

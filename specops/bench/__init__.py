@@ -261,6 +261,21 @@ def _row(family: str, case: Case, fn: Callable[[], object], sec: float, peak: di
     return row
 
 
+def min_ms(row: dict) -> float:
+    """The least time the row's FLOP and byte counts allow on this machine: its roof fraction's limit."""
+    return row["roof"] * row["ms"]
+
+
+def verdict(ratio: float, target: float, bound: float | None = None) -> str:
+    """A speed-up against its target: met, MISSED, or, where the FLOP/byte-count bound on the speed-up
+    is below the target, how close to that bound it came."""
+    if ratio >= target:
+        return "met"
+    if bound is not None and bound < target:
+        return f"target above its bound: {ratio / bound:.0%} of the bound"
+    return "MISSED"
+
+
 def by_shape(rows: list[dict]) -> dict[str, dict[str, dict]]:
     """{shape: {provider: row}}, shapes in the order the rows first give them (what summaries read)."""
     out: dict[str, dict[str, dict]] = {}
