@@ -6,7 +6,8 @@ gradients, as in training (the input and the frozen U, S, Vh do not).
 
 Providers, side by side:
   specops       specops.spectral_linear (path chosen by specops.spectral.linear_path; rotation on
-                the input side, SODA's factor sizes)
+                the input side, SODA's factor sizes), on the device's default kernels
+  torch         the same on its torch kernels (which kernels a device should default to)
   soda_authors  the SODA authors' formulation: R = kron(kron(R1, R2), R3) materialised, x @ R, then a
                 freshly rebuilt U @ diag(relu(S + delta)) @ Vh and F.linear: torch autograd
   svdiff        (no rotation) the SVDiff rebuild U @ diag(relu(S + delta)) @ Vh then F.linear
@@ -55,7 +56,14 @@ def _specops(x, U, S, Vh, delta, rot):
     return sp.spectral_linear(x, U, S, Vh, delta, rotation=rot or None)
 
 
-PROVIDERS = {"specops": _specops, "soda_authors": _soda_authors, "svdiff": _svdiff}
+def _specops_torch(*args):
+    """specops on its torch kernels (the forward's choice reaches the backward too): beside the device
+    default, which backend a device should default to."""
+    with specops.backend("torch"):
+        return _specops(*args)
+
+
+PROVIDERS = {"specops": _specops, "torch": _specops_torch, "soda_authors": _soda_authors, "svdiff": _svdiff}
 
 
 def _setup_step(M, n, out, rotated, fn):
@@ -121,7 +129,7 @@ def cases(quick: bool = False) -> list[Case]:
                 flops = min(sp.linear_path(M, o, n, min(o, n), rotation_sizes=sizes)[1].values())
                 nbytes = 4.0 * M * (n + 2 * o)  # read x and grad_y, write y
                 shape = f"{n}->{o} M={M} {'rot' if rotated else 'norot'}"
-                for name in ("specops", "soda_authors" if rotated else "svdiff"):
+                for name in ("specops", "torch", "soda_authors" if rotated else "svdiff"):
                     out.append(Case("spectral", shape, name, _setup_step(M, n, o, rotated, PROVIDERS[name]),
                                     flops, nbytes))
     for n, o in SDXL_LAYERS[1:]:
