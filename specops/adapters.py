@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _registry
 from ._constants import acc_dtype
 from .kron import block_diag_matmul, kron, kron_matmul
 from .spectral import (
@@ -447,12 +448,20 @@ def add_lowrank(y: Tensor, x: Tensor, A: Tensor, s: Tensor, B: Tensor) -> Tensor
         return lowrank_linear(x2, A, s, B, y2.to(x2.dtype)).to(y2.dtype).view(y.shape)
 
 
+def _plain_linear(base: nn.Module, x: Tensor, factor: Tensor) -> bool:
+    """Whether base(x) is a plain nn.Linear's fresh output in x's and the adapter factor's dtype: no
+    hooks, one dtype, no autocast. An adapter may then add its update into that output (nothing else
+    holds it, and F.linear's backward does not read it) rather than make another output-sized tensor,
+    whose fresh pages cost more than a low-rank update on the CPU."""
+    return (type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
+            and base.weight.dtype == x.dtype == factor.dtype and not torch.is_autocast_enabled(x.device.type))
+
+
 def lowrank_onto(base: nn.Module, x: Tensor, A: Tensor, s: Tensor, B: Tensor, run=None) -> Tensor:
     """base(x) + ((x Aᵀ) diag(s)) Bᵀ over x's rows, x (..., n): one lora_linear op (the base GEMM's output
-    the only (T, m) tensor made) when base is a plain nn.Linear without hooks in the operands' dtype outside
-    autocast; otherwise add_lowrank onto run(x) (default base(x)), which takes any base."""
-    if (type(base) is nn.Linear and not (base._forward_hooks or base._forward_pre_hooks)
-            and base.weight.dtype == x.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)):
+    the only (T, m) tensor made) when base is a _plain_linear; otherwise add_lowrank onto run(x) (default
+    base(x)), which takes any base."""
+    if _plain_linear(base, x, A):
         x2 = x.reshape(-1, x.shape[-1])
         return lora_linear(x2, base.weight, base.bias, A, s, B).view(*x.shape[:-1], base.out_features)
     return add_lowrank((run or base)(x), x, A, s, B)
@@ -807,9 +816,30 @@ class LoHa(Adapter):
         return delta.reshape(self.base.weight.shape)
 
 
-def _add_kron_linear(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
+class _BaddbmmInto(torch.autograd.Function):
+    """y += a @ b (batched, a (B, i, k), b (B, k, j), y holding B·i·j values), written into y itself:
+    baddbmm would copy y into a fresh output first, and in-place on a view of y makes autograd clone
+    the whole gradient (CopySlices). For a y that nothing else holds (see _plain_linear)."""
+
+    @staticmethod
+    def forward(ctx, y, a, b):
+        ctx.save_for_backward(a, b)
+        y.view(a.shape[0], a.shape[1], b.shape[2]).baddbmm_(a, b)
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        g3 = g.reshape(a.shape[0], a.shape[1], b.shape[2])
+        return (g, torch.bmm(g3, b.mT) if ctx.needs_input_grad[1] else None,
+                torch.bmm(a.mT, g3) if ctx.needs_input_grad[2] else None)
+
+
+def _add_kron_linear(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor, into: bool = False) -> Tensor:
     """y + x (W1 ⊗ W2)^T, W1 (m1, n1), W2 (m2, n2), over x's last dim as (n1, n2): one GEMM for the
-    factor applied first and one batched GEMM (rows as the batch) that adds onto y for the other.
+    factor applied first and one batched GEMM (rows as the batch) that adds onto y for the other;
+    into=True: into y itself (_BaddbmmInto; y contiguous and held by nothing else, see _plain_linear).
 
     Per row, W2 first costs 2·(n1·n2·m2 + m1·n1·m2) FLOPs, W1 first 2·(m1·n1·n2 + m1·n2·m2); the
     cheaper order runs. Both are plain GEMMs over views, with no output-sized temporary (on the CPU
@@ -818,10 +848,12 @@ def _add_kron_linear(y: Tensor, x: Tensor, W1: Tensor, W2: Tensor) -> Tensor:
     M = x.numel() // (n1 * n2)
     x = x.reshape(M, n1, n2)
     if n1 * n2 * m2 + m1 * n1 * m2 <= m1 * n1 * n2 + m1 * n2 * m2:
-        h = (x.reshape(M * n1, n2) @ W2.mT).view(M, n1, m2)
-        return torch.baddbmm(y.reshape(M, m1, m2), W1.expand(M, m1, n1), h).view(y.shape)
-    t = torch.bmm(W1.expand(M, m1, n1), x)  # (M, m1, n2)
-    return torch.addmm(y.reshape(M * m1, m2), t.view(M * m1, n2), W2.mT).view(y.shape)
+        a, b = W1.expand(M, m1, n1), (x.reshape(M * n1, n2) @ W2.mT).view(M, n1, m2)
+    else:
+        a, b = torch.bmm(W1.expand(M, m1, n1), x).view(1, M * m1, n2), W2.mT[None]
+    if into and y.is_contiguous():
+        return _BaddbmmInto.apply(y, a, b)
+    return torch.baddbmm(y.reshape(a.shape[0], a.shape[1], b.shape[2]), a, b).view(y.shape)
 
 
 def _kron_conv_factored(conv: nn.Conv2d, m1: int, n1: int, rank: int | None, tucker: bool) -> bool:
@@ -974,7 +1006,9 @@ class LoKr(Adapter):
     def _forward(self, x):
         if not self.is_conv:
             W1, W2 = self.kron_factors()
-            return _add_kron_linear(self.base(x), x, W1, W2)
+            # (into the base's output only in plain eager calls: torch.func cannot run _BaddbmmInto)
+            into = _plain_linear(self.base, x, W1) and _registry._eager()
+            return _add_kron_linear(self.base(x), x, W1, W2, into=into)
         if x.dim() == 4 and self._conv_factored():  # a batch; an unbatched input takes the merged conv
             return self._conv_forward_factored(x)
         return _adapted_layer(self, x)

@@ -506,3 +506,43 @@ def test_loha_on_a_same_padded_conv_takes_the_merged_path(monkeypatch):
         y = adapter(x)
     assert not calls
     assert_rel(y, F.conv2d(x, conv.weight + adapter.delta_weight(), conv.bias, padding="same"), F64)
+
+
+@pytest.mark.parametrize("order", ["W2 first", "W1 first"])
+@pytest.mark.parametrize("x_grad", [False, True], ids=["first-layer", "in-network"])
+def test_lokr_linear_adds_into_the_base_output(order, x_grad, monkeypatch):
+    """LoKr on a plain Linear adds x (W1 ⊗ W2)ᵀ into the base GEMM's own output (_BaddbmmInto): the same
+    values and gradients as the out-of-place batched GEMM, in both factor orders; a hooked base, whose
+    output others may hold, keeps the out-of-place path."""
+    torch.manual_seed(0)
+    # m1 = n1 = factor: W2 applied first is the cheaper order when in >= out, W1 first when out > in
+    n, m, factor = {"W2 first": (48, 4, 4), "W1 first": (12, 16, 2)}[order]
+    base = nn.Linear(n, m, dtype=torch.float64)
+    layer = make_adapter("lokr", base, factor=factor, rank=2)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(5, 3, base.in_features, dtype=torch.float64, requires_grad=x_grad)
+    trainable = [p for p in layer.parameters() if p.requires_grad] + ([x] if x_grad else [])
+
+    def run():
+        y = layer(x)
+        return y, torch.autograd.grad(y.square().sum(), trainable)
+
+    calls = []
+    into = adapters._BaddbmmInto.apply
+    monkeypatch.setattr(adapters._BaddbmmInto, "apply", lambda *a: calls.append(1) or into(*a))
+    y, grads = run()
+    assert calls
+    monkeypatch.setattr(adapters, "_plain_linear", lambda *a: False)
+    y_ref, grads_ref = run()
+    assert_rel(y, y_ref, torch.float64)
+    for g, r in zip(grads, grads_ref):
+        assert_rel(g, r, torch.float64)
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(adapters._BaddbmmInto, "apply", lambda *a: calls.append(1) or into(*a))
+    base.register_forward_hook(lambda m, i, o: None)
+    assert_rel(layer(x), y_ref, torch.float64)
+    assert not calls
