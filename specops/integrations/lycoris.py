@@ -99,8 +99,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_linear, _add_up_projection, butterfly,
-                        add_hadamard, butterfly_gathers, butterfly_rows, lowrank_onto)
+from .. import _registry
+from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_linear, _add_up_projection, _plain_linear,
+                        add_hadamard, butterfly, butterfly_gathers, butterfly_rows, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
 from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -150,7 +151,8 @@ def _lokr_linear(mod, x: Tensor) -> Tensor:
         dtype = torch.get_autocast_dtype(x.device.type)
         xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
     y = mod.org_forward(x)
-    return _add_kron_linear(y.to(torch.promote_types(y.dtype, xa.dtype)), xa, W1, W2)
+    into = _plain_linear(mod.org_module[0], x, W1) and _registry._eager()  # into the base's own output
+    return _add_kron_linear(y.to(torch.promote_types(y.dtype, xa.dtype)), xa, W1, W2, into=into)
 
 
 def _lokr_delta(mod, m: float) -> Tensor:

@@ -100,8 +100,9 @@ from torch import Tensor, nn
 
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .. import _registry
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection,
-                        add_hadamard, add_lowrank, butterfly, butterfly_rows, lowrank_onto)
+                        _plain_linear, add_hadamard, add_lowrank, butterfly, butterfly_rows, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley, matrix_polynomial
 from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -128,16 +129,18 @@ def _lokr_factors(layer, a: str) -> tuple[Tensor, Tensor]:
 
 
 def _lokr_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
-    """y = base(x) + Σ_a x (s_a W1 ⊗ W2)^T, as specops's LoKr adapter computes it (two GEMMs, no ΔW)."""
+    """y = base(x) + Σ_a x (s_a W1 ⊗ W2)^T, as specops's LoKr adapter computes it (two GEMMs, no ΔW), into
+    the base's own output where specops.adapters._plain_linear allows."""
     out = layer.base_layer(x)
     for a in adapters:
         W1, W2 = _lokr_factors(layer, a)
         W1 = W1 * layer.scaling[a]
+        into = _plain_linear(layer.base_layer, x, W1) and _registry._eager()
         xa = layer._cast_input_dtype(x, W1.dtype)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
-        out = _add_kron_linear(out.to(torch.promote_types(out.dtype, xa.dtype)), xa, W1, W2)
+        out = _add_kron_linear(out.to(torch.promote_types(out.dtype, xa.dtype)), xa, W1, W2, into=into)
     return out
 
 
