@@ -53,8 +53,8 @@ def steps(out: Path, site: Path, quick: bool) -> list[tuple[str, str, int]]:
 
     def pytest(files: str, xml: str, limit: int) -> tuple[str, int]:
         # SIGINT a little before the limit: pytest then still prints its summary and writes its xml
-        return (f"SPECOPS_EXPECT_CUDA_KERNELS=1 timeout -s INT -k 10 {limit - 15} {PY} -m pytest -q -p no:cacheprovider "
-                f"{xdist} --junitxml={out}/{xml} {files}", limit)
+        return (f"SPECOPS_EXPECT_CUDA_KERNELS=1 timeout -s INT -k 10 {limit - 15} {PY} -m pytest -q "
+                f"-p no:cacheprovider {xdist} --junitxml={out}/{xml} {files}", limit)
 
     suite = [("suite", *pytest("tests --ignore=tests/test_devices.py --ignore=tests/test_build.py",
                                "suite.xml", 120))] if not quick else []
@@ -98,24 +98,24 @@ def main(argv=None) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
     results = []
-    log = open(out / "gpu_validate.log", "w")
-    for name, cmd, limit in plan:
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=limit)
-            status, text = ("ok" if proc.returncode == 0 else f"failed ({proc.returncode})"), proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            status = f"timed out after {limit} s"
-            text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
-        sec = time.perf_counter() - t0
-        results.append({"step": name, "command": cmd, "status": status, "seconds": round(sec, 1),
-                        "output_tail": text[-4000:]})
-        print(f"[{name}] {status} in {sec:.0f} s", flush=True)
-        print(text[-1500:], flush=True)
-        log.write(f"===== {name}: {status} in {sec:.0f} s\n$ {cmd}\n{text}\n")
-        log.flush()
-    log.close()
+    with open(out / "gpu_validate.log", "w") as log:
+        for name, cmd, limit in plan:
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True,
+                                      timeout=limit)
+                status = "ok" if proc.returncode == 0 else f"failed ({proc.returncode})"
+                text = proc.stdout + proc.stderr
+            except subprocess.TimeoutExpired as e:
+                status = f"timed out after {limit} s"
+                text = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+            sec = time.perf_counter() - t0
+            results.append({"step": name, "command": cmd, "status": status, "seconds": round(sec, 1),
+                            "output_tail": text[-4000:]})
+            print(f"[{name}] {status} in {sec:.0f} s", flush=True)
+            print(text[-1500:], flush=True)
+            log.write(f"===== {name}: {status} in {sec:.0f} s\n$ {cmd}\n{text}\n")
+            log.flush()
     (out / "gpu_validate.json").write_text(json.dumps(results, indent=1))
     md = ["# specops gpu-validate", ""] + [f"- {r['step']}: {r['status']}, {r['seconds']} s" for r in results]
     for r in results:

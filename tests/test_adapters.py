@@ -546,3 +546,15 @@ def test_lokr_linear_adds_into_the_base_output(order, x_grad, monkeypatch):
     base.register_forward_hook(lambda m, i, o: None)
     assert_rel(layer(x), y_ref, torch.float64)
     assert not calls
+
+
+def test_baddbmm_into_gradcheck():
+    """_BaddbmmInto (y += a @ b written into y) in float64: gradcheck and gradgradcheck in y, a and b."""
+    torch.manual_seed(0)
+    y, a, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((3, 20), (3, 4, 2), (3, 2, 5)))
+
+    def fn(y, a, b):
+        return adapters._BaddbmmInto.apply(y * 1.0, a, b)  # (y * 1.0: a fresh non-leaf to write into)
+
+    assert torch.autograd.gradcheck(fn, (y, a, b))
+    assert torch.autograd.gradgradcheck(fn, (y, a, b))

@@ -109,8 +109,7 @@ def _sgd_kernel(X_ptr, G_ptr, M_ptr, n, p, lr: tl.float64, momentum: tl.float64,
     X = tl.load(X_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
     G = tl.load(G_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
     M = tl.load(M_ptr + base + offs, mask=mask, other=0.0).to(eye.dtype)
-    # (float arguments come as fp64, which Triton would otherwise round to fp32; computed in eye's type,
-    # each cast where it is used so that no register holds it through the kernel)
+    # (float arguments come as fp64, which Triton would otherwise round to fp32; computed in eye's type)
     M = tl.cast(momentum, eye.dtype) * M - G
     PM, wnorm = _generator(X, M)
     Mt = _apply_w(X, PM, X)

@@ -133,11 +133,10 @@ def extra_bytes_model(in_f: int, out_f: int, tokens: int) -> int:
     return 4 * ((in_f + out_f) * r + tokens * r + r * in_f + 2 * in_f)
 
 
-def _bound(rows: list[dict], shape: str, by: dict) -> float | None:
+def _bound(find: dict, shape: str, by: dict) -> float | None:
     """public / the least time the shape allows: the branch at the roof of its FLOP and byte counts, plus
-    (whole layer) the frozen base GEMM as measured, which both providers run."""
+    (whole layer) the frozen base GEMM as measured, which both providers run. find: {(shape, provider): row}."""
     part = shape.split()[-1]
-    find = {(r["shape"], r["provider"]): r for r in rows}
     branch = find.get((shape.replace(f" {part}", " branch"), "specops"))
     if "roof" not in (branch or {}) or part not in ("branch", "layer"):
         return None
@@ -154,6 +153,7 @@ def summarize(rows: list[dict]) -> str:
     """Ratios public / specops per shape against the issue's targets, and the peak bytes if measured."""
     lines = [f"targets: adapter branch >= {TARGETS['branch']:g}x, whole layer >= {TARGETS['layer']:g}x "
              "faster than public; penalty: one launch vs Python loop"]
+    find = {(r["shape"], r["provider"]): r for r in rows}
     for shape in dict.fromkeys(r["shape"] for r in rows):
         by = {r["provider"]: r for r in rows if r["shape"] == shape}
         if "specops" not in by or "public" not in by:
@@ -162,7 +162,7 @@ def summarize(rows: list[dict]) -> str:
         part = shape.split()[-1]
         target = TARGETS.get(part)
         line = f"- {shape}: specops {by['specops']['ms']:.2f} ms, public {by['public']['ms']:.2f} ms: {ratio:.2f}x"
-        bound = _bound(rows, shape, by)
+        bound = _bound(find, shape, by)
         if bound is not None:
             line += f", bound {bound:.2f}x"
         if target is not None:
