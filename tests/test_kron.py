@@ -292,3 +292,34 @@ def test_outputs_written_past_the_cache(dtype):
     assert_rel(gx_only, grads_ref[0], dtype)
     for g, r in zip(grads, grads_ref):
         assert_rel(g, r, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpp_16bit_rounds_once_as_torch_does(dtype):
+    """cpp computes a 16-bit call in fp32 from its widened inputs and rounds each output once, as
+    torch's .to does: bit-equal to its own fp32 call on the same values rounded with .to(dtype), NaN,
+    inf and a value halfway between two 16-bit numbers included, on ragged rows and columns."""
+    if "cpp" not in CPU_BACKENDS:
+        pytest.skip("cpp backend not built")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 5 * 7 * 3, generator=gen).to(dtype)
+    x[3, 4], x[5, 9], x[30, 0] = float("nan"), float("inf"), -float("inf")
+    fs = [torch.randn(p, q, generator=gen).to(dtype) for p, q in ((5, 4), (7, 7), (3, 5))]
+    gy = torch.randn(37, 4 * 7 * 5, generator=gen).to(dtype)
+    with specops.backend("cpp"):
+        y = specops.kron_matmul(x, fs)
+        y32 = specops.kron_matmul(x.float(), [f.float() for f in fs])
+        xr, *fr = (t.requires_grad_() for t in (x.clone(), *fs))
+        grads = torch.autograd.grad(specops.kron_matmul(xr, fr), [xr, *fr], gy)
+        xr32, *fr32 = (t.float().requires_grad_() for t in (x, *fs))
+        grads32 = torch.autograd.grad(specops.kron_matmul(xr32, fr32), [xr32, *fr32], gy.float())
+    assert y.isnan().any() and y.isinf().any()
+    # (1 + eps) * 1.5 = 1.5 + 1.5 eps, halfway between 1.5 + eps and 1.5 + 2 eps: to even, 1.5 + 2 eps
+    eps = torch.finfo(dtype).eps
+    with specops.backend("cpp"):
+        tie = specops.kron_matmul(torch.ones(20, 1, dtype=dtype), [torch.tensor([[1 + eps]], dtype=dtype),
+                                                                      torch.tensor([[1.5]], dtype=dtype)])
+    assert (tie == 1.5 + 2 * eps).all()
+    for got, want in zip((y, *grads), (y32, *grads32)):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0, equal_nan=True)

@@ -67,14 +67,16 @@ KronPlan make_plan(int64_t G, int64_t M, at::TensorList factors) {
 
 // Rows [0, rows) of a (rows, W) row-major matrix with row stride ld -> buf (W, R), zero padded.
 // Full kLanes x kLanes tiles go through transpose_tile straight from x; tiles with missing rows
-// or another dtype are staged in a local tile first; ragged columns go element by element.
+// or another dtype are widened row by row into a local tile first; ragged columns go element by element.
 template <typename scalar_t, typename acc_t>
 void load_block(const scalar_t* x, int64_t ld, int64_t rows, int64_t W, int64_t R, acc_t* buf) {
-  constexpr int64_t N = Simd<acc_t>::kLanes;
+  using S = Simd<acc_t>;
+  constexpr int64_t N = S::kLanes;
   const int64_t wfull = W - W % N;
   alignas(64) acc_t t[N * N];
   for (int64_t r0 = 0; r0 < R; r0 += N) {
-    const bool direct = std::is_same_v<scalar_t, acc_t> && r0 + N <= rows;
+    const int64_t nr = std::min(N, rows - r0);  // <= 0 past the last row
+    const bool direct = std::is_same_v<scalar_t, acc_t> && nr == N;
     for (int64_t w0 = 0; w0 < wfull; w0 += N) {
       acc_t* dst = buf + w0 * R + r0;
       if (direct) {
@@ -82,8 +84,7 @@ void load_block(const scalar_t* x, int64_t ld, int64_t rows, int64_t W, int64_t 
         continue;
       }
       for (int64_t i = 0; i < N; ++i)
-        for (int64_t l = 0; l < N; ++l)
-          t[i * N + l] = r0 + i < rows ? static_cast<acc_t>(x[(r0 + i) * ld + w0 + l]) : acc_t(0);
+        S::store(t + i * N, i < nr ? Widen<scalar_t, acc_t>::load(x + (r0 + i) * ld + w0) : typename S::vec{});
       transpose_tile<acc_t>(t, N, dst, R);
     }
   }
@@ -114,12 +115,10 @@ void store_block(const acc_t* buf, int64_t W, int64_t R, int64_t rows, scalar_t*
       }
       transpose_tile<acc_t>(src, R, t, N);
       for (int64_t i = 0; i < nr; ++i) {
-        if (stream) {
+        if (stream)
           S::stream(dst + i * ld, S::load(t + i * N));
-        } else {
-          for (int64_t l = 0; l < N; ++l)
-            y[(r0 + i) * ld + w0 + l] = static_cast<scalar_t>(t[i * N + l]);
-        }
+        else
+          Widen<scalar_t, acc_t>::store(y + (r0 + i) * ld + w0, S::load(t + i * N));
       }
     }
   }

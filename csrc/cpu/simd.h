@@ -7,6 +7,8 @@
 #pragma once
 
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #if defined(__AVX__)
 #include <immintrin.h>
@@ -58,6 +60,56 @@ struct Simd {
     for (int64_t i = 0; i < kLanes; ++i) s += v[i];
     return s;
   }
+};
+
+// kLanes values of scalar_t widened to one vector of acc_t, and narrowed back with round-to-nearest-even
+// as c10's conversions do (a NaN stays a NaN). BFloat16 is fp32's upper half, so both ways are integer
+// shifts; Half goes through the AVX-512 converts where present. A scalar loop per element, the fallback,
+// held the kron kernel's bf16 loads and stores at 38% of its forward.
+template <typename scalar_t, typename acc_t>
+struct Widen {
+  using S = Simd<acc_t>;
+  using vec = typename S::vec;
+  static inline vec load(const scalar_t* p) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return S::load(p);
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+      const u16 h = *reinterpret_cast<const u16*>(p);
+      return reinterpret_cast<vec>(__builtin_convertvector(h, u32) << 16);
+#if defined(__AVX512F__)
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+      // the maskz forms: GCC 12 warns on the plain ones' undefined-source idiom
+      return reinterpret_cast<vec>(
+          _mm512_maskz_cvtph_ps(0xffff, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#endif
+    } else {
+      vec v;
+      for (int64_t i = 0; i < S::kLanes; ++i) v[i] = static_cast<acc_t>(p[i]);
+      return v;
+    }
+  }
+  static inline void store(scalar_t* p, vec v) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      S::store(p, v);
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+      const u32 u = reinterpret_cast<u32>(v);
+      const u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      const u32 bits = ((u & 0x7fffffffu) > 0x7f800000u) ? u32{} + 0x7fc0u : rounded;
+      *reinterpret_cast<u16*>(p) = __builtin_convertvector(bits, u16);
+#if defined(__AVX512F__)
+    } else if constexpr (std::is_same_v<scalar_t, c10::Half> && std::is_same_v<acc_t, float>) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                          _mm512_maskz_cvtps_ph(0xffff, reinterpret_cast<__m512>(v),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    } else {
+      for (int64_t i = 0; i < S::kLanes; ++i) p[i] = static_cast<scalar_t>(v[i]);
+    }
+  }
+
+ private:
+  typedef uint32_t u32 __attribute__((vector_size(kVectorBytes)));
+  typedef uint16_t u16 __attribute__((vector_size(kVectorBytes / 2), aligned(2)));
 };
 
 // In-register transpose of a kLanes x kLanes tile held as kLanes row vectors: log2(kLanes)
