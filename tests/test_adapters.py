@@ -4,6 +4,7 @@ The oracle of every forward is the dense layer F.linear(x, W0 + delta_weight(), 
 is checked against dense formulas (torch.kron, torch.block_diag, dense Cayley solve) for the methods
 whose transpose conventions matter.
 """
+import functools
 import json
 
 import pytest
@@ -558,3 +559,57 @@ def test_baddbmm_into_gradcheck():
 
     assert torch.autograd.gradcheck(fn, (y, a, b))
     assert torch.autograd.gradgradcheck(fn, (y, a, b))
+
+
+@pytest.mark.parametrize("channels,size,stride,dilation", [(3, 9, 1, 1), (6, 3, 2, 1), (5, 8, 1, 2)],
+                         ids=["merged-grad-x", "separate-grad-x", "dilated"])
+def test_lowrank_conv_gradcheck(channels, size, stride, dilation):
+    """_LowrankConv (conv(x, W0) + 1x1(B) * conv(x, D) in one node) in float64: gradcheck and gradgradcheck
+    in x, the bias, D and B, on a small x (the input gradient through the merged kernel W0 + B D) and a
+    kernel larger than x (the base's and the update's input gradients, added)."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(2, channels, size, size, **f64, requires_grad=True)
+    W0 = torch.randn(4, channels, 3, 3, **f64)
+    bias, D, B = (torch.randn(*s, **f64, requires_grad=True) for s in ((4,), (2, channels, 3, 3), (4, 2)))
+    assert (W0.numel() <= x.numel()) == (size > 3)
+    geometry = ((stride, stride), (1, 1), (dilation, dilation))
+
+    def fn(x, bias, D, B):
+        return adapters._LowrankConv.apply(x, W0, bias, D, B, geometry)
+
+    assert torch.autograd.gradcheck(fn, (x, bias, D, B))
+    assert torch.autograd.gradgradcheck(fn, (x, bias, D, B))
+
+
+@pytest.mark.parametrize("make", ["lora", "adalora", "loha"])
+def test_conv_update_in_one_node_matches_the_generic_path(make, monkeypatch):
+    """LoRA, AdaLoRA and LoHa (as its rank-r² LoRA) on a Conv2d run _LowrankConv in a plain eager step: its output
+    and every gradient equal those of the down conv + up-projection path (_plain_conv forced False)."""
+    torch.manual_seed(0)
+    base = nn.Conv2d(16, 24, 3, padding=1)  # wide enough for LoHa's rank-4 form (hadamard_factored)
+    adapter = {"lora": lambda b: adapters.LoRA(b, rank=3), "adalora": lambda b: adapters.AdaLoRA(b, init_r=3),
+               "loha": lambda b: adapters.LoHa(b, rank=2)}[make](base.requires_grad_(False))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, 16, 7, 7, requires_grad=True)
+    g = torch.randn(2, 24, 7, 7)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+
+    def step():
+        y = adapter(x)
+        return y, torch.autograd.grad(y, [x, *params], g)
+
+    seen = []
+    monkeypatch.setattr(adapters._LowrankConv, "apply", functools.partial(
+        lambda apply, *a: seen.append(1) or apply(*a), adapters._LowrankConv.apply))
+    y, grads = step()
+    assert seen
+    monkeypatch.setattr(adapters, "_plain_conv", lambda *a: False)
+    y_ref, grads_ref = step()
+    assert len(seen) == 1
+    assert_rel(y, y_ref, torch.float32)
+    for got, want in zip(grads, grads_ref):
+        assert_rel(got, want, torch.float32)

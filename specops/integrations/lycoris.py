@@ -100,8 +100,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _registry
-from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_linear, _add_up_projection, _plain_linear,
-                        add_hadamard, butterfly, butterfly_gathers, butterfly_rows, lowrank_onto)
+from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_linear, _add_up_projection, _conv_geometry,
+                        _plain_conv, _plain_linear, add_hadamard, butterfly, butterfly_gathers, butterfly_rows,
+                        lowrank_conv_onto, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
 from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -333,16 +334,19 @@ def _locon_linear(mod, x: Tensor) -> Tensor:
 def _locon_conv(mod, x: Tensor) -> Tensor:
     """y = base(x) + c up * (down * x) (Tucker: up * (mid * (down * x)), down 1x1): the down conv with
     the layer's geometry (bypass_mode: its own conv's, as LyCORIS's bypass), the 1x1 up-projection one
-    batched GEMM onto base(x) (specops.adapters._add_up_projection); ΔW never formed."""
+    batched GEMM onto base(x) (specops.adapters._add_up_projection), or without the core and with the base's
+    geometry, base and update as one node (specops.adapters.lowrank_conv_onto); ΔW never formed in the forward."""
     layer = mod.org_module[0]
     down, B = mod.lora_down.weight, mod.lora_up.weight
     src = (mod.lora_mid if mod.tucker else mod.lora_down) if mod.bypass_mode else layer  # whose geometry LyCORIS uses
     geometry = (src.stride, src.padding, src.dilation)
+    B = B.flatten(1) * _coef(mod, mod.multiplier)
+    if not mod.tucker and geometry == _conv_geometry(layer) and _plain_conv(layer, x, B):
+        return lowrank_conv_onto(layer, x, down, B, run=mod.org_forward)  # one node with the base conv
     if mod.tucker:
         h = F.conv2d(F.conv2d(x, down), mod.lora_mid.weight, None, *geometry)
     else:
         h = F.conv2d(x, down, None, *geometry)
-    B = B.flatten(1) * _coef(mod, mod.multiplier)
     y = mod.org_forward(x)
     if torch.is_autocast_enabled(x.device.type):
         h, B = h.to(torch.get_autocast_dtype(x.device.type)), B.to(torch.get_autocast_dtype(x.device.type))

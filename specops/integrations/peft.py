@@ -102,7 +102,8 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import _registry
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection,
-                        _plain_linear, add_hadamard, add_lowrank, butterfly, butterfly_rows, lowrank_onto)
+                        _conv_geometry, _plain_conv, _plain_linear, add_hadamard, add_lowrank, butterfly, butterfly_rows,
+                        lowrank_conv_onto, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley, matrix_polynomial
 from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -246,19 +247,28 @@ def _lora_factors(layer, a: str) -> tuple[Tensor, Tensor, Tensor]:
 
 def _lora_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
     """y = base(x) + Σ_a s_a B_a * (A_a * x): A_a's conv with its own geometry (PEFT's lora_A), the 1x1
-    up-projection one batched GEMM onto the output (specops.adapters._add_up_projection)."""
-    out = layer.base_layer(x)
-    dtype = out.dtype  # PEFT's result dtype: the sum in the promoted one, cast back
+    up-projection one batched GEMM onto the output (specops.adapters._add_up_projection); the first adapter
+    and the base conv one node (specops.adapters.lowrank_conv_onto) where A_a has the base's geometry and
+    _plain_conv allows."""
+    base, out = layer.base_layer, None
     for a in adapters:
         conv_a, B = layer.lora_A[a], layer.lora_B[a].weight
         xa = layer._cast_input_dtype(x, conv_a.weight.dtype)
-        h = conv_a(xa)
         B = B.view(B.shape[0], B.shape[1]) * layer.scaling[a]
+        if (out is None and xa is x and conv_a.weight.shape[1:] == base.weight.shape[1:]
+                and _conv_geometry(conv_a) == _conv_geometry(base) and _plain_conv(base, x, B)):
+            out = lowrank_conv_onto(base, x, conv_a.weight, B)
+            dtype = out.dtype
+            continue
+        if out is None:
+            out = base(x)
+            dtype = out.dtype  # PEFT's result dtype: the sum in the promoted one, cast back
+        h = conv_a(xa)
         if torch.is_autocast_enabled(x.device.type):
             h, B = h.to(torch.get_autocast_dtype(x.device.type)), B.to(torch.get_autocast_dtype(x.device.type))
         with torch.autocast(x.device.type, enabled=False):
             out = _add_up_projection(out.to(torch.promote_types(out.dtype, h.dtype)), B, h)
-    return out.to(dtype)
+    return base(x) if out is None else out.to(dtype)
 
 
 _BOFT_GATHERS = WeakTensorKeyDictionary()  # a layer's boft_P buffer -> (its _version, its gathers)
