@@ -562,40 +562,45 @@ def test_baddbmm_into_gradcheck():
 
 
 @pytest.mark.parametrize("channels,size,stride,dilation", [(3, 9, 1, 1), (6, 3, 2, 1), (5, 8, 1, 2)],
-                         ids=["merged-grad-x", "separate-grad-x", "dilated"])
-def test_lowrank_conv_gradcheck(channels, size, stride, dilation):
-    """_LowrankConv (conv(x, W0) + 1x1(B) * conv(x, D) in one node) in float64: gradcheck and gradgradcheck
-    in x, the bias, D and B, on a small x (the input gradient through the merged kernel W0 + B D) and a
-    kernel larger than x (the base's and the update's input gradients, added)."""
+                         ids=["one-input-grad-conv", "kernel-larger-than-x", "dilated"])
+@pytest.mark.parametrize("form", ["locon", "lokr"])
+def test_conv_update_gradcheck(form, channels, size, stride, dilation):
+    """lowrank_conv_onto and kron_conv_onto in float64: gradcheck and gradgradcheck in x, the base's bias and the
+    update's factors, through _ConvUpdate (ΔW no larger than x: one conv for both input gradients; the double
+    backward rebuilds the update on x's graph) and without it (a kernel larger than x)."""
     torch.manual_seed(0)
     f64 = dict(dtype=torch.float64)
+    base = nn.Conv2d(channels, 4, 3, stride=stride, padding=1, dilation=dilation).to(torch.float64)
+    base.weight.requires_grad_(False)
     x = torch.randn(2, channels, size, size, **f64, requires_grad=True)
-    W0 = torch.randn(4, channels, 3, 3, **f64)
-    bias, D, B = (torch.randn(*s, **f64, requires_grad=True) for s in ((4,), (2, channels, 3, 3), (4, 2)))
-    assert (W0.numel() <= x.numel()) == (size > 3)
-    geometry = ((stride, stride), (1, 1), (dilation, dilation))
+    assert (base.weight.numel() <= x.numel()) == (size > 3)
+    if form == "locon":
+        factors = [torch.randn(2, channels, 3, 3, **f64, requires_grad=True), torch.randn(4, 2, **f64, requires_grad=True)]
+        fn = lambda x, b, D, B: adapters.lowrank_conv_onto(base, x, D, B)  # noqa: E731
+    else:  # W1 (2, 1), W2 = B2 A2 (2, channels·9)
+        factors = [torch.randn(*s, **f64, requires_grad=True) for s in ((2, 1), (2, 2), (2, channels * 9))]
+        fn = lambda x, b, W1, B2, A2: adapters.kron_conv_onto(base, x, W1, (B2, A2))  # noqa: E731
+    inputs = (x, base.bias, *factors)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
 
-    def fn(x, bias, D, B):
-        return adapters._LowrankConv.apply(x, W0, bias, D, B, geometry)
 
-    assert torch.autograd.gradcheck(fn, (x, bias, D, B))
-    assert torch.autograd.gradgradcheck(fn, (x, bias, D, B))
-
-
-@pytest.mark.parametrize("make", ["lora", "adalora", "loha"])
+@pytest.mark.parametrize("make", ["lora", "adalora", "loha", "lokr", "lokr-tucker"])
 def test_conv_update_in_one_node_matches_the_generic_path(make, monkeypatch):
-    """LoRA, AdaLoRA and LoHa (as its rank-r² LoRA) on a Conv2d run _LowrankConv in a plain eager step: its output
-    and every gradient equal those of the down conv + up-projection path (_plain_conv forced False)."""
+    """LoRA, AdaLoRA, LoHa (as its rank-r² LoRA) and LoKr (W2 low rank, and with a Tucker core) on a Conv2d,
+    in-network: one _ConvUpdate node, whose output and every gradient equal those of the plain path (_plain_conv
+    forced False: the update's own input-gradient convs)."""
     torch.manual_seed(0)
-    base = nn.Conv2d(16, 24, 3, padding=1)  # wide enough for LoHa's rank-4 form (hadamard_factored)
+    base = nn.Conv2d(16, 24, 3, padding=1)  # wide enough for LoHa's rank-4 and LoKr's factored forms
     adapter = {"lora": lambda b: adapters.LoRA(b, rank=3), "adalora": lambda b: adapters.AdaLoRA(b, init_r=3),
-               "loha": lambda b: adapters.LoHa(b, rank=2)}[make](base.requires_grad_(False))
+               "loha": lambda b: adapters.LoHa(b, rank=2), "lokr": lambda b: adapters.LoKr(b, rank=2),
+               "lokr-tucker": lambda b: adapters.LoKr(b, rank=2, tucker=True)}[make](base.requires_grad_(False))
     with torch.no_grad():
         for p in adapter.parameters():
             if p.requires_grad:
                 p.copy_(torch.randn_like(p) * 0.1)
-    x = torch.randn(2, 16, 7, 7, requires_grad=True)
-    g = torch.randn(2, 24, 7, 7)
+    x = torch.randn(2, 16, 14, 14, requires_grad=True)
+    g = torch.randn(2, 24, 14, 14)
     params = [p for p in adapter.parameters() if p.requires_grad]
 
     def step():
@@ -603,8 +608,8 @@ def test_conv_update_in_one_node_matches_the_generic_path(make, monkeypatch):
         return y, torch.autograd.grad(y, [x, *params], g)
 
     seen = []
-    monkeypatch.setattr(adapters._LowrankConv, "apply", functools.partial(
-        lambda apply, *a: seen.append(1) or apply(*a), adapters._LowrankConv.apply))
+    monkeypatch.setattr(adapters._ConvUpdate, "apply", functools.partial(
+        lambda apply, *a: seen.append(1) or apply(*a), adapters._ConvUpdate.apply))
     y, grads = step()
     assert seen
     monkeypatch.setattr(adapters, "_plain_conv", lambda *a: False)

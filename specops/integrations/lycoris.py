@@ -100,9 +100,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _registry
-from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_conv, _add_kron_linear, _add_up_projection, _conv_geometry,
+from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_linear, _add_up_projection, _conv_geometry,
                         _plain_conv, _plain_linear, add_hadamard, butterfly, butterfly_gathers, butterfly_rows,
-                        lowrank_conv_onto, lowrank_onto)
+                        kron_conv_onto, lowrank_conv_onto, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
 from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -239,7 +239,7 @@ def _lokr_conv(mod, x: Tensor) -> Tensor:
     W1, parts = _lokr_parts(mod)
     layer = mod.org_module[0]
     if lokr_conv_factored(layer, x, W1, parts, any(p.requires_grad for p in mod.parameters())):
-        return _add_kron_conv(mod.org_forward(x), x, W1 * _coef(mod, mod.multiplier), parts, layer)
+        return kron_conv_onto(layer, x, W1 * _coef(mod, mod.multiplier), parts, run=mod.org_forward)
     return _lokr_fused(mod, x)
 _loha_dora = _dora(_loha_delta)
 _lokr_dora = _dora(_lokr_delta)
@@ -334,15 +334,15 @@ def _locon_linear(mod, x: Tensor) -> Tensor:
 def _locon_conv(mod, x: Tensor) -> Tensor:
     """y = base(x) + c up * (down * x) (Tucker: up * (mid * (down * x)), down 1x1): the down conv with
     the layer's geometry (bypass_mode: its own conv's, as LyCORIS's bypass), the 1x1 up-projection one
-    batched GEMM onto base(x) (specops.adapters._add_up_projection), or without the core and with the base's
-    geometry, base and update as one node (specops.adapters.lowrank_conv_onto); ΔW never formed in the forward."""
+    batched GEMM onto base(x) (specops.adapters._add_up_projection), through specops.adapters.lowrank_conv_onto
+    without the core and with the base's geometry; ΔW never formed in the forward."""
     layer = mod.org_module[0]
     down, B = mod.lora_down.weight, mod.lora_up.weight
     src = (mod.lora_mid if mod.tucker else mod.lora_down) if mod.bypass_mode else layer  # whose geometry LyCORIS uses
     geometry = (src.stride, src.padding, src.dilation)
     B = B.flatten(1) * _coef(mod, mod.multiplier)
     if not mod.tucker and geometry == _conv_geometry(layer) and _plain_conv(layer, x, B):
-        return lowrank_conv_onto(layer, x, down, B, run=mod.org_forward)  # one node with the base conv
+        return lowrank_conv_onto(layer, x, down, B, run=mod.org_forward)
     if mod.tucker:
         h = F.conv2d(F.conv2d(x, down), mod.lora_mid.weight, None, *geometry)
     else:

@@ -103,7 +103,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .. import _registry
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection,
                         _conv_geometry, _plain_conv, _plain_linear, add_hadamard, add_lowrank, butterfly, butterfly_rows,
-                        lowrank_conv_onto, lowrank_onto)
+                        kron_conv_onto, lowrank_conv_onto, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley, matrix_polynomial
 from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
@@ -207,8 +207,12 @@ def _lokr_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
         W1, parts = _lokr_parts(layer, a)
         if lokr_conv_factored(base, x, W1, parts, any(p.requires_grad for p in _adapter_params(layer, a))):
             factored[a] = (W1 * layer.scaling[a], parts)
-    y = _lokr_fused(layer, x, [a for a in adapters if a not in factored])
-    for W1, parts in factored.values():
+    merged, added = [a for a in adapters if a not in factored], list(factored.values())
+    if merged or not added:
+        y = _lokr_fused(layer, x, merged)
+    else:  # the base conv alone: with the first update, through kron_conv_onto
+        y = kron_conv_onto(base, x, *added.pop(0))
+    for W1, parts in added:
         y = _add_kron_conv(y, x, W1, parts, base)
     return y
 
@@ -248,8 +252,7 @@ def _lora_factors(layer, a: str) -> tuple[Tensor, Tensor, Tensor]:
 def _lora_conv(layer, x: Tensor, adapters: list[str]) -> Tensor:
     """y = base(x) + Σ_a s_a B_a * (A_a * x): A_a's conv with its own geometry (PEFT's lora_A), the 1x1
     up-projection one batched GEMM onto the output (specops.adapters._add_up_projection); the first adapter
-    and the base conv one node (specops.adapters.lowrank_conv_onto) where A_a has the base's geometry and
-    _plain_conv allows."""
+    through specops.adapters.lowrank_conv_onto where A_a has the base's geometry and _plain_conv allows."""
     base, out = layer.base_layer, None
     for a in adapters:
         conv_a, B = layer.lora_A[a], layer.lora_B[a].weight
