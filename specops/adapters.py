@@ -977,7 +977,15 @@ def _add_kron_conv(y: Tensor, x: Tensor, W1: Tensor, W2: tuple, conv: nn.Conv2d)
     else:  # zero padding commutes with the bias-free 1x1 A2, so the core alone pads
         B2, T2, A2 = W2
         h = F.conv2d(F.conv2d(h, A2[:, :, None, None]), T2, None, *geometry)
-    if len(W2) > 1:  # B2 as a GEMM per group: a 1x1 conv from `rank` channels runs far slower
+    if len(W2) > 1:
+        r, m2 = B2.shape[1], B2.shape[0]
+        if m1 * r * (n1 + m2) < n1 * m2 * (r + m1):
+            # W1 mixes the groups' r channels first (per output pixel m1·n1·r + m1·m2·r multiply-adds, not
+            # n1·m2·r + m1·n1·m2, and no (N·n1, m2, ...) intermediate), then B2 goes onto y viewed
+            # (N·m1, m2, H'·W') as one batched GEMM
+            v = torch.bmm(W1.expand(N, m1, n1), h.reshape(N, n1, -1))
+            return torch.baddbmm(y.reshape(N * m1, m2, -1), B2.expand(N * m1, -1, -1), v.view(N * m1, r, -1)).view(y.shape)
+        # B2 as a GEMM per group: a 1x1 conv from `rank` channels runs far slower
         h = torch.bmm(B2.expand(h.shape[0], -1, -1), h.flatten(2))
     # y viewed (N, m1, m2·H'·W') (channel a·m2 + b, as ΔW orders them) plus W1 @ h, h (N, n1, m2·H'·W'):
     # one batched GEMM onto y (matmul's broadcast would transpose h into one tall GEMM, and a separate

@@ -618,3 +618,27 @@ def test_conv_update_in_one_node_matches_the_generic_path(make, monkeypatch):
     assert_rel(y, y_ref, torch.float32)
     for got, want in zip(grads, grads_ref):
         assert_rel(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("m1,n1,m2,tucker", [(16, 16, 20, False), (2, 2, 3, False), (16, 16, 20, True), (2, 2, 3, True)],
+                         ids=["w1-first", "b2-first", "w1-first-tucker", "b2-first-tucker"])
+def test_add_kron_conv_either_order_is_the_merged_conv(m1, n1, m2, tucker):
+    """_add_kron_conv applies W1 to the groups' r channels before B2 when that costs fewer FLOPs (many groups),
+    else B2 per group first: both equal conv(x, W0 + W1 ⊗ W2) in float64, values and every gradient."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    r, n2 = 8, 5
+    conv = nn.Conv2d(n1 * n2, m1 * m2, 3, stride=2, padding=1).to(torch.float64).requires_grad_(False)
+    x = torch.randn(2, n1 * n2, 7, 6, **f64, requires_grad=True)
+    W1 = torch.randn(m1, n1, **f64, requires_grad=True)
+    shapes = [(m2, r), (r, r, 3, 3), (r, n2)] if tucker else [(m2, r), (r, n2 * 9)]
+    W2 = [torch.randn(*s, **f64, requires_grad=True) for s in shapes]
+    W1_first = m1 * r * (n1 + m2) < n1 * m2 * (r + m1)
+    assert W1_first == (m1 == 16)
+    y = adapters._add_kron_conv(conv(x), x, W1, tuple(W2), conv)
+    dense = torch.kron(W1[:, :, None, None], adapters._kron_conv_w2(tuple(W2), conv).contiguous())
+    ref = F.conv2d(x, conv.weight + dense, conv.bias, conv.stride, conv.padding)
+    assert_rel(y, ref, torch.float64)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, [x, W1, *W2], g), torch.autograd.grad(ref, [x, W1, *W2], g)):
+        assert_rel(got, want, torch.float64)
