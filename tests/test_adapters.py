@@ -536,6 +536,14 @@ def test_lokr_linear_adds_into_the_base_output(order, x_grad, monkeypatch):
     monkeypatch.setattr(adapters._BaddbmmInto, "apply", lambda *a: calls.append(1) or into(*a))
     y, grads = run()
     assert calls
+    # x is 3-D: F.linear's output is a view, and written in place as one autograd would clone the gradient
+    names, todo = set(), [y.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and type(fn).__name__ not in names:
+            names.add(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+    assert "CopySlices" not in names and any("_BaddbmmInto" in n for n in names)
     monkeypatch.setattr(adapters, "_plain_linear", lambda *a: False)
     y_ref, grads_ref = run()
     assert_rel(y, y_ref, torch.float64)
@@ -638,6 +646,32 @@ def test_add_kron_conv_either_order_is_the_merged_conv(m1, n1, m2, tucker):
     y = adapters._add_kron_conv(conv(x), x, W1, tuple(W2), conv)
     dense = torch.kron(W1[:, :, None, None], adapters._kron_conv_w2(tuple(W2), conv).contiguous())
     ref = F.conv2d(x, conv.weight + dense, conv.bias, conv.stride, conv.padding)
+    assert_rel(y, ref, torch.float64)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, [x, W1, *W2], g), torch.autograd.grad(ref, [x, W1, *W2], g)):
+        assert_rel(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("W1_shape,W2_shape,rank,order", [
+    ((64, 20), (80, 32), 8, "rank"), ((1, 8), (8, 2), None, "W1"), ((8, 1), (2, 8), None, "W2"),
+    ((8, 1), (2, 8), 8, "W2")], ids=["through-rank", "w1-first", "w2-first", "low-rank-w2-first"])
+@pytest.mark.parametrize("into", [False, True], ids=["onto", "into"])
+def test_add_kron_linear_every_order_is_the_merged_linear(W1_shape, W2_shape, rank, order, into):
+    """_add_kron_linear in each of its orders (the cheapest by multiply-adds; asserted here) equals
+    F.linear(x, W0 + W1 ⊗ W2) in float64, values and every gradient, onto and into the base's output."""
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    (m1, n1), (m2, n2) = W1_shape, W2_shape
+    cost = {"W2": n1 * n2 * m2 + m1 * n1 * m2, "W1": m1 * n1 * n2 + m1 * n2 * m2}
+    if rank:
+        cost["rank"] = n1 * n2 * rank + m1 * n1 * rank + m1 * rank * m2
+    assert min(cost, key=cost.get) == order
+    W0 = torch.randn(m1 * m2, n1 * n2, **f64)
+    x = torch.randn(3, 5, n1 * n2, **f64, requires_grad=True)
+    W1 = torch.randn(m1, n1, **f64, requires_grad=True)
+    W2 = [torch.randn(*s, **f64, requires_grad=True) for s in (((m2, rank), (rank, n2)) if rank else (W2_shape,))]
+    y = adapters._add_kron_linear(F.linear(x, W0), x, W1, tuple(W2), into=into)
+    ref = F.linear(x, W0 + torch.kron(W1, W2[0] @ W2[1] if rank else W2[0]))
     assert_rel(y, ref, torch.float64)
     g = torch.randn_like(y)
     for got, want in zip(torch.autograd.grad(y, [x, W1, *W2], g), torch.autograd.grad(ref, [x, W1, *W2], g)):

@@ -146,11 +146,11 @@ def _lokr_factors(mod) -> tuple[Tensor, Tensor]:
 def _lokr_linear(mod, x: Tensor) -> Tensor:
     """y = base(x) + x (c W1 ⊗ W2)^T, as specops's LoKr adapter computes it (two GEMMs, no ΔW).
     Under torch.autocast the inputs are cast to the autocast dtype, as F.linear would cast them."""
-    W1, W2 = _lokr_factors(mod)
+    W1, W2 = _lokr_parts(mod)
     xa, W1 = x, W1 * _coef(mod, mod.multiplier)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
+        xa, W1, W2 = xa.to(dtype), W1.to(dtype), tuple(t.to(dtype) for t in W2)
     y = mod.org_forward(x)
     into = _plain_linear(mod.org_module[0], x, W1) and _registry._eager()  # into the base's own output
     return _add_kron_linear(y.to(torch.promote_types(y.dtype, xa.dtype)), xa, W1, W2, into=into)

@@ -134,13 +134,13 @@ def _lokr_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
     the base's own output where specops.adapters._plain_linear allows."""
     out = layer.base_layer(x)
     for a in adapters:
-        W1, W2 = _lokr_factors(layer, a)
+        W1, W2 = _lokr_parts(layer, a)
         W1 = W1 * layer.scaling[a]
         into = _plain_linear(layer.base_layer, x, W1) and _registry._eager()
         xa = layer._cast_input_dtype(x, W1.dtype)
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-            xa, W1, W2 = xa.to(dtype), W1.to(dtype), W2.to(dtype)
+            xa, W1, W2 = xa.to(dtype), W1.to(dtype), tuple(t.to(dtype) for t in W2)
         out = _add_kron_linear(out.to(torch.promote_types(out.dtype, xa.dtype)), xa, W1, W2, into=into)
     return out
 
