@@ -524,7 +524,8 @@ def _conv_update(conv: nn.Conv2d, x: Tensor, run, update, delta, *factors) -> Te
     (building a larger one costs more than the convs it saves: none at 640 or 1280 channels on SDXL's latents).
     320 channels on 2x64x64, fp32, in-network, against the plain path in the same process (fastest of 9-11 rounds,
     ±4% between runs): LoCon 1.16-1.23 -> 1.09-1.17 of the frozen step, LoHa 1.37-1.48 -> 1.27-1.34, LoKr 1.25 -> 1.22."""
-    own = run is None or (getattr(run, "__func__", None) is nn.Conv2d.forward and getattr(run, "__self__", None) is conv)
+    own = run is None or (getattr(run, "__func__", None) is nn.Conv2d.forward
+                          and getattr(run, "__self__", None) is conv)
     if (own and x.requires_grad and torch.is_grad_enabled() and conv.weight.numel() <= x.numel()
             and _plain_conv(conv, x, factors[0])):
         return _ConvUpdate.apply(x, conv.weight, conv.bias, _conv_geometry(conv), update, delta, *factors)
@@ -935,7 +936,7 @@ def _add_kron_linear(y: Tensor, x: Tensor, W1: Tensor, W2: tuple, into: bool = F
         v = (W1 @ u.transpose(0, 1).reshape(n1, M * r)).view(m1, M, r)
         a, b = v.transpose(0, 1).reshape(1, M * m1, r), B2.mT[None]
     else:
-        dense = W2[0] if r is None else B2 @ A2
+        dense = _kron_w2(W2)
         if order == "W2":
             a, b = W1.expand(M, m1, n1), (x.reshape(M * n1, n2) @ dense.mT).view(M, n1, m2)
         else:
@@ -1003,7 +1004,8 @@ def _add_kron_conv(y: Tensor, x: Tensor, W1: Tensor, W2: tuple, conv: nn.Conv2d)
             # n1·m2·r + m1·n1·m2, and no (N·n1, m2, ...) intermediate), then B2 goes onto y viewed
             # (N·m1, m2, H'·W') as one batched GEMM
             v = torch.bmm(W1.expand(N, m1, n1), h.reshape(N, n1, -1))
-            return torch.baddbmm(y.reshape(N * m1, m2, -1), B2.expand(N * m1, -1, -1), v.view(N * m1, r, -1)).view(y.shape)
+            y3 = y.reshape(N * m1, m2, -1)
+            return torch.baddbmm(y3, B2.expand(N * m1, -1, -1), v.view(N * m1, r, -1)).view(y.shape)
         # B2 as a GEMM per group: a 1x1 conv from `rank` channels runs far slower
         h = torch.bmm(B2.expand(h.shape[0], -1, -1), h.flatten(2))
     # y viewed (N, m1, m2·H'·W') (channel a·m2 + b, as ΔW orders them) plus W1 @ h, h (N, n1, m2·H'·W'):
@@ -1012,19 +1014,22 @@ def _add_kron_conv(y: Tensor, x: Tensor, W1: Tensor, W2: tuple, conv: nn.Conv2d)
     return torch.baddbmm(y.reshape(N, m1, -1), W1.expand(N, m1, n1), h.reshape(N, n1, -1)).view(y.shape)
 
 
-def _kron_conv_w2(W2: tuple, conv: nn.Conv2d) -> Tensor:
-    """W2 (m2, n2, kh, kw) from any of _add_kron_conv's forms of it."""
+def _kron_w2(W2: tuple, kernel: Sequence[int] = ()) -> Tensor:
+    """LoKr's W2 formed from the factored forms _add_kron_linear and _add_kron_conv take: (W2,) dense, (B2, A2) (the
+    product viewed (m2, n2, *kernel): (m2, n2) on a Linear; kernel () on a conv keeps (m2, n2·kh·kw)), or
+    (B2, T2, A2) with a Tucker core (m2, n2, kh, kw)."""
     if len(W2) == 1:
         return W2[0]
     if len(W2) == 2:
-        return (W2[0] @ W2[1]).view(W2[0].shape[0], -1, *conv.weight.shape[2:])
+        return (W2[0] @ W2[1]).view(W2[0].shape[0], -1, *kernel)
     return _tucker_rebuild(*W2)
 
 
 def kron_conv_onto(conv: nn.Conv2d, x: Tensor, W1: Tensor, W2: tuple, run=None) -> Tensor:
     """run(x) (default conv(x)) + conv(x, W1 ⊗ W2), the update factored (_add_kron_conv, _conv_update)."""
+    kernel = conv.weight.shape[2:]
     return _conv_update(conv, x, run, lambda y, x, W1, *W2: _add_kron_conv(y, x, W1, W2, conv),
-                        lambda W1, *W2: torch.kron(W1[:, :, None, None], _kron_conv_w2(W2, conv).contiguous()), W1, *W2)
+                        lambda W1, *W2: torch.kron(W1[:, :, None, None], _kron_w2(W2, kernel).contiguous()), W1, *W2)
 
 
 class LoKr(Adapter):
@@ -1109,26 +1114,25 @@ class LoKr(Adapter):
     def kron_factors(self, scale: float | None = None) -> tuple[Tensor, Tensor]:
         """(W1 with every scale folded in, W2): without DoRA delta_weight() == kron(W1, W2), on a conv
         torch.kron(W1[:, :, None, None], W2) with W2 (m2, n2, kh, kw). scale: None means self.scale."""
-        W1 = self._w1(scale)
-        if self.rank is None:
-            W2 = self.W2
-        elif self.T2 is not None:
-            W2 = _tucker_rebuild(self.B2, self.T2, self.A2)
-        else:
-            W2 = (self.B2 @ self.A2).view(self.B2.shape[0], -1, *self.base.weight.shape[2:])
-        return W1, W2
+        return self._w1(scale), _kron_w2(self._w2_parts(), self.base.weight.shape[2:])
 
     def _w1(self, scale: float | None = None) -> Tensor:
         """W1 with every scale folded in (scale: None means self.scale)."""
         W1 = self.W1 if self.w1_rank is None else self.B1 @ self.A1
         return W1 * ((self.scale if scale is None else scale) * self._coef)
 
+    def _w2_parts(self) -> tuple:
+        """W2 as _add_kron_linear / _add_kron_conv take it: (W2,), (B2, A2) or (B2, T2, A2)."""
+        if self.rank is None:
+            return (self.W2,)
+        return (self.B2, self.A2) if self.T2 is None else (self.B2, self.T2, self.A2)
+
     def _forward(self, x):
         if not self.is_conv:
             W1 = self._w1()
             # (into the base's output only in plain eager calls: torch.func cannot run _BaddbmmInto)
             into = _plain_linear(self.base, x, W1) and _registry._eager()
-            return _add_kron_linear(self.base(x), x, W1, (self.W2,) if self.rank is None else (self.B2, self.A2), into=into)
+            return _add_kron_linear(self.base(x), x, W1, self._w2_parts(), into=into)
         if x.dim() == 4 and self._conv_factored():  # a batch; an unbatched input takes the merged conv
             return self._conv_forward_factored(x)
         return _adapted_layer(self, x)
@@ -1141,9 +1145,7 @@ class LoKr(Adapter):
         return _kron_conv_factored(self.base, m1, n1, self.rank, self.T2 is not None)
 
     def _conv_forward_factored(self, x: Tensor) -> Tensor:
-        W1 = self.W1 if self.w1_rank is None else self.B1 @ self.A1
-        W2 = (self.W2,) if self.rank is None else (self.B2, self.A2) if self.T2 is None else (self.B2, self.T2, self.A2)
-        return kron_conv_onto(self.base, x, W1 * (self.scale * self._coef), W2)
+        return kron_conv_onto(self.base, x, self._w1(), self._w2_parts())
 
     def _delta(self, scale):
         W1, W2 = self.kron_factors(scale)

@@ -644,7 +644,7 @@ def test_add_kron_conv_either_order_is_the_merged_conv(m1, n1, m2, tucker):
     W1_first = m1 * r * (n1 + m2) < n1 * m2 * (r + m1)
     assert W1_first == (m1 == 16)
     y = adapters._add_kron_conv(conv(x), x, W1, tuple(W2), conv)
-    dense = torch.kron(W1[:, :, None, None], adapters._kron_conv_w2(tuple(W2), conv).contiguous())
+    dense = torch.kron(W1[:, :, None, None], adapters._kron_w2(tuple(W2), conv.weight.shape[2:]).contiguous())
     ref = F.conv2d(x, conv.weight + dense, conv.bias, conv.stride, conv.padding)
     assert_rel(y, ref, torch.float64)
     g = torch.randn_like(y)

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ..adapters import _kron_conv_factored, _tucker_rebuild, hadamard_delta, hadamard_factored, hadamard_rows
+from ..adapters import _kron_conv_factored, hadamard_delta, hadamard_factored, hadamard_rows
 
 
 class PatchedForward:
@@ -52,18 +52,11 @@ def loha_factored(layer: nn.Linear | nn.Conv2d, x: Tensor, w1_a: Tensor, trains:
 
 
 def lokr_w2_parts(w2: Tensor | None, w2_a: Tensor | None, w2_b: Tensor | None, t2: Tensor | None) -> tuple:
-    """LoKr's second factor as specops.adapters._add_kron_conv takes it: (w2,) dense, (w2_a, w2_b) low
-    rank, or with a Tucker core t2 (w2_a is then (r, m2)) (w2_a^T, t2, w2_b)."""
+    """LoKr's second factor as specops.adapters._add_kron_conv takes it (specops.adapters._kron_w2 forms it): (w2,)
+    dense, (w2_a, w2_b) low rank, or with a Tucker core t2 (w2_a is then (r, m2)) (w2_a^T, t2, w2_b)."""
     if w2 is not None:
         return (w2,)
     return (w2_a, w2_b) if t2 is None else (w2_a.mT, t2, w2_b)
-
-
-def lokr_w2(parts: tuple) -> Tensor:
-    """W2 from lokr_w2_parts: (m2, n2), or (m2, n2·kh·kw) / (m2, n2, kh, kw) on a conv."""
-    if len(parts) == 1:
-        return parts[0]
-    return parts[0] @ parts[1] if len(parts) == 2 else _tucker_rebuild(*parts)
 
 
 def lokr_conv_factored(conv: nn.Conv2d, x: Tensor, W1: Tensor, parts: tuple, trains: bool) -> bool:

@@ -21,7 +21,7 @@ weight and bias, c = m σ s:
     LoCon, Linear     base(x) + x (c up down)^T              lora_linear(x, W0, b, down, c·1, up): no ΔW
     LoCon, Conv2d     base(x) + conv(x, c up down)           base(x) + c up * (down * x): the 1x1 up one batched
                       (Tucker: up mid down)                  GEMM onto base(x) (Tucker: down 1x1, then mid)
-    LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              the same as two GEMMs over x viewed (rows, n1, n2)
+    LoKr, Linear      base(x) + x (c W1 ⊗ W2)^T              GEMMs over x viewed (rows, n1, n2), no ΔW
     LoKr, Conv2d      base(x) + conv(x, c W1 ⊗ W2)           training: base(x) + the ΔW conv factored (below);
                                                              else conv(x, W0 + c W1 ⊗ W2, b): one conv
     LoHa, Linear      base(x) + x (c ΔH)^T                   base(x) + lowrank_linear of ΔH = C D, its rank-r²
@@ -100,12 +100,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _registry
-from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_linear, _add_up_projection, _conv_geometry,
+from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, _add_kron_linear, _add_up_projection, _conv_geometry, _kron_w2,
                         _plain_conv, _plain_linear, add_hadamard, butterfly, butterfly_gathers, butterfly_rows,
                         kron_conv_onto, lowrank_conv_onto, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley
-from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_LYCORIS"]
 
@@ -137,14 +137,14 @@ def _lokr_parts(mod) -> tuple[Tensor, tuple]:
 def _lokr_factors(mod) -> tuple[Tensor, Tensor]:
     """LoKr's (W1, W2), W2 (b, d) on a Linear, (b, d, kh, kw) on a conv (the kernel rides on W2)."""
     W1, parts = _lokr_parts(mod)
-    W2 = lokr_w2(parts)
+    W2 = _kron_w2(parts)
     if mod.module_type == "conv2d":
         W2 = W2.reshape(W2.shape[0], -1, *mod.shape[2:])
     return W1, W2
 
 
 def _lokr_linear(mod, x: Tensor) -> Tensor:
-    """y = base(x) + x (c W1 ⊗ W2)^T, as specops's LoKr adapter computes it (two GEMMs, no ΔW).
+    """y = base(x) + x (c W1 ⊗ W2)^T, as specops's LoKr adapter computes it (specops.adapters._add_kron_linear, no ΔW).
     Under torch.autocast the inputs are cast to the autocast dtype, as F.linear would cast them."""
     W1, W2 = _lokr_parts(mod)
     xa, W1 = x, W1 * _coef(mod, mod.multiplier)

@@ -16,7 +16,7 @@ With s_a = layer.scaling[a] and the sum over the layer's active adapters a (PEFT
 active_adapters that exist on the layer), W0 and b the base weight and bias:
 
     PEFT layer      PEFT computes                         patched forward
-    lokr.Linear     base(x) + Σ_a x (s_a W1 ⊗ W2)^T        the same as two GEMMs over x viewed (rows, n1, n2)
+    lokr.Linear     base(x) + Σ_a x (s_a W1 ⊗ W2)^T        GEMMs over x viewed (rows, n1, n2), no ΔW
     loha.Linear     base(x) + Σ_a x ΔW_a^T                 base(x) + Σ_a lowrank_linear of ΔW_a = C_a D_a, its
                                                           rank-r² factors, where the FLOPs favour it (below);
                                                           the other adapters merged: F.linear(x, W0 + Σ ΔW_a, b)
@@ -102,11 +102,11 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import _registry
 from ..adapters import (BUTTERFLY_ROWS_MAX_STAGES, EPS_RANKNUM, _add_kron_conv, _add_kron_linear, _add_up_projection,
-                        _conv_geometry, _plain_conv, _plain_linear, add_hadamard, add_lowrank, butterfly, butterfly_rows,
+                        _conv_geometry, _kron_w2, _plain_conv, _plain_linear, add_hadamard, add_lowrank, butterfly, butterfly_rows,
                         kron_conv_onto, lowrank_conv_onto, lowrank_onto)
 from ..kron import block_diag_matmul
 from ..stiefel import cayley, matrix_polynomial
-from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2, lokr_w2_parts, patch, refused
+from ._patch import PatchedForward, is_patched, loha_delta, loha_factored, lokr_conv_factored, lokr_w2_parts, patch, refused
 
 __all__ = ["apply", "revert", "SUPPORTED_PEFT"]
 
@@ -126,11 +126,11 @@ def _lokr_parts(layer, a: str) -> tuple[Tensor, tuple]:
 def _lokr_factors(layer, a: str) -> tuple[Tensor, Tensor]:
     """LoKr's (W1, W2) for adapter a, W2 (m2, n2) on a Linear, (m2, n2, kh, kw) or (m2, n2·kh·kw) on a conv."""
     W1, parts = _lokr_parts(layer, a)
-    return W1, lokr_w2(parts)
+    return W1, _kron_w2(parts)
 
 
 def _lokr_linear(layer, x: Tensor, adapters: list[str]) -> Tensor:
-    """y = base(x) + Σ_a x (s_a W1 ⊗ W2)^T, as specops's LoKr adapter computes it (two GEMMs, no ΔW), into
+    """y = base(x) + Σ_a x (s_a W1 ⊗ W2)^T, as specops's LoKr adapter computes it (no ΔW), into
     the base's own output where specops.adapters._plain_linear allows."""
     out = layer.base_layer(x)
     for a in adapters:
